@@ -1,0 +1,81 @@
+"""``tunesmith <verb>``: parses arguments and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from tunesmith.config import ConfigError, load_config
+from tunesmith.data import DataError
+from tunesmith.models import ModelError
+from tunesmith.runs import RunError, evaluate_run, finetune
+
+DEMO_CONFIG = "sst2.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a language model on your data and prove it got better.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="fine-tune as a config says, then evaluate against the base model")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+
+    p = verbs.add_parser("eval", help="evaluate a finished run (tuned vs base) on its test split")
+    p.add_argument("run_dir", help="the run folder, e.g. runs/sst2-lora")
+
+    p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    args = parser.parse_args(argv)
+    console = Console()
+    _quiet_libraries()
+    try:
+        if args.verb == "train":
+            cfg = load_config(args.config, args.overrides)
+            run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
+            if run.eval:
+                console.print(f"report: {run.dir / 'report.html'}")
+        elif args.verb == "eval":
+            evaluate_run(args.run_dir, console=console)
+            console.print(f"report: {Path(args.run_dir) / 'report.html'}")
+        elif args.verb == "demo":
+            cfg = load_config(_demo_config(), args.overrides)
+            run = finetune(cfg, overwrite=True, console=console)
+            console.print(f"report: {run.dir / 'report.html'}")
+    except (ConfigError, DataError, ModelError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _demo_config() -> Path:
+    """examples/sst2.yaml in the working folder, else in the source checkout."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = root / "examples" / DEMO_CONFIG
+        if path.is_file():
+            return path
+    raise RunError(f"examples/{DEMO_CONFIG} not found; run the demo from the tunesmith checkout")
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress: no per-library bars or chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The run configuration: typed dataclasses are the schema.
+
+A config is read from YAML, patched with dotted ``--set a.b=value`` overrides, then checked
+field by field against the dataclasses. Every problem is collected and reported at once,
+each with its dotted key; an unknown key gets the closest valid one as a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+TASKS = ("classification", "instruction", "chat")
+METHODS = ("lora", "full")
+PRECISIONS = ("auto", "bf16", "fp32")
+FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "label_text")
+
+
+class ConfigError(ValueError):
+    """A config has one or more problems; ``problems`` lists each as 'key: message'."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how its columns map onto the task."""
+
+    train: str = ""
+    validation: str | None = None  # held out from train when omitted (see validation_size)
+    test: str | None = None  # evaluation split; the validation split when omitted
+    format: str = "auto"  # by file extension when auto
+    columns: dict[str, str] = field(default_factory=dict)  # role -> column name in the file
+    labels: dict[str, str] = field(default_factory=dict)  # raw label -> target words
+    system_prompt: str | None = None
+    validation_size: float = 0.1  # fraction (<1) or count (>=1) of train held out
+    max_train_examples: int | None = None
+    max_validation_examples: int | None = None
+    max_test_examples: int | None = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (passed to PEFT's LoraConfig)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 3  # evaluations without improvement before stopping; 0 disables
+    min_delta: float = 0.0  # improvement in validation loss that counts
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2.0e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 512
+    dropout: float | None = None  # sets the model's attention dropout when given
+    eval_every: int = 50  # optimizer steps between validations (and at each epoch end)
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = at each validation
+    keep_checkpoints: int = 2
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it, else fp32
+    num_threads: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    compare_with_base: bool = True
+    max_new_tokens: int = 64  # for generation tasks (ROUGE)
+
+
+@dataclass
+class Config:
+    """One run: a base model, data, a method and how to train and evaluate."""
+
+    name: str = "run"
+    model: str = "default"  # "default" | HF folder | hub id | .gguf file
+    task: str = "instruction"
+    method: str = "lora"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------- reading and checking
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    data: dict[str, Any] | None = None,
+) -> Config:
+    """Read a YAML config (or a dict), apply ``a.b=value`` overrides, validate, return it.
+
+    Relative data paths are resolved against the config file's folder when they exist there.
+    Raises ConfigError listing every problem found.
+    """
+    source = str(path) if path is not None else "config"
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"file not found: {path}"], source) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(["the top level must be a mapping of keys to values"], source)
+        raw = loaded or {}
+    if data:
+        raw = _deep_merge(raw, data)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
+            continue
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = _build(Config, raw, "", problems)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    _resolve_data_paths(cfg, Path(path).parent if path is not None else Path.cwd())
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Check values (types are checked on reading); return every problem found."""
+    p: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            p.append(msg)
+
+    check(cfg.task in TASKS, f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
+    check(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    check(bool(cfg.name) and "/" not in cfg.name, "name: must be a non-empty folder name")
+    check(bool(cfg.data.train), "data.train: required (path to the training file)")
+    check(cfg.data.format in FORMATS, f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
+    check(cfg.data.validation_size > 0, "data.validation_size: must be > 0")
+    if cfg.task == "classification":
+        check(bool(cfg.data.labels), "data.labels: required for classification, e.g. {0: negative, 1: positive}")
+        words = list(cfg.data.labels.values())
+        check(len(set(words)) == len(words), "data.labels: two labels map to the same words")
+    t = cfg.train
+    check(t.epochs >= 1, "train.epochs: must be >= 1")
+    check(t.max_steps is None or t.max_steps >= 1, "train.max_steps: must be >= 1")
+    check(t.batch_size >= 1, "train.batch_size: must be >= 1")
+    check(t.grad_accum >= 1, "train.grad_accum: must be >= 1")
+    check(t.lr > 0, "train.lr: must be > 0")
+    check(t.weight_decay >= 0, "train.weight_decay: must be >= 0")
+    check(t.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
+    check(t.max_grad_norm > 0, "train.max_grad_norm: must be > 0")
+    check(t.max_seq_len >= 8, "train.max_seq_len: must be >= 8")
+    check(t.dropout is None or 0 <= t.dropout < 1, "train.dropout: must be in [0, 1)")
+    check(t.eval_every >= 1, "train.eval_every: must be >= 1")
+    check(t.save_every >= 0, "train.save_every: must be >= 0")
+    check(t.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
+    check(t.early_stopping.patience >= 0, "train.early_stopping.patience: must be >= 0")
+    check(t.early_stopping.min_delta >= 0, "train.early_stopping.min_delta: must be >= 0")
+    check(t.precision in PRECISIONS, f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check(cfg.lora.r >= 1, "lora.r: must be >= 1")
+    check(cfg.lora.alpha > 0, "lora.alpha: must be > 0")
+    check(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
+    check(cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1")
+    check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1")
+    return p
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the fully resolved config as YAML (atomically)."""
+    from tunesmith.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def _resolve_data_paths(cfg: Config, base: Path) -> None:
+    """Make data paths absolute: relative to the working folder, else to the config's folder.
+
+    The saved run config then works from any folder.
+    """
+    d = cfg.data
+    for attr in ("train", "validation", "test"):
+        value = getattr(d, attr)
+        if not value or Path(value).is_absolute():
+            continue
+        for candidate in (Path(value), base / value):
+            if candidate.exists():
+                setattr(d, attr, str(candidate.resolve()))
+                break
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Turn a mapping into dataclass ``cls``, appending every problem to ``problems``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+            continue
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{prefix}{key}.", problems)
+        else:
+            ok, converted = _coerce(value, typ)
+            if ok:
+                kwargs[key] = converted
+            else:
+                problems.append(f"{prefix}{key}: expected {_type_name(typ)}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(typ)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(typ):
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, None
+    if typ is type(None):
+        return value is None, None
+    if typ is bool:
+        return isinstance(value, bool), value
+    if typ is int:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, None
+    if typ is float:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if typ is str:
+        return (True, value) if isinstance(value, str) else (False, None)
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, inner)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, None
+        # keys and values of label maps may be written as numbers in YAML: keep them as text
+        return True, {str(k): str(v) for k, v in value.items()}
+    return False, None
+
+
+def _type_name(typ: Any) -> str:
+    origin = typing.get_origin(typ)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(typ))
+    if typ is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(typ)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(typ, "__name__", str(typ))

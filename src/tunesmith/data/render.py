@@ -1,0 +1,111 @@
+"""Rendering conversations with the tokenizer's own chat template, and the loss mask.
+
+Only the assistant's tokens and its end-of-turn token are trained (label = token id);
+every other position gets -100. The mask is found by character spans: the template is
+rendered for the conversation up to each assistant turn (with the generation prompt) and
+up to its end, and the tokens whose characters fall inside that span are targets, up to
+and including the end-of-turn token. Anything the template adds after it (a newline) is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunesmith.data.formats import DataError, Example
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+    truncated: bool = False
+    source: str = ""
+
+    @property
+    def n_targets(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def target_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character span [start, end) of each assistant reply.
+
+    The end includes the end-of-turn token when the template emits one.
+    """
+    text = render(tokenizer, messages)
+    eot = tokenizer.eos_token or ""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
+            raise DataError(
+                "the tokenizer's chat template does not render conversations incrementally, "
+                "so assistant tokens cannot be located; use a model with a standard chat template"
+            )
+        start, end = len(before), len(upto)
+        cut = upto.rfind(eot, start, end) if eot else -1
+        spans.append((start, cut + len(eot) if cut >= 0 else end))
+    return text, spans
+
+
+def encode(tokenizer: Any, example: Example, max_seq_len: int) -> Encoded:
+    """Token ids and labels for one conversation, truncated on the right to ``max_seq_len``."""
+    text, spans = target_spans(tokenizer, example.messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for k, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s <= a and b <= e for s, e in spans):
+            labels[k] = ids[k]
+    truncated = len(ids) > max_seq_len
+    return Encoded(ids[:max_seq_len], labels[:max_seq_len], truncated, example.source)
+
+
+def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int) -> tuple[list[Encoded], dict[str, int]]:
+    """Encode examples; drop those left with no target token after truncation.
+
+    Returns the encodings and counts: ``examples``, ``truncated``, ``dropped_no_target``, ``tokens``,
+    ``target_tokens``.
+    """
+    out, truncated, dropped = [], 0, 0
+    for ex in examples:
+        e = encode(tokenizer, ex, max_seq_len)
+        truncated += e.truncated
+        if e.n_targets == 0:
+            dropped += 1
+            continue
+        out.append(e)
+    stats = {
+        "examples": len(examples),
+        "kept": len(out),
+        "truncated": truncated,
+        "dropped_no_target": dropped,
+        "tokens": sum(len(e.input_ids) for e in out),
+        "target_tokens": sum(e.n_targets for e in out),
+    }
+    return out, stats
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encodings into (B, T) tensors."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

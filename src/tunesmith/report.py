@@ -1,0 +1,127 @@
+"""The run report: one self-contained HTML file (plots inlined as PNG, no network)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tunesmith.io import atomic_write_text, read_jsonl  # noqa: E402
+
+HEADLINE = ("accuracy", "f1", "precision", "recall", "rougeL", "loss", "perplexity")
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+def loss_curve_png(history: list[dict[str, Any]]) -> bytes:
+    """Training loss per step and validation loss at each evaluation, as a PNG."""
+    train = [(r["step"], r["loss"]) for r in history if r.get("type") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("type") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#4c72b0", linewidth=1.2, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="#dd8452", marker="o", linewidth=2)
+    ax.set_title("Loss curves")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per target token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows (metric, base, tuned, change) for the metrics both models have."""
+    base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
+    rows = []
+    for k in HEADLINE:
+        if k not in tuned:
+            continue
+        b = base.get(k)
+        delta = "" if b is None else f"{tuned[k] - b:+.4f}"
+        rows.append((k, "" if b is None else f"{b:.4f}", f"{tuned[k]:.4f}", delta))
+    return rows
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.html`` for a run folder from its config, metrics, data report and eval."""
+    run_dir = Path(run_dir)
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    evaluation = _load(run_dir / "eval.json")
+    data = _load(run_dir / "data_report.json")
+    training = _load(run_dir / "train_result.json")
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
+    parts = [f"<h1>tunesmith run: {html.escape(run_dir.name)}</h1>"]
+    if evaluation:
+        parts.append(f"<h2>Base vs tuned on the test split ({evaluation.get('test_examples')} examples)</h2>")
+        rows = "".join(
+            f"<tr><td>{m}</td><td>{b}</td><td>{t}</td><td class='{_direction(m, d)}'>{d}</td></tr>"
+            for m, b, t, d in metrics_table(evaluation)
+        )
+        parts.append(f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{rows}</table>")
+    if history:
+        img = base64.b64encode(loss_curve_png(history)).decode()
+        parts.append(f"<h2>Training</h2><img alt='Loss curves' src='data:image/png;base64,{img}'>")
+    if training:
+        parts.append(_kv_table(training))
+    if data:
+        parts.append("<h2>Data</h2>" + _kv_table({k: v for k, v in data.items() if not isinstance(v, (dict, list))}))
+        for split, stats in (data.get("splits") or {}).items():
+            parts.append(f"<h3>{html.escape(split)}</h3>" + _kv_table(stats))
+        parts.append("".join(f"<p>{html.escape(n)}</p>" for n in data.get("notes", [])))
+    if evaluation and evaluation.get("disagreements"):
+        parts.append("<h2>Examples where base and tuned disagree</h2><table><tr><th>input</th><th>reference</th><th>base</th><th>tuned</th></tr>")
+        for d in evaluation["disagreements"]:
+            parts.append("<tr>" + "".join(f"<td>{html.escape(str(d[k]))}</td>" for k in ("input", "reference", "base", "tuned")) + "</tr>")
+        parts.append("</table>")
+    parts.append(f"<h2>Resolved config</h2><pre>{html.escape(config)}</pre>")
+    out = run_dir / "report.html"
+    atomic_write_text(out, _PAGE.format(title=html.escape(run_dir.name), body="\n".join(parts)))
+    return out
+
+
+def _direction(metric: str, delta: str) -> str:
+    if not delta:
+        return ""
+    better = (float(delta) < 0) == (metric in LOWER_IS_BETTER)
+    return "good" if better else "bad"
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tunesmith: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; vertical-align: top; }}
+th {{ background: #f3f3f3; }}
+td.good {{ color: #1a7f37; font-weight: bold; }} td.bad {{ color: #cf222e; font-weight: bold; }}
+pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+{body}
+</body></html>
+"""

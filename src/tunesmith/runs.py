@@ -1,0 +1,163 @@
+"""A run on disk: ``runs/<name>/`` holds everything one fine-tuning run produced.
+
+``finetune(cfg)`` goes config -> model -> data -> method -> train -> save -> evaluate -> report;
+``evaluate_run(run_dir)`` re-evaluates a finished run from its folder alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tunesmith import methods, runtime
+from tunesmith.config import Config, load_config, save_config
+from tunesmith.data import Example, encode_all, load_splits
+from tunesmith.evaluate import evaluate_model
+from tunesmith.io import atomic_write_json
+from tunesmith.models import load_model, resolve_model
+from tunesmith.report import metrics_table, write_report
+from tunesmith.train import result_dict, train
+
+
+class RunError(RuntimeError):
+    """A run folder is missing, incomplete, or would be overwritten."""
+
+
+@dataclass
+class Run:
+    """What ``finetune`` returns: where the run lives and its headline results."""
+
+    dir: Path
+    config: Config
+    train: dict[str, Any]
+    eval: dict[str, Any]
+
+
+def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_step: int | None = None,
+             console: Console | None = None) -> Run:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``, then evaluate against the base."""
+    console = console or Console()
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+        raise RunError(f"{run_dir} already holds a run; resume it with --resume, or pass --overwrite, or pick another name")
+    if overwrite and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
+    overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
+    model, tokenizer = load_model(cfg.model, **overrides)
+    splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
+    train_set, train_stats = encode_all(tokenizer, splits.train, cfg.train.max_seq_len)
+    val_set, val_stats = encode_all(tokenizer, splits.validation, cfg.train.max_seq_len)
+    report = data_report(cfg, splits.notes, {"train": (splits.train, train_stats), "validation": (splits.validation, val_stats)})
+    atomic_write_json(run_dir / "data_report.json", report)
+    for split, stats in report["splits"].items():
+        if stats["truncated"]:
+            console.print(f"[yellow]{split}: {stats['truncated']} examples longer than max_seq_len={cfg.train.max_seq_len} were truncated[/yellow]")
+    if not train_set or not val_set:
+        raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
+
+    model = methods.prepare(model, cfg).to(runtime.device())
+    trainable, total = methods.count_parameters(model)
+    console.print(f"[bold]method[/bold] {cfg.method}: {trainable:,} trainable of {total:,} parameters "
+                  f"({100 * trainable / total:.2f}%); {len(train_set)} train / {len(val_set)} validation examples")
+    result = train(model, train_set, val_set, cfg.train, run_dir, tokenizer.pad_token_id, resume=resume, until_step=until_step)
+    summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
+    atomic_write_json(run_dir / "train_result.json", summary)
+    if result.interrupted:
+        console.print(f"[yellow]stopped at step {result.steps}/{result.total_steps}; continue with: "
+                      f"tunesmith train {run_dir / 'config.yaml'} --resume[/yellow]")
+        return Run(run_dir, cfg, summary, {})
+    methods.save_final(model, tokenizer, cfg, run_dir)
+    del model
+    evaluation = evaluate_run(run_dir, console=console)
+    return Run(run_dir, cfg, summary, evaluation)
+
+
+def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
+    """Evaluate a finished run's tuned model (and its base) on the test split; write eval.json and report.html."""
+    console = console or Console()
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
+    if not artifact.is_dir():
+        raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first (tunesmith train ... --resume)")
+    test = load_splits(cfg.data, cfg.task, cfg.train.seed).test
+    dev = runtime.device()
+    bf16 = runtime.use_bf16(cfg.train.precision, dev)
+    base, tokenizer = load_model(cfg.model)
+    base.to(dev)
+    results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32"}
+    preds: dict[str, list[str]] = {}
+    with _progress(console) as progress:
+        def run_eval(name: str, model: torch.nn.Module) -> None:
+            t0 = time.perf_counter()
+            metrics, preds[name] = evaluate_model(model, tokenizer, test, cfg.task, cfg.data.labels, cfg.train.max_seq_len,
+                                                  cfg.eval.batch_size, cfg.eval.max_new_tokens, bf16, progress)
+            results[name] = metrics | {"seconds": time.perf_counter() - t0}
+
+        if cfg.eval.compare_with_base:
+            run_eval("base", base)
+        if cfg.method == "lora":
+            tuned = methods.lora.load(base, artifact)
+        else:
+            tuned, _ = load_model(str(artifact))
+        run_eval("tuned", tuned.to(dev))
+    if "base" in preds:
+        results["disagreements"] = _disagreements(test, preds["base"], preds["tuned"], cfg)
+    atomic_write_json(run_dir / "eval.json", results)
+    write_report(run_dir)
+    print_table(results, console)
+    return results
+
+
+def data_report(cfg: Config, notes: list[str], splits: dict[str, tuple[list[Example], dict[str, int]]]) -> dict[str, Any]:
+    """Counts per split (examples, truncated, tokens) and the label distribution."""
+    out: dict[str, Any] = {"task": cfg.task, "notes": notes, "splits": {}}
+    for name, (examples, stats) in splits.items():
+        entry: dict[str, Any] = dict(stats)
+        if cfg.task == "classification":
+            entry["labels"] = dict(sorted(Counter(ex.label for ex in examples).items()))
+        out["splits"][name] = entry
+    return out
+
+
+def print_table(results: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"base vs tuned on {results['test_examples']} test examples")
+    for col in ("metric", "base", "tuned", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in metrics_table(results):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _disagreements(test: list[Example], base: list[str], tuned: list[str], cfg: Config, limit: int = 12) -> list[dict[str, str]]:
+    out = []
+    for ex, b, t in zip(test, base, tuned):
+        if b != t:
+            user = [m["content"] for m in ex.messages if m["role"] == "user"][-1]
+            ref = ex.label if cfg.task == "classification" else [m for m in ex.messages if m["role"] == "assistant"][-1]["content"]
+            words = cfg.data.labels
+            out.append({"input": user, "reference": words.get(ref, ref) if ref else "",
+                        "base": words.get(b, b), "tuned": words.get(t, t)})
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console)

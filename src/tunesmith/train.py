@@ -1,0 +1,329 @@
+"""The training loop: one function, read top to bottom, plus the loss and checkpoint helpers.
+
+Loss: summed cross-entropy over target tokens, divided by the number of target tokens in the
+whole optimizer step (all micro-batches together), so batch 8 x accum 1 == batch 2 x accum 4.
+The LM head runs only at target positions, so the (B, T, V) logits tensor is never built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from transformers import get_cosine_schedule_with_warmup
+
+from tunesmith import runtime
+from tunesmith.config import TrainConfig
+from tunesmith.data.render import IGNORE, Encoded, collate
+from tunesmith.io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done
+    total_steps: int
+    best_step: int | None
+    best_val_loss: float | None
+    stopped_early: bool
+    interrupted: bool
+    train_seconds: float
+    target_tokens: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target positions, and their count."""
+    nll, _ = _target_nll(model, batch, chunk)
+    return nll.sum(), nll.numel()
+
+
+def target_logprob_per_row(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: the summed log-probability of its target tokens, and their count. (B,), (B,)"""
+    nll, rows = _target_nll(model, batch)
+    b = batch["input_ids"].shape[0]
+    total = torch.zeros(b, dtype=torch.float32, device=nll.device).index_add_(0, rows, -nll)
+    count = torch.zeros(b, dtype=torch.long, device=nll.device).index_add_(0, rows, torch.ones_like(rows))
+    return total, count
+
+
+def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each target token (N,) and the batch row it belongs to (N,).
+
+    Runs the decoder, then the LM head only on hidden states whose next token is a target,
+    ``chunk`` rows at a time: (N, V) logits instead of (B, T, V).
+    """
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = labels != IGNORE
+    rows = mask.nonzero()[:, 0]  # (N,)
+    y = labels[mask]  # (N,)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not _plain_head(base):  # models that post-process logits: take the full path
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), y, reduction="none"), rows
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    h = hidden[:, :-1][mask]  # (N, d)
+    head = base.get_output_embeddings()
+    parts = [F.cross_entropy(head(h[i : i + chunk]).float(), y[i : i + chunk], reduction="none")  # (chunk, V) logits
+             for i in range(0, len(y), chunk)]
+    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
+
+
+def _plain_head(model: torch.nn.Module) -> bool:
+    """True when logits are exactly ``lm_head(hidden)`` (no scaling or soft-capping)."""
+    cfg = getattr(model, "config", None)
+    scaled = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return not scaled and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data: list[Encoded], batch_size: int, pad_id: int, bf16: bool = False) -> float:
+    """Mean loss per target token over ``data`` (model left in its previous mode)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = {k: v.to(dev) for k, v in collate(data[i : i + batch_size], pad_id).items()}
+        with runtime.autocast(dev, bf16):
+            loss, n = target_loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(
+    model: torch.nn.Module,
+    train_data: list[Encoded],
+    val_data: list[Encoded],
+    cfg: TrainConfig,
+    run_dir: Path,
+    pad_id: int,
+    resume: bool = False,
+    until_step: int | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train the parameters of ``model`` that require grad; write metrics and checkpoints.
+
+    ``resume`` continues exactly from the newest checkpoint in ``run_dir``. ``until_step``
+    stops (with a checkpoint) after that many optimizer steps, as an interruption would.
+    On return the model holds the weights of the best validation loss seen.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = next(model.parameters()).device
+    bf16 = runtime.use_bf16(cfg.precision, dev)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    runtime.seed_everything(cfg.seed)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "target_tokens": 0, "train_seconds": 0.0}
+    if resume:
+        state = load_checkpoint(run_dir, params, optimizer, scheduler)
+        _truncate_metrics(run_dir / METRICS, state["step"])
+    elif (run_dir / METRICS).exists():
+        (run_dir / METRICS).unlink()
+
+    model.train()
+    stopped_early = interrupted = False
+    progress = _progress(show_progress)
+    task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
+    window_tokens, window_start = 0, time.perf_counter()
+    with progress:
+        while state["step"] < total_steps and not stopped_early:
+            step_rng = runtime.rng_state()  # a Ctrl-C mid-step checkpoints this, so resume redoes the step exactly
+            try:
+                # ---- once in a while: nothing; the step first
+                t0 = time.perf_counter()
+                epoch, pos = divmod(state["step"], steps_per_epoch)
+                micro = _step_batches(len(train_data), cfg, epoch, pos)
+                n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
+                step_loss = 0.0
+                for mb in micro:
+                    batch = {k: v.to(dev) for k, v in collate([train_data[i] for i in mb], pad_id).items()}
+                    with runtime.autocast(dev, bf16):
+                        loss_sum, _ = target_loss_sum(model, batch)
+                    loss = loss_sum / n_targets  # normalised over the whole optimizer step
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            except KeyboardInterrupt:
+                optimizer.zero_grad(set_to_none=True)
+                save_checkpoint(run_dir, params, optimizer, scheduler, state, step_rng, cfg.keep_checkpoints)
+                interrupted = True
+                break
+            state["step"] += 1
+            state["target_tokens"] += n_targets
+            dt = time.perf_counter() - t0
+            state["train_seconds"] += dt
+            tokens = sum(len(train_data[i].input_ids) for mb in micro for i in mb)
+            window_tokens += tokens
+            tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            record = {"type": "train", "step": state["step"], "epoch": epoch + (pos + 1) / steps_per_epoch,
+                      "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s, "step_seconds": dt}
+            append_jsonl(run_dir / METRICS, record)
+            progress.update(task, advance=1, info=f"loss {step_loss:.4f} | {tok_s:,.0f} tok/s")
+
+            # ---- once in a while: evaluate, early-stop, checkpoint
+            step = state["step"]
+            at_epoch_end = step % steps_per_epoch == 0
+            if step % cfg.eval_every == 0 or at_epoch_end or step == total_steps:
+                val_loss = evaluate_loss(model, val_data, cfg.batch_size, pad_id, bf16)
+                improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - cfg.early_stopping.min_delta
+                if improved:
+                    state.update(best_val_loss=val_loss, best_step=step, bad_evals=0)
+                    save_best(run_dir, params, step, val_loss)
+                else:
+                    state["bad_evals"] += 1
+                stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
+                append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
+                                                 "val_ppl": math.exp(min(val_loss, 50)), "best": improved})
+                progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints)
+                window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
+            elif cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints)
+            if until_step is not None and step >= until_step and step < total_steps:
+                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints)
+                interrupted = True
+                break
+
+    if not interrupted and state["best_step"] is not None:
+        load_trainable(run_dir / CHECKPOINTS / "best", params)  # the model ends at its best validation loss
+    return TrainResult(
+        steps=state["step"], total_steps=total_steps, best_step=state["best_step"],
+        best_val_loss=state["best_val_loss"], stopped_early=stopped_early, interrupted=interrupted,
+        train_seconds=state["train_seconds"], target_tokens=state["target_tokens"],
+        history=read_jsonl(run_dir / METRICS),
+    )
+
+
+def _step_batches(n: int, cfg: TrainConfig, epoch: int, pos: int) -> list[list[int]]:
+    """Example indices of each micro-batch of optimizer step ``pos`` in ``epoch``.
+
+    The order of an epoch is a permutation seeded by (seed, epoch): the data position of a
+    run is just its step count, which makes resuming exact.
+    """
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    per_step = cfg.batch_size * cfg.grad_accum
+    chunk = order[pos * per_step : (pos + 1) * per_step]
+    return [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any], rng: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step-N/`` atomically and prune all but the newest ``keep``."""
+    root = run_dir / CHECKPOINTS
+    out = root / f"step-{state['step']}"
+
+    def fill(tmp: Path) -> None:
+        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+    atomic_dir(out, fill)
+    for old in sorted(_step_dirs(root), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_best(run_dir: Path, params: dict[str, torch.nn.Parameter], step: int, val_loss: float) -> None:
+    def fill(tmp: Path) -> None:
+        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+
+    atomic_dir(run_dir / CHECKPOINTS / "best", fill)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = _step_dirs(Path(run_dir) / CHECKPOINTS)
+    return max(dirs, key=lambda p: int(p.name.split("-")[1])) if dirs else None
+
+
+def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from the newest checkpoint; return loop state."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (looked in {CHECKPOINTS}/)")
+    load_trainable(ckpt, params)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    runtime.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def load_trainable(ckpt: Path, params: dict[str, torch.nn.Parameter]) -> None:
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    missing = set(params) - set(saved)
+    if missing:
+        raise ValueError(f"{ckpt}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from."""
+    from tunesmith.io import atomic_write_text
+
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def result_dict(result: TrainResult) -> dict[str, Any]:
+    d = asdict(result)
+    d.pop("history")
+    return d
