@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -71,6 +72,8 @@ def _demo_config() -> Path:
 def _quiet_libraries() -> None:
     """Keep the terminal for our own progress: no per-library bars or chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # PEFT calls a transformers helper that warns about its own rename; nothing for users to do
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     from transformers.utils import logging
 
     logging.set_verbosity_error()

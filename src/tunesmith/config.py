@@ -72,6 +72,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    group_by_length: bool = True  # batch examples of similar length together (less padding)
     lr: float = 2.0e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0

@@ -48,14 +48,16 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
     task = progress.add_task("label scoring", total=len(candidates), info="") if progress else None
     scores = torch.empty(len(candidates))
     counts = torch.empty(len(candidates), dtype=torch.long)
-    for i in range(0, len(candidates), batch_size):
-        batch = {k: v.to(dev) for k, v in collate(candidates[i : i + batch_size], tokenizer.pad_token_id).items()}
+    order = sorted(range(len(candidates)), key=lambda j: len(candidates[j].input_ids))  # similar lengths: little padding
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = {k: v.to(dev) for k, v in collate([candidates[j] for j in idx], tokenizer.pad_token_id).items()}
         with runtime.autocast(dev, bf16):
             logprob, count = target_logprob_per_row(model, batch)
-        scores[i : i + len(logprob)] = logprob.float().cpu()
-        counts[i : i + len(logprob)] = count.cpu()
+        scores[idx] = logprob.float().cpu()
+        counts[idx] = count.cpu()
         if progress is not None:
-            progress.update(task, advance=len(logprob))
+            progress.update(task, advance=len(idx))
     scores, counts = scores.view(len(examples), len(keys)), counts.view(len(examples), len(keys))
     true = torch.tensor([keys.index(ex.label) for ex in examples]).unsqueeze(1)  # (E, 1)
     loss = float(-scores.gather(1, true).sum() / counts.gather(1, true).sum().clamp(min=1))

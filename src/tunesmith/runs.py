@@ -111,8 +111,8 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[st
 
         if cfg.eval.compare_with_base:
             run_eval("base", base)
-        if cfg.method == "lora":
-            tuned = methods.lora.load(base, artifact)
+        if cfg.method == "lora":  # merged for evaluation: same outputs, no adapter overhead per layer
+            tuned = methods.lora.load(base, artifact).merge_and_unload()
         else:
             tuned, _ = load_model(str(artifact))
         run_eval("tuned", tuned.to(dev))

@@ -141,6 +141,7 @@ def train(
         ],
         lr=cfg.lr,
     )
+    lengths = [len(e.input_ids) for e in train_data]
     micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -164,7 +165,7 @@ def train(
                 # ---- once in a while: nothing; the step first
                 t0 = time.perf_counter()
                 epoch, pos = divmod(state["step"], steps_per_epoch)
-                micro = _step_batches(len(train_data), cfg, epoch, pos)
+                micro = _step_batches(lengths, cfg, epoch, pos)
                 n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
                 step_loss = 0.0
                 for mb in micro:
@@ -230,16 +231,28 @@ def train(
     )
 
 
-def _step_batches(n: int, cfg: TrainConfig, epoch: int, pos: int) -> list[list[int]]:
+def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int) -> list[list[int]]:
     """Example indices of each micro-batch of optimizer step ``pos`` in ``epoch``.
 
-    The order of an epoch is a permutation seeded by (seed, epoch): the data position of a
-    run is just its step count, which makes resuming exact.
+    The order of an epoch is a permutation seeded by (seed, epoch), so a run's data position
+    is just its step count and resuming is exact. With ``group_by_length``, each window of
+    64 steps is sorted by length, cut into steps, and the steps shuffled again: batches hold
+    examples of similar length (little padding) without a short-to-long curriculum. Which
+    examples form a step does not depend on how the step is split into micro-batches.
     """
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(len(lengths), generator=g).tolist()
     per_step = cfg.batch_size * cfg.grad_accum
-    chunk = order[pos * per_step : (pos + 1) * per_step]
+    if cfg.group_by_length:
+        window = per_step * 64
+        w0 = (pos * per_step) // window * window  # the window holding this step
+        chunk = sorted(order[w0 : w0 + window], key=lambda i: -lengths[i])
+        steps = [chunk[i : i + per_step] for i in range(0, len(chunk), per_step)]
+        g_window = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + w0)
+        shuffle = torch.randperm(len(steps), generator=g_window).tolist()
+        chunk = steps[shuffle[pos - w0 // per_step]]
+    else:
+        chunk = order[pos * per_step : (pos + 1) * per_step]
     return [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
 
 

@@ -1,0 +1,120 @@
+"""Every CLI verb end to end on a tiny model, asserting the files it must produce."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunesmith.cli import main
+
+RUN_FILES = ["config.yaml", "data_report.json", "metrics.jsonl", "train_result.json", "eval.json", "report.html"]
+
+
+def write_config(tmp_path: Path, model_dir: Path, sst_files, **train) -> Path:
+    cfg = {
+        "name": "tiny", "model": str(model_dir), "task": "classification", "method": "lora",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"train": str(sst_files["train"]), "test": str(sst_files["test"]), "validation_size": 4,
+                 "labels": {"0": "negative", "1": "positive"}, "system_prompt": "Classify."},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "precision": "fp32", **train},
+        "eval": {"batch_size": 8},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_then_eval(tmp_path, tiny_model_dir, sst_files, capsys):
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    assert main(["train", str(path), "--set", "train.lr=1e-3"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step-2", "step-4"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 1e-3 and saved["lora"]["r"] == 4
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["test_examples"] == 6
+    for side in ("base", "tuned"):
+        assert {"accuracy", "f1", "precision", "recall", "loss", "perplexity"} <= ev[side].keys()
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Base vs tuned" in html
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["type"] == "train"] == [1, 2, 3, 4]
+    assert "base vs tuned on 6 test examples" in capsys.readouterr().out
+
+    (run / "eval.json").unlink()
+    assert main(["eval", str(run)]) == 0
+    again = json.loads((run / "eval.json").read_text())["tuned"]
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in ev["tuned"].items() if k != "seconds"}
+
+    # the same name again is refused rather than silently overwritten
+    assert main(["train", str(path)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # --resume on a finished run: nothing left to train, artifacts rewritten, still exit 0
+    assert main(["train", str(path), "--resume"]) == 0
+
+
+def test_full_fine_tuning_run(tmp_path, tiny_model_dir, sst_files):
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    assert main(["train", str(path), "--set", "method=full", "--set", "name=tiny-full"]) == 0
+    run = tmp_path / "runs" / "tiny-full"
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "config.json").is_file()
+    assert json.loads((run / "eval.json").read_text())["tuned"]["accuracy"] >= 0
+
+
+def test_generation_task_reports_rouge(tmp_path, tiny_model_dir, instruction_file):
+    cfg = {"name": "gen", "model": str(tiny_model_dir), "task": "instruction", "output_dir": str(tmp_path / "runs"),
+           "data": {"train": str(instruction_file), "validation_size": 3},
+           "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32"}, "eval": {"max_new_tokens": 4}}
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    ev = json.loads((tmp_path / "runs" / "gen" / "eval.json").read_text())
+    assert 0.0 <= ev["tuned"]["rougeL"] <= 1.0 and ev["test_examples"] == 3
+
+
+def test_demo_verb_runs_the_shipped_config(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    overrides = [f"model={tiny_model_dir}", f"output_dir={tmp_path}", "train.max_steps=2", "train.eval_every=1",
+                 "data.max_train_examples=32", "data.validation_size=8", "data.max_test_examples=8",
+                 "train.precision=fp32"]
+    assert main(["demo", *sum((["--set", o] for o in overrides), [])]) == 0
+    run = tmp_path / "sst2-lora"
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    assert json.loads((run / "eval.json").read_text())["test_examples"] == 8
+
+
+def test_config_errors_exit_2_listing_all(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("methd: lora\ntrain: {lr: -1, epochs: x}\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    for expected in ("methd: unknown key; did you mean 'method'?", "train.epochs: expected int", "train.lr: must be > 0",
+                     "data.train: required"):
+        assert expected in err
+
+
+def test_data_errors_exit_2(tmp_path, tiny_model_dir, sst_files, capsys):
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 fine\n5 unknown label\n")
+    assert main(["train", str(path), "--set", f"data.train={bad}"]) == 2
+    assert "bad.txt:2: field 'label': unknown label '5'" in capsys.readouterr().err
+
+
+def test_eval_of_a_non_run_folder(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "demo"])
+def test_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config import Config, ConfigError, load_config
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_three_mistakes_are_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, "method: qlora\ntrian: {lr: 1e-4}\ntrain: {lr: fast}\ndata: {train: x.jsonl}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    problems = err.value.problems
+    assert len(problems) == 3, problems
+    text = str(err.value)
+    assert "trian: unknown key; did you mean 'train'?" in text
+    assert "train.lr: expected float, got 'fast'" in text
+    assert "method: 'qlora' is not one of lora, full" in text
+    assert str(path) in text
+
+
+def test_nested_unknown_key_gets_dotted_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: x}\ntrain: {early_stoping: {patience: 2}, batch_sise: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.early_stoping: unknown key; did you mean 'train.early_stopping'?" in str(err.value)
+    assert "train.batch_sise: unknown key; did you mean 'train.batch_size'?" in str(err.value)
+
+
+def test_overrides_and_types(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: x}\ntrain: {lr: 3e-4}\n")  # YAML 1.1 reads 3e-4 as text
+    cfg = load_config(path, ["train.lr=1e-3", "train.early_stopping.patience=5", "lora.target_modules=[q_proj, v_proj]"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.train.early_stopping.patience == 5
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.batch_size: expected int, got 'x'"):
+        load_config(path, ["train.batch_size=x"])
+
+
+def test_value_checks(tmp_path: Path) -> None:
+    path = write(tmp_path, "task: classification\ndata: {train: x}\ntrain: {batch_size: 0, precision: fp8}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "data.labels: required for classification" in text
+    assert "train.batch_size: must be >= 1" in text
+    assert "train.precision: 'fp8' is not one of auto, bf16, fp32" in text
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_data_paths_resolve_against_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t.jsonl").write_text("{}\n")
+    cfg = load_config(write(tmp_path, "data: {train: d/t.jsonl}\n"))
+    assert Path(cfg.data.train) == (tmp_path / "d" / "t.jsonl").resolve()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_shipped_example_config_is_valid(path: Path) -> None:
+    cfg = load_config(path)
+    assert Path(cfg.data.train).is_file()
+    for extra in (cfg.data.validation, cfg.data.test):
+        assert extra is None or Path(extra).is_file()

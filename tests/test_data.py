@@ -1,0 +1,131 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config import DataConfig
+from tunesmith.data import DataError, encode, encode_all, load_splits
+from tunesmith.data.formats import read_rows, rows_to_examples
+from tunesmith.data.render import IGNORE, render
+
+
+def expected_labels(tokenizer, messages):
+    """Independent reference: token-level prefixes, assistant reply + <|im_end|> targeted."""
+    ids = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer(render(tokenizer, messages[:i], add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        end = len(tokenizer(render(tokenizer, messages[: i + 1]), add_special_tokens=False)["input_ids"])
+        assert ids[end - 2] == tokenizer.eos_token_id  # "...<|im_end|>" then "\n"
+        for k in range(start, end - 1):  # the reply and <|im_end|>, not the newline after it
+            labels[k] = ids[k]
+    return ids, labels
+
+
+def targets_text(tokenizer, enc):
+    return [tokenizer.decode([t]) for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE]
+
+
+def test_instruction_mask_token_by_token(tokenizer, instruction_file):
+    rows = read_rows(instruction_file)
+    ex = rows_to_examples(rows, instruction_file, "instruction")[0]
+    assert ex.messages[-2]["content"] == "Say hello 0\n\nworld"
+    enc = encode(tokenizer, ex, 512)
+    ids, labels = expected_labels(tokenizer, ex.messages)
+    assert enc.input_ids == ids
+    assert enc.labels == labels
+    assert "".join(targets_text(tokenizer, enc)) == "hello 0 !<|im_end|>"
+
+
+def test_multi_turn_chat_mask_token_by_token(tokenizer, tmp_path):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "how are you ?"},
+        {"role": "assistant", "content": "fine , thanks ."},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    ex = rows_to_examples(read_rows(path), path, "chat")[0]
+    enc = encode(tokenizer, ex, 512)
+    ids, labels = expected_labels(tokenizer, messages)
+    assert enc.input_ids == ids and enc.labels == labels
+    assert "".join(targets_text(tokenizer, enc)) == "hello world<|im_end|>fine , thanks .<|im_end|>"
+
+
+def test_classification_mask_is_label_words_and_end_of_turn(tokenizer, sst_files):
+    ex = rows_to_examples(read_rows(sst_files["train"], "label_text"), sst_files["train"], "classification",
+                          labels={"0": "negative", "1": "positive"}, system_prompt="Classify.")[0]
+    assert ex.label == "1" and ex.messages[0] == {"role": "system", "content": "Classify."}
+    enc = encode(tokenizer, ex, 512)
+    ids, labels = expected_labels(tokenizer, ex.messages)
+    assert enc.labels == labels
+    assert "".join(targets_text(tokenizer, enc)) == "positive<|im_end|>"
+
+
+def test_truncation_is_counted_and_empty_targets_dropped(tokenizer, instruction_file):
+    examples = rows_to_examples(read_rows(instruction_file), instruction_file, "instruction")
+    full = encode(tokenizer, examples[0], 512)
+    prompt_len = full.labels.index(next(x for x in full.labels if x != IGNORE))
+    limit = prompt_len + 2  # room for 2 target tokens of the first example
+    kept, stats = encode_all(tokenizer, examples, limit)
+    longer = sum(len(encode(tokenizer, ex, 10_000).input_ids) > limit for ex in examples)
+    assert stats["truncated"] == longer > 0 and stats["dropped_no_target"] == 0
+    assert kept[0].n_targets == 2 and len(kept[0].input_ids) == limit
+    kept, stats = encode_all(tokenizer, examples, 8)  # no target left at all
+    assert stats["dropped_no_target"] == len(examples) and kept == []
+
+
+def test_bad_rows_name_file_line_and_field(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        read_rows(bad_json)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n')
+    with pytest.raises(DataError, match=r"missing.jsonl:3: missing field 'output'"):
+        rows_to_examples(read_rows(missing), missing, "instruction")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1 good\n7 what\n")
+    with pytest.raises(DataError, match=r"labels.txt:2: field 'label': unknown label '7'"):
+        rows_to_examples(read_rows(labels), labels, "classification", labels={"0": "neg", "1": "pos"})
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text('text,label\n"fine",1\n"",0\n')
+    with pytest.raises(DataError, match=r"d.csv:3: field 'text' is empty"):
+        rows_to_examples(read_rows(csv_file), csv_file, "classification", labels={"0": "neg", "1": "pos"})
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"c.jsonl:1: field messages\[0\].role: 'robot'"):
+        rows_to_examples(read_rows(chat), chat, "chat")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"1 fine\n0 caf\xe9\n")
+    with pytest.raises(DataError, match=r"latin.txt:2: not valid UTF-8"):
+        read_rows(latin)
+    with pytest.raises(DataError, match="the file is empty"):
+        (tmp_path / "e.jsonl").write_text("")
+        read_rows(tmp_path / "e.jsonl")
+
+
+def test_column_mapping_and_csv(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nwhat is 1+1?,2\n")
+    ex = rows_to_examples(read_rows(path), path, "instruction", columns={"instruction": "question", "output": "answer"})
+    assert ex[0].messages == [{"role": "user", "content": "what is 1+1?"}, {"role": "assistant", "content": "2"}]
+    with pytest.raises(DataError, match="data.columns: question not used"):
+        rows_to_examples(read_rows(path), path, "classification", columns={"question": "q"}, labels={"2": "two"})
+
+
+def test_splits_hold_out_validation_deterministically(sst_files):
+    data = DataConfig(train=str(sst_files["train"]), test=str(sst_files["test"]), validation_size=0.25,
+                      labels={"0": "negative", "1": "positive"})
+    a = load_splits(data, "classification", seed=3)
+    b = load_splits(data, "classification", seed=3)
+    assert len(a.validation) == 8 and len(a.train) == 24 and len(a.test) == 6
+    assert [e.source for e in a.validation] == [e.source for e in b.validation]
+    assert not {e.source for e in a.validation} & {e.source for e in a.train}
+    c = load_splits(data, "classification", seed=4)
+    assert [e.source for e in c.validation] != [e.source for e in a.validation]
+

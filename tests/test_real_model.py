@@ -1,0 +1,48 @@
+"""Integration tests on the real embedded model (SmolLM2-135M-Instruct). Slow: about a minute each."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.config import load_config
+from tunesmith.data import encode_all, load_splits
+from tunesmith.methods import prepare
+from tunesmith.models import load_model
+from tunesmith.runs import finetune
+from tunesmith.train import evaluate_loss, train
+
+pytestmark = pytest.mark.slow
+SST2 = "examples/sst2.yaml"
+ROOT = Path(__file__).parents[1]
+
+
+def test_a_few_lora_steps_on_sst2_lower_the_loss(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(SST2, ["data.max_train_examples=64", "data.max_validation_examples=32", "train.batch_size=8",
+                             "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=100"])
+    model, tok = load_model(cfg.model)
+    splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
+    train_set, _ = encode_all(tok, splits.train, cfg.train.max_seq_len)
+    val_set, _ = encode_all(tok, splits.validation, cfg.train.max_seq_len)
+    model = prepare(model, cfg)
+    before = evaluate_loss(model, val_set, 16, tok.pad_token_id, bf16=True)
+    result = train(model, train_set, val_set, cfg.train, tmp_path, tok.pad_token_id, show_progress=False)
+    after = evaluate_loss(model, val_set, 16, tok.pad_token_id, bf16=True)
+    assert result.steps == 6
+    assert after < before * 0.5, (before, after)  # the label words are learnt within a few steps
+    losses = [r["loss"] for r in result.history if r["type"] == "train"]
+    assert losses[-1] < losses[0]
+
+
+def test_finetune_end_to_end_beats_base_on_a_dev_slice(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(SST2, [f"output_dir={tmp_path}", "data.max_train_examples=256", "data.validation_size=32",
+                             "data.max_test_examples=96", "train.max_steps=30", "train.batch_size=8",
+                             "train.eval_every=15", "train.warmup_steps=3"])
+    run = finetune(cfg)
+    base, tuned = run.eval["base"], run.eval["tuned"]
+    assert tuned["loss"] < base["loss"]
+    assert tuned["accuracy"] > base["accuracy"], (base["accuracy"], tuned["accuracy"])
+    assert (run.dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.isfinite(torch.tensor(tuned["perplexity"]))

@@ -1,0 +1,181 @@
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunesmith import train as train_mod
+from tunesmith.config import Config, EarlyStoppingConfig, TrainConfig
+from tunesmith.data import collate, encode_all
+from tunesmith.data.formats import read_rows, rows_to_examples
+from tunesmith.methods import lora
+from tunesmith.train import evaluate_loss, target_logprob_per_row, target_loss_sum, train
+
+LABELS = {"0": "negative", "1": "positive"}
+
+
+@pytest.fixture
+def encoded(tokenizer, sst_files):
+    examples = rows_to_examples(read_rows(sst_files["train"]), sst_files["train"], "classification",
+                                labels=LABELS, system_prompt="Classify the sentiment.")
+    data, _ = encode_all(tokenizer, examples, 128)
+    return data
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(max_steps=1, batch_size=8, grad_accum=1, lr=1e-2, warmup_steps=0, eval_every=100,
+                precision="fp32", seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_loss_equals_transformers_loss(tiny_model, tokenizer, encoded):
+    batch = collate(encoded[:6], tokenizer.pad_token_id)
+    ours, n = target_loss_sum(tiny_model, batch)
+    theirs = tiny_model(**batch).loss  # mean over non-ignored shifted labels
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(ours / n, theirs)
+    # gradients agree too
+    g1 = torch.autograd.grad(ours / n, tiny_model.model.layers[0].mlp.up_proj.weight)[0]
+    g2 = torch.autograd.grad(tiny_model(**batch).loss, tiny_model.model.layers[0].mlp.up_proj.weight)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_per_row_logprob_matches_full_logits(tiny_model, tokenizer, encoded):
+    batch = collate(encoded[:4], tokenizer.pad_token_id)
+    total, count = target_logprob_per_row(tiny_model, batch)
+    logp = torch.log_softmax(tiny_model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1], -1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    ref = (logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+    torch.testing.assert_close(total, ref)
+    assert count.tolist() == mask.sum(1).tolist()
+
+
+def test_batch8_accum1_equals_batch2_accum4(tiny_model, tokenizer, encoded, tmp_path):
+    a, b = tiny_model, copy.deepcopy(tiny_model)
+    for m in (a, b):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    init = params_of(a)
+    train(a, encoded, encoded[:4], cfg(batch_size=8, grad_accum=1), tmp_path / "a", tokenizer.pad_token_id, show_progress=False)
+    train(b, encoded, encoded[:4], cfg(batch_size=2, grad_accum=4), tmp_path / "b", tokenizer.pad_token_id, show_progress=False)
+    pa, pb = params_of(a), params_of(b)
+    assert any(not torch.equal(pa[n], init[n]) for n in pa)
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], msg=n)
+
+
+def lora_model(tiny_model, dropout=0.1):
+    c = Config(method="lora")
+    c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, dropout
+    return lora.prepare(tiny_model, c)
+
+
+def test_resume_is_exact(tokenizer, encoded, tmp_path):
+    from conftest import make_model
+
+    data = (encoded * 2)[:40]  # 40 examples, batch 4: an epoch is exactly 10 steps
+    config = cfg(max_steps=10, batch_size=4, lr=5e-3, warmup_steps=2, eval_every=100)
+    straight = lora_model(make_model(len(tokenizer)))  # LoRA dropout on: RNG state must be restored too
+    r1 = train(straight, data, data[:4], config, tmp_path / "straight", tokenizer.pad_token_id, show_progress=False)
+    assert r1.steps == 10 and r1.best_step == 10
+
+    first = lora_model(make_model(len(tokenizer)))
+    r2 = train(first, data, data[:4], config, tmp_path / "resumed", tokenizer.pad_token_id, until_step=5, show_progress=False)
+    assert r2.interrupted and r2.steps == 5
+    assert (tmp_path / "resumed" / "checkpoints" / "step-5" / "optimizer.pt").is_file()
+    second = lora_model(make_model(len(tokenizer)))  # a fresh process would start from the base weights
+    r3 = train(second, data, data[:4], config, tmp_path / "resumed", tokenizer.pad_token_id, resume=True, show_progress=False)
+    assert r3.steps == 10 and not r3.interrupted
+    p1, p3 = params_of(straight), params_of(second)
+    assert p1.keys() == p3.keys()
+    for n in p1:
+        assert torch.equal(p1[n], p3[n]), n
+    # the metrics log has each step once, with identical losses
+    l1 = [r["loss"] for r in r1.history if r["type"] == "train"]
+    l3 = [r["loss"] for r in r3.history if r["type"] == "train"]
+    assert l1 == l3 and len(l3) == 10
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    model = lora_model(tiny_model)
+    calls = {"n": 0}
+    real = train_mod.target_loss_sum
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "target_loss_sum", flaky)
+    r = train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4), tmp_path, tokenizer.pad_token_id, show_progress=False)
+    assert r.interrupted and r.steps == 3
+    state = json.loads((tmp_path / "checkpoints" / "step-3" / "state.json").read_text())
+    assert state["step"] == 3
+
+
+def test_early_stopping_restores_best(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    model = lora_model(tiny_model, dropout=0.0)
+    curve = iter([1.0, 0.8, 0.85, 0.9, 0.7, 0.6])  # best at the 2nd evaluation, then 2 worse ones
+    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: next(curve))
+    config = cfg(max_steps=12, batch_size=4, eval_every=2, early_stopping=EarlyStoppingConfig(patience=2, min_delta=0.01))
+    r = train(model, encoded, encoded[:4], config, tmp_path, tokenizer.pad_token_id, show_progress=False)
+    assert r.stopped_early and r.steps == 8 and r.best_step == 4 and r.best_val_loss == 0.8
+    best = load_file(str(tmp_path / "checkpoints" / "best" / "trainable.safetensors"))
+    last = load_file(str(tmp_path / "checkpoints" / "step-8" / "trainable.safetensors"))
+    now = params_of(model)
+    assert any(not torch.equal(best[n], last[n]) for n in best)
+    for n in best:
+        assert torch.equal(now[n], best[n])
+    evals = [r for r in r.history if r["type"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4, 6, 8] and [e["best"] for e in evals] == [True, True, False, False]
+
+
+def test_bf16_autocast_trains_like_fp32(tokenizer, encoded, tmp_path):
+    from conftest import make_model
+
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = make_model(len(tokenizer))
+        for p in model.parameters():
+            p.requires_grad_(True)
+        config = cfg(max_steps=15, batch_size=8, lr=3e-3, precision=precision)
+        train(model, encoded, encoded[:8], config, tmp_path / precision, tokenizer.pad_token_id, show_progress=False)
+        losses[precision] = evaluate_loss(model, encoded, 8, tokenizer.pad_token_id, bf16=False)
+        assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03)
+
+
+def test_checkpoints_are_pruned_and_complete(tiny_model, tokenizer, encoded, tmp_path):
+    model = lora_model(tiny_model)
+    train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4, save_every=1, keep_checkpoints=2),
+          tmp_path, tokenizer.pad_token_id, show_progress=False)
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["best", "step-5", "step-6"]
+    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
+        assert (tmp_path / "checkpoints" / "step-6" / name).is_file()
+    assert not list(Path(tmp_path / "checkpoints").glob(".*tmp"))
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_epoch_plan_covers_every_example_once(group):
+    lengths = [(i * 37) % 101 + 5 for i in range(1000)]
+    config = cfg(batch_size=4, grad_accum=2, group_by_length=group)
+    steps = [train_mod._step_batches(lengths, config, epoch=0, pos=p) for p in range(125)]
+    seen = [i for step in steps for mb in step for i in mb]
+    assert sorted(seen) == list(range(1000))
+    assert steps == [train_mod._step_batches(lengths, config, epoch=0, pos=p) for p in range(125)]  # deterministic
+    assert steps[0] != train_mod._step_batches(lengths, config, epoch=1, pos=0)
+    spread = sum(max(lengths[i] for mb in s for i in mb) - min(lengths[i] for mb in s for i in mb) for s in steps) / len(steps)
+    if group:  # examples of similar length share a step
+        assert spread < 10
+    else:
+        assert spread > 50
