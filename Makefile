@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunesmith-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -26,9 +26,6 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
-
-bench: setup
-	@echo "no benchmarks yet (see issue 4)"
 
 clean:
 	rm -rf runs .pytest_cache

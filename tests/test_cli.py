@@ -118,3 +118,22 @@ def test_help(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
     assert e.value.code == 0
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, sst_files, capsys):
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    assert main(["train", str(path), "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_from_the_cli(tmp_path, tiny_model_dir, sst_files):
+    from tunesmith import finetune, load_config
+
+    path = write_config(tmp_path, tiny_model_dir, sst_files, eval_every=100)
+    run = finetune(load_config(path), until_step=2)  # as if Ctrl-C after step 2
+    assert run.eval == {} and not (run.dir / "adapter").exists()
+    assert main(["train", str(path), "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (run.dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    assert (run.dir / "adapter").is_dir() and (run.dir / "eval.json").is_file()

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ def cached_gguf_folder(gguf_path: Path) -> Path:
     folder = tunesmith_home() / "models" / f"{gguf_path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
+    print(f"first use of {gguf_path.name}: dequantizing it into {folder} (once, ~20 s)", file=sys.stderr)
     atomic_dir(folder, lambda tmp: convert_gguf(gguf_path, tmp))
     return folder
 

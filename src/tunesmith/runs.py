@@ -25,7 +25,7 @@ from tunesmith.evaluate import evaluate_model
 from tunesmith.io import atomic_write_json
 from tunesmith.models import load_model, resolve_model
 from tunesmith.report import metrics_table, write_report
-from tunesmith.train import result_dict, train
+from tunesmith.train import latest_checkpoint, result_dict, train
 
 
 class RunError(RuntimeError):
@@ -49,6 +49,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
         raise RunError(f"{run_dir} already holds a run; resume it with --resume, or pass --overwrite, or pick another name")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise RunError(f"{run_dir}: no checkpoint to resume from; start the run without --resume")
     if overwrite and not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

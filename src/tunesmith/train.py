@@ -199,8 +199,8 @@ def train(
 
             # ---- once in a while: evaluate, early-stop, checkpoint
             step = state["step"]
-            at_epoch_end = step % steps_per_epoch == 0
-            if step % cfg.eval_every == 0 or at_epoch_end or step == total_steps:
+            evaluate_now = step % cfg.eval_every == 0 or step % steps_per_epoch == 0 or step == total_steps
+            if evaluate_now:
                 val_loss = evaluate_loss(model, val_data, cfg.batch_size, pad_id, bf16)
                 improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - cfg.early_stopping.min_delta
                 if improved:
@@ -212,12 +212,11 @@ def train(
                 append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
                                                  "val_ppl": math.exp(min(val_loss, 50)), "best": improved})
                 progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
-                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints)
                 window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
-            elif cfg.save_every and step % cfg.save_every == 0:
+            stop_here = until_step is not None and until_step <= step < total_steps
+            if evaluate_now or stop_here or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints)
-            if until_step is not None and step >= until_step and step < total_steps:
-                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints)
+            if stop_here:
                 interrupted = True
                 break
 
