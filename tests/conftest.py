@@ -94,3 +94,11 @@ def instruction_file(tmp_path: Path) -> Path:
     path = tmp_path / "inst.json"
     path.write_text(json.dumps(rows))
     return path
+
+
+def examples(path, task, **data):
+    """Examples of one file, read the way a run reads them (format and layout detected)."""
+    from tunesmith.config import DataConfig
+    from tunesmith.data import load_examples
+
+    return load_examples(str(path), DataConfig(train=str(path), **data), task)

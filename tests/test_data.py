@@ -5,7 +5,8 @@ import pytest
 
 from tunesmith.config import DataConfig
 from tunesmith.data import DataError, encode, encode_all, load_splits
-from tunesmith.data.formats import read_rows, rows_to_examples
+from conftest import examples
+from tunesmith.data.formats import read_rows
 from tunesmith.data.render import IGNORE, render
 
 
@@ -29,8 +30,7 @@ def targets_text(tokenizer, enc):
 
 
 def test_instruction_mask_token_by_token(tokenizer, instruction_file):
-    rows = read_rows(instruction_file)
-    ex = rows_to_examples(rows, instruction_file, "instruction")[0]
+    ex = examples(instruction_file, "instruction")[0]
     assert ex.messages[-2]["content"] == "Say hello 0\n\nworld"
     enc = encode(tokenizer, ex, 512)
     ids, labels = expected_labels(tokenizer, ex.messages)
@@ -49,7 +49,7 @@ def test_multi_turn_chat_mask_token_by_token(tokenizer, tmp_path):
     ]
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": messages}) + "\n")
-    ex = rows_to_examples(read_rows(path), path, "chat")[0]
+    ex = examples(path, "chat")[0]
     enc = encode(tokenizer, ex, 512)
     ids, labels = expected_labels(tokenizer, messages)
     assert enc.input_ids == ids and enc.labels == labels
@@ -57,7 +57,7 @@ def test_multi_turn_chat_mask_token_by_token(tokenizer, tmp_path):
 
 
 def test_classification_mask_is_label_words_and_end_of_turn(tokenizer, sst_files):
-    ex = rows_to_examples(read_rows(sst_files["train"], "label_text"), sst_files["train"], "classification",
+    ex = examples(sst_files["train"], "classification",
                           labels={"0": "negative", "1": "positive"}, system_prompt="Classify.")[0]
     assert ex.label == "1" and ex.messages[0] == {"role": "system", "content": "Classify."}
     enc = encode(tokenizer, ex, 512)
@@ -67,16 +67,16 @@ def test_classification_mask_is_label_words_and_end_of_turn(tokenizer, sst_files
 
 
 def test_truncation_is_counted_and_empty_targets_dropped(tokenizer, instruction_file):
-    examples = rows_to_examples(read_rows(instruction_file), instruction_file, "instruction")
-    full = encode(tokenizer, examples[0], 512)
+    exs = examples(instruction_file, "instruction")
+    full = encode(tokenizer, exs[0], 512)
     prompt_len = full.labels.index(next(x for x in full.labels if x != IGNORE))
     limit = prompt_len + 2  # room for 2 target tokens of the first example
-    kept, stats = encode_all(tokenizer, examples, limit)
-    longer = sum(len(encode(tokenizer, ex, 10_000).input_ids) > limit for ex in examples)
+    kept, stats = encode_all(tokenizer, exs, limit)
+    longer = sum(len(encode(tokenizer, ex, 10_000).input_ids) > limit for ex in exs)
     assert stats["truncated"] == longer > 0 and stats["dropped_no_target"] == 0
     assert kept[0].n_targets == 2 and len(kept[0].input_ids) == limit
-    kept, stats = encode_all(tokenizer, examples, 8)  # no target left at all
-    assert stats["dropped_no_target"] == len(examples) and kept == []
+    kept, stats = encode_all(tokenizer, exs, 8)  # no target left at all
+    assert stats["dropped_no_target"] == len(exs) and kept == []
 
 
 def test_bad_rows_name_file_line_and_field(tmp_path):
@@ -87,23 +87,19 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n')
     with pytest.raises(DataError, match=r"missing.jsonl:3: missing field 'output'"):
-        rows_to_examples(read_rows(missing), missing, "instruction")
+        examples(missing, "instruction")
     labels = tmp_path / "labels.txt"
     labels.write_text("1 good\n7 what\n")
     with pytest.raises(DataError, match=r"labels.txt:2: field 'label': unknown label '7'"):
-        rows_to_examples(read_rows(labels), labels, "classification", labels={"0": "neg", "1": "pos"})
+        examples(labels, "classification", labels={"0": "neg", "1": "pos"})
     csv_file = tmp_path / "d.csv"
     csv_file.write_text('text,label\n"fine",1\n"",0\n')
     with pytest.raises(DataError, match=r"d.csv:3: field 'text' is empty"):
-        rows_to_examples(read_rows(csv_file), csv_file, "classification", labels={"0": "neg", "1": "pos"})
+        examples(csv_file, "classification", labels={"0": "neg", "1": "pos"})
     chat = tmp_path / "c.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(DataError, match=r"c.jsonl:1: field messages\[0\].role: 'robot'"):
-        rows_to_examples(read_rows(chat), chat, "chat")
-    latin = tmp_path / "latin.txt"
-    latin.write_bytes(b"1 fine\n0 caf\xe9\n")
-    with pytest.raises(DataError, match=r"latin.txt:2: not valid UTF-8"):
-        read_rows(latin)
+        examples(chat, "chat")
     with pytest.raises(DataError, match="the file is empty"):
         (tmp_path / "e.jsonl").write_text("")
         read_rows(tmp_path / "e.jsonl")
@@ -112,10 +108,10 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
 def test_column_mapping_and_csv(tmp_path):
     path = tmp_path / "qa.csv"
     path.write_text("question,answer\nwhat is 1+1?,2\n")
-    ex = rows_to_examples(read_rows(path), path, "instruction", columns={"instruction": "question", "output": "answer"})
+    ex = examples(path, "instruction", columns={"instruction": "question", "output": "answer"})
     assert ex[0].messages == [{"role": "user", "content": "what is 1+1?"}, {"role": "assistant", "content": "2"}]
-    with pytest.raises(DataError, match="data.columns: question not used"):
-        rows_to_examples(read_rows(path), path, "classification", columns={"question": "q"}, labels={"2": "two"})
+    with pytest.raises(DataError, match="data.columns: unknown role 'question'"):
+        examples(path, "classification", columns={"question": "q"}, labels={"2": "two"})
 
 
 def test_splits_hold_out_validation_deterministically(sst_files):

@@ -4,15 +4,15 @@ import torch
 
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import collate, encode_all
-from tunesmith.data.formats import read_rows, rows_to_examples
+from conftest import examples
 from tunesmith.methods import count_parameters, full, lora
 from tunesmith.train import train
 
 
 def test_lora_merged_equals_unmerged_and_differs_from_base(tiny_model, tokenizer, sst_files, tmp_path):
-    examples = rows_to_examples(read_rows(sst_files["train"]), sst_files["train"], "classification",
+    exs = examples(sst_files["train"], "classification",
                                 labels={"0": "negative", "1": "positive"})
-    data, _ = encode_all(tokenizer, examples, 128)
+    data, _ = encode_all(tokenizer, exs, 128)
     cfg = Config(method="lora")
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
     model = lora.prepare(tiny_model, cfg)

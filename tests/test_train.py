@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tunesmith import train as train_mod
 from tunesmith.config import Config, EarlyStoppingConfig, TrainConfig
 from tunesmith.data import collate, encode_all
-from tunesmith.data.formats import read_rows, rows_to_examples
+from conftest import examples
 from tunesmith.methods import lora
 from tunesmith.train import evaluate_loss, target_logprob_per_row, target_loss_sum, train
 
@@ -18,9 +18,9 @@ LABELS = {"0": "negative", "1": "positive"}
 
 @pytest.fixture
 def encoded(tokenizer, sst_files):
-    examples = rows_to_examples(read_rows(sst_files["train"]), sst_files["train"], "classification",
+    exs = examples(sst_files["train"], "classification",
                                 labels=LABELS, system_prompt="Classify the sentiment.")
-    data, _ = encode_all(tokenizer, examples, 128)
+    data, _ = encode_all(tokenizer, exs, 128)
     return data
 
 

@@ -17,10 +17,11 @@ from typing import Any, Union
 
 import yaml
 
-TASKS = ("classification", "instruction", "chat")
+TASKS = ("classification", "instruction", "chat", "text")
 METHODS = ("lora", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
-FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "label_text")
+FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
+LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
 
 
 class ConfigError(ValueError):
@@ -40,8 +41,10 @@ class DataConfig:
     train: str = ""
     validation: str | None = None  # held out from train when omitted (see validation_size)
     test: str | None = None  # evaluation split; the validation split when omitted
-    format: str = "auto"  # by file extension when auto
+    format: str = "auto"  # by file extension (or content) when auto
+    layout: str | None = None  # detected from the column names when omitted
     columns: dict[str, str] = field(default_factory=dict)  # role -> column name in the file
+    skip_bad_rows: bool = False  # skip and count bad records instead of stopping
     labels: dict[str, str] = field(default_factory=dict)  # raw label -> target words
     system_prompt: str | None = None
     validation_size: float = 0.1  # fraction (<1) or count (>=1) of train held out
@@ -170,6 +173,8 @@ def validate(cfg: Config) -> list[str]:
     check(bool(cfg.data.train), "data.train: required (path to the training file)")
     check(cfg.data.format in FORMATS, f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
     check(cfg.data.validation_size > 0, "data.validation_size: must be > 0")
+    check(cfg.data.layout is None or cfg.data.layout in LAYOUTS,
+          f"data.layout: {cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
     if cfg.task == "classification":
         check(bool(cfg.data.labels), "data.labels: required for classification, e.g. {0: negative, 1: positive}")
         words = list(cfg.data.labels.values())

@@ -6,7 +6,8 @@ import random
 from dataclasses import dataclass
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import DataError, Example, read_rows, rows_to_examples
+from tunesmith.data.formats import DataError, Example, read_table
+from tunesmith.data.layouts import detect_layout, rows_to_examples
 from tunesmith.data.render import IGNORE, Encoded, collate, encode, encode_all
 
 __all__ = [
@@ -24,8 +25,11 @@ class Splits:
 
 
 def load_examples(path: str, data: DataConfig, task: str) -> list[Example]:
-    rows = read_rows(path, data.format)
-    return rows_to_examples(rows, path, task, data.columns, data.labels, data.system_prompt)
+    """Read a file, detect (or take) its layout, and map its rows onto examples."""
+    table = read_table(path, data.format, data.skip_bad_rows)
+    layout = detect_layout(table, data.layout, data.columns, task)
+    labels = data.labels if task == "classification" else None
+    return rows_to_examples(table, layout, labels, data.system_prompt, data.skip_bad_rows)
 
 
 def load_splits(data: DataConfig, task: str, seed: int = 0) -> Splits:

@@ -60,7 +60,13 @@ def target_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, l
 
 
 def encode(tokenizer: Any, example: Example, max_seq_len: int) -> Encoded:
-    """Token ids and labels for one conversation, truncated on the right to ``max_seq_len``."""
+    """Token ids and labels for one conversation, truncated on the right to ``max_seq_len``.
+
+    Raw text (``example.text``) is trained on every token, then the end-of-text token.
+    """
+    if example.text is not None:
+        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return Encoded(ids[:max_seq_len], list(ids[:max_seq_len]), len(ids) > max_seq_len, example.source)
     text, spans = target_spans(tokenizer, example.messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
