@@ -13,7 +13,7 @@ from rich.console import Console
 from tunesmith.config import ConfigError, load_config
 from tunesmith.data import DataError
 from tunesmith.models import ModelError
-from tunesmith.runs import RunError, evaluate_run, finetune
+from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
 
 DEMO_CONFIG = "sst2.yaml"
 
@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+
+    p = verbs.add_parser("prepare", help="read, clean, de-duplicate, redact, label and split the data; write a report")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad records instead of stopping")
 
     p = verbs.add_parser("eval", help="evaluate a finished run (tuned vs base) on its test split")
     p.add_argument("run_dir", help="the run folder, e.g. runs/sst2-lora")
@@ -44,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
             if run.eval:
                 console.print(f"report: {run.dir / 'report.html'}")
+        elif args.verb == "prepare":
+            overrides = args.overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
+            prepared = prepare_data(load_config(args.config, overrides), console=console)
+            console.print(f"prepared splits and data_report.json in {prepared.files['train'].parent}")
         elif args.verb == "eval":
             evaluate_run(args.run_dir, console=console)
             console.print(f"report: {Path(args.run_dir) / 'report.html'}")

@@ -35,6 +35,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class PrepareConfig:
+    """What ``tunesmith prepare`` does to the data before training."""
+
+    clean: bool = True  # Unicode/mojibake repair, whitespace, junk markers (and HTML)
+    strip_html: bool = True
+    junk_markers: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    pii: list[str] = field(default_factory=list)  # kinds to redact: email, phone, credit_card, ip_address, iban, url
+    labeling_functions: str | None = None  # a Python file of @labeling_function's for unlabeled rows
+    label_model: str = "dawid_skene"  # or: majority
+    min_tokens: int = 1  # in tokens of the chosen model
+    max_tokens: int | None = None
+    dedup: str = "near"  # none | exact | near
+    dedup_threshold: float = 0.85  # Jaccard similarity for near duplicates
+    test_size: float = 0.0  # held out of train as a test split when data.test is not given
+    stratify: bool = True  # classification splits keep the label shares
+    group_by: str | None = None  # a column whose groups never span two splits
+
+
+@dataclass
 class DataConfig:
     """Where the data is and how its columns map onto the task."""
 
@@ -51,6 +70,7 @@ class DataConfig:
     max_train_examples: int | None = None
     max_validation_examples: int | None = None
     max_test_examples: int | None = None
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 @dataclass
@@ -173,6 +193,13 @@ def validate(cfg: Config) -> list[str]:
     check(bool(cfg.data.train), "data.train: required (path to the training file)")
     check(cfg.data.format in FORMATS, f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
     check(cfg.data.validation_size > 0, "data.validation_size: must be > 0")
+    pp = cfg.data.prepare
+    check(pp.dedup in ("none", "exact", "near"), f"data.prepare.dedup: {pp.dedup!r} is not one of none, exact, near")
+    check(0 < pp.dedup_threshold <= 1, "data.prepare.dedup_threshold: must be in (0, 1]")
+    check(pp.label_model in ("dawid_skene", "majority"), f"data.prepare.label_model: {pp.label_model!r} is not one of dawid_skene, majority")
+    bad_pii = sorted(set(pp.pii) - {"email", "phone", "credit_card", "ip_address", "iban", "url"})
+    check(not bad_pii, f"data.prepare.pii: unknown kind(s) {bad_pii}; kinds are email, phone, credit_card, ip_address, iban, url")
+    check(pp.test_size >= 0, "data.prepare.test_size: must be >= 0")
     check(cfg.data.layout is None or cfg.data.layout in LAYOUTS,
           f"data.layout: {cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
     if cfg.task == "classification":

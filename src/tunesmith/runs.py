@@ -87,6 +87,27 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     return Run(run_dir, cfg, summary, evaluation)
 
 
+def prepare_data(cfg: Config, console: Console | None = None) -> Any:
+    """Prepare the config's data into ``runs/<name>/data/`` (splits as JSONL + data_report.json)."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.prepare import prepare
+    from tunesmith.models import model_folder
+
+    console = console or Console()
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(cfg.model))
+    prepared = prepare(cfg, cfg.run_dir / "data", tokenizer)
+    table = Table(title=f"data preparation ({prepared.layout})")
+    for col in ("step", "rows in", "rows out", "removed"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for s in prepared.report["steps"]:
+        table.add_row(s["step"], str(s["rows_in"]), str(s["rows_out"]), str(s["removed"]))
+    console.print(table)
+    for note in prepared.report["notes"]:
+        console.print(note, highlight=False)
+    return prepared
+
+
 def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
     """Evaluate a finished run's tuned model (and its base) on the test split; write eval.json and report.html."""
     console = console or Console()

@@ -1,0 +1,251 @@
+"""``tunesmith prepare``: read -> clean -> redact -> label -> filter -> de-duplicate -> split -> report.
+
+Each step works on canonical records (role -> value, e.g. {"text", "label"} or
+{"instruction", "input", "output"}), counts what it removed or changed and keeps a few
+examples of it, so the data report shows at a glance what happened to the data and why.
+The prepared splits are written as JSONL in the canonical layout; training reads them back
+with the same readers as any other file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import Config
+from tunesmith.data.formats import DataError, read_table
+from tunesmith.data.layouts import REQUIRED, detect_layout
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Prepared:
+    splits: dict[str, list[dict[str, Any]]]
+    layout: str
+    report: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepared:
+    """Run every preparation step the config asks for; write the splits and data_report.json."""
+    d, p = cfg.data, cfg.data.prepare
+    steps: list[dict[str, Any]] = []
+    sources = {name: path for name, path in (("train", d.train), ("validation", d.validation), ("test", d.test)) if path}
+    records: dict[str, list[dict[str, Any]]] = {}
+    layout_name, notes = "", []
+    for split, path in sources.items():
+        table = read_table(path, d.format, d.skip_bad_rows)
+        layout = detect_layout(table, d.layout, d.columns, cfg.task)
+        layout_name = layout.name
+        notes.append(f"{split}: {path} ({table.format}, {table.encoding}); {layout.describe()}")
+        rows = []
+        for row in table.rows:
+            rec = {role: row.values.get(col) for role, col in layout.columns.items()}
+            rec["_source"] = f"{table.path}:{row.line}"
+            if any(not _filled(rec.get(r)) for r in REQUIRED[layout.name] if r != "label" or not p.labeling_functions):
+                table.skipped.append(f"{rec['_source']}: an empty required field")
+                continue
+            rows.append(rec)
+        if table.skipped and not d.skip_bad_rows:
+            raise DataError(table.skipped[0])
+        steps.append(_step(f"read {split}", len(table.rows) + len(table.skipped), len(rows), {"skipped": table.skipped[:5]}))
+        records[split] = rows
+    if p.clean:
+        _clean(records, p, steps)
+    if p.pii:
+        _redact(records, p.pii, steps)
+    if p.labeling_functions:
+        _weak_label(records, p, steps)
+    if tokenizer is not None and (p.min_tokens or p.max_tokens):
+        _length_filter(records, tokenizer, p.min_tokens, p.max_tokens, steps)
+    dedup = _dedup(records, p, steps) if p.dedup != "none" else {}
+    _split(records, cfg, steps)
+    report = {
+        "task": cfg.task, "layout": layout_name, "notes": notes, "steps": steps, "dedup": dedup,
+        "splits": {s: _split_stats(rows, tokenizer) for s, rows in records.items()},
+        "content_hash": content_hash(cfg),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    from tunesmith.io import atomic_write_json, atomic_write_text
+
+    for split, rows in records.items():
+        files[split] = out_dir / f"{split}.jsonl"
+        atomic_write_text(files[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_json(out_dir / "data_report.json", report)
+    return Prepared(records, layout_name, report, files)
+
+
+def content_hash(cfg: Config) -> str:
+    """A hash of the input files' bytes and the data settings: equal hashes, equal prepared data."""
+    h = hashlib.sha256(json.dumps({"data": _asdict(cfg.data), "task": cfg.task, "model": cfg.model,
+                                   "seed": cfg.train.seed}, sort_keys=True).encode())
+    for path in (cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.prepare.labeling_functions):
+        if path and Path(path).is_file():
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _asdict(obj: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _filled(v: Any) -> bool:
+    return v is not None and (not isinstance(v, str) or bool(v.strip())) and v != []
+
+
+def _text_roles(rec: dict[str, Any]) -> list[str]:
+    return [k for k, v in rec.items() if isinstance(v, str) and k not in ("label", "_source")]
+
+
+def _key(rec: dict[str, Any]) -> str:
+    """What a person reads of a record: the text fields joined (used for de-dup and lengths)."""
+    if isinstance(rec.get("messages"), list):
+        return "\n".join(str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict))
+    return "\n".join(str(rec[k]) for k in _text_roles(rec))
+
+
+def _map_texts(records: dict[str, list[dict[str, Any]]], fn: Any) -> None:
+    """Apply ``fn(list_of_texts) -> list_of_texts`` to every text field, message contents included."""
+    refs: list[tuple[dict[str, Any], str]] = []
+    for rows in records.values():
+        for rec in rows:
+            refs += [(rec, k) for k in _text_roles(rec)]
+            if isinstance(rec.get("messages"), list):
+                refs += [(m, "content") for m in rec["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    new = fn([holder[k] for holder, k in refs])
+    for (holder, k), value in zip(refs, new):
+        holder[k] = value
+
+
+def _clean(records, p, steps) -> None:
+    from tunesmith.data.clean import clean_texts
+
+    holder: dict[str, Any] = {}
+
+    def fn(texts):
+        out, holder["stats"] = clean_texts(texts, fix_unicode=True, strip_html=p.strip_html, junk_markers=p.junk_markers)
+        return out
+
+    _map_texts(records, fn)
+    stats = holder["stats"]
+    before = sum(len(r) for r in records.values())
+    for split, rows in records.items():
+        records[split] = [r for r in rows if all(_filled(r.get(k)) for k in _text_roles(r))]
+    after = sum(len(r) for r in records.values())
+    steps.append(_step("clean", before, after, {"texts_changed": stats.changed, "by_operation": dict(stats.by_operation),
+                                                "examples": {k: v[:3] for k, v in stats.examples.items()},
+                                                "removed_empty": before - after}))
+
+
+def _redact(records, kinds, steps) -> None:
+    from tunesmith.data.pii import redact_texts
+
+    holder: dict[str, Any] = {}
+
+    def fn(texts):
+        out, holder["counts"], holder["examples"] = redact_texts(texts, kinds)
+        return out
+
+    _map_texts(records, fn)
+    n = sum(len(r) for r in records.values())
+    steps.append(_step("redact PII", n, n, {"counts": dict(holder["counts"]), "examples": holder["examples"]}))
+
+
+def _weak_label(records, p, steps) -> None:
+    from tunesmith.data.label import load_labeling_functions, weak_label
+
+    lfs = load_labeling_functions(p.labeling_functions)
+    for split, rows in records.items():
+        unlabeled = [r for r in rows if not _filled(r.get("label"))]
+        if not unlabeled:
+            continue
+        result = weak_label([_key(r) for r in unlabeled], lfs, model=p.label_model)
+        for rec, label in zip(unlabeled, result.labels):
+            rec["label"] = label
+        before = len(rows)
+        records[split] = [r for r in rows if _filled(r.get("label"))]
+        steps.append(_step(f"weak labels ({split})", before, len(records[split]),
+                           {"labeled": len(unlabeled) - result.uncovered, "uncovered_dropped": result.uncovered,
+                            "functions": result.summary}))
+
+
+def _length_filter(records, tokenizer, lo, hi, steps) -> None:
+    before = sum(len(r) for r in records.values())
+    dropped: Counter[str] = Counter()
+    for split, rows in records.items():
+        kept = []
+        for r in rows:
+            n = len(tokenizer(_key(r), add_special_tokens=False)["input_ids"])
+            if n < lo:
+                dropped["too_short"] += 1
+            elif hi and n > hi:
+                dropped["too_long"] += 1
+            else:
+                kept.append(r)
+        records[split] = kept
+    steps.append(_step("length filter (tokens)", before, before - sum(dropped.values()), dict(dropped)))
+
+
+def _dedup(records, p, steps) -> dict[str, Any]:
+    from tunesmith.data.dedup import find_duplicates, find_leakage
+
+    out: dict[str, Any] = {}
+    for split, rows in records.items():
+        result = find_duplicates([_key(r) for r in rows], near=p.dedup == "near", threshold=p.dedup_threshold)
+        records[split] = [rows[i] for i in result.keep]
+        out[split] = {"exact_removed": result.removed_exact, "near_removed": result.removed_near,
+                      "exact_clusters": len(result.exact), "near_clusters": len(result.near)}
+        steps.append(_step(f"de-duplicate {split}", len(rows), len(result.keep),
+                           {"exact_removed": result.removed_exact, "near_removed": result.removed_near}))
+    others = {s: [_key(r) for r in records[s]] for s in ("validation", "test") if s in records}
+    if "train" in records and others:
+        leaks = find_leakage([_key(r) for r in records["train"]], others, threshold=p.dedup_threshold)
+        bad = {leak.train_index for leak in leaks}
+        before = len(records["train"])
+        examples = [{"train": _key(records["train"][leak.train_index])[:200], "split": leak.split,
+                     "other": others[leak.split][leak.other_index][:200]} for leak in leaks[:5]]
+        records["train"] = [r for i, r in enumerate(records["train"]) if i not in bad]
+        out["leakage_removed"] = len(bad)
+        steps.append(_step("remove train rows leaking into validation/test", before, len(records["train"]),
+                           {"examples": examples}))
+    return out
+
+
+def _split(records, cfg, steps) -> None:
+    from tunesmith.data.split import split_indices
+
+    d, p = cfg.data, cfg.data.prepare
+    make_val, make_test = "validation" not in records, "test" not in records and p.test_size > 0
+    if not (make_val or make_test):
+        return
+    rows = records["train"]
+    labels = [str(r.get("label")) for r in rows] if cfg.task == "classification" and p.stratify else None
+    groups = [str(r.get(p.group_by) or r["_source"]) for r in rows] if p.group_by else None
+    parts = split_indices(len(rows), validation=d.validation_size if make_val else 0,
+                          test=p.test_size if make_test else 0, labels=labels, groups=groups, seed=cfg.train.seed)
+    for name, idx in parts.items():
+        if idx or name == "train":
+            records[name] = [rows[i] for i in idx]
+    steps.append(_step("split", len(rows), len(rows), {k: len(v) for k, v in parts.items()}
+                       | {"stratified": labels is not None, "grouped_by": p.group_by}))
+
+
+def _split_stats(rows: list[dict[str, Any]], tokenizer: Any | None) -> dict[str, Any]:
+    stats: dict[str, Any] = {"rows": len(rows)}
+    if rows and "label" in rows[0]:
+        stats["labels"] = dict(sorted(Counter(str(r.get("label")) for r in rows).items()))
+    if tokenizer is not None and rows:
+        stats["token_lengths"] = [len(tokenizer(_key(r), add_special_tokens=False)["input_ids"]) for r in rows]
+    return stats
+
+
+def _step(name: str, rows_in: int, rows_out: int, details: dict[str, Any]) -> dict[str, Any]:
+    return {"step": name, "rows_in": rows_in, "rows_out": rows_out, "removed": rows_in - rows_out, **details}

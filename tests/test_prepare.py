@@ -1,0 +1,66 @@
+"""`tunesmith prepare` end to end: real SMS spam data, and the CLI verb on a crafted file."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tunesmith.cli import main
+from tunesmith.config import load_config
+from tunesmith.data.prepare import content_hash, prepare
+
+SMS = Path(__file__).parents[1] / "examples" / "data" / "sms_spam" / "SMSSpamCollection"
+
+
+def test_sms_spam_duplicates_found_and_stratified_split(tmp_path):
+    cfg = load_config(data={"name": "sms", "task": "classification", "output_dir": str(tmp_path),
+                            "data": {"train": str(SMS), "labels": {"ham": "ham", "spam": "spam"}, "validation_size": 0.1,
+                                     "prepare": {"test_size": 0.1, "pii": ["email", "phone", "url"]}}})
+    out = prepare(cfg, tmp_path / "data")
+    dedup = out.report["dedup"]["train"]
+    assert dedup["exact_removed"] > 350 and dedup["near_removed"] > 20  # the collection repeats many messages
+    sizes = {s: len(rows) for s, rows in out.splits.items()}
+    assert sum(sizes.values()) == 5574 - dedup["exact_removed"] - dedup["near_removed"]
+    shares = {s: sum(r["label"] == "spam" for r in rows) / len(rows) for s, rows in out.splits.items()}
+    assert max(shares.values()) - min(shares.values()) < 0.01, shares
+    steps = {s["step"]: s for s in out.report["steps"]}
+    assert steps["redact PII"]["counts"]["url"] > 50
+    assert "[URL]" in (tmp_path / "data" / "train.jsonl").read_text()
+    for split in ("train", "validation", "test"):
+        first = json.loads((tmp_path / "data" / f"{split}.jsonl").read_text().splitlines()[0])
+        assert set(first) == {"text", "label", "_source"}
+    assert json.loads((tmp_path / "data" / "data_report.json").read_text())["content_hash"] == content_hash(cfg)
+
+
+def test_prepare_verb_cleans_dedups_and_reports_leakage(tmp_path, tiny_model_dir, capsys):
+    train = tmp_path / "train.jsonl"
+    rows = [{"text": f"review number {i} was rather good and fun", "label": "1"} for i in range(20)]
+    rows += [{"text": "caf\u00c3\u00a9 <b>was</b> bad<|endoftext|>", "label": "0"}] * 3  # mojibake, HTML, junk, dup
+    rows.append({"text": "the held out test sentence appears in train too", "label": "0"})
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"text": "The held out test sentence appears in train too!", "label": "0"}) + "\n")
+    cfg = {"name": "p", "model": str(tiny_model_dir), "task": "classification", "output_dir": str(tmp_path / "runs"),
+           "data": {"train": str(train), "test": str(test), "labels": {"0": "negative", "1": "positive"},
+                    "validation_size": 2}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["prepare", str(path)]) == 0
+    out = tmp_path / "runs" / "p" / "data"
+    report = json.loads((out / "data_report.json").read_text())
+    steps = {s["step"]: s for s in report["steps"]}
+    assert steps["de-duplicate train"]["exact_removed"] == 2
+    assert report["dedup"]["leakage_removed"] == 1
+    texts = [json.loads(line)["text"] for line in (out / "train.jsonl").read_text().splitlines()]
+    texts += [json.loads(line)["text"] for line in (out / "validation.jsonl").read_text().splitlines()]
+    assert "café was bad" in texts and not any("appears in train" in t for t in texts)
+    assert "data preparation" in capsys.readouterr().out
+
+
+def test_prepare_config_errors_are_listed(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: x, prepare: {dedup: fuzzy, pii: [emails], dedup_treshold: 0.9}}\n")
+    assert main(["prepare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.prepare.dedup: 'fuzzy'" in err and "unknown kind(s) ['emails']" in err
+    assert "did you mean 'data.prepare.dedup_threshold'" in err
