@@ -17,7 +17,7 @@ from tunesmith.data.label import (
 
 REPO = Path(__file__).resolve().parents[1]
 SMS_LFS = REPO / "examples" / "sms_spam_lfs.py"
-SMS_CANDIDATES = [base / "shared" / "data" / "sms_spam" / "SMSSpamCollection" for base in (REPO, REPO.parent)]
+SMS_CANDIDATES = [REPO / "examples" / "data" / "sms_spam" / "SMSSpamCollection"]  # shipped with the repo
 
 
 def write(tmp_path: Path, source: str, name: str = "lfs.py") -> Path:
@@ -253,7 +253,7 @@ def _read_sms(path: Path) -> tuple[list[str], list[str]]:
     return [r[1] for r in rows], [r[0].strip() for r in rows]
 
 
-@pytest.mark.skipif(not any(p.is_file() for p in SMS_CANDIDATES), reason="shared/data/sms_spam not present")
+@pytest.mark.skipif(not any(p.is_file() for p in SMS_CANDIDATES), reason="examples/data/sms_spam not present")
 def test_sms_spam_weak_labels_train_a_good_classifier():
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression

@@ -168,7 +168,7 @@ def apply_lfs(
     names = [getattr(lf, "name", getattr(lf, "__name__", repr(lf))) for lf in lfs]
     _check_unique_names(names, "apply_lfs")
     votes: list[list[str | None]] = []  # per LF, per row
-    for lf, name in zip(lfs, names):
+    for lf, name in zip(lfs, names, strict=True):
         column = []
         for i, text in enumerate(texts):
             try:
@@ -309,8 +309,12 @@ class DawidSkene:
     Parameters, estimated by EM: ``class_priors_`` (K,) and ``confusion_`` (m, K, K+1), where
     ``confusion_[j, c, 0]`` is P(LF j abstains | class c) and ``confusion_[j, c, 1 + k]`` is
     P(LF j votes k | class c). Modelling abstains is what lets one-sided keyword LFs count.
-    ``smoothing`` is a Dirichlet pseudo-count added to every prior and confusion cell: it keeps
-    every probability above zero (no log 0) and tames LFs that fire on a handful of rows.
+    ``smoothing`` is the weight (in pseudo-rows) of a Dirichlet prior on each confusion row,
+    shaped like that LF's own outcome rates over all rows: "this LF fires as often on every
+    class", i.e. uninformative but honest about its coverage. A flat prior instead (+1 to
+    abstain and to each vote) would claim a 5%-coverage keyword LF fires on the wrong class a
+    third of the time, which swamps small data sets. The prior keeps every probability above
+    zero (no log 0); class priors get ``smoothing`` added to each class.
     EM starts from the soft majority vote (each covered row's vote shares), so classes keep
     their meaning and the result is deterministic. ``predict_proba`` gives the posterior for
     every row, uncovered ones too (there it is only the prior tilted by abstain rates);
@@ -335,10 +339,14 @@ class DawidSkene:
         if arr.shape[0] == 0:
             raise LabelingError("cannot fit a label model on zero rows")
         resp = self._init_responsibilities(arr)  # (n, K)
+        outcomes = np.eye(self.n_classes + 1)[arr + 1]  # (n, m, K+1): one-hot of abstain / vote k
+        rates = outcomes.mean(axis=0) + 1e-3  # (m, K+1); the 1e-3 keeps never-seen outcomes possible
+        prior = self.smoothing * rates / rates.sum(axis=1, keepdims=True)  # (m, K+1) pseudo-counts
         prev = -np.inf
         self.converged_ = False
-        for self.n_iter_ in range(1, self.max_iter + 1):
-            self._m_step(arr, resp)
+        for it in range(1, self.max_iter + 1):
+            self.n_iter_ = it
+            self._m_step(outcomes, resp, prior)
             resp, ll = self._e_step(arr)
             self.log_likelihood_ = ll
             if abs(ll - prev) < self.tol:
@@ -386,10 +394,9 @@ class DawidSkene:
             resp[~covered] = resp[covered].mean(axis=0)
         return resp
 
-    def _m_step(self, arr: np.ndarray, resp: np.ndarray) -> None:
-        """Priors and confusion matrices from expected counts, plus the smoothing pseudo-count."""
-        outcomes = np.eye(self.n_classes + 1)[arr + 1]  # (n, m, K+1): one-hot of abstain/vote
-        counts = np.einsum("ic,imv->mcv", resp, outcomes) + self.smoothing  # (m, K, K+1)
+    def _m_step(self, outcomes: np.ndarray, resp: np.ndarray, prior: np.ndarray) -> None:
+        """Priors and confusion matrices from expected counts plus the prior's pseudo-counts (MAP)."""
+        counts = np.einsum("ic,imv->mcv", resp, outcomes) + prior[:, None, :]  # (m, K, K+1)
         self.confusion_ = counts / counts.sum(axis=2, keepdims=True)
         priors = resp.sum(axis=0) + self.smoothing
         self.class_priors_ = priors / priors.sum()
@@ -421,7 +428,7 @@ class WeakLabelResult:
 
 def weak_label(
     texts: Sequence[str],
-    lfs: Sequence[LabelingFunction] | str | Path,
+    lfs: Sequence[LabelingFunction | Callable[[str], str | None]] | str | Path,
     model: Literal["dawid_skene", "majority"] = "dawid_skene",
     gold: Sequence[str | None] | None = None,
     labels: Sequence[str] | None = None,
@@ -437,18 +444,23 @@ def weak_label(
         lfs = load_labeling_functions(lfs)
     matrix = apply_lfs(lfs, texts, labels)
     k = len(matrix.labels)
-    summary = lf_summary(matrix, lfs, gold)
-    if k == 0:  # no LF ever voted: nothing to combine
+    summary = lf_summary(matrix, matrix.lf_names, gold)
+    if k == 0 or len(texts) == 0:  # no votes at all: nothing to combine
         return WeakLabelResult([None] * len(texts), len(texts), summary, matrix)
     mv = majority_vote(matrix, k)
-    ds = DawidSkene(k).fit(matrix) if model == "dawid_skene" or gold is not None else None
-    pred = ds.predict(matrix) if model == "dawid_skene" and ds is not None else mv
-    out = [matrix.labels[p] if p >= 0 else None for p in pred]
-    gold_eval = _gold_eval(matrix, gold, mv, ds.predict(matrix)) if gold is not None and ds else None
+    use_ds = model == "dawid_skene"
+    # The label model is also fitted under model="majority" when gold is given, to compare the two.
+    ds = DawidSkene(k).fit(matrix) if use_ds or gold is not None else None
+    ds_pred = ds.predict(matrix) if ds is not None else None
+    pred = ds_pred if use_ds and ds_pred is not None else mv
     return WeakLabelResult(
-        labels=out, uncovered=int((pred < 0).sum()), summary=summary, matrix=matrix,
-        model=ds if model == "dawid_skene" else None,
-        proba=ds.predict_proba(matrix) if model == "dawid_skene" and ds else None, gold_eval=gold_eval,
+        labels=[matrix.labels[p] if p >= 0 else None for p in pred],
+        uncovered=int((pred < 0).sum()),
+        summary=summary,
+        matrix=matrix,
+        model=ds if use_ds else None,
+        proba=ds.predict_proba(matrix) if use_ds and ds is not None else None,
+        gold_eval=_gold_eval(matrix, gold, mv, ds_pred) if gold is not None and ds_pred is not None else None,
     )
 
 
