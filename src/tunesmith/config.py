@@ -42,6 +42,7 @@ class PrepareConfig:
     strip_html: bool = True
     junk_markers: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
     pii: list[str] = field(default_factory=list)  # kinds to redact: email, phone, credit_card, ip_address, iban, url
+    pii_region: str = "US"  # where phone numbers written without +country are from (e.g. GB)
     labeling_functions: str | None = None  # a Python file of @labeling_function's for unlabeled rows
     label_model: str = "dawid_skene"  # or: majority
     min_tokens: int = 1  # in tokens of the chosen model

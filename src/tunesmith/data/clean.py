@@ -161,6 +161,8 @@ def fix_text(
     junk markers before HTML (so a marker that looks like markup is removed whole, not
     half-parsed), and the whitespace a removal leaves behind is tidied and credited to it.
     """
+    if isinstance(junk_markers, str):  # would otherwise remove each of its characters
+        raise TypeError(f"junk_markers must be a list of strings, not the string {junk_markers!r}")
     ops: set[str] = set()
     if fix_unicode:
         fixed = ftfy.fix_text(text, _FTFY_CONFIG)

@@ -172,11 +172,12 @@ def _valid_phone_prefix_end(digits: str, region: str | None) -> int:
     """
     shortest = 7 if digits[0] in "0+" else len(digits)
     for end in range(len(digits), shortest - 1, -1):
-        try:
-            number = phonenumbers.parse(digits[:end], region)
-        except phonenumbers.NumberParseException:
-            continue
-        if phonenumbers.is_valid_number(number):
+        # The matcher on the bare candidate applies exactly its own checks (validity, and a
+        # trunk prefix where the region requires one: "1234567890" is no GB number).
+        matches = phonenumbers.PhoneNumberMatcher(
+            digits[:end], region, leniency=phonenumbers.Leniency.VALID
+        )
+        if any(m.start == 0 and m.end == end for m in matches):
             return end
     return 0
 

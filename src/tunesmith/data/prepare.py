@@ -58,7 +58,7 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
     if p.clean:
         _clean(records, p, steps)
     if p.pii:
-        _redact(records, p.pii, steps)
+        _redact(records, p.pii, p.pii_region, steps)
     if p.labeling_functions:
         _weak_label(records, p, steps)
     if tokenizer is not None and (p.min_tokens or p.max_tokens):
@@ -145,13 +145,13 @@ def _clean(records, p, steps) -> None:
                                                 "removed_empty": before - after}))
 
 
-def _redact(records, kinds, steps) -> None:
+def _redact(records, kinds, region, steps) -> None:
     from tunesmith.data.pii import redact_texts
 
     holder: dict[str, Any] = {}
 
     def fn(texts):
-        out, holder["counts"], holder["examples"] = redact_texts(texts, kinds)
+        out, holder["counts"], holder["examples"] = redact_texts(texts, kinds, region=region)
         return out
 
     _map_texts(records, fn)
