@@ -183,16 +183,22 @@ def _chunks(counts: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
 
 
 def _min_hash(hv: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Signatures of the texts with >= 1 shingle: min over each text's rows of ``a*h + b``."""
+    """Signatures of the texts with >= 1 shingle: min over each text's shingles of ``a*h + b``.
+
+    Laid out permutations x shingles so the reduction runs along contiguous memory
+    (about 30x faster than reducing a shingles x permutations array along axis 0).
+    """
     mixed = _fmix32(hv)
     if len(counts) == 1:  # one text, maybe huge: running minimum over blocks bounds memory
         sig = np.full(len(a), _EMPTY, dtype=np.uint32)
         for lo in range(0, len(mixed), _BLOCK):
-            block = mixed[lo:lo + _BLOCK, None] * a + b  # uint32 arithmetic wraps: mod 2^32
-            np.minimum(sig, block.min(axis=0), out=sig)
+            block = np.multiply.outer(a, mixed[lo:lo + _BLOCK])  # uint32 wraps: mod 2^32
+            block += b[:, None]
+            np.minimum(sig, block.min(axis=1), out=sig)
         return sig[None, :]
-    phv = mixed[:, None] * a + b
-    return np.minimum.reduceat(phv, np.cumsum(counts) - counts, axis=0)
+    phv = np.multiply.outer(a, mixed)
+    phv += b[:, None]
+    return np.minimum.reduceat(phv, np.cumsum(counts) - counts, axis=1).T
 
 
 def minhash_signatures(texts: Sequence[str], *, num_perm: int = 128, ngram: int = 5,
@@ -235,25 +241,27 @@ def _lean(row: np.ndarray, seed: int) -> LeanMinHash:
     return LeanMinHash(seed=seed, hashvalues=row, scheme="affine32")
 
 
+def _new_lsh(threshold: float, num_perm: int) -> MinHashLSH:
+    return MinHashLSH(num_perm=num_perm, params=_lsh_params(threshold, num_perm))
+
+
 def _build_lsh(sig: np.ndarray, rows: Sequence[int], threshold: float, seed: int) -> MinHashLSH:
     """A MinHashLSH over the given signature rows, keyed by row number, filled in one session."""
-    lsh = MinHashLSH(num_perm=sig.shape[1], params=_lsh_params(threshold, sig.shape[1]))
+    lsh = _new_lsh(threshold, sig.shape[1])
     with lsh.insertion_session() as session:
         for k in rows:
             session.insert(int(k), _lean(sig[k], seed), check_duplication=False)
     return lsh
 
 
-def _matches(lsh: MinHashLSH, index_sig: np.ndarray, query: np.ndarray, threshold: float,
-             seed: int, below: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Indexed rows whose estimated Jaccard with ``query`` is >= threshold (only keys < ``below``)."""
-    keys = lsh.query(_lean(query, seed))
-    if below is not None:
-        keys = [k for k in keys if k < below]
+def _matches(lsh: MinHashLSH, index_sig: np.ndarray, query: LeanMinHash,
+             threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indexed rows whose estimated Jaccard with ``query`` is >= threshold."""
+    keys = lsh.query(query)
     if not keys:
         return np.empty(0, dtype=np.int64), np.empty(0)
     cand = np.array(keys, dtype=np.int64)
-    sims = (index_sig[cand] == query).mean(axis=1)  # fraction of equal minima estimates Jaccard
+    sims = (index_sig[cand] == query.hashvalues).mean(axis=1)  # share of equal minima ~ Jaccard
     ok = sims >= threshold
     return cand[ok], sims[ok]
 
@@ -312,13 +320,18 @@ def _exact_groups(norm: Sequence[str]) -> tuple[list[int], list[list[int]]]:
 
 
 def _near_edges(sig: np.ndarray, threshold: float, seed: int) -> list[tuple[int, int, float]]:
-    """Pairs of signature rows (earlier, later, estimated Jaccard) at or above the threshold."""
-    rows = np.flatnonzero(_has_shingles(sig))
-    lsh = _build_lsh(sig, rows, threshold, seed)
+    """Pairs of signature rows (earlier, later, estimated Jaccard) at or above the threshold.
+
+    One pass, query then insert: each row is compared only with the rows before it, so every
+    pair is checked once and each LeanMinHash is built once.
+    """
+    lsh = _new_lsh(threshold, sig.shape[1])
     edges = []
-    for k in rows.tolist():
-        cand, sims = _matches(lsh, sig, sig[k], threshold, seed, below=k)  # each pair once
+    for k in np.flatnonzero(_has_shingles(sig)).tolist():
+        minhash = _lean(sig[k], seed)
+        cand, sims = _matches(lsh, sig, minhash, threshold)
         edges.extend((int(c), k, float(s)) for c, s in zip(cand, sims))
+        lsh.insert(k, minhash, check_duplication=False)
     return edges
 
 
@@ -397,7 +410,7 @@ def _near_leaks(norm_train: list[str], flat: list[tuple[str, int]], flat_text: l
     train_sig = minhash_signatures(norm_train, num_perm=num_perm, ngram=ngram, seed=seed)
     lsh = _build_lsh(other_sig, np.flatnonzero(_has_shingles(other_sig)), threshold, seed)
     for i in np.flatnonzero(_has_shingles(train_sig)).tolist():
-        cand, sims = _matches(lsh, other_sig, train_sig[i], threshold, seed)
+        cand, sims = _matches(lsh, other_sig, _lean(train_sig[i], seed), threshold)
         for c in np.argsort(-sims, kind="stable"):  # best first: the first per split wins
             split, j = flat[cand[c]]
             if (i, split) not in leaks:
