@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     quality = recall(texts, planted, owners(len(texts), result), args.threshold)
     quality.update(near_precision(texts, result, args.threshold))
-    results = {"command": "python benchmarks/near_dup.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": " ".join(["python benchmarks/near_dup.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": info, "run": run, "quality": quality}
     write_report(results, args.out)
     print(json.dumps({"run": run, "quality": quality}, indent=2))

@@ -8,12 +8,13 @@ all near-duplicates of one text) use a seeded greedy assignment rather than
 ``GroupShuffleSplit``: the latter sizes splits by *number of groups*, so with uneven groups
 the row counts drift far from what was asked. Here groups are placed largest first (ties in
 seeded random order) into the split whose label counts fall furthest short of their targets,
-which also keeps label shares close when labels are given.
+which also keeps label shares close when labels are given (close, not within one point: whole
+groups move together).
 
-Rare labels: a label with fewer rows than there are splits to fill cannot appear in every
-split; its rows all go to train (training on them costs nothing, while a one-row evaluation
-class measures nothing) and a ``UserWarning`` names the label. Other impossible requests raise
-``ValueError`` saying what to change.
+Rare labels (stratified, ungrouped): a label with fewer rows than there are splits to fill
+cannot appear in every split; its rows all go to train (training on them costs nothing, while
+a one-row evaluation class measures nothing) and a ``UserWarning`` names the label. Other
+impossible requests raise ``ValueError`` saying what to change.
 """
 
 from __future__ import annotations
@@ -125,19 +126,20 @@ def _grouped(n: int, sizes: dict[str, int], labels: Sequence[str] | None,
             f"only {len(g_ids)} distinct group(s) for {len(wanted)} splits; a group cannot span "
             "two splits, so give more groups or ask for fewer splits"
         )
-    counts = np.zeros((len(g_ids), len(l_ids)), dtype=np.int64)  # rows per group and label
+    counts = np.zeros((len(g_ids), len(l_ids) + 1), dtype=np.int64)  # rows per group and label
     np.add.at(counts, (g_of_row, l_of_row), 1)
-    share = np.bincount(l_of_row, minlength=len(l_ids)) / n
+    counts[:, -1] = counts[:, :-1].sum(axis=1)  # last column: all rows, so sizes are matched too
+    share = np.append(np.bincount(l_of_row, minlength=len(l_ids)) / n, 1.0)
     rows_for = {"validation": sizes["validation"], "test": sizes["test"]}
     rows_for["train"] = n - rows_for["validation"] - rows_for["test"]
-    target = np.array([rows_for[s] * share for s in wanted])  # (splits, labels)
+    target = np.array([rows_for[s] * share for s in wanted])  # (splits, labels + total)
     filled = np.zeros_like(target)
     tie = np.random.default_rng(seed).permutation(len(g_ids))
-    order = np.lexsort((tie, -counts.sum(axis=1)))  # largest groups first, seeded ties
+    order = np.lexsort((tie, -counts[:, -1]))  # largest groups first, seeded ties
     where = np.empty(len(g_ids), dtype=np.int64)
     for g in order:
-        # Cost change of adding the group to each split: sum over labels of the change in
-        # squared shortfall, (f + c - t)^2 - (f - t)^2 = c * (2 (f - t) + c).
+        # Cost change of adding the group to each split: sum over labels (and the total) of
+        # the change in squared shortfall, (f + c - t)^2 - (f - t)^2 = c * (2 (f - t) + c).
         delta = (counts[g] * (2 * (filled - target) + counts[g])).sum(axis=1)
         where[g] = int(np.argmin(delta))
         filled[where[g]] += counts[g]
@@ -146,7 +148,7 @@ def _grouped(n: int, sizes: dict[str, int], labels: Sequence[str] | None,
         if name not in out:
             out[name] = np.empty(0, dtype=np.int64)
         elif not len(out[name]):
-            biggest = int(counts.sum(axis=1).max())
+            biggest = int(counts[:, -1].max())
             raise ValueError(
                 f"{name} split came out empty: the groups are too large for a {rows_for[name]}-row "
                 f"{name} split (largest group has {biggest} rows); make it larger or split the groups"
