@@ -16,7 +16,8 @@ def write_config(tmp_path: Path, model_dir: Path, sst_files, **train) -> Path:
         "name": "tiny", "model": str(model_dir), "task": "classification", "method": "lora",
         "output_dir": str(tmp_path / "runs"),
         "data": {"train": str(sst_files["train"]), "test": str(sst_files["test"]), "validation_size": 4,
-                 "labels": {"0": "negative", "1": "positive"}, "system_prompt": "Classify."},
+                 "labels": {"0": "negative", "1": "positive"}, "system_prompt": "Classify.",
+                 "prepare": {"dedup": "none"}},  # the fixture repeats its lines (and test lines) on purpose
         "lora": {"r": 4, "alpha": 8},
         "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "precision": "fp32", **train},
         "eval": {"batch_size": 8},
@@ -137,3 +138,17 @@ def test_interrupted_run_resumes_from_the_cli(tmp_path, tiny_model_dir, sst_file
              if json.loads(line)["type"] == "train"]
     assert steps == [1, 2, 3, 4]
     assert (run.dir / "adapter").is_dir() and (run.dir / "eval.json").is_file()
+
+
+def test_prepare_then_train_reuses_prepared_data_until_it_changes(tmp_path, tiny_model_dir, sst_files, capsys):
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    assert main(["prepare", str(path)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "data" / "train.jsonl").is_file() and (run / "report.html").is_file()
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 0
+    assert "reusing the prepared data" in capsys.readouterr().out
+    sst_files["train"].write_text(sst_files["train"].read_text() + "1 a brand new funny line\n")
+    assert main(["train", str(path), "--overwrite"]) == 0
+    assert "prepared the data into" in capsys.readouterr().out
+    assert "a brand new funny line" in (run / "data" / "train.jsonl").read_text() + (run / "data" / "validation.jsonl").read_text()

@@ -114,14 +114,22 @@ def test_column_mapping_and_csv(tmp_path):
         examples(path, "classification", columns={"question": "q"}, labels={"2": "two"})
 
 
-def test_splits_hold_out_validation_deterministically(sst_files):
-    data = DataConfig(train=str(sst_files["train"]), test=str(sst_files["test"]), validation_size=0.25,
-                      labels={"0": "negative", "1": "positive"})
-    a = load_splits(data, "classification", seed=3)
-    b = load_splits(data, "classification", seed=3)
+def test_splits_hold_out_validation_deterministically(sst_files, tmp_path):
+    from tunesmith.config import Config
+
+    def splits(seed, out):
+        cfg = Config(task="classification")
+        cfg.data = DataConfig(train=str(sst_files["train"]), test=str(sst_files["test"]), validation_size=0.25,
+                              labels={"0": "negative", "1": "positive"})
+        cfg.data.prepare.dedup = "none"  # the tiny fixture repeats its lines on purpose
+        cfg.train.seed = seed
+        return load_splits(cfg, tmp_path / out)
+
+    a, b = splits(3, "a"), splits(3, "b")
     assert len(a.validation) == 8 and len(a.train) == 24 and len(a.test) == 6
     assert [e.source for e in a.validation] == [e.source for e in b.validation]
     assert not {e.source for e in a.validation} & {e.source for e in a.train}
-    c = load_splits(data, "classification", seed=4)
+    assert sum(e.label == "1" for e in a.validation) == 4  # stratified: half of each label
+    c = splits(4, "c")
     assert [e.source for e in c.validation] != [e.source for e in a.validation]
-
+    assert not a.reused and splits(3, "a").reused  # same inputs and settings: the prepared files are reused

@@ -22,7 +22,7 @@ def test_a_few_lora_steps_on_sst2_lower_the_loss(tmp_path, monkeypatch):
     cfg = load_config(SST2, ["data.max_train_examples=64", "data.max_validation_examples=32", "train.batch_size=8",
                              "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=100"])
     model, tok = load_model(cfg.model)
-    splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
+    splits = load_splits(cfg, tmp_path / "data", tok)
     train_set, _ = encode_all(tok, splits.train, cfg.train.max_seq_len)
     val_set, _ = encode_all(tok, splits.validation, cfg.train.max_seq_len)
     model = prepare(model, cfg)

@@ -41,6 +41,76 @@ def loss_curve_png(history: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+def token_histogram_png(splits: dict[str, Any]) -> bytes | None:
+    """Token-length histogram of each split (lengths in tokens of the chosen model), as a PNG."""
+    lengths = {name: st["token_lengths"] for name, st in splits.items() if st.get("token_lengths")}
+    if not lengths:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    top = max(max(v) for v in lengths.values())
+    bins = list(range(0, top + max(1, top // 40), max(1, top // 40)))
+    for name, values in lengths.items():
+        ax.hist(values, bins=bins, alpha=0.55, label=f"{name} ({len(values)})")
+    ax.set_title("Token lengths per split")
+    ax.set_xlabel("tokens per example (text fields)")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def data_section(data: dict[str, Any]) -> str:
+    """What happened to the data: steps with rows in/out, labels per split, lengths, details."""
+    parts = ["<h2>Data</h2>"]
+    parts += [f"<p>{html.escape(n)}</p>" for n in data.get("notes", [])]
+    steps = data.get("steps", [])
+    if steps:
+        rows = "".join(
+            f"<tr><td>{html.escape(st['step'])}</td><td>{st['rows_in']}</td><td>{st['rows_out']}</td>"
+            f"<td>{st['removed']}</td><td>{html.escape(_details(st))}</td></tr>" for st in steps)
+        parts.append("<h3>Preparation steps</h3><table><tr><th>step</th><th>rows in</th><th>rows out</th>"
+                     f"<th>removed</th><th>details</th></tr>{rows}</table>")
+    splits = data.get("splits", {})
+    labels = sorted({lab for st in splits.values() for lab in st.get("labels", {})})
+    if labels:
+        head = "".join(f"<th>{html.escape(lab)}</th>" for lab in labels)
+        rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{st['rows']}</td>"
+                       + "".join(f"<td>{st['labels'].get(lab, 0)} ({100 * st['labels'].get(lab, 0) / max(st['rows'], 1):.1f}%)</td>" for lab in labels)
+                       + "</tr>" for name, st in splits.items())
+        parts.append(f"<h3>Labels per split</h3><table><tr><th>split</th><th>rows</th>{head}</tr>{rows}</table>")
+    png = token_histogram_png(splits)
+    if png:
+        parts.append(f"<img alt='Token lengths per split' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    for st in steps:
+        for kind, pairs in (st.get("examples") or {}).items() if isinstance(st.get("examples"), dict) else []:
+            items = "".join(f"<li><s>{html.escape(str(a)[:160])}</s> &rarr; {html.escape(str(b)[:160])}</li>" for a, b in pairs[:3])
+            parts.append(f"<details><summary>{html.escape(st['step'])}: {html.escape(kind)}</summary><ul>{items}</ul></details>")
+        if st.get("functions"):
+            cols = [k for k in st["functions"][0] if k != "name"]
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+            rows = "".join("<tr><td>" + html.escape(fn["name"]) + "</td>" + "".join(f"<td>{html.escape(_fmt(fn.get(c)))}</td>" for c in cols) + "</tr>"
+                           for fn in st["functions"])
+            parts.append(f"<h3>Labeling functions ({html.escape(st['step'])})</h3><table><tr><th>function</th>{head}</tr>{rows}</table>")
+    if "encoded" in data:
+        parts.append("<h3>After rendering with the chat template</h3>" + "".join(
+            f"<h4>{html.escape(k)}</h4>" + _kv_table(v) for k, v in data["encoded"].items()))
+    return "\n".join(parts)
+
+
+def _details(step: dict[str, Any]) -> str:
+    """The step's scalar and count details in one line (examples and tables are shown apart)."""
+    skip = {"step", "rows_in", "rows_out", "removed", "examples", "functions"}
+    out = []
+    for k, v in step.items():
+        if k in skip or v in (None, [], {}):
+            continue
+        out.append(f"{k}: {_fmt(v) if not isinstance(v, list) else '; '.join(map(str, v[:3]))}")
+    return ", ".join(out)
+
+
 def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Rows (metric, base, tuned, change) for the metrics both models have."""
     base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
@@ -76,10 +146,7 @@ def write_report(run_dir: Path) -> Path:
     if training:
         parts.append(_kv_table(training))
     if data:
-        parts.append("<h2>Data</h2>" + _kv_table({k: v for k, v in data.items() if not isinstance(v, (dict, list))}))
-        for split, stats in (data.get("splits") or {}).items():
-            parts.append(f"<h3>{html.escape(split)}</h3>" + _kv_table(stats))
-        parts.append("".join(f"<p>{html.escape(n)}</p>" for n in data.get("notes", [])))
+        parts.append(data_section(data))
     if evaluation and evaluation.get("disagreements"):
         parts.append("<h2>Examples where base and tuned disagree</h2><table><tr><th>input</th><th>reference</th><th>base</th><th>tuned</th></tr>")
         for d in evaluation["disagreements"]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from rich.table import Table
 
 from tunesmith import methods, runtime
 from tunesmith.config import Config, load_config, save_config
-from tunesmith.data import Example, encode_all, load_splits
+from tunesmith.data import Example, encode_all
+from tunesmith.data.prepare import load_splits
 from tunesmith.evaluate import evaluate_model
 from tunesmith.io import atomic_write_json
 from tunesmith.models import load_model, resolve_model
@@ -47,24 +47,28 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``, then evaluate against the base."""
     console = console or Console()
     run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+    trained = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if trained and not (resume or overwrite):
         raise RunError(f"{run_dir} already holds a run; resume it with --resume, or pass --overwrite, or pick another name")
     if resume and latest_checkpoint(run_dir) is None:
         raise RunError(f"{run_dir}: no checkpoint to resume from; start the run without --resume")
     if overwrite and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
+        for child in run_dir.iterdir():  # prepared data stays: it is reused when still up to date
+            if child.name != "data":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
 
     console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
     overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
     model, tokenizer = load_model(cfg.model, **overrides)
-    splits = load_splits(cfg.data, cfg.task, cfg.train.seed)
+    splits = load_splits(cfg, run_dir / "data", tokenizer)
+    console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
     train_set, train_stats = encode_all(tokenizer, splits.train, cfg.train.max_seq_len)
     val_set, val_stats = encode_all(tokenizer, splits.validation, cfg.train.max_seq_len)
-    report = data_report(cfg, splits.notes, {"train": (splits.train, train_stats), "validation": (splits.validation, val_stats)})
+    report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
     atomic_write_json(run_dir / "data_report.json", report)
-    for split, stats in report["splits"].items():
+    for split, stats in report["encoded"].items():
         if stats["truncated"]:
             console.print(f"[yellow]{split}: {stats['truncated']} examples longer than max_seq_len={cfg.train.max_seq_len} were truncated[/yellow]")
     if not train_set or not val_set:
@@ -97,6 +101,9 @@ def prepare_data(cfg: Config, console: Console | None = None) -> Any:
     console = console or Console()
     tokenizer = AutoTokenizer.from_pretrained(model_folder(cfg.model))
     prepared = prepare(cfg, cfg.run_dir / "data", tokenizer)
+    atomic_write_json(cfg.run_dir / "data_report.json", prepared.report)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    write_report(cfg.run_dir)
     table = Table(title=f"data preparation ({prepared.layout})")
     for col in ("step", "rows in", "rows out", "removed"):
         table.add_column(col, justify="left" if col == "step" else "right")
@@ -118,10 +125,10 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[st
     artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
     if not artifact.is_dir():
         raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first (tunesmith train ... --resume)")
-    test = load_splits(cfg.data, cfg.task, cfg.train.seed).test
     dev = runtime.device()
     bf16 = runtime.use_bf16(cfg.train.precision, dev)
     base, tokenizer = load_model(cfg.model)
+    test = load_splits(cfg, run_dir / "data", tokenizer).test
     base.to(dev)
     results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32"}
     preds: dict[str, list[str]] = {}
@@ -145,17 +152,6 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[st
     write_report(run_dir)
     print_table(results, console)
     return results
-
-
-def data_report(cfg: Config, notes: list[str], splits: dict[str, tuple[list[Example], dict[str, int]]]) -> dict[str, Any]:
-    """Counts per split (examples, truncated, tokens) and the label distribution."""
-    out: dict[str, Any] = {"task": cfg.task, "notes": notes, "splits": {}}
-    for name, (examples, stats) in splits.items():
-        entry: dict[str, Any] = dict(stats)
-        if cfg.task == "classification":
-            entry["labels"] = dict(sorted(Counter(ex.label for ex in examples).items()))
-        out["splits"][name] = entry
-    return out
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.formats import DataError, Example, Row, Table
+from tunesmith.data.formats import DataError, Example, Row, Table, read_table
 
 ROLES = ("system", "user", "assistant")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
@@ -99,7 +99,7 @@ def rows_to_examples(table: Table, layout: Layout, labels: dict[str, str] | None
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     out = []
     for row in table.rows:
-        where = f"{table.path}:{row.line}"
+        where = row.values.get("_source") or f"{table.path}:{row.line}"  # prepared rows keep their origin
         try:
             out.append(_example(row, layout, labels, system, where))
         except DataError as e:
@@ -107,6 +107,14 @@ def rows_to_examples(table: Table, layout: Layout, labels: dict[str, str] | None
                 raise
             table.skipped.append(str(e))
     return out
+
+
+def load_examples(path: str, data: Any, task: str) -> list[Example]:
+    """Read one file as a run would: format and layout detected (or as ``data`` sets them)."""
+    table = read_table(path, data.format, data.skip_bad_rows)
+    layout = detect_layout(table, data.layout, data.columns, task)
+    labels = data.labels if task == "classification" else None
+    return rows_to_examples(table, layout, labels, data.system_prompt, data.skip_bad_rows)
 
 
 def _example(row: Row, layout: Layout, labels: dict[str, str] | None, system: list[dict[str, str]], where: str) -> Example:

@@ -17,10 +17,65 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config
-from tunesmith.data.formats import DataError, read_table
-from tunesmith.data.layouts import REQUIRED, detect_layout
+from tunesmith.data.formats import DataError, Example, read_table
+from tunesmith.data.layouts import REQUIRED, detect_layout, rows_to_examples
 
 SPLITS = ("train", "validation", "test")
+REPORT = "data_report.json"
+
+
+@dataclass
+class Splits:
+    """Examples of each split, ready to render, and the preparation report they came from."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    notes: list[str]
+    report: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Splits:
+    """The prepared splits of ``cfg``: reused from ``out_dir`` when the input files and data
+    settings are unchanged (same content hash), prepared anew otherwise.
+
+    Without a test split the validation split is also the test split. The ``max_*_examples``
+    caps are applied here, after preparation, so they never change the prepared files.
+    """
+    out_dir = Path(out_dir)
+    report_path = out_dir / REPORT
+    reused = False
+    if report_path.is_file() and json.loads(report_path.read_text()).get("content_hash") == content_hash(cfg) \
+            and (out_dir / "train.jsonl").is_file():
+        report, reused = json.loads(report_path.read_text()), True
+    else:
+        report = prepare(cfg, out_dir, tokenizer).report
+    d = cfg.data
+    labels = d.labels if cfg.task == "classification" else None
+    loaded: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        path = out_dir / f"{split}.jsonl"
+        if path.is_file() and path.stat().st_size:
+            table = read_table(path, "jsonl")
+            loaded[split] = rows_to_examples(table, detect_layout(table, report["layout"]), labels, d.system_prompt)
+    if not loaded.get("validation"):
+        raise DataError(f"{d.train}: no validation rows after preparation; set data.validation or data.validation_size")
+    test = loaded.get("test") or loaded["validation"]
+    notes = list(report.get("notes", [])) + (["test: the validation split (no test split)"] if "test" not in loaded else [])
+    return Splits(_cap(loaded["train"], d.max_train_examples, cfg.train.seed),
+                  _cap(loaded["validation"], d.max_validation_examples, cfg.train.seed),
+                  test[: d.max_test_examples] if d.max_test_examples else test, notes, report, reused)
+
+
+def _cap(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random subset of ``n`` examples (all when ``n`` is None or larger)."""
+    import random
+
+    if not n or n >= len(examples):
+        return examples
+    idx = sorted(random.Random(seed + 1).sample(range(len(examples)), n))
+    return [examples[i] for i in idx]
 
 
 @dataclass
@@ -47,8 +102,9 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
         for row in table.rows:
             rec = {role: row.values.get(col) for role, col in layout.columns.items()}
             rec["_source"] = f"{table.path}:{row.line}"
-            if any(not _filled(rec.get(r)) for r in REQUIRED[layout.name] if r != "label" or not p.labeling_functions):
-                table.skipped.append(f"{rec['_source']}: an empty required field")
+            problem = _row_problem(rec, layout, cfg, p.labeling_functions is not None)
+            if problem:
+                table.skipped.append(f"{rec['_source']}: {problem}")
                 continue
             rows.append(rec)
         if table.skipped and not d.skip_bad_rows:
@@ -79,6 +135,20 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
         atomic_write_text(files[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(out_dir / "data_report.json", report)
     return Prepared(records, layout_name, report, files)
+
+
+def _row_problem(rec: dict[str, Any], layout: Any, cfg: Config, weak_labels: bool) -> str | None:
+    """Why a record cannot be used (an empty required field, an unknown label), or None."""
+    for role in REQUIRED[layout.name]:
+        if not _filled(rec.get(role)) and not (role == "label" and weak_labels):
+            return f"field {layout.columns[role]!r} is empty or missing"
+    label = rec.get("label")
+    if cfg.task == "classification" and cfg.data.labels and _filled(label):
+        rec["label"] = label = str(label)
+        if label not in cfg.data.labels:
+            known = ", ".join(repr(k) for k in cfg.data.labels)
+            return f"field {layout.columns['label']!r}: unknown label {label!r}; expected one of {known}"
+    return None
 
 
 def content_hash(cfg: Config) -> str:
@@ -229,8 +299,11 @@ def _split(records, cfg, steps) -> None:
     rows = records["train"]
     labels = [str(r.get("label")) for r in rows] if cfg.task == "classification" and p.stratify else None
     groups = [str(r.get(p.group_by) or r["_source"]) for r in rows] if p.group_by else None
-    parts = split_indices(len(rows), validation=d.validation_size if make_val else 0,
-                          test=p.test_size if make_test else 0, labels=labels, groups=groups, seed=cfg.train.seed)
+    try:
+        parts = split_indices(len(rows), validation=d.validation_size if make_val else 0,
+                              test=p.test_size if make_test else 0, labels=labels, groups=groups, seed=cfg.train.seed)
+    except ValueError as e:  # too few rows left for the splits asked for: say which file and why
+        raise DataError(f"{d.train}: after preparation ({len(rows)} rows left): {e}") from None
     for name, idx in parts.items():
         if idx or name == "train":
             records[name] = [rows[i] for i in idx]
