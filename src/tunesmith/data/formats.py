@@ -107,7 +107,12 @@ def read_table(path: str | Path, fmt: str = "auto", skip_bad: bool = False) -> T
         raise DataError(f"{p}: the file is empty")
     table = Table(str(p), [], fmt, encoding)
     reader = {"jsonl": _jsonl, "json": _json, "csv": _csv, "tsv": _csv, "label_text": _label_text, "text": _text}[fmt]
-    reader(p, text, table, skip_bad)
+    try:
+        reader(p, text, table, skip_bad)
+    except csv.Error as e:  # e.g. a NUL byte inside a CSV field
+        raise DataError(f"{p}: not readable as {fmt.upper()} ({e})") from None
+    except RecursionError:  # JSON nested deeper than Python's parser allows
+        raise DataError(f"{p}: JSON nested too deeply to read") from None
     if not table.rows:
         raise DataError(f"{p}: no records found ({len(table.skipped)} skipped)")
     return table
