@@ -64,3 +64,46 @@ def test_prepare_config_errors_are_listed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.prepare.dedup: 'fuzzy'" in err and "unknown kind(s) ['emails']" in err
     assert "did you mean 'data.prepare.dedup_threshold'" in err
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def test_weak_labels_from_the_shipped_functions_with_gold_accuracy(tmp_path):
+    cfg = load_config(EXAMPLES / "sms_spam_weak.yaml", [f"output_dir={tmp_path}"])
+    out = prepare(cfg, tmp_path / "data")
+    steps = {s["step"]: s for s in out.report["steps"]}
+    weak = steps["weak labels (train)"]
+    assert weak["gold_rows"] == len(out.splits["train"]) + weak["uncovered_dropped"]
+    assert 0.5 < weak["weak_labeled"] / weak["gold_rows"] < 0.9  # the functions cover most rows, not all
+    names = {f["name"]: f for f in weak["functions"]}
+    assert names["long_phone_number"]["accuracy"] > 0.95 and 0 < names["long_phone_number"]["coverage"] < 0.2
+    assert weak["gold_eval"]  # label model vs majority vote on the gold slice
+    agree = sum(r["label"] == r["gold_label"] for r in out.splits["train"]) / len(out.splits["train"])
+    assert agree > 0.93
+    assert all("gold_label" not in r for r in out.splits["test"])  # the test split keeps its gold labels
+    assert "test keeps gold labels only" in steps
+
+
+REAL = [  # config overrides that prepare each shipped data set with auto-detection
+    ("sst2/stsa.binary.train", "classification", {"0": "negative", "1": "positive"}),
+    ("trec/TREC.train.all", "classification", {str(i): str(i) for i in range(6)}),
+    ("sms_spam/SMSSpamCollection", "classification", {"ham": "ham", "spam": "spam"}),
+    ("bitext/customer_support.csv", "instruction", {}),
+    ("alpaca/alpaca_en_demo.json", "instruction", {}),
+    ("samsum/samsum_200.jsonl", "instruction", {}),
+    ("general/wiki_30_articles.txt", "text", {}),
+]
+
+
+def test_prepare_every_shipped_data_set(tmp_path, tokenizer):
+    for name, task, labels in REAL:
+        cfg = load_config(data={"name": name.split("/")[0], "task": task, "output_dir": str(tmp_path),
+                                "data": {"train": str(EXAMPLES / "data" / name), "labels": labels, "validation_size": 0.1,
+                                         "prepare": {"test_size": 0.1}}})
+        out = prepare(cfg, tmp_path / name.split("/")[0], tokenizer)
+        assert {"train", "validation", "test"} <= out.splits.keys(), name
+        assert all(out.splits[s] for s in ("train", "validation", "test")), name
+        assert out.report["splits"]["train"]["token_lengths"], name
+        texts = [v for r in out.splits["train"] for k, v in r.items() if isinstance(v, str) and k != "_source"]
+        assert not any("<|endoftext|>" in t or "\r" in t for t in texts), name  # junk markers and CR line ends cleaned

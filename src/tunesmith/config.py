@@ -45,6 +45,7 @@ class PrepareConfig:
     pii_region: str = "US"  # where phone numbers written without +country are from (e.g. GB)
     labeling_functions: str | None = None  # a Python file of @labeling_function's for unlabeled rows
     label_model: str = "dawid_skene"  # or: majority
+    weak_label_all: bool = False  # relabel labeled train/validation rows too (their labels become the gold slice)
     min_tokens: int = 1  # in tokens of the chosen model
     max_tokens: int | None = None
     dedup: str = "near"  # none | exact | near
@@ -248,14 +249,14 @@ def _resolve_data_paths(cfg: Config, base: Path) -> None:
 
     The saved run config then works from any folder.
     """
-    d = cfg.data
-    for attr in ("train", "validation", "test"):
-        value = getattr(d, attr)
-        if not value or Path(value).is_absolute():
+    for holder, attr in ((cfg.data, "train"), (cfg.data, "validation"), (cfg.data, "test"),
+                         (cfg.data.prepare, "labeling_functions")):
+        value = getattr(holder, attr)
+        if not value or Path(value).is_absolute() or value.startswith("hf:"):
             continue
         for candidate in (Path(value), base / value):
             if candidate.exists():
-                setattr(d, attr, str(candidate.resolve()))
+                setattr(holder, attr, str(candidate.resolve()))
                 break
 
 

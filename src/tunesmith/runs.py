@@ -64,6 +64,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     model, tokenizer = load_model(cfg.model, **overrides)
     splits = load_splits(cfg, run_dir / "data", tokenizer)
     console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
+    for note in splits.notes:
+        console.print(f"  {note}", highlight=False)
     train_set, train_stats = encode_all(tokenizer, splits.train, cfg.train.max_seq_len)
     val_set, val_stats = encode_all(tokenizer, splits.validation, cfg.train.max_seq_len)
     report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}

@@ -115,12 +115,12 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
         _clean(records, p, steps)
     if p.pii:
         _redact(records, p.pii, p.pii_region, steps)
-    if p.labeling_functions:
-        _weak_label(records, p, steps)
     if tokenizer is not None and (p.min_tokens or p.max_tokens):
         _length_filter(records, tokenizer, p.min_tokens, p.max_tokens, steps)
     dedup = _dedup(records, p, steps) if p.dedup != "none" else {}
     _split(records, cfg, steps)
+    if p.labeling_functions:
+        _weak_label(records, cfg, steps)
     report = {
         "task": cfg.task, "layout": layout_name, "notes": notes, "steps": steps, "dedup": dedup,
         "splits": {s: _split_stats(rows, tokenizer) for s, rows in records.items()},
@@ -229,22 +229,39 @@ def _redact(records, kinds, region, steps) -> None:
     steps.append(_step("redact PII", n, n, {"counts": dict(holder["counts"]), "examples": holder["examples"]}))
 
 
-def _weak_label(records, p, steps) -> None:
+def _weak_label(records, cfg, steps) -> None:
+    """Label train/validation rows that have no label (all of them with ``weak_label_all``).
+
+    Rows that do carry a label are the gold slice that measures each function's accuracy and
+    the label model against majority vote. The test split keeps its gold labels only: its
+    unlabeled rows are dropped, so evaluation never grades against weak labels.
+    """
     from tunesmith.data.label import load_labeling_functions, weak_label
 
+    p = cfg.data.prepare
     lfs = load_labeling_functions(p.labeling_functions)
+    vocab = list(cfg.data.labels) or None
     for split, rows in records.items():
-        unlabeled = [r for r in rows if not _filled(r.get("label"))]
-        if not unlabeled:
-            continue
-        result = weak_label([_key(r) for r in unlabeled], lfs, model=p.label_model)
-        for rec, label in zip(unlabeled, result.labels):
-            rec["label"] = label
         before = len(rows)
+        if split == "test":
+            records[split] = [r for r in rows if _filled(r.get("label"))]
+            steps.append(_step("test keeps gold labels only", before, len(records[split]), {}))
+            continue
+        gold = [str(r["label"]) if _filled(r.get("label")) else None for r in rows]
+        targets = [i for i, g in enumerate(gold) if g is None or p.weak_label_all]
+        if not targets:
+            continue
+        result = weak_label([_key(r) for r in rows], lfs, model=p.label_model,
+                            gold=gold if any(g is not None for g in gold) else None, labels=vocab)
+        for i in targets:
+            rows[i]["label"] = result.labels[i]
+            if gold[i] is not None:
+                rows[i]["gold_label"] = gold[i]  # kept beside the weak label, for reports
         records[split] = [r for r in rows if _filled(r.get("label"))]
-        steps.append(_step(f"weak labels ({split})", before, len(records[split]),
-                           {"labeled": len(unlabeled) - result.uncovered, "uncovered_dropped": result.uncovered,
-                            "functions": result.summary}))
+        steps.append(_step(f"weak labels ({split})", before, len(records[split]), {
+            "weak_labeled": len(targets) - (before - len(records[split])), "uncovered_dropped": before - len(records[split]),
+            "label_model": p.label_model, "gold_rows": sum(g is not None for g in gold),
+            "gold_eval": result.gold_eval, "functions": result.summary}))
 
 
 def _length_filter(records, tokenizer, lo, hi, steps) -> None:
@@ -273,15 +290,19 @@ def _dedup(records, p, steps) -> dict[str, Any]:
         records[split] = [rows[i] for i in result.keep]
         out[split] = {"exact_removed": result.removed_exact, "near_removed": result.removed_near,
                       "exact_clusters": len(result.exact), "near_clusters": len(result.near)}
+        examples = {kind: [(pair.kept[:200], pair.removed[:200]) for pair in pairs[:3]]
+                    for kind, pairs in (("exact", result.exact_examples), ("near", result.near_examples)) if pairs}
         steps.append(_step(f"de-duplicate {split}", len(rows), len(result.keep),
-                           {"exact_removed": result.removed_exact, "near_removed": result.removed_near}))
+                           {"exact_removed": result.removed_exact, "near_removed": result.removed_near, "examples": examples}))
     others = {s: [_key(r) for r in records[s]] for s in ("validation", "test") if s in records}
     if "train" in records and others:
         leaks = find_leakage([_key(r) for r in records["train"]], others, threshold=p.dedup_threshold)
         bad = {leak.train_index for leak in leaks}
         before = len(records["train"])
-        examples = [{"train": _key(records["train"][leak.train_index])[:200], "split": leak.split,
-                     "other": others[leak.split][leak.other_index][:200]} for leak in leaks[:5]]
+        examples = {f"leaks into {leak.split}": [] for leak in leaks[:5]}
+        for leak in leaks[:5]:
+            examples[f"leaks into {leak.split}"].append((_key(records["train"][leak.train_index])[:200],
+                                                          others[leak.split][leak.other_index][:200]))
         records["train"] = [r for i, r in enumerate(records["train"]) if i not in bad]
         out["leakage_removed"] = len(bad)
         steps.append(_step("remove train rows leaking into validation/test", before, len(records["train"]),
