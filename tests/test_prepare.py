@@ -107,3 +107,27 @@ def test_prepare_every_shipped_data_set(tmp_path, tokenizer):
         assert out.report["splits"]["train"]["token_lengths"], name
         texts = [v for r in out.splits["train"] for k, v in r.items() if isinstance(v, str) and k != "_source"]
         assert not any("<|endoftext|>" in t or "\r" in t for t in texts), name  # junk markers and CR line ends cleaned
+
+
+def test_group_by_keeps_each_group_in_one_split(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": f"message {i} from speaker {i % 7} about topic {i * 13 % 31}", "label": str(i % 2), "speaker": f"s{i % 7}"}
+            for i in range(140)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(data={"name": "g", "task": "classification", "output_dir": str(tmp_path),
+                            "data": {"train": str(path), "labels": {"0": "a", "1": "b"}, "validation_size": 0.2,
+                                     "prepare": {"group_by": "speaker", "test_size": 0.2, "dedup": "none"}}})
+    out = prepare(cfg, tmp_path / "data")
+    owner = {}
+    for split, recs in out.splits.items():
+        for r in recs:
+            assert owner.setdefault(r["_group"], split) == split, r["_group"]
+    assert len(set(owner.values())) == 3
+    bad = load_config(data={"name": "g", "task": "classification", "output_dir": str(tmp_path),
+                            "data": {"train": str(path), "labels": {"0": "a", "1": "b"}, "prepare": {"group_by": "author"}}})
+    import pytest
+
+    from tunesmith.data import DataError
+
+    with pytest.raises(DataError, match=r"d.jsonl:1: data.prepare.group_by column 'author' is missing"):
+        prepare(bad, tmp_path / "data2")

@@ -102,6 +102,11 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
         for row in table.rows:
             rec = {role: row.values.get(col) for role, col in layout.columns.items()}
             rec["_source"] = f"{table.path}:{row.line}"
+            if p.group_by:
+                if p.group_by not in row.values:
+                    raise DataError(f"{rec['_source']}: data.prepare.group_by column {p.group_by!r} is missing "
+                                    f"(the row has {', '.join(map(repr, row.values))})")
+                rec["_group"] = str(row.values[p.group_by])
             problem = _row_problem(rec, layout, cfg, p.labeling_functions is not None)
             if problem:
                 table.skipped.append(f"{rec['_source']}: {problem}")
@@ -172,7 +177,7 @@ def _filled(v: Any) -> bool:
 
 
 def _text_roles(rec: dict[str, Any]) -> list[str]:
-    return [k for k, v in rec.items() if isinstance(v, str) and k not in ("label", "_source")]
+    return [k for k, v in rec.items() if isinstance(v, str) and k not in ("label", "gold_label") and not k.startswith("_")]
 
 
 def _key(rec: dict[str, Any]) -> str:
@@ -319,7 +324,7 @@ def _split(records, cfg, steps) -> None:
         return
     rows = records["train"]
     labels = [str(r.get("label")) for r in rows] if cfg.task == "classification" and p.stratify else None
-    groups = [str(r.get(p.group_by) or r["_source"]) for r in rows] if p.group_by else None
+    groups = [r["_group"] for r in rows] if p.group_by else None
     try:
         parts = split_indices(len(rows), validation=d.validation_size if make_val else 0,
                               test=p.test_size if make_test else 0, labels=labels, groups=groups, seed=cfg.train.seed)
