@@ -98,6 +98,7 @@ class TrainConfig:
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     group_by_length: bool = True  # batch examples of similar length together (less padding)
+    packing: bool = False  # pack each micro-batch's examples into rows of max_seq_len, no padding
     lr: float = 2.0e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0

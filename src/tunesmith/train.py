@@ -21,9 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_schedule_with_warmup
 
-from tunesmith import runtime
+from tunesmith import flops, runtime
 from tunesmith.config import TrainConfig
-from tunesmith.data.render import IGNORE, Encoded, collate
+from tunesmith.data.render import IGNORE, Encoded, collate, collate_packed
 from tunesmith.io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
 
 CHECKPOINTS = "checkpoints"
@@ -72,10 +72,13 @@ def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: i
     rows = mask.nonzero()[:, 0]  # (N,)
     y = labels[mask]  # (N,)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # packed batches carry position_ids and no attention mask; without a KV cache transformers
+    # then builds a block-diagonal causal mask from the position ids (and no cache is wanted here)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch} | {"use_cache": False}
     if not _plain_head(base):  # models that post-process logits: take the full path
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), y, reduction="none"), rows
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = base.get_decoder()(**inputs).last_hidden_state
     h = hidden[:, :-1][mask]  # (N, d)
     head = base.get_output_embeddings()
     parts = [F.cross_entropy(head(h[i : i + chunk]).float(), y[i : i + chunk], reduction="none")  # (chunk, V) logits
@@ -142,6 +145,9 @@ def train(
         lr=cfg.lr,
     )
     lengths = [len(e.input_ids) for e in train_data]
+    share = sum(e.n_targets for e in train_data) / max(sum(lengths), 1)
+    flops_per_token = flops.flops_per_token(model, sum(lengths) / max(len(lengths), 1), share)
+    peak = flops.matmul_peak(dev.type, bf16)  # MFU is against what this machine's matmul reaches
     micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -169,7 +175,9 @@ def train(
                 n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
                 step_loss = 0.0
                 for mb in micro:
-                    batch = {k: v.to(dev) for k, v in collate([train_data[i] for i in mb], pad_id).items()}
+                    examples = [train_data[i] for i in mb]
+                    rows = collate_packed(examples, pad_id, cfg.max_seq_len) if cfg.packing else collate(examples, pad_id)
+                    batch = {k: v.to(dev) for k, v in rows.items()}
                     with runtime.autocast(dev, bf16):
                         loss_sum, _ = target_loss_sum(model, batch)
                     loss = loss_sum / n_targets  # normalised over the whole optimizer step
@@ -193,9 +201,10 @@ def train(
             tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             record = {"type": "train", "step": state["step"], "epoch": epoch + (pos + 1) / steps_per_epoch,
                       "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s, "step_seconds": dt}
+                      "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s,
+                      "mfu": flops_per_token * tok_s / peak, "step_seconds": dt}
             append_jsonl(run_dir / METRICS, record)
-            progress.update(task, advance=1, info=f"loss {step_loss:.4f} | {tok_s:,.0f} tok/s")
+            progress.update(task, advance=1, info=f"loss {step_loss:.4f} | {tok_s:,.0f} tok/s | MFU {record['mfu']:.0%}")
 
             # ---- once in a while: evaluate, early-stop, checkpoint
             step = state["step"]

@@ -115,3 +115,44 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of examples grouped into rows of at most ``max_len`` tokens."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        fits = [b for b in range(len(bins)) if free[b] >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda k: free[k])  # the tightest row that still fits
+            bins[b].append(i)
+            free[b] -= lengths[i]
+        else:
+            bins.append([i])
+            free.append(max_len - lengths[i])
+    return bins
+
+
+def collate_packed(batch: list[Encoded], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+    """Pack examples into as few rows as fit ``max_len``; no padding between examples.
+
+    ``position_ids`` restart at 0 for each example, and no ``attention_mask`` is passed:
+    transformers then builds a block-diagonal causal mask from the position ids, so no
+    example attends to another. The first token of each example is not a target (it would
+    be predicted from the previous example's last token).
+    """
+    rows = pack([len(e.input_ids) for e in batch], max_len)
+    width = max(sum(len(batch[i].input_ids) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(batch[i].input_ids)
+            input_ids[r, at : at + n] = torch.tensor(batch[i].input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(batch[i].labels[1:])
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # padding forms its own segment, never a target
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
