@@ -29,6 +29,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/near_dup.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache
