@@ -74,7 +74,10 @@ def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: i
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # packed batches carry position_ids and no attention mask; without a KV cache transformers
     # then builds a block-diagonal causal mask from the position ids (and no cache is wanted here)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch} | {"use_cache": False}
+    # Right-padded batches need no attention mask under causal attention: a real token only
+    # sees earlier positions, all real; pads come after and are never targets. Without a mask
+    # SDPA takes its is_causal kernel, ~30% faster on this CPU than the masked path.
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch} | {"use_cache": False}
     if not _plain_head(base):  # models that post-process logits: take the full path
         logits = model(**inputs).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), y, reduction="none"), rows
