@@ -34,11 +34,7 @@ def loss_curve_png(history: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("loss per target token")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def token_histogram_png(splits: dict[str, Any]) -> bytes | None:
@@ -55,6 +51,11 @@ def token_histogram_png(splits: dict[str, Any]) -> bytes | None:
     ax.set_xlabel("tokens per example (text fields)")
     ax.set_ylabel("examples")
     ax.legend()
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    """Render a matplotlib figure to PNG bytes and free it."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
