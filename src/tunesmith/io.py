@@ -58,6 +58,11 @@ def atomic_dir(path: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
+def atomic_write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write records as JSON lines, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line and flush it (a killed run keeps every line written before)."""
     with open(path, "a", encoding="utf-8") as f:

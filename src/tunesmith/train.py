@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 from tunesmith import flops, runtime
 from tunesmith.config import TrainConfig
 from tunesmith.data.render import IGNORE, Encoded, collate, collate_packed
-from tunesmith.io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
+from tunesmith.io import append_jsonl, atomic_dir, atomic_write_jsonl, read_jsonl
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -341,10 +341,7 @@ def _step_dirs(root: Path) -> list[Path]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from."""
-    from tunesmith.io import atomic_write_text
-
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
 
 
 def result_dict(result: TrainResult) -> dict[str, Any]:

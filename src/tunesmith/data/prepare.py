@@ -9,6 +9,7 @@ with the same readers as any other file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -19,6 +20,7 @@ from typing import Any
 from tunesmith.config import Config
 from tunesmith.data.formats import DataError, Example, read_table
 from tunesmith.data.layouts import REQUIRED, detect_layout, rows_to_examples
+from tunesmith.io import atomic_write_json, atomic_write_jsonl
 
 SPLITS = ("train", "validation", "test")
 REPORT = "data_report.json"
@@ -45,11 +47,9 @@ def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Spl
     """
     out_dir = Path(out_dir)
     report_path = out_dir / REPORT
-    reused = False
-    if report_path.is_file() and json.loads(report_path.read_text()).get("content_hash") == content_hash(cfg) \
-            and (out_dir / "train.jsonl").is_file():
-        report, reused = json.loads(report_path.read_text()), True
-    else:
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    reused = report.get("content_hash") == content_hash(cfg) and (out_dir / "train.jsonl").is_file()
+    if not reused:
         report = prepare(cfg, out_dir, tokenizer).report
     d = cfg.data
     labels = d.labels if cfg.task == "classification" else None
@@ -133,11 +133,9 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
-    from tunesmith.io import atomic_write_json, atomic_write_text
-
     for split, rows in records.items():
         files[split] = out_dir / f"{split}.jsonl"
-        atomic_write_text(files[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(files[split], rows)
     atomic_write_json(out_dir / "data_report.json", report)
     return Prepared(records, layout_name, report, files)
 
@@ -158,18 +156,12 @@ def _row_problem(rec: dict[str, Any], layout: Any, cfg: Config, weak_labels: boo
 
 def content_hash(cfg: Config) -> str:
     """A hash of the input files' bytes and the data settings: equal hashes, equal prepared data."""
-    h = hashlib.sha256(json.dumps({"data": _asdict(cfg.data), "task": cfg.task, "model": cfg.model,
+    h = hashlib.sha256(json.dumps({"data": dataclasses.asdict(cfg.data), "task": cfg.task, "model": cfg.model,
                                    "seed": cfg.train.seed}, sort_keys=True).encode())
     for path in (cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.prepare.labeling_functions):
         if path and Path(path).is_file():
             h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
-
-
-def _asdict(obj: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def _filled(v: Any) -> bool:
