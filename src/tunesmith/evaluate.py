@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from rich.progress import Progress
-from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from tunesmith import runtime
@@ -100,6 +99,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, examples: list[Example], ma
 
 def rouge_l(references: list[str], predictions: list[str]) -> float:
     """Mean ROUGE-L F-measure (``rouge-score``, with stemming)."""
+    from rouge_score import rouge_scorer  # here: it pulls in nltk, which training never needs
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(ref, pred)["rougeL"].fmeasure for ref, pred in zip(references, predictions)]
     return sum(scores) / max(len(scores), 1)
