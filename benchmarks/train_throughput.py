@@ -71,7 +71,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         model, steps = _train_trl(model, tok, train_convs, method, bf16, args)
     wall = time.perf_counter() - t0
-    eval_loss = evaluate_loss(model, eval_set, 8, tok.pad_token_id, bf16=bf16)
+    eval_loss = evaluate_loss(model, eval_set, args.micro_batch, tok.pad_token_id, bf16=bf16)  # same batch for every side
     steady = steps[args.warmup :]
     tokens = sum(s["tokens"] for s in steady)
     seconds = sum(s["seconds"] for s in steady)
@@ -128,7 +128,10 @@ def _train_trl(model, tok, convs, method, bf16, args):
                        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=3, weight_decay=0.01,
                        max_grad_norm=1.0, bf16=bf16, max_length=args.max_len, packing=False, logging_steps=1,
                        save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, use_cpu=True)
-    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+    from tunesmith.config import LoraConfig
+
+    ours = LoraConfig()  # the same adapter settings as our side's defaults: r 16, alpha 32, dropout 0, all linear
+    lora = peft.LoraConfig(r=ours.r, lora_alpha=ours.alpha, lora_dropout=ours.dropout, target_modules=ours.target_modules,
                            task_type="CAUSAL_LM") if method == "lora" else None
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora, callbacks=[Timer()])

@@ -15,6 +15,7 @@ def test_lora_merged_equals_unmerged_and_differs_from_base(tiny_model, tokenizer
     data, _ = encode_all(tokenizer, exs, 128)
     cfg = Config(method="lora")
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
+    cfg.train.precision = "fp32"
     model = lora.prepare(tiny_model, cfg)
     trainable, total = count_parameters(model)
     assert 0 < trainable < total
@@ -41,3 +42,37 @@ def test_full_makes_everything_trainable(tiny_model):
     model = full.prepare(tiny_model, Config(method="full"))
     trainable, total = count_parameters(model)
     assert trainable == total
+
+
+def test_frozen_weights_in_bf16_change_nothing_under_autocast(tiny_model, tokenizer, sst_files):
+    """Storing the frozen base weights in bf16 gives the same loss and adapter gradients, bit for bit."""
+    from tunesmith.train import target_loss_sum
+
+    exs = examples(sst_files["train"], "classification", labels={"0": "negative", "1": "positive"})
+    batch = collate(encode_all(tokenizer, exs, 128)[0][:4], tokenizer.pad_token_id)
+    cfg = Config(method="lora")
+    cfg.train.precision = "fp32"  # prepare leaves the base in fp32
+    torch.manual_seed(0)  # the same adapter initialisation on both
+    reference = lora.prepare(copy.deepcopy(tiny_model), cfg)
+    cfg.train.precision = "bf16"
+    torch.manual_seed(0)
+    stored_bf16 = lora.prepare(copy.deepcopy(tiny_model), cfg)
+    for model in (reference, stored_bf16):  # B starts at zero; make the adapters do something
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    for name, p in stored_bf16.named_parameters():
+        expected = torch.float32 if p.requires_grad or "embed" in name or "norm" in name else torch.bfloat16
+        assert p.dtype == expected, name
+    grads = []
+    for model in (reference, stored_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = target_loss_sum(model, batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        grads[-1]["loss"] = loss.detach()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 1
+    assert any(g.abs().sum() > 0 for n, g in grads[0].items() if "lora_A" in n)
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name

@@ -75,6 +75,7 @@ def test_batch8_accum1_equals_batch2_accum4(tiny_model, tokenizer, encoded, tmp_
 def lora_model(tiny_model, dropout=0.1):
     c = Config(method="lora")
     c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, dropout
+    c.train.precision = "fp32"  # as cfg() trains: the base stays fp32
     return lora.prepare(tiny_model, c)
 
 
