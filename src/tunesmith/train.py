@@ -46,10 +46,22 @@ class TrainResult:
 # ---------------------------------------------------------------- loss
 
 
-def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target positions, and their count."""
-    nll, _ = _target_nll(model, batch, chunk)
-    return nll.sum(), nll.numel()
+def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target positions, and their count.
+
+    With gradients on, the LM head and the loss run fused (``_HeadCrossEntropy``): the (N, V)
+    logits exist one chunk at a time and are never kept for backward.
+    """
+    base = _unwrap(model)
+    head = base.get_output_embeddings() if _plain_head(base) else None
+    if not torch.is_grad_enabled() or head is None or getattr(head, "bias", None) is not None:
+        nll, _ = _target_nll(model, batch, chunk)
+        return nll.sum(), nll.numel()
+    h, y, _ = _target_hidden(model, batch)
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _HeadCrossEntropy.apply(h.to(dtype), head.weight.to(dtype), y, chunk), len(y)
 
 
 def target_logprob_per_row(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,32 +73,84 @@ def target_logprob_per_row(model: torch.nn.Module, batch: dict[str, torch.Tensor
     return total, count
 
 
-def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each target token (N,) and the batch row it belongs to (N,).
 
     Runs the decoder, then the LM head only on hidden states whose next token is a target,
     ``chunk`` rows at a time: (N, V) logits instead of (B, T, V).
     """
-    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    mask = labels != IGNORE
-    rows = mask.nonzero()[:, 0]  # (N,)
-    y = labels[mask]  # (N,)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # packed batches carry position_ids and no attention mask; without a KV cache transformers
-    # then builds a block-diagonal causal mask from the position ids (and no cache is wanted here)
-    # Right-padded batches need no attention mask under causal attention: a real token only
-    # sees earlier positions, all real; pads come after and are never targets. Without a mask
-    # SDPA takes its is_causal kernel, ~30% faster on this CPU than the masked path.
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch} | {"use_cache": False}
+    base = _unwrap(model)
     if not _plain_head(base):  # models that post-process logits: take the full path
-        logits = model(**inputs).logits
-        return F.cross_entropy(logits[:, :-1][mask].float(), y, reduction="none"), rows
-    hidden = base.get_decoder()(**inputs).last_hidden_state
-    h = hidden[:, :-1][mask]  # (N, d)
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        logits = model(**_decoder_inputs(batch)).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none"), mask.nonzero()[:, 0]
+    h, y, rows = _target_hidden(model, batch)
     head = base.get_output_embeddings()
     parts = [F.cross_entropy(head(h[i : i + chunk]).float(), y[i : i + chunk], reduction="none")  # (chunk, V) logits
              for i in range(0, len(y), chunk)]
-    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
+    return (torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)), rows
+
+
+def _target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at positions whose next token is a target (N, d), those
+    next tokens (N,), and the batch row of each (N,)."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = labels != IGNORE
+    hidden = _unwrap(model).get_decoder()(**_decoder_inputs(batch)).last_hidden_state
+    return hidden[:, :-1][mask], labels[mask], mask.nonzero()[:, 0]
+
+
+def _decoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # Packed batches carry position_ids and no attention mask; without a KV cache transformers
+    # then builds a block-diagonal causal mask from the position ids (and no cache is wanted here).
+    # Right-padded batches need no attention mask under causal attention: a real token only
+    # sees earlier positions, all real; pads come after and are never targets. Without a mask
+    # SDPA takes its is_causal kernel, ~30% faster on this CPU than the masked path.
+    return {k: batch[k] for k in ("input_ids", "position_ids") if k in batch} | {"use_cache": False}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i · Wᵀ, y_i), with the gradients computed during forward, chunk by chunk.
+
+    Plain autograd keeps every chunk's (chunk, V) logits and log-softmax for backward: about
+    N·V·6 bytes, 260 MB for 886 targets at V = 49,152. Here each chunk's logits are turned
+    into their gradient (softmax - one-hot) at once and folded into dh (N, d) and dW (V, d);
+    only those are kept. The loss is a plain sum, so backward just scales them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        for i in range(0, len(y), chunk):
+            hc, yc = h[i : i + chunk], y[i : i + chunk]
+            logits = (hc @ weight.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad[torch.arange(len(yc), device=h.device), yc] -= 1.0
+                grad = grad.to(h.dtype)
+                if need_h:
+                    dh[i : i + chunk] = grad @ weight
+                if need_w:
+                    dw += grad.t() @ hc  # summed over chunks in fp32
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * grad.to(dh.dtype),
+                None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None)
 
 
 def _plain_head(model: torch.nn.Module) -> bool:

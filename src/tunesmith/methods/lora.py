@@ -9,6 +9,7 @@ import torch
 
 from tunesmith import runtime
 from tunesmith.config import Config
+from tunesmith.methods import fused_lora
 
 ARTIFACT = "adapter"
 
@@ -24,6 +25,7 @@ def prepare(model: torch.nn.Module, cfg: Config) -> peft.PeftModel:
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, settings)
+    fused_lora.install(model)
     if runtime.use_bf16(cfg.train.precision, runtime.device()):
         frozen_linears_to_bf16(model)
     return model
