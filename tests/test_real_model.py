@@ -46,3 +46,32 @@ def test_finetune_end_to_end_beats_base_on_a_dev_slice(tmp_path, monkeypatch):
     assert tuned["accuracy"] > base["accuracy"], (base["accuracy"], tuned["accuracy"])
     assert (run.dir / "adapter" / "adapter_model.safetensors").is_file()
     assert torch.isfinite(torch.tensor(tuned["perplexity"]))
+
+
+def test_compare_prompt_vs_lora_on_sst2(tmp_path, monkeypatch):
+    """`compare` on the real model: 4-shot prompting (TF-IDF nearest shots) scores below LoRA."""
+    from tunesmith.compare import compare_methods
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(SST2, [f"output_dir={tmp_path}", "data.max_train_examples=512", "data.validation_size=32",
+                             "data.max_test_examples=200", "train.max_steps=40", "train.batch_size=16",
+                             "train.eval_every=20", "train.warmup_steps=4", "prompt.shots=4", "prompt.selection=similar",
+                             "eval.bootstrap_resamples=500"])
+    doc = compare_methods(cfg, ["prompt", "lora"])
+    rows = {r["method"]: r for r in doc["methods"]}
+    assert rows["prompt"]["value"] < rows["lora"]["value"], (rows["prompt"]["value"], rows["lora"]["value"])
+    assert doc["best"] == "lora" and rows["prompt"]["p_vs_best"] < 0.05
+    assert rows["lora"]["low"] > rows["lora"]["base_value"]  # tuned beats the base beyond its interval
+    assert (tmp_path / "sst2-lora-compare" / "compare.html").is_file()
+
+
+def test_minilm_encoder_with_a_head_learns_sst2(tmp_path, monkeypatch):
+    """The shipped MiniLM (BERT family) with a classification head, fully fine-tuned for a few steps."""
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("examples/sst2_minilm.yaml", [f"output_dir={tmp_path}", "data.max_train_examples=2048",
+                                                     "data.validation_size=64", "data.max_test_examples=200",
+                                                     "train.max_steps=60", "train.eval_every=30", "eval.bootstrap_resamples=300"])
+    run = finetune(cfg)
+    base, tuned = run.eval["base"], run.eval["tuned"]
+    assert tuned["accuracy"] > 0.7 and tuned["ci"]["accuracy"][0] > base["accuracy"], (base["accuracy"], tuned["accuracy"])
+    assert run.eval["tuned_vs_base"]["accuracy"]["p_value"] < 0.01

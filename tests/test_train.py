@@ -72,6 +72,34 @@ def test_batch8_accum1_equals_batch2_accum4(tiny_model, tokenizer, encoded, tmp_
         torch.testing.assert_close(pa[n], pb[n], msg=n)
 
 
+def test_token_budget_micro_batches_train_the_same(tiny_model, tokenizer, encoded, tmp_path):
+    """Capping tokens per micro-batch splits steps differently but trains exactly the same."""
+    a, b = tiny_model, copy.deepcopy(tiny_model)
+    for m in (a, b):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    lengths = [len(e.input_ids) for e in encoded]
+    budget = 2 * max(lengths)
+    train(a, encoded, encoded[:4], cfg(batch_size=8), tmp_path / "a", tokenizer.pad_token_id, show_progress=False)
+    train(b, encoded, encoded[:4], cfg(batch_size=8, batch_tokens=budget), tmp_path / "b", tokenizer.pad_token_id,
+          show_progress=False)
+    pa, pb = params_of(a), params_of(b)
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], msg=n)
+    micro = train_mod._step_batches(lengths, cfg(batch_size=8, batch_tokens=budget), 0, 0)
+    assert len(micro) > 1 and sorted(i for mb in micro for i in mb) == sorted(
+        train_mod._step_batches(lengths, cfg(batch_size=8), 0, 0)[0])
+    for mb in micro:
+        assert max(lengths[i] for i in mb) * len(mb) <= budget or len(mb) == 1
+
+
+def test_token_budget_split_by_hand():
+    lengths = [500, 100, 90, 480, 20, 10]
+    assert train_mod._token_budget_batches(list(range(6)), lengths, 8, 1024) == [[0, 3], [1, 2, 4, 5]]
+    assert train_mod._token_budget_batches(list(range(6)), lengths, 2, 1024) == [[0, 3], [1, 2], [4, 5]]
+    assert train_mod._token_budget_batches([0], [5000], 8, 1024) == [[0]]  # too long for the budget: alone
+
+
 def lora_model(tiny_model, dropout=0.1):
     c = Config(method="lora")
     c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, dropout

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunesmith.api import ApiError
 from tunesmith.config import ConfigError, load_config
 from tunesmith.data import DataError
 from tunesmith.models import ModelError
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser("eval", help="evaluate a finished run (tuned vs base) on its test split")
     p.add_argument("run_dir", help="the run folder, e.g. runs/sst2-lora")
 
+    p = verbs.add_parser("compare", help="run several methods on the same data and splits; measure and compare them")
+    p.add_argument("config", help="YAML config file (its method is ignored)")
+    p.add_argument("--methods", default="prompt,lora,full", help="comma-separated: prompt, lora, full")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -56,11 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "eval":
             evaluate_run(args.run_dir, console=console)
             console.print(f"report: {Path(args.run_dir) / 'report.html'}")
+        elif args.verb == "compare":
+            from tunesmith.compare import compare_methods, markdown
+
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            doc = compare_methods(load_config(args.config, args.overrides), methods, console=console)
+            print(markdown(doc))
+            console.print(f"report: {Path(doc['dir']) / 'compare.html'}")
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
             console.print(f"report: {run.dir / 'report.html'}")
-    except (ConfigError, DataError, ModelError, RunError) as e:
+    except (ApiError, ConfigError, DataError, ModelError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from typing import Any, Union
 import yaml
 
 TASKS = ("classification", "instruction", "chat", "text")
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "prompt")
 PRECISIONS = ("auto", "bf16", "fp32")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
@@ -76,6 +76,27 @@ class DataConfig:
 
 
 @dataclass
+class ApiConfig:
+    """An OpenAI-compatible chat-completions endpoint to prompt instead of the local model."""
+
+    base_url: str | None = None  # e.g. https://api.openai.com/v1 or http://localhost:8000/v1; unset = local model
+    model: str = ""  # the endpoint's model name
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (unset: no Authorization header)
+    max_concurrency: int = 4  # requests in flight
+    timeout_s: float = 60.0
+    max_retries: int = 4  # on 429 and 5xx, with exponential backoff (Retry-After honoured)
+
+
+@dataclass
+class PromptConfig:
+    """The prompt-engineering method: no training; ``shots`` training examples go into the prompt."""
+
+    shots: int = 0  # 0 = zero-shot (system prompt only)
+    selection: str = "random"  # random (the same shots for every question) | similar (TF-IDF nearest, per question)
+    api: ApiConfig = field(default_factory=ApiConfig)  # prompt a remote model instead of the local one
+
+
+@dataclass
 class LoraConfig:
     """LoRA adapter settings (passed to PEFT's LoraConfig)."""
 
@@ -97,6 +118,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    batch_tokens: int = 0  # at most this many (padded) tokens per micro-batch, splitting steps of long examples; 0 = no cap
     group_by_length: bool = True  # batch examples of similar length together (less padding)
     packing: bool = False  # pack each micro-batch's examples into rows of max_seq_len, no padding
     lr: float = 2.0e-4
@@ -118,7 +140,10 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 16
     compare_with_base: bool = True
-    max_new_tokens: int = 64  # for generation tasks (ROUGE)
+    max_new_tokens: int = 64  # for generation tasks (ROUGE), and classify_by: generation
+    label_scoring: str = "sum"  # sum | mean: label log-likelihood summed, or per token
+    classify_by: str = "scoring"  # scoring | generation: score each label, or parse a free answer
+    bootstrap_resamples: int = 1000  # for 95% intervals and paired p-values
 
 
 @dataclass
@@ -129,9 +154,11 @@ class Config:
     model: str = "default"  # "default" | HF folder | hub id | .gguf file
     task: str = "instruction"
     method: str = "lora"
+    classifier: str = "auto"  # classification: lm (label scoring) | head (sequence-classification head) | auto (head for encoders)
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -214,6 +241,7 @@ def validate(cfg: Config) -> list[str]:
     check(t.max_steps is None or t.max_steps >= 1, "train.max_steps: must be >= 1")
     check(t.batch_size >= 1, "train.batch_size: must be >= 1")
     check(t.grad_accum >= 1, "train.grad_accum: must be >= 1")
+    check(t.batch_tokens >= 0, "train.batch_tokens: must be >= 0 (0 = no cap)")
     check(t.lr > 0, "train.lr: must be > 0")
     check(t.weight_decay >= 0, "train.weight_decay: must be >= 0")
     check(t.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
@@ -226,11 +254,28 @@ def validate(cfg: Config) -> list[str]:
     check(t.early_stopping.patience >= 0, "train.early_stopping.patience: must be >= 0")
     check(t.early_stopping.min_delta >= 0, "train.early_stopping.min_delta: must be >= 0")
     check(t.precision in PRECISIONS, f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check(cfg.classifier in ("auto", "lm", "head"), f"classifier: {cfg.classifier!r} is not one of auto, lm, head")
+    check(cfg.classifier != "head" or cfg.task == "classification", "classifier: head needs task: classification")
+    check(not (cfg.classifier == "head" and cfg.method == "prompt"), "classifier: head cannot be used with method: prompt "
+          "(prompting needs a generative model scoring label words)")
+    check(cfg.prompt.shots >= 0, "prompt.shots: must be >= 0")
+    api = cfg.prompt.api
+    if api.base_url:
+        check(api.base_url.startswith(("http://", "https://")), "prompt.api.base_url: must start with http:// or https://")
+        check(bool(api.model), "prompt.api.model: required with prompt.api.base_url (the endpoint's model name)")
+        check(api.max_concurrency >= 1, "prompt.api.max_concurrency: must be >= 1")
+        check(api.timeout_s > 0, "prompt.api.timeout_s: must be > 0")
+    check(cfg.prompt.selection in ("random", "similar"),
+          f"prompt.selection: {cfg.prompt.selection!r} is not one of random, similar")
     check(cfg.lora.r >= 1, "lora.r: must be >= 1")
     check(cfg.lora.alpha > 0, "lora.alpha: must be > 0")
     check(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
     check(cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1")
     check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1")
+    check(cfg.eval.label_scoring in ("sum", "mean"), f"eval.label_scoring: {cfg.eval.label_scoring!r} is not one of sum, mean")
+    check(cfg.eval.classify_by in ("scoring", "generation"),
+          f"eval.classify_by: {cfg.eval.classify_by!r} is not one of scoring, generation")
+    check(cfg.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples: must be >= 100")
     return p
 
 

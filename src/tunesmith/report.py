@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tunesmith.io import atomic_write_text, read_jsonl  # noqa: E402
 
-HEADLINE = ("accuracy", "f1", "precision", "recall", "rougeL", "loss", "perplexity")
+HEADLINE = ("accuracy", "f1", "precision", "recall", "invalid_rate", "rouge1", "rouge2", "rougeL", "bleu", "chrf",
+            "exact_match", "loss", "perplexity")
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -113,25 +114,38 @@ def _details(step: dict[str, Any]) -> str:
 
 
 def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """Rows (metric, base, tuned, change) for the metrics both models have."""
+    """Rows (metric, base, tuned, change) for the metrics the tuned model has: values with their
+    95% bootstrap interval, the change with its paired bootstrap p-value."""
     base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
+    paired = evaluation.get("tuned_vs_base") or {}
     rows = []
     for k in HEADLINE:
         if k not in tuned:
             continue
         b = base.get(k)
         delta = "" if b is None else f"{tuned[k] - b:+.4f}"
-        rows.append((k, "" if b is None else f"{b:.4f}", f"{tuned[k]:.4f}", delta))
+        if k in paired:
+            delta += f" (p={_p(paired[k]['p_value'])})"
+        rows.append((k, "" if b is None else _with_ci(b, base, k), _with_ci(tuned[k], tuned, k), delta))
     return rows
+
+
+def _with_ci(value: float, side: dict[str, Any], key: str) -> str:
+    ci = (side.get("ci") or {}).get(key)
+    return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def write_report(run_dir: Path) -> Path:
     """Write ``report.html`` for a run folder from its config, metrics, data report and eval."""
     run_dir = Path(run_dir)
     history = read_jsonl(run_dir / "metrics.jsonl")
-    evaluation = _load(run_dir / "eval.json")
-    data = _load(run_dir / "data_report.json")
-    training = _load(run_dir / "train_result.json")
+    evaluation = load_json(run_dir / "eval.json")
+    data = load_json(run_dir / "data_report.json")
+    training = load_json(run_dir / "train_result.json")
     config = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
     parts = [f"<h1>tunesmith run: {html.escape(run_dir.name)}</h1>"]
     if evaluation:
@@ -159,10 +173,85 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
+def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
+    """Write ``compare.html``: the measured table, overlaid loss curves, the metric with error
+    bars, and cost against quality, then the verdict."""
+    from tunesmith.compare import markdown  # the table's columns live in one place
+
+    metric, rows = doc["metric"], doc["methods"]
+    table_md = markdown(doc).split("\n")[2:-2]  # header, rule, one line per method
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table_md if not line.startswith("|---")]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+    parts = [f"<h1>tunesmith: methods compared on {doc['test_examples']} test examples</h1>",
+             f"<p class='verdict'>{html.escape(doc['verdict'])}</p>", f"<table><tr>{head}</tr>{body}</table>"]
+    for title, png in (("Loss curves", compare_curves_png(rows)), (f"Test {metric}", metric_bars_png(rows, metric)),
+                       ("Cost and quality", cost_quality_png(rows, metric))):
+        if png is not None:
+            parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                         f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    out = Path(out_dir) / "compare.html"
+    atomic_write_text(out, _PAGE.format(title="method comparison", body="\n".join(parts)))
+    return out
+
+
+COLORS = {"prompt": "#8172b3", "lora": "#4c72b0", "full": "#dd8452"}
+
+
+def compare_curves_png(rows: list[dict[str, Any]]) -> bytes | None:
+    """Training (thin) and validation (dots) loss of every method that trained, on one plot."""
+    trained = [r for r in rows if r["curves"].get("train")]
+    if not trained:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for r in trained:
+        color = COLORS.get(r["method"])
+        ax.plot(*zip(*r["curves"]["train"]), color=color, linewidth=1, alpha=0.6, label=f"{r['method']} train")
+        if r["curves"].get("val"):
+            ax.plot(*zip(*r["curves"]["val"]), color=color, marker="o", linewidth=2, label=f"{r['method']} validation")
+    ax.set_title("Loss curves by method")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per target token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def metric_bars_png(rows: list[dict[str, Any]], metric: str) -> bytes:
+    """The test metric of each method with its 95% bootstrap interval; the base model dashed."""
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
+    names = [r["method"] for r in rows]
+    values = [r["value"] for r in rows]
+    errors = [[r["value"] - r["low"] for r in rows], [r["high"] - r["value"] for r in rows]]
+    ax.bar(names, values, yerr=errors, capsize=6, color=[COLORS.get(n, "#55a868") for n in names])
+    base = next((r["base_value"] for r in rows if r["base_value"] is not None), None)
+    if base is not None:
+        ax.axhline(base, color="#444", linestyle="--", linewidth=1, label=f"base model {base:.3f}")
+        ax.legend()
+    ax.set_title(f"Test {metric} by method (95% bootstrap interval)")
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def cost_quality_png(rows: list[dict[str, Any]], metric: str) -> bytes:
+    """Training seconds against the test metric: up and to the left is better."""
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
+    for r in rows:
+        ax.errorbar(r["train_seconds"], r["value"], yerr=[[r["value"] - r["low"]], [r["high"] - r["value"]]],
+                    fmt="o", markersize=9, capsize=5, color=COLORS.get(r["method"], "#55a868"))
+        ax.annotate(f" {r['method']}", (r["train_seconds"], r["value"]))
+    ax.set_title(f"Cost vs quality: training time against test {metric}")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _direction(metric: str, delta: str) -> str:
     if not delta:
         return ""
-    better = (float(delta) < 0) == (metric in LOWER_IS_BETTER)
+    better = (float(delta.split()[0]) < 0) == (metric in LOWER_IS_BETTER)
     return "good" if better else "bad"
 
 
@@ -175,7 +264,8 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_json(path: Path) -> dict[str, Any]:
+    """A JSON file's content, or {} when it does not exist (yet)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 

@@ -18,12 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunesmith import methods, runtime
+from tunesmith.api import ApiModel
 from tunesmith.config import Config, load_config, save_config
-from tunesmith.data import Example, encode_all
+from tunesmith.data import Example, encode_all, encode_for_head
 from tunesmith.data.prepare import load_splits
-from tunesmith.evaluate import evaluate_model
-from tunesmith.io import atomic_write_json
-from tunesmith.models import load_model, resolve_model
+from tunesmith.evaluate import Evaluation, compare, evaluate_model, reference
+from tunesmith.io import atomic_write_json, atomic_write_jsonl
+from tunesmith.models import is_causal_lm, load_classifier, load_model, resolve_model
 from tunesmith.report import metrics_table, write_report
 from tunesmith.train import latest_checkpoint, result_dict, train
 
@@ -60,14 +61,20 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     save_config(cfg, run_dir / "config.yaml")
 
     console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
-    overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
-    model, tokenizer = load_model(cfg.model, **overrides)
+    head = uses_head(cfg)
+    if head:
+        model, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed)
+    else:
+        overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
+        model, tokenizer = load_model(cfg.model, **overrides)
+    if head and cfg.method == "prompt":
+        raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
     splits = load_splits(cfg, run_dir / "data", tokenizer)
     console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
     for note in splits.notes:
         console.print(f"  {note}", highlight=False)
-    train_set, train_stats = encode_all(tokenizer, splits.train, cfg.train.max_seq_len)
-    val_set, val_stats = encode_all(tokenizer, splits.validation, cfg.train.max_seq_len)
+    train_set, train_stats = encode(cfg, tokenizer, splits.train, head)
+    val_set, val_stats = encode(cfg, tokenizer, splits.validation, head)
     report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
     atomic_write_json(run_dir / "data_report.json", report)
     for split, stats in report["encoded"].items():
@@ -78,6 +85,13 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
 
     model = methods.prepare(model, cfg).to(runtime.device())
     trainable, total = methods.count_parameters(model)
+    if cfg.method == "prompt":  # nothing to train: write the prompt, then evaluate it like any tuned model
+        console.print(f"[bold]method[/bold] prompt: {cfg.prompt.shots}-shot ({cfg.prompt.selection}), no training")
+        methods.prompt.save(cfg, splits.train, run_dir)
+        summary = {"steps": 0, "train_seconds": 0.0, "trainable_parameters": 0, "total_parameters": total}
+        atomic_write_json(run_dir / "train_result.json", summary)
+        del model
+        return Run(run_dir, cfg, summary, evaluate_run(run_dir, console=console))
     console.print(f"[bold]method[/bold] {cfg.method}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%); {len(train_set)} train / {len(val_set)} validation examples")
     result = train(model, train_set, val_set, cfg.train, run_dir, tokenizer.pad_token_id, resume=resume, until_step=until_step)
@@ -91,6 +105,23 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     del model
     evaluation = evaluate_run(run_dir, console=console)
     return Run(run_dir, cfg, summary, evaluation)
+
+
+def uses_head(cfg: Config) -> bool:
+    """Whether this run classifies with a sequence-classification head (always for encoders)."""
+    if cfg.task != "classification" or cfg.classifier == "lm":
+        return False
+    return cfg.classifier == "head" or not is_causal_lm(cfg.model)
+
+
+def encode(cfg: Config, tokenizer: Any, examples: list[Example], head: bool) -> tuple[list[Any], dict[str, int]]:
+    """Token ids and targets: chat-rendered for a generative model, plain text + label for a head."""
+    if not head:
+        return encode_all(tokenizer, examples, cfg.train.max_seq_len)
+    index = {k: i for i, k in enumerate(cfg.data.labels)}
+    out = [encode_for_head(tokenizer, ex, index, cfg.train.max_seq_len) for ex in examples]
+    return out, {"examples": len(examples), "kept": len(out), "truncated": sum(e.truncated for e in out),
+                 "dropped_no_target": 0, "tokens": sum(len(e.input_ids) for e in out), "target_tokens": len(out)}
 
 
 def prepare_data(cfg: Config, console: Console | None = None) -> Any:
@@ -129,28 +160,42 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[st
         raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first (tunesmith train ... --resume)")
     dev = runtime.device()
     bf16 = runtime.use_bf16(cfg.train.precision, dev)
-    base, tokenizer = load_model(cfg.model)
-    test = load_splits(cfg, run_dir / "data", tokenizer).test
+    head = uses_head(cfg)
+    base, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed) if head else load_model(cfg.model)
+    splits = load_splits(cfg, run_dir / "data", tokenizer)
+    test = splits.test
     base.to(dev)
     results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32"}
-    preds: dict[str, list[str]] = {}
+    evals: dict[str, Evaluation] = {}
     with _progress(console) as progress:
-        def run_eval(name: str, model: torch.nn.Module) -> None:
+        def run_eval(name: str, model: torch.nn.Module | ApiModel, questions: list[Example] = test) -> None:
             t0 = time.perf_counter()
-            metrics, preds[name] = evaluate_model(model, tokenizer, test, cfg.task, cfg.data.labels, cfg.train.max_seq_len,
-                                                  cfg.eval.batch_size, cfg.eval.max_new_tokens, bf16, progress)
-            results[name] = metrics | {"seconds": time.perf_counter() - t0}
+            e = cfg.eval
+            evals[name] = evaluate_model(model, tokenizer, questions, cfg.task, cfg.data.labels, cfg.train.max_seq_len,
+                                         e.batch_size, e.max_new_tokens, bf16, progress, e.label_scoring, e.classify_by,
+                                         e.bootstrap_resamples, head=head)
+            seconds = time.perf_counter() - t0
+            results[name] = evals[name].metrics | {"seconds": seconds, "examples_per_s": len(questions) / max(seconds, 1e-9)}
 
         if cfg.eval.compare_with_base:
             run_eval("base", base)
-        if cfg.method == "lora":  # merged for evaluation: same outputs, no adapter overhead per layer
-            tuned = methods.lora.load(base, artifact).merge_and_unload()
+        if cfg.method == "prompt":  # the base model (or a remote one), asked with the prompt method's shots
+            asked = ApiModel(cfg.prompt.api) if cfg.prompt.api.base_url else base
+            run_eval("tuned", asked, methods.prompt.apply(cfg, splits.train, test))
         else:
-            tuned, _ = load_model(str(artifact))
-        run_eval("tuned", tuned.to(dev))
-    if "base" in preds:
-        results["disagreements"] = _disagreements(test, preds["base"], preds["tuned"], cfg)
+            if cfg.method == "lora":  # merged for evaluation: same outputs, no adapter overhead per layer
+                tuned = methods.lora.load(base, artifact).merge_and_unload()
+            elif head:
+                tuned, _ = load_classifier(str(artifact), list(cfg.data.labels))
+            else:
+                tuned, _ = load_model(str(artifact))
+            run_eval("tuned", tuned.to(dev))
+    if "base" in evals:
+        results["tuned_vs_base"] = compare(evals["tuned"], evals["base"], len(test), cfg.eval.bootstrap_resamples)
+        results["disagreements"] = _disagreements(test, evals["base"].predictions, evals["tuned"].predictions, cfg)
     atomic_write_json(run_dir / "eval.json", results)
+    atomic_write_jsonl(run_dir / "predictions.jsonl", [  # per example, so methods can be compared pairwise later
+        {"reference": reference(ex)} | {name: e.predictions[i] for name, e in evals.items()} for i, ex in enumerate(test)])
     write_report(run_dir)
     print_table(results, console)
     return results

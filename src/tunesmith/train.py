@@ -40,6 +40,7 @@ class TrainResult:
     interrupted: bool
     train_seconds: float
     target_tokens: int
+    peak_memory_mib: dict[str, float] = field(default_factory=dict)  # rss (process), gpu (allocator)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -52,6 +53,9 @@ def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chun
     With gradients on, the LM head and the loss run fused (``_HeadCrossEntropy``): the (N, V)
     logits exist one chunk at a time and are never kept for backward.
     """
+    if batch["labels"].ndim == 1:  # a classification head: one label per row
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
     base = _unwrap(model)
     head = base.get_output_embeddings() if _plain_head(base) else None
     if not torch.is_grad_enabled() or head is None or getattr(head, "bias", None) is not None:
@@ -228,6 +232,7 @@ def train(
         (run_dir / METRICS).unlink()
 
     model.train()
+    runtime.reset_peak_memory(dev)
     stopped_early = interrupted = False
     progress = _progress(show_progress)
     task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
@@ -251,6 +256,9 @@ def train(
                     loss = loss_sum / n_targets  # normalised over the whole optimizer step
                     loss.backward()
                     step_loss += float(loss.detach())
+                    del loss, loss_sum, batch
+                    if dev.type == "cpu":
+                        runtime.trim_heap()  # keeps RSS near what is in use (glibc holds freed tensors' memory)
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -303,7 +311,7 @@ def train(
         steps=state["step"], total_steps=total_steps, best_step=state["best_step"],
         best_val_loss=state["best_val_loss"], stopped_early=stopped_early, interrupted=interrupted,
         train_seconds=state["train_seconds"], target_tokens=state["target_tokens"],
-        history=read_jsonl(run_dir / METRICS),
+        peak_memory_mib=runtime.peak_memory_mib(dev), history=read_jsonl(run_dir / METRICS),
     )
 
 
@@ -334,7 +342,24 @@ def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int) ->
         chunk = steps[shuffle[pos - w0 // per_step]]
     else:
         chunk = order[pos * per_step : (pos + 1) * per_step]
+    if cfg.batch_tokens:
+        return _token_budget_batches(chunk, lengths, cfg.batch_size, cfg.batch_tokens)
     return [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+
+
+def _token_budget_batches(chunk: list[int], lengths: list[int], max_examples: int, budget: int) -> list[list[int]]:
+    """Split one step's examples into micro-batches of at most ``budget`` padded tokens (and
+    ``max_examples`` examples), longest first: memory is bounded by the budget, whatever the
+    lengths, while short examples still share a micro-batch. An example longer than the budget
+    goes alone. The step's loss is the same however it is split (normalised over the step)."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(chunk, key=lambda j: -lengths[j]):
+        if current and (len(current) >= max_examples or lengths[current[0]] * (len(current) + 1) > budget):
+            out.append(current)
+            current = []
+        current.append(i)
+    return out + ([current] if current else [])
 
 
 def _progress(enabled: bool) -> Progress:

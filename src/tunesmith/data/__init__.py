@@ -12,7 +12,7 @@ from typing import Any
 from tunesmith.data.formats import DataError, Example
 
 _LAZY = {
-    "IGNORE": "render", "Encoded": "render", "collate": "render", "encode": "render", "encode_all": "render",
+    "IGNORE": "render", "Encoded": "render", "collate": "render", "encode": "render", "encode_all": "render", "encode_for_head": "render",
     "Splits": "prepare", "load_splits": "prepare", "prepare": "prepare", "load_examples": "layouts",
 }
 __all__ = ["DataError", "Example", *_LAZY]

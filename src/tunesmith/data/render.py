@@ -25,9 +25,12 @@ class Encoded:
     labels: list[int]  # IGNORE where no loss is taken
     truncated: bool = False
     source: str = ""
+    class_label: int | None = None  # for a classification head: the label's index (then ``labels`` is empty)
 
     @property
     def n_targets(self) -> int:
+        if self.class_label is not None:
+            return 1
         return sum(1 for x in self.labels if x != IGNORE)
 
 
@@ -59,15 +62,19 @@ def target_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, l
     return text, spans
 
 
-def encode(tokenizer: Any, example: Example, max_seq_len: int) -> Encoded:
+def encode(tokenizer: Any, example: Example, max_seq_len: int, last_turn_only: bool = False) -> Encoded:
     """Token ids and labels for one conversation, truncated on the right to ``max_seq_len``.
 
     Raw text (``example.text``) is trained on every token, then the end-of-text token.
+    ``last_turn_only`` (for scoring an answer after few-shot turns) makes only the final
+    assistant turn a target and truncates on the left instead, so the answer survives.
     """
     if example.text is not None:
         ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return Encoded(ids[:max_seq_len], list(ids[:max_seq_len]), len(ids) > max_seq_len, example.source)
     text, spans = target_spans(tokenizer, example.messages)
+    if last_turn_only:
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     labels = [IGNORE] * len(ids)
@@ -75,10 +82,12 @@ def encode(tokenizer: Any, example: Example, max_seq_len: int) -> Encoded:
         if b > a and any(s <= a and b <= e for s, e in spans):
             labels[k] = ids[k]
     truncated = len(ids) > max_seq_len
-    return Encoded(ids[:max_seq_len], labels[:max_seq_len], truncated, example.source)
+    keep = slice(-max_seq_len, None) if last_turn_only else slice(None, max_seq_len)
+    return Encoded(ids[keep], labels[keep], truncated, example.source)
 
 
-def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int) -> tuple[list[Encoded], dict[str, int]]:
+def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int,
+               last_turn_only: bool = False) -> tuple[list[Encoded], dict[str, int]]:
     """Encode examples; drop those left with no target token after truncation.
 
     Returns the encodings and counts: ``examples``, ``truncated``, ``dropped_no_target``, ``tokens``,
@@ -86,7 +95,7 @@ def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int) -> tup
     """
     out, truncated, dropped = [], 0, 0
     for ex in examples:
-        e = encode(tokenizer, ex, max_seq_len)
+        e = encode(tokenizer, ex, max_seq_len, last_turn_only)
         truncated += e.truncated
         if e.n_targets == 0:
             dropped += 1
@@ -103,9 +112,29 @@ def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int) -> tup
     return out, stats
 
 
+def encode_for_head(tokenizer: Any, example: Example, label_index: dict[str, int], max_seq_len: int) -> Encoded:
+    """The example's text for a classification head: the last user turn (or raw text), no chat
+    template, with the model's own special tokens ([CLS] ... [SEP] for BERT), and the label's index."""
+    users = [m["content"] for m in example.messages if m["role"] == "user"]
+    text = example.text if example.text is not None else (users[-1] if users else "")
+    if example.label not in label_index:
+        raise DataError(f"{example.source or 'an example'}: label {example.label!r} is not one of {sorted(label_index)}")
+    full = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, truncation=True, max_length=max_seq_len)["input_ids"] if len(full) > max_seq_len else full
+    return Encoded(ids, [], len(full) > max_seq_len, example.source, class_label=label_index[example.label])
+
+
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encodings into (B, T) tensors."""
+    """Right-pad a list of encodings into (B, T) tensors (labels (B,) for a classification head)."""
     width = max(len(e.input_ids) for e in batch)
+    if batch[0].class_label is not None:
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            attention_mask[i, : len(e.input_ids)] = 1
+        labels = torch.tensor([e.class_label for e in batch], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

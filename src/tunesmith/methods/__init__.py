@@ -13,9 +13,9 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.io import atomic_dir
-from tunesmith.methods import full, lora
+from tunesmith.methods import full, lora, prompt
 
-METHODS = {"lora": lora, "full": full}
+METHODS = {"lora": lora, "full": full, "prompt": prompt}
 
 
 def prepare(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:

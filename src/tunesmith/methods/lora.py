@@ -22,7 +22,8 @@ def prepare(model: torch.nn.Module, cfg: Config) -> peft.PeftModel:
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
+        # a classification head trains in full beside the adapters (PEFT's modules_to_save)
+        task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
     )
     model = peft.get_peft_model(model, settings)
     fused_lora.install(model)

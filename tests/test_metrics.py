@@ -1,0 +1,75 @@
+"""Metric code against hand-computed values and against scikit-learn / sacrebleu / rouge-score calls."""
+
+import numpy as np
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+from sklearn.metrics import f1_score
+
+from tunesmith import metrics
+
+Y_TRUE = ["a", "a", "b", "b", "c"]
+Y_PRED = ["a", "b", "b", "b", "a"]
+
+
+def test_classification_by_hand():
+    m = metrics.classification(Y_TRUE, Y_PRED, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["f1"] == pytest.approx(0.8)
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert m["confusion"] == {"labels": ["a", "b", "c"], "matrix": [[1, 1, 0], [0, 2, 0], [1, 0, 0]]}
+
+
+def test_resampled_macro_f1_equals_sklearn_on_every_resample():
+    rng = np.random.default_rng(3)
+    labels = ["x", "y", "z"]
+    t = list(rng.choice(labels, 60))
+    p = [y if rng.random() < 0.6 else str(rng.choice(labels + ["junk"])) for y in t]  # some invalid answers
+    stats = metrics.classification_stats(t, p, labels)
+    for idx in metrics.resample_indices(60, 20, seed=1):
+        ref = f1_score([t[i] for i in idx], [p[i] for i in idx], labels=labels, average="macro", zero_division=0)
+        assert stats["f1"](idx) == pytest.approx(ref)
+        assert stats["accuracy"](idx) == pytest.approx(np.mean([t[i] == p[i] for i in idx]))
+
+
+def test_generation_metrics_against_references():
+    refs = ["the cat sat on the mat", "a quick brown fox", "Positive."]
+    preds = ["the cat sat", "a quick brown dog", "positive"]
+    values, stats = metrics.generation(refs, preds)
+    assert values["exact_match"] == pytest.approx(1 / 3)  # case and final period ignored
+    assert values["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
+    assert values["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert values[key] == pytest.approx(np.mean([scorer.score(r, p)[key].fmeasure for r, p in zip(refs, preds)]))
+    # by hand: "the cat sat" vs "the cat sat on the mat": unigram P 3/3, R 3/6 -> F 2/3
+    assert metrics.rouge(refs[:1], preds[:1])["rouge1"][0] == pytest.approx(2 / 3)
+    assert metrics.bleu(["the same five words here"], ["the same five words here"]) == pytest.approx(100.0)
+    assert set(stats) == set(values)
+
+
+def test_interval_of_a_coin_matches_the_normal_approximation():
+    scores = np.array([1.0, 0.0] * 200)
+    low, high = metrics.interval(lambda idx: float(scores[idx].mean()), 400, resamples=2000)
+    half = 1.96 * np.sqrt(0.25 / 400)  # 0.049
+    assert low == pytest.approx(0.5 - half, abs=0.012) and high == pytest.approx(0.5 + half, abs=0.012)
+    assert metrics.interval(lambda idx: 0.7, 10) == (0.7, 0.7)
+
+
+def test_paired_p_value():
+    n = 200
+    a = np.ones(n)
+    same = metrics.paired_p_value(lambda i: float(a[i].mean()), lambda i: float(a[i].mean()), n)
+    assert same == 1.0  # no difference at all
+    b = a.copy()
+    b[:40] = 0  # A right on 40 more examples of 200
+    clear = metrics.paired_p_value(lambda i: float(a[i].mean()), lambda i: float(b[i].mean()), n)
+    assert clear < 0.01
+    c = a.copy()
+    c[:2] = 0  # two examples of difference: not significant
+    c2 = a.copy()
+    c2[2:3] = 0
+    noisy = metrics.paired_p_value(lambda i: float(c2[i].mean()), lambda i: float(c[i].mean()), n)
+    assert noisy > 0.2
