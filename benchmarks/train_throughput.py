@@ -34,6 +34,7 @@ SIDES = {  # name -> (implementation, method, bf16, packing)
     "ours_bf16_budget": ("ours", "lora", True, False),  # micro-batches capped at --batch-tokens padded tokens
     "ours_bf16_packed": ("ours", "lora", True, True),
     "trl_bf16": ("trl", "lora", True, False),
+    "trl_bf16_same": ("trl", "lora", True, False),  # fed exactly our steps' examples, in order (for the eval loss)
     "trl_fp32": ("trl", "lora", False, False),
     "ours_full_bf16": ("ours", "full", True, False),
     "trl_full_bf16": ("trl", "full", True, False),
@@ -70,7 +71,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     if impl == "ours":
         model, steps = _train_ours(model, tok, train_convs, method, bf16, packing, args, side)
     else:
-        model, steps = _train_trl(model, tok, train_convs, method, bf16, args)
+        model, steps = _train_trl(model, tok, train_convs, method, bf16, args, same=side == "trl_bf16_same")
     wall = time.perf_counter() - t0
     eval_loss = evaluate_loss(model, eval_set, args.micro_batch, tok.pad_token_id, bf16=bf16)  # same batch for every side
     steady = steps[args.warmup :]
@@ -110,13 +111,35 @@ def _train_ours(model, tok, convs, method, bf16, packing, args, side):
     return model, steps
 
 
-def _train_trl(model, tok, convs, method, bf16, args):
+def _our_order(tok, convs, args) -> list[int]:
+    """The conversations our loop trains on, step by step (length-grouped plan, seed 0)."""
+    import math
+
+    from tunesmith.config import TrainConfig
+    from tunesmith.data import Example, encode
+    from tunesmith.train import _step_batches
+
+    encoded = [encode(tok, Example(c), args.max_len) for c in convs]
+    kept = [i for i, e in enumerate(encoded) if e.n_targets > 0]  # what encode_all keeps, in order
+    lengths = [len(encoded[i].input_ids) for i in kept]
+    plan = TrainConfig(batch_size=args.batch, grad_accum=1, seed=0)  # a step's examples do not depend on its split
+    per_epoch = math.ceil(len(kept) / args.batch)
+    order = []
+    for step in range(args.steps):
+        epoch, pos = divmod(step, per_epoch)
+        order += [kept[i] for mb in _step_batches(lengths, plan, epoch, pos) for i in mb]
+    return order
+
+
+def _train_trl(model, tok, convs, method, bf16, args, same=False):
     import peft
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in convs]
+    if same:  # our steps' examples, in our order, read sequentially
+        rows = [rows[i] for i in _our_order(tok, convs, args)]
     steps: list[dict[str, Any]] = []
     counted: list[tuple[int, int]] = []  # (real, padded) tokens of each batch the collator built
 
@@ -147,6 +170,10 @@ def _train_trl(model, tok, convs, method, bf16, args):
         return batch
 
     trainer.data_collator = counting
+    if same:
+        from torch.utils.data import SequentialSampler
+
+        trainer._get_train_sampler = lambda ds=None, *a, **k: SequentialSampler(ds if ds is not None else trainer.train_dataset)
     trainer.train()
     return trainer.model, steps
 
