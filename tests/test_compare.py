@@ -73,6 +73,7 @@ def test_compare_three_methods_end_to_end(tmp_path, tiny_model_dir, sst_files, c
     path = write_config(tmp_path, tiny_model_dir, sst_files)
     cfg = yaml.safe_load(path.read_text())
     cfg["prompt"] = {"shots": 2, "selection": "similar"}
+    cfg["full"] = {"lr": 1e-5}
     path.write_text(yaml.safe_dump(cfg))
     assert main(["compare", str(path), "--methods", "prompt,lora,full", "--set", "eval.bootstrap_resamples=200"]) == 0
     out = capsys.readouterr().out
@@ -89,6 +90,10 @@ def test_compare_three_methods_end_to_end(tmp_path, tiny_model_dir, sst_files, c
         assert (r["p_vs_best"] is None) == (r["method"] == doc["best"])
     assert rows["lora"]["peak_rss_mib"] > 0 and rows["lora"]["gap"] is not None
     assert doc["verdict"].startswith(f"{doc['best']} scores best")
+    def max_lr(method):
+        lines = (tmp_path / "runs" / f"tiny-{method}" / "metrics.jsonl").read_text().splitlines()
+        return max(json.loads(x).get("lr", 0) for x in lines)
+    assert max_lr("full") <= 1e-5 < max_lr("lora")  # full.lr replaces train.lr for full fine-tuning only
     # the same splits for every method
     tests = {m: (tmp_path / "runs" / f"tiny-{m}" / "data" / "test.jsonl").read_text() for m in rows}
     assert len(set(tests.values())) == 1

@@ -97,6 +97,13 @@ class PromptConfig:
 
 
 @dataclass
+class FullConfig:
+    """Full fine-tuning settings that differ from the adapter methods'."""
+
+    lr: float | None = None  # replaces train.lr for method full (all weights move: usually 10x smaller)
+
+
+@dataclass
 class LoraConfig:
     """LoRA adapter settings (passed to PEFT's LoraConfig)."""
 
@@ -159,6 +166,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    full: FullConfig = field(default_factory=FullConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -267,6 +275,7 @@ def validate(cfg: Config) -> list[str]:
         check(api.timeout_s > 0, "prompt.api.timeout_s: must be > 0")
     check(cfg.prompt.selection in ("random", "similar"),
           f"prompt.selection: {cfg.prompt.selection!r} is not one of random, similar")
+    check(cfg.full.lr is None or cfg.full.lr > 0, "full.lr: must be > 0")
     check(cfg.lora.r >= 1, "lora.r: must be >= 1")
     check(cfg.lora.alpha > 0, "lora.alpha: must be > 0")
     check(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")

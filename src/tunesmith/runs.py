@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -94,7 +95,10 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         return Run(run_dir, cfg, summary, evaluate_run(run_dir, console=console))
     console.print(f"[bold]method[/bold] {cfg.method}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%); {len(train_set)} train / {len(val_set)} validation examples")
-    result = train(model, train_set, val_set, cfg.train, run_dir, tokenizer.pad_token_id, resume=resume, until_step=until_step)
+    train_cfg = cfg.train
+    if cfg.method == "full" and cfg.full.lr is not None:
+        train_cfg = dataclasses.replace(cfg.train, lr=cfg.full.lr)
+    result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume, until_step=until_step)
     summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
     atomic_write_json(run_dir / "train_result.json", summary)
     if result.interrupted:
