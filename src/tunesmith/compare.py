@@ -145,8 +145,8 @@ def verdict(results: list[MethodResult], best: MethodResult) -> str:
         if r is best:
             continue
         significant = r.p_vs_best is not None and r.p_vs_best < 0.05
-        line = (f"{r.method}: {r.value:.3f}, " + (f"significantly lower (paired bootstrap p={r.p_vs_best:.3g})"
-                if significant else f"not significantly different (p={r.p_vs_best:.3g})"))
+        line = (f"{r.method}: {r.value:.3f}, " + (f"significantly lower (paired bootstrap p={_pval(r.p_vs_best)})"
+                if significant else f"not significantly different (p={_pval(r.p_vs_best)})"))
         cost = []
         if best.train_seconds > 0 and r.train_seconds > 0:
             cost.append(f"{r.train_seconds / best.train_seconds:.1f}x the training time")
@@ -172,12 +172,16 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Methods compared on {doc['test_examples']} test examples", "", head, "|" + "---|" * 13]
     for r in doc["methods"]:
         lines.append(
-            f"| {r['method']} | {r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}] | {_num(r['p_vs_best'], '.3g', 'best')} | "
+            f"| {r['method']} | {r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}] | {_pval(r['p_vs_best'])} | "
             f"{_num(r['base_value'], '.4f')} | {r['trainable_parameters']:,} | {r['train_seconds']:.0f} s | "
             f"{_num(r['tokens_per_s'], '.0f')} | {_num(r['peak_rss_mib'], '.0f')} | {r['examples_per_s']:.2f} | "
             f"{r['artifact_mib']:.2f} | {_num(r['final_train_loss'], '.3f')} | {_num(r['final_val_loss'], '.3f')} | "
             f"{_num(r['gap'], '+.3f')} |")
     return "\n".join(lines + ["", doc["verdict"]])
+
+
+def _pval(p: float | None) -> str:
+    return "best" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _num(v: float | None, spec: str, none: str = "-") -> str:
