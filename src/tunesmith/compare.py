@@ -118,8 +118,12 @@ def measure(run_dir: Path, task: str, method: str) -> MethodResult:
 def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPLES) -> dict[str, Any]:
     """Paired p-values of the best method against each other one, and the verdict in words."""
     best = max(results, key=lambda r: r.value)
-    stats = {r.method: _stat(Path(r.run_dir), task, r.metric) for r in results}
-    n = len(read_jsonl(Path(best.run_dir) / "predictions.jsonl"))
+    stats, sizes = {}, set()
+    for r in results:
+        stats[r.method], n = _stat(Path(r.run_dir), task, r.metric)
+        sizes.add(n)
+    if len(sizes) != 1:
+        raise RunError(f"the runs were tested on different numbers of examples {sorted(sizes)}; compare needs the same test split")
     for r in results:
         if r is not best:
             r.p_vs_best = M.paired_p_value(stats[best.method], stats[r.method], n, resamples)
@@ -127,14 +131,13 @@ def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPL
             "methods": [asdict(r) for r in results], "verdict": verdict(results, best)}
 
 
-def _stat(run_dir: Path, task: str, metric: str) -> M.Stat:
-    """The headline metric of a run's tuned predictions, resamplable over test examples."""
+def _stat(run_dir: Path, task: str, metric: str) -> tuple[M.Stat, int]:
+    """The headline metric of a run's tuned predictions, resamplable over test examples, and their number."""
     rows = read_jsonl(run_dir / "predictions.jsonl")
     refs, preds = [r["reference"] for r in rows], [r["tuned"] for r in rows]
     if task == "classification":
-        labels = sorted(set(refs))
-        return M.classification_stats(refs, preds, labels)[metric]
-    return M.generation(refs, preds)[1][metric]
+        return M.classification_stats(refs, preds, sorted(set(refs)))[metric], len(rows)
+    return M.generation(refs, preds)[1][metric], len(rows)
 
 
 def verdict(results: list[MethodResult], best: MethodResult) -> str:
@@ -164,19 +167,24 @@ def verdict(results: list[MethodResult], best: MethodResult) -> str:
     return " ".join(words)
 
 
+def table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison's column names and one row of formatted cells per method (Markdown and HTML)."""
+    header = ["method", f"{doc['metric']} [95% CI]", "p vs best", "base", "trainable params", "train time",
+              "train tok/s", "peak RSS MiB", "inference ex/s", "artifact MiB", "train loss", "val loss", "gap"]
+    rows = [[r["method"], f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]", _pval(r["p_vs_best"]),
+             _num(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
+             _num(r["tokens_per_s"], ".0f"), _num(r["peak_rss_mib"], ".0f"), f"{r['examples_per_s']:.2f}",
+             f"{r['artifact_mib']:.2f}", _num(r["final_train_loss"], ".3f"), _num(r["final_val_loss"], ".3f"),
+             _num(r["gap"], "+.3f")] for r in doc["methods"]]
+    return header, rows
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The comparison as a Markdown table, then the verdict."""
-    metric = doc["metric"]
-    head = (f"| method | {metric} [95% CI] | p vs best | base | trainable params | train time | train tok/s | "
-            "peak RSS MiB | inference ex/s | artifact MiB | train loss | val loss | gap |")
-    lines = [f"Methods compared on {doc['test_examples']} test examples", "", head, "|" + "---|" * 13]
-    for r in doc["methods"]:
-        lines.append(
-            f"| {r['method']} | {r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}] | {_pval(r['p_vs_best'])} | "
-            f"{_num(r['base_value'], '.4f')} | {r['trainable_parameters']:,} | {r['train_seconds']:.0f} s | "
-            f"{_num(r['tokens_per_s'], '.0f')} | {_num(r['peak_rss_mib'], '.0f')} | {r['examples_per_s']:.2f} | "
-            f"{r['artifact_mib']:.2f} | {_num(r['final_train_loss'], '.3f')} | {_num(r['final_val_loss'], '.3f')} | "
-            f"{_num(r['gap'], '+.3f')} |")
+    header, rows = table(doc)
+    lines = [f"Methods compared on {doc['test_examples']} test examples", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines + ["", doc["verdict"]])
 
 

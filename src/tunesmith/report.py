@@ -176,13 +176,12 @@ def write_report(run_dir: Path) -> Path:
 def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
     """Write ``compare.html``: the measured table, overlaid loss curves, the metric with error
     bars, and cost against quality, then the verdict."""
-    from tunesmith.compare import markdown  # the table's columns live in one place
+    from tunesmith.compare import table  # the table's columns live in one place
 
     metric, rows = doc["metric"], doc["methods"]
-    table_md = markdown(doc).split("\n")[2:-2]  # header, rule, one line per method
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table_md if not line.startswith("|---")]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+    header, cells = table(doc)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
     parts = [f"<h1>tunesmith: methods compared on {doc['test_examples']} test examples</h1>",
              f"<p class='verdict'>{html.escape(doc['verdict'])}</p>", f"<table><tr>{head}</tr>{body}</table>"]
     for title, png in (("Loss curves", compare_curves_png(rows)), (f"Test {metric}", metric_bars_png(rows, metric)),
