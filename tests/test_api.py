@@ -35,7 +35,8 @@ def server():
             seen.append(body)
             question = body["messages"][-1]["content"]
             answer = "Positive." if any(w in question for w in POSITIVE) else "I would say negative"
-            self.reply(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+            self.reply(200, {"choices": [{"message": {"role": "assistant", "content": answer}}],
+                             "usage": {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42}})
 
         def reply(self, code, doc, headers=None):
             data = json.dumps(doc).encode()
@@ -84,6 +85,9 @@ def test_prompt_method_against_the_endpoint(server, monkeypatch, tmp_path, tiny_
     assert len(seen) == ev["test_examples"] == 6
     assert all(len(b["messages"]) == 1 + 2 * 2 + 1 for b in seen)  # system, 2 shots (user + assistant), the question
     assert ev["tuned"]["invalid_rate"] == 0 and "loss" not in ev["tuned"]
+    # latency: the evaluation's own request times, no extra (paid) requests; tokens from `usage`
+    assert ev["tuned"]["latency"]["examples"] == 6 and ev["tuned"]["latency"]["median_ms"] > 0
+    assert ev["tuned"]["tokens_per_s"] == pytest.approx(6 * 42 / ev["tuned"]["seconds"])
     rows = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     for r, body in zip(rows, seen):
         assert r["tuned"] in ("0", "1")

@@ -51,7 +51,9 @@ def test_train_then_eval(tmp_path, tiny_model_dir, sst_files, capsys):
     (run / "eval.json").unlink()
     assert main(["eval", str(run)]) == 0
     again = json.loads((run / "eval.json").read_text())["tuned"]
-    timing = {"seconds", "examples_per_s"}
+    timing = {"seconds", "examples_per_s", "tokens_per_s", "latency"}
+    lat = ev["tuned"]["latency"]
+    assert lat["examples"] == 6 and 0 < lat["median_ms"] <= lat["p95_ms"] and ev["tuned"]["tokens_per_s"] > 0
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in ev["tuned"].items() if k not in timing}
 
     # the same name again is refused rather than silently overwritten

@@ -75,9 +75,12 @@ def test_compare_three_methods_end_to_end(tmp_path, tiny_model_dir, sst_files, c
     cfg["prompt"] = {"shots": 2, "selection": "similar"}
     cfg["full"] = {"lr": 1e-5}
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["compare", str(path), "--methods", "prompt,lora,full", "--set", "eval.bootstrap_resamples=200"]) == 0
+    assert main(["compare", str(path), "--methods", "prompt,lora,full", "--set", "eval.bootstrap_resamples=200",
+                 "--data-sizes", "3,8,10000"]) == 0
     out = capsys.readouterr().out
     assert "| method | accuracy [95% CI] |" in out and "| prompt |" in out and "| full |" in out
+    assert "latency ms (p95)" in out and "data needs" in out and "by training-set size" in out
+    assert out.count("reusing the prepared data") == 2 + 6  # lora and full, then six runs on subsets: prepared once
     folder = tmp_path / "runs" / "tiny-compare"
     doc = json.loads((folder / "compare.json").read_text())
     rows = {r["method"]: r for r in doc["methods"]}
@@ -88,6 +91,23 @@ def test_compare_three_methods_end_to_end(tmp_path, tiny_model_dir, sst_files, c
     for r in rows.values():
         assert r["low"] <= r["value"] <= r["high"] and r["examples_per_s"] > 0
         assert (r["p_vs_best"] is None) == (r["method"] == doc["best"])
+        assert 0 < r["latency_ms"] <= r["latency_p95_ms"] and r["inference_tokens_per_s"] > 0
+    # the base model is evaluated once, by the first run; the others reuse its results
+    evals = {m: json.loads((tmp_path / "runs" / f"tiny-{m}" / "eval.json").read_text()) for m in rows}
+    assert "reused_from" not in evals["prompt"]["base"]
+    assert evals["lora"]["base"]["reused_from"].endswith("tiny-prompt") and evals["full"]["base"] == evals["lora"]["base"]
+    assert evals["lora"]["tuned_vs_base"]["accuracy"]["p_value"] >= 0
+    # data needs: every method again on 3 and 8 of the training examples (10,000 is more than there are)
+    total = rows["lora"]["train_examples"]
+    curve = doc["learning_curve"]
+    assert set(curve) == {"prompt", "lora", "full"}
+    for method, points in curve.items():
+        assert [p["train_examples"] for p in points] == [3, 8, total]
+        assert all(0 <= p["p_vs_all_data"] <= 1 for p in points[:-1]) and points[-1]["p_vs_all_data"] is None
+        assert rows[method]["data_needs"] in (3, 8, total)
+        small = [json.loads(x) for x in (tmp_path / "runs" / f"tiny-{method}-n3" / "data" / "train.jsonl").read_text().splitlines()]
+        assert len(small) == total  # the prepared split is shared; the cap is applied when loading
+    assert json.loads((tmp_path / "runs" / "tiny-lora-n3" / "data_report.json").read_text())["encoded"]["train"]["kept"] == 3
     assert rows["lora"]["peak_rss_mib"] > 0 and rows["lora"]["gap"] is not None
     assert doc["verdict"].startswith(f"{doc['best']} scores best")
     def max_lr(method):
@@ -98,7 +118,7 @@ def test_compare_three_methods_end_to_end(tmp_path, tiny_model_dir, sst_files, c
     tests = {m: (tmp_path / "runs" / f"tiny-{m}" / "data" / "test.jsonl").read_text() for m in rows}
     assert len(set(tests.values())) == 1
     html = (folder / "compare.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Cost and quality" in html
+    assert html.count("data:image/png;base64,") == 4 and "Cost and quality" in html and "Data needs" in html
     assert (folder / "compare.md").read_text().startswith("Methods compared on 6 test examples")
 
 

@@ -68,9 +68,12 @@ def test_reports_render_in_chromium(browser, tmp_path, tiny_model_dir, sst_files
     cfg = yaml.safe_load(path.read_text())
     cfg["prompt"] = {"shots": 1}
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["compare", str(path), "--methods", "prompt,lora", "--set", "eval.bootstrap_resamples=200"]) == 0
+    assert main(["compare", str(path), "--methods", "prompt,lora", "--set", "eval.bootstrap_resamples=200",
+                 "--data-sizes", "4"]) == 0
     runs = tmp_path / "runs"
     check_page(browser, runs / "tiny-compare" / "compare.html",
-               ["methods compared", "Loss curves", "Test accuracy", "Cost and quality"], 3, tmp_path / "compare.png")
+               ["methods compared", "Loss curves", "Test accuracy", "Cost and quality", "Data needs"], 4,
+               tmp_path / "compare.png")
     check_page(browser, runs / "tiny-lora" / "report.html",
-               ["tunesmith run", "Base vs tuned", "Training", "Data"], 2, tmp_path / "report.png")
+               ["tunesmith run", "Base vs tuned", "Inference speed", "Per class", "Training", "Data"], 3,
+               tmp_path / "report.png")

@@ -33,16 +33,24 @@ class ApiModel:
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self.key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         self.name = cfg.model
+        self.request_ms: list[float] = []  # wall time of every answered request, retries included
+        self.tokens = 0  # prompt + completion tokens, as the endpoint's ``usage`` reports them
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> str:
         body = json.dumps({"model": self.cfg.model, "messages": messages, "temperature": 0,
                            "max_tokens": max_tokens}).encode()
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.key}"} if self.key else {})
+        t0 = time.perf_counter()
         for attempt in range(self.cfg.max_retries + 1):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as reply:
-                    return _content(json.loads(reply.read()), self.url)
+                    answer = json.loads(reply.read())
+                text = _content(answer, self.url)
+                self.request_ms.append(1000 * (time.perf_counter() - t0))
+                usage = answer.get("usage") if isinstance(answer, dict) else None
+                self.tokens += int(usage.get("total_tokens") or 0) if isinstance(usage, dict) else 0
+                return text
             except urllib.error.HTTPError as e:
                 text = e.read()[:500].decode("utf-8", "replace")
                 if (e.code == 429 or e.code >= 500) and attempt < self.cfg.max_retries:

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser("compare", help="run several methods on the same data and splits; measure and compare them")
     p.add_argument("config", help="YAML config file (its method is ignored)")
     p.add_argument("--methods", default="prompt,lora,full", help="comma-separated: prompt, lora, full")
+    p.add_argument("--data-sizes", default="", metavar="N,N,...",
+                   help="also run every method on this many training examples (e.g. 64,256) to measure data needs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             from tunesmith.compare import compare_methods, markdown
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            doc = compare_methods(load_config(args.config, args.overrides), methods, console=console)
+            doc = compare_methods(load_config(args.config, args.overrides), methods, console=console,
+                                  data_sizes=_sizes(args.data_sizes))
             print(markdown(doc))
             console.print(f"report: {Path(doc['dir']) / 'compare.html'}")
         elif args.verb == "demo":
@@ -80,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _sizes(text: str) -> list[int]:
+    """``--data-sizes 64,256`` as numbers; a clear error for anything else."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise RunError(f"--data-sizes: expected whole numbers separated by commas, e.g. 64,256; got {text!r}") from None
 
 
 def _demo_config() -> Path:

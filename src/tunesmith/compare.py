@@ -1,10 +1,15 @@
 """Several methods on the same data and splits, measured side by side: the seed's table, measured.
 
 ``compare_methods(cfg, ["prompt", "lora", "full"])`` runs each method as its own run
-(``runs/<name>-<method>/``, the prepared splits shared), then reads what each run recorded:
-trainable parameters, training time, tokens/s, peak memory, inference speed, artifact size,
-the test metric with its 95% interval, the train-vs-validation loss gap (overfitting), and
-paired bootstrap p-values between the best method and each other one (same test examples).
+(``runs/<name>-<method>/``, the prepared splits shared, the base model evaluated once), then
+reads what each run recorded: trainable parameters, training time, tokens/s, peak memory,
+inference latency (one example at a time) and batched throughput, artifact size, the test
+metric with its 95% interval, the train-vs-validation loss gap (overfitting), and paired
+bootstrap p-values between the best method and each other one (same test examples).
+
+``data_sizes=[64, 256]`` adds the data needs: every method again on nested random subsets of the
+training split (same recipe, same steps), and for each method the smallest size whose test
+metric is not significantly below its score with all the data (the learning curve).
 Writes ``compare.json``, ``compare.md`` and ``compare.html`` into ``runs/<name>-compare/``.
 """
 
@@ -44,35 +49,59 @@ class MethodResult:
     peak_gpu_mib: float | None
     eval_seconds: float
     examples_per_s: float
+    inference_tokens_per_s: float | None  # batched evaluation: tokens read (and written) per second
+    latency_ms: float | None  # one example at a time: median milliseconds to an answer
+    latency_p95_ms: float | None
+    train_examples: int | None
     artifact_mib: float
     final_train_loss: float | None
     final_val_loss: float | None
     gap: float | None  # validation minus training loss at the end: large and growing = overfitting
     p_vs_best: float | None = None
+    data_needs: int | None = None  # smallest training-set size not significantly below all the data
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
-def compare_methods(cfg: Config, method_names: list[str], console: Console | None = None) -> dict[str, Any]:
-    """Run every method in ``method_names`` on ``cfg``'s data; measure, compare, write the reports."""
+def compare_methods(cfg: Config, method_names: list[str], console: Console | None = None,
+                    data_sizes: list[int] | None = None) -> dict[str, Any]:
+    """Run every method in ``method_names`` on ``cfg``'s data; measure, compare, write the reports.
+
+    ``data_sizes``: also run every method on that many training examples (nested seeded subsets)
+    to measure each method's data needs.
+    """
     console = console or Console()
     unknown = [m for m in method_names if m not in METHODS]
     if unknown or not method_names:
         raise RunError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if any(n < 1 for n in data_sizes or []):
+        raise RunError(f"data sizes must be positive numbers of training examples, got {data_sizes}")
     out_dir = Path(cfg.output_dir) / f"{cfg.name}-compare"
-    results: list[MethodResult] = []
-    shared_data: Path | None = None
-    for method in method_names:
+    first: Path | None = None  # the first run: its prepared splits and base-model results are shared
+
+    def run(method: str, size: int | None = None) -> MethodResult:
+        nonlocal first
         c = copy.deepcopy(cfg)
-        c.method, c.name = method, f"{cfg.name}-{method}"
-        if shared_data is not None and not (c.run_dir / "data").exists():  # the same splits for every method
-            shutil.copytree(shared_data, c.run_dir / "data")
-        console.rule(f"[bold]{method}")
-        run = finetune(c, overwrite=True, console=console)
-        if not run.eval:
-            raise RunError(f"{method}: the run stopped before evaluation ({run.dir})")
-        results.append(measure(run.dir, cfg.task, method))
-        shared_data = c.run_dir / "data"
-    doc = summarize(results, cfg.task, cfg.eval.bootstrap_resamples)
+        c.method, c.name = method, f"{cfg.name}-{method}" + (f"-n{size}" if size else "")
+        if size:
+            c.data.max_train_examples = size
+        if first is not None and not (c.run_dir / "data").exists():  # the same splits for every method
+            shutil.copytree(first / "data", c.run_dir / "data")
+        console.rule(f"[bold]{method}" + (f" on {size:,} training examples" if size else ""))
+        done = finetune(c, overwrite=True, console=console, base_from=first)
+        if not done.eval:
+            raise RunError(f"{method}: the run stopped before evaluation ({done.dir})")
+        first = first or done.dir
+        return measure(done.dir, cfg.task, method)
+
+    results = [run(m) for m in method_names]
+    curves: dict[str, list[MethodResult]] = {}
+    for size in sorted(set(data_sizes or [])):
+        for r in results:
+            if r.train_examples is not None and size >= r.train_examples:
+                console.print(f"[yellow]{r.method}: {size:,} is not below the {r.train_examples:,} training examples; skipped[/yellow]")
+                continue
+            curves.setdefault(r.method, []).append(run(r.method, size))
+    doc = summarize(results, cfg.task, cfg.eval.bootstrap_resamples, curves)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "compare.json", doc)
     atomic_write_text(out_dir / "compare.md", markdown(doc) + "\n")
@@ -101,6 +130,8 @@ def measure(run_dir: Path, task: str, method: str) -> MethodResult:
     tokens = sum(r["tokens"] for r in train_steps)
     seconds = sum(r["step_seconds"] for r in train_steps)
     peak = training.get("peak_memory_mib") or {}
+    latency = tuned.get("latency") or {}
+    kept = (load_json(run_dir / "data_report.json").get("encoded") or {}).get("train", {}).get("kept")
     artifact = run_dir / METHODS[method].ARTIFACT
     return MethodResult(
         method=method, run_dir=str(run_dir), metric=metric, value=float(tuned[metric]), low=low, high=high,
@@ -108,6 +139,8 @@ def measure(run_dir: Path, task: str, method: str) -> MethodResult:
         total_parameters=int(training.get("total_parameters", 0)), train_seconds=float(training.get("train_seconds", 0.0)),
         tokens_per_s=tokens / seconds if seconds else None, peak_rss_mib=peak.get("rss"), peak_gpu_mib=peak.get("gpu"),
         eval_seconds=float(tuned["seconds"]), examples_per_s=float(tuned["examples_per_s"]),
+        inference_tokens_per_s=tuned.get("tokens_per_s"), latency_ms=latency.get("median_ms"),
+        latency_p95_ms=latency.get("p95_ms"), train_examples=kept,
         artifact_mib=sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()) / 2**20,
         final_train_loss=final_train, final_val_loss=final_val,
         gap=final_val - final_train if final_train is not None and final_val is not None else None,
@@ -115,20 +148,40 @@ def measure(run_dir: Path, task: str, method: str) -> MethodResult:
     )
 
 
-def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPLES) -> dict[str, Any]:
-    """Paired p-values of the best method against each other one, and the verdict in words."""
+def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPLES,
+              curves: dict[str, list[MethodResult]] | None = None) -> dict[str, Any]:
+    """Paired p-values of the best method against each other one, each method's data needs from
+    its runs on fewer examples (``curves``), and the verdict in words."""
     best = max(results, key=lambda r: r.value)
     stats, sizes = {}, set()
-    for r in results:
-        stats[r.method], n = _stat(Path(r.run_dir), task, r.metric)
+    for r in results + [c for cs in (curves or {}).values() for c in cs]:
+        stats[r.run_dir], n = _stat(Path(r.run_dir), task, r.metric)
         sizes.add(n)
     if len(sizes) != 1:
         raise RunError(f"the runs were tested on different numbers of examples {sorted(sizes)}; compare needs the same test split")
     for r in results:
         if r is not best:
-            r.p_vs_best = M.paired_p_value(stats[best.method], stats[r.method], n, resamples)
+            r.p_vs_best = M.paired_p_value(stats[best.run_dir], stats[r.run_dir], n, resamples)
+    learning: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        points = []
+        for c in sorted((curves or {}).get(r.method, []), key=lambda c: c.train_examples or 0):
+            p = M.paired_p_value(stats[r.run_dir], stats[c.run_dir], n, resamples)  # against all the data
+            points.append(_point(c, p))
+            if r.data_needs is None and (c.value >= r.value or p >= 0.05):
+                r.data_needs = c.train_examples
+        if points:
+            learning[r.method] = points + [_point(r, None)]
+            r.data_needs = r.data_needs or r.train_examples
     return {"task": task, "metric": best.metric, "test_examples": n, "best": best.method,
-            "methods": [asdict(r) for r in results], "verdict": verdict(results, best)}
+            "methods": [asdict(r) for r in results], "learning_curve": learning, "verdict": verdict(results, best)}
+
+
+def _point(r: MethodResult, p_vs_all_data: float | None) -> dict[str, Any]:
+    """One point of a learning curve: training examples, the metric with its interval, the paired
+    p-value against the same method on all the data, the training time."""
+    return {"train_examples": r.train_examples, "value": r.value, "low": r.low, "high": r.high,
+            "p_vs_all_data": p_vs_all_data, "train_seconds": r.train_seconds, "run_dir": r.run_dir}
 
 
 def _stat(run_dir: Path, task: str, metric: str) -> tuple[M.Stat, int]:
@@ -150,14 +203,16 @@ def verdict(results: list[MethodResult], best: MethodResult) -> str:
         significant = r.p_vs_best is not None and r.p_vs_best < 0.05
         line = (f"{r.method}: {r.value:.3f}, " + (f"significantly lower (paired bootstrap p={_pval(r.p_vs_best)})"
                 if significant else f"not significantly different (p={_pval(r.p_vs_best)})"))
-        cost = []
-        if best.train_seconds > 0 and r.train_seconds > 0:
-            cost.append(f"{r.train_seconds / best.train_seconds:.1f}x the training time")
-        if best.artifact_mib > 0:
-            cost.append(f"{r.artifact_mib / best.artifact_mib:.2g}x the artifact size")
-        if best.examples_per_s > 0:
-            cost.append(f"{r.examples_per_s / best.examples_per_s:.2g}x the inference speed")
-        words.append(line + (f"; {', '.join(cost)} of {best.method}." if cost else "."))
+        cost = [f"training {_seconds(r.train_seconds)} vs {_seconds(best.train_seconds)}",
+                f"{_size(r.artifact_mib)} vs {_size(best.artifact_mib)} on disk"]
+        if r.latency_ms is not None and best.latency_ms is not None:
+            cost.append(f"{r.latency_ms:.0f} vs {best.latency_ms:.0f} ms per answer")
+        words.append(f"{line}; {', '.join(cost)}.")
+    needs = [r for r in results if r.data_needs is not None]
+    if needs:
+        words.append("Data needs (fewest training examples not significantly below all the data): "
+                     + ", ".join(f"{r.method} {r.data_needs:,}" + (" (all of them)" if r.data_needs == r.train_examples else "")
+                                 for r in needs) + ".")
     over = [r for r in results if r.gap is not None and r.final_train_loss and r.gap > 0.5 * r.final_train_loss]
     if over:
         words.append("Signs of overfitting (validation loss well above training loss at the end): "
@@ -167,25 +222,67 @@ def verdict(results: list[MethodResult], best: MethodResult) -> str:
     return " ".join(words)
 
 
+def _seconds(s: float) -> str:
+    return "none" if s == 0 else f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _size(mib: float) -> str:
+    b = mib * 2**20
+    return (f"{b:.0f} bytes" if b < 1024 else f"{b / 1024:.0f} kB" if b < 2**20 else f"{mib:.0f} MB" if mib < 1024
+            else f"{mib / 1024:.1f} GB")
+
+
 def table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The comparison's column names and one row of formatted cells per method (Markdown and HTML)."""
+    needs = any(r.get("data_needs") is not None for r in doc["methods"])
     header = ["method", f"{doc['metric']} [95% CI]", "p vs best", "base", "trainable params", "train time",
-              "train tok/s", "peak RSS MiB", "inference ex/s", "artifact MiB", "train loss", "val loss", "gap"]
+              "train tok/s", "peak RSS MiB", "latency ms (p95)", "batched ex/s", "batched tok/s", "artifact MiB",
+              "train loss", "val loss", "gap"] + (["data needs"] if needs else [])
     rows = [[r["method"], f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]", _pval(r["p_vs_best"]),
              _num(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
-             _num(r["tokens_per_s"], ".0f"), _num(r["peak_rss_mib"], ".0f"), f"{r['examples_per_s']:.2f}",
+             _num(r["tokens_per_s"], ".0f"), _num(r["peak_rss_mib"], ".0f"),
+             "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ({r['latency_p95_ms']:.0f})",
+             f"{r['examples_per_s']:.2f}", _num(r.get("inference_tokens_per_s"), ".0f"),
              f"{r['artifact_mib']:.2f}", _num(r["final_train_loss"], ".3f"), _num(r["final_val_loss"], ".3f"),
-             _num(r["gap"], "+.3f")] for r in doc["methods"]]
+             _num(r["gap"], "+.3f")] + ([_needs(r)] if needs else []) for r in doc["methods"]]
+    return header, rows
+
+
+def learning_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The learning curve as a table: one row per method, one column per training-set size."""
+    curves = doc.get("learning_curve") or {}
+    if not curves:
+        return None
+    sizes = sorted({p["train_examples"] for points in curves.values() for p in points})
+    header = ["method"] + [f"{n:,} examples" for n in sizes]
+    rows = []
+    for method, points in curves.items():
+        at = {p["train_examples"]: p for p in points}
+        rows.append([method] + [f"{at[n]['value']:.4f} [{at[n]['low']:.4f}, {at[n]['high']:.4f}]"
+                                + ("" if at[n]["p_vs_all_data"] is None else f" p={_pval(at[n]['p_vs_all_data'])}")
+                                if n in at else "-" for n in sizes])
     return header, rows
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    """The comparison as a Markdown table, then the verdict."""
+    """The comparison as a Markdown table, the learning curve when measured, then the verdict."""
     header, rows = table(doc)
-    lines = [f"Methods compared on {doc['test_examples']} test examples", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = [f"Methods compared on {doc['test_examples']} test examples", "", *_md(header, rows)]
+    learning = learning_table(doc)
+    if learning:
+        lines += ["", f"Test {doc['metric']} by training-set size (p: against the same method on all the data)", "",
+                  *_md(*learning)]
     return "\n".join(lines + ["", doc["verdict"]])
+
+
+def _md(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _needs(r: dict[str, Any]) -> str:
+    if r.get("data_needs") is None:
+        return "-"
+    return f"{r['data_needs']:,}" + (" (all)" if r["data_needs"] == r.get("train_examples") else "")
 
 
 def _pval(p: float | None) -> str:

@@ -151,6 +151,7 @@ class EvalConfig:
     label_scoring: str = "sum"  # sum | mean: label log-likelihood summed, or per token
     classify_by: str = "scoring"  # scoring | generation: score each label, or parse a free answer
     bootstrap_resamples: int = 1000  # for 95% intervals and paired p-values
+    latency_examples: int = 32  # tuned model answers this many test examples one at a time (ms each); 0 = skip
 
 
 @dataclass
@@ -285,6 +286,7 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.eval.classify_by in ("scoring", "generation"),
           f"eval.classify_by: {cfg.eval.classify_by!r} is not one of scoring, generation")
     check(cfg.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples: must be >= 100")
+    check(cfg.eval.latency_examples >= 0, "eval.latency_examples: must be >= 0 (0 skips the latency measurement)")
     return p
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -27,21 +29,23 @@ from tunesmith.train import evaluate_loss, target_logprob_per_row
 
 
 def loss_metrics(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_seq_len: int,
-                 batch_size: int, bf16: bool) -> dict[str, float]:
-    """Mean loss per target token and perplexity on each example's final assistant turn."""
-    encoded, _ = encode_all(tokenizer, examples, max_seq_len, last_turn_only=True)
+                 batch_size: int, bf16: bool) -> tuple[dict[str, float], int]:
+    """Mean loss per target token and perplexity on each example's final assistant turn, and the
+    number of tokens read."""
+    encoded, stats = encode_all(tokenizer, examples, max_seq_len, last_turn_only=True)
     loss = evaluate_loss(model, encoded, batch_size, tokenizer.pad_token_id, bf16)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}, stats["tokens"]
 
 
 @torch.no_grad()
 def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Example], label_words: dict[str, str],
                    max_seq_len: int, batch_size: int, bf16: bool,
-                   progress: Progress | None = None, normalize: str = "sum") -> tuple[list[str], float]:
+                   progress: Progress | None = None, normalize: str = "sum") -> tuple[list[str], float, int]:
     """The most likely label of each example, by the log-probability of its words: summed
     (``normalize="sum"``) or per token (``"mean"``).
 
-    Also returns the loss per target token of the true labels, from the same forward passes.
+    Also returns the loss per target token of the true labels, from the same forward passes, and
+    the number of tokens read (every label's candidate counts: that is the work done).
     """
     model.eval()
     dev = next(model.parameters()).device
@@ -69,14 +73,15 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
     true = torch.tensor([keys.index(ex.label) for ex in examples]).unsqueeze(1)  # (E, 1)
     loss = float(-scores.gather(1, true).sum() / counts.gather(1, true).sum().clamp(min=1))
     ranking = scores / counts.clamp(min=1) if normalize == "mean" else scores
-    return [keys[j] for j in ranking.argmax(dim=1).tolist()], loss
+    return [keys[j] for j in ranking.argmax(dim=1).tolist()], loss, sum(len(c.input_ids) for c in candidates)
 
 
 @torch.no_grad()
 def predict_with_head(model: torch.nn.Module, tokenizer: Any, examples: list[Example], labels: list[str],
                       max_seq_len: int, batch_size: int, bf16: bool,
-                      progress: Progress | None = None) -> tuple[list[str], float]:
-    """Predictions of a sequence-classification head, and its mean cross-entropy on the true labels."""
+                      progress: Progress | None = None) -> tuple[list[str], float, int]:
+    """Predictions of a sequence-classification head, its mean cross-entropy on the true labels,
+    and the number of tokens read."""
     model.eval()
     dev = next(model.parameters()).device
     index = {k: i for i, k in enumerate(labels)}
@@ -95,7 +100,7 @@ def predict_with_head(model: torch.nn.Module, tokenizer: Any, examples: list[Exa
             preds[j] = labels[k]
         if progress is not None:
             progress.update(task, advance=len(idx))
-    return preds, loss / max(len(encoded), 1)
+    return preds, loss / max(len(encoded), 1), sum(len(e.input_ids) for e in encoded)
 
 
 INVALID = "<invalid>"
@@ -114,41 +119,98 @@ def parse_label(answer: str, label_words: dict[str, str]) -> str:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_new_tokens: int,
-             batch_size: int, bf16: bool, progress: Progress | None = None) -> list[str]:
-    """Greedy replies to each example's conversation up to its last assistant turn."""
+             batch_size: int, bf16: bool, progress: Progress | None = None) -> tuple[list[str], int]:
+    """Greedy replies to each example's conversation up to its last assistant turn, and the number
+    of tokens read and written (prompt tokens, then each reply up to its end-of-turn token)."""
     model.eval()
     dev = next(model.parameters()).device
     prompts = [render(tokenizer, ex.messages[: _last_answer(ex)], add_generation_prompt=True) for ex in examples]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
     task = progress.add_task("generating", total=len(prompts), info="") if progress else None
-    out = []
+    out, tokens = [], 0
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
             with runtime.autocast(dev, bf16):
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+            tokens += int(enc["attention_mask"].sum()) + _reply_tokens(new, tokenizer.eos_token_id)
             if progress is not None:
                 progress.update(task, advance=len(prompts[i : i + batch_size]))
     finally:
         tokenizer.padding_side = side
-    return [s.strip() for s in out]
+    return [s.strip() for s in out], tokens
+
+
+def _reply_tokens(new: torch.Tensor, eos: int | None) -> int:
+    """Tokens generated per row up to and including the first end token (padding after it excluded)."""
+    if eos is None or new.shape[1] == 0:
+        return new.numel()
+    ended = new == eos
+    first = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full_like(ended[:, 0], new.shape[1], dtype=torch.long))
+    return int(first.sum())
 
 
 @dataclass
 class Evaluation:
     """One model's results on a test set: ``metrics`` (JSON-ready, each headline metric with a
-    95% bootstrap interval under ``ci``), the predictions, and the resamplable metric functions
-    (``stats``) that paired comparisons with another model need."""
+    95% bootstrap interval under ``ci``), the predictions, the resamplable metric functions
+    (``stats``) that paired comparisons with another model need, and the tokens the model read
+    and wrote (None for a remote model)."""
 
     metrics: dict[str, Any]
     predictions: list[str]
     stats: dict[str, M.Stat] = field(default_factory=dict)
+    tokens: int | None = None
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer: Any, examples: list[Example], task: str,
+@dataclass
+class Predicted:
+    """What a model answered: labels (classification) or texts, the metrics that come with the way
+    of answering (loss, perplexity, invalid-answer rate), and the tokens read and written."""
+
+    outputs: list[str]
+    metrics: dict[str, Any]
+    tokens: int | None
+
+
+def predict(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
+            label_words: dict[str, str], max_seq_len: int, batch_size: int, max_new_tokens: int, bf16: bool,
+            progress: Progress | None = None, label_scoring: str = "sum", classify_by: str = "scoring",
+            head: bool = False, with_loss: bool = True) -> Predicted:
+    """The model's answer to every example, as ``evaluate_model`` scores it. ``with_loss=False``
+    skips the separate loss pass that free generation otherwise adds (for timing answers alone)."""
+    if isinstance(model, ApiModel):
+        before = model.tokens
+        answers = _ask(model, examples, max_new_tokens, progress)
+        tokens = (model.tokens - before) or None  # when the endpoint reports usage
+        if task != "classification":
+            return Predicted([a.strip() for a in answers], {}, tokens)
+        preds = [parse_label(a, label_words) for a in answers]
+        return Predicted(preds, {"invalid_rate": _invalid_rate(preds)}, tokens)
+    if task == "classification" and (head or classify_by == "scoring"):
+        if head:
+            preds, loss, tokens = predict_with_head(model, tokenizer, examples, list(label_words), max_seq_len,
+                                                    batch_size, bf16, progress)
+        else:
+            preds, loss, tokens = predict_labels(model, tokenizer, examples, label_words, max_seq_len, batch_size, bf16,
+                                                 progress, label_scoring)
+        return Predicted(preds, {"loss": loss, "perplexity": math.exp(min(loss, 50))}, tokens)
+    texts, tokens = generate(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress)
+    metrics: dict[str, Any] = {}
+    if with_loss:
+        metrics, read = loss_metrics(model, tokenizer, examples, max_seq_len, batch_size, bf16)
+        tokens += read
+    if task != "classification":
+        return Predicted(texts, metrics, tokens)
+    preds = [parse_label(a, label_words) for a in texts]
+    return Predicted(preds, metrics | {"invalid_rate": _invalid_rate(preds)}, tokens)
+
+
+def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
                    label_words: dict[str, str], max_seq_len: int, batch_size: int, max_new_tokens: int,
                    bf16: bool, progress: Progress | None = None, label_scoring: str = "sum",
                    classify_by: str = "scoring", resamples: int = M.RESAMPLES, head: bool = False) -> Evaluation:
@@ -158,55 +220,69 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
     An ``ApiModel`` (a remote endpoint) answers freely; its answers are parsed (classification)
     or scored as generations, with no loss (an API gives no log-likelihoods to compare).
     """
-    refs = [reference(ex) for ex in examples]
-    if isinstance(model, ApiModel):
-        return _evaluate_api(model, examples, refs, task, label_words, max_new_tokens, progress, resamples)
-    metrics: dict[str, Any]
+    p = predict(model, tokenizer, examples, task, label_words, max_seq_len, batch_size, max_new_tokens, bf16,
+                progress, label_scoring, classify_by, head)
+    return scored(p.metrics, p.outputs, [reference(ex) for ex in examples], task, label_words, resamples, p.tokens)
+
+
+def scored(metrics: dict[str, Any], preds: list[str], refs: list[str], task: str, label_words: dict[str, str],
+           resamples: int = M.RESAMPLES, tokens: int | None = None) -> Evaluation:
+    """An ``Evaluation`` of ``preds`` against ``refs``: the task's metrics added to ``metrics``, each
+    headline metric with its 95% bootstrap interval."""
+    metrics = dict(metrics)
     if task == "classification":
-        if head:
-            preds, loss = predict_with_head(model, tokenizer, examples, list(label_words), max_seq_len, batch_size, bf16,
-                                            progress)
-            metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-        elif classify_by == "generation":
-            answers = generate(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress)
-            preds = [parse_label(a, label_words) for a in answers]
-            metrics = loss_metrics(model, tokenizer, examples, max_seq_len, batch_size, bf16)
-            metrics["invalid_rate"] = sum(p == INVALID for p in preds) / max(len(preds), 1)
-        else:
-            preds, loss = predict_labels(model, tokenizer, examples, label_words, max_seq_len, batch_size, bf16,
-                                         progress, label_scoring)
-            metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         metrics |= M.classification(refs, preds, list(label_words))
         stats = M.classification_stats(refs, preds, list(label_words))
     else:
-        metrics = loss_metrics(model, tokenizer, examples, max_seq_len, batch_size, bf16)
-        preds = generate(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress)
         values, stats = M.generation(refs, preds)
         metrics |= values
-    return _finish(metrics, preds, stats, resamples)
+    metrics["ci"] = {k: [v["low"], v["high"]] for k, v in M.with_intervals(metrics, stats, len(preds), resamples).items()}
+    return Evaluation(metrics, preds, stats, tokens)
 
 
-def _evaluate_api(model: ApiModel, examples: list[Example], refs: list[str], task: str, label_words: dict[str, str],
-                  max_new_tokens: int, progress: Progress | None, resamples: int) -> Evaluation:
+def latency(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
+            label_words: dict[str, str], max_seq_len: int, max_new_tokens: int, bf16: bool, label_scoring: str = "sum",
+            classify_by: str = "scoring", head: bool = False, progress: Progress | None = None) -> dict[str, float]:
+    """Milliseconds to answer one example on its own (batch size 1, as a user waiting for a reply
+    sees it), over ``examples`` after one untimed warm-up: median, 95th percentile and the count.
+
+    A remote model is not asked again (requests cost money): its figures are the wall times of
+    the requests it has answered so far, each made as part of the concurrent evaluation.
+    """
+    if isinstance(model, ApiModel):
+        times = model.request_ms
+        return _summary(times) if times else {}
+    bar = progress.add_task("latency, one at a time", total=len(examples), info="") if progress else None
+
+    def once(ex: Example) -> float:
+        t0 = time.perf_counter()
+        predict(model, tokenizer, [ex], task, label_words, max_seq_len, 1, max_new_tokens, bf16, None,
+                label_scoring, classify_by, head, with_loss=False)
+        return 1000 * (time.perf_counter() - t0)
+
+    if not examples:
+        return {}
+    once(examples[0])
+    times = []
+    for ex in examples:
+        times.append(once(ex))
+        if progress is not None:
+            progress.update(bar, advance=1)
+    return _summary(times)
+
+
+def _summary(times_ms: list[float]) -> dict[str, float]:
+    return {"median_ms": float(np.median(times_ms)), "p95_ms": float(np.percentile(times_ms, 95)), "examples": len(times_ms)}
+
+
+def _ask(model: ApiModel, examples: list[Example], max_new_tokens: int, progress: Progress | None) -> list[str]:
     bar = progress.add_task(f"asking {model.name}", total=len(examples), info="") if progress else None
     tick = (lambda: progress.update(bar, advance=1)) if progress is not None else None
-    answers = model.chat_many([ex.messages[: _last_answer(ex)] for ex in examples], max_new_tokens, tick)
-    if task == "classification":
-        preds = [parse_label(a, label_words) for a in answers]
-        metrics: dict[str, Any] = {"invalid_rate": sum(p == INVALID for p in preds) / max(len(preds), 1)}
-        metrics |= M.classification(refs, preds, list(label_words))
-        stats = M.classification_stats(refs, preds, list(label_words))
-    else:
-        preds = [a.strip() for a in answers]
-        metrics, stats = M.generation(refs, preds)
-    return _finish(metrics, preds, stats, resamples)
+    return model.chat_many([ex.messages[: _last_answer(ex)] for ex in examples], max_new_tokens, tick)
 
 
-def _finish(metrics: dict[str, Any], preds: list[str], stats: dict[str, M.Stat], resamples: int) -> Evaluation:
-    """Add the 95% bootstrap interval of every resamplable metric."""
-    n = len(preds)
-    metrics["ci"] = {k: [v["low"], v["high"]] for k, v in M.with_intervals(metrics, stats, n, resamples).items()}
-    return Evaluation(metrics, preds, stats)
+def _invalid_rate(preds: list[str]) -> float:
+    return sum(p == INVALID for p in preds) / max(len(preds), 1)
 
 
 def _last_answer(ex: Example) -> int:

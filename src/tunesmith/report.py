@@ -155,6 +155,8 @@ def write_report(run_dir: Path) -> Path:
             for m, b, t, d in metrics_table(evaluation)
         )
         parts.append(f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{rows}</table>")
+        parts.append(speed_section(evaluation))
+        parts.append(per_class_section(evaluation))
     if history:
         img = base64.b64encode(loss_curve_png(history)).decode()
         parts.append(f"<h2>Training</h2><img alt='Loss curves' src='data:image/png;base64,{img}'>")
@@ -173,25 +175,112 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
+def speed_section(evaluation: dict[str, Any]) -> str:
+    """Inference cost of each model: the batched evaluation's throughput and the tuned model's latency."""
+    rows = []
+    for side in ("base", "tuned"):
+        e = evaluation.get(side) or {}
+        if "seconds" not in e:
+            continue
+        lat = e.get("latency") or {}
+        rows.append(f"<tr><td>{side}</td><td>{e['seconds']:.1f} s</td><td>{e['examples_per_s']:.2f}</td>"
+                    f"<td>{_fmt_opt(e.get('tokens_per_s'), '.0f')}</td>"
+                    f"<td>{_fmt_opt(lat.get('median_ms'), '.0f')}</td><td>{_fmt_opt(lat.get('p95_ms'), '.0f')}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Inference speed</h2><table><tr><th>model</th><th>batched evaluation</th><th>examples/s</th>"
+            "<th>tokens/s</th><th>latency ms, median (one at a time)</th><th>latency ms, p95</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def per_class_section(evaluation: dict[str, Any]) -> str:
+    """Per-class precision/recall/F1 of base and tuned, and both confusion matrices as a plot."""
+    tuned, base = evaluation.get("tuned") or {}, evaluation.get("base") or {}
+    if "per_class" not in tuned:
+        return ""
+    words = evaluation.get("label_words") or {}
+    cells = "".join(f"<th>{side} {k}</th>" for side in ("base", "tuned") if side == "tuned" or "per_class" in base
+                    for k in ("precision", "recall", "F1"))
+    rows = []
+    for label, t in tuned["per_class"].items():
+        sides = ([base["per_class"].get(label, {})] if "per_class" in base else []) + [t]
+        vals = "".join(f"<td>{_fmt_opt(side.get(k), '.3f')}</td>" for side in sides for k in ("precision", "recall", "f1"))
+        rows.append(f"<tr><td>{html.escape(words.get(label, label))}</td><td>{t['support']}</td>{vals}</tr>")
+    out = (f"<h2>Per class</h2><table><tr><th>class</th><th>test examples</th>{cells}</tr>{''.join(rows)}</table>")
+    png = confusion_png({side: e["confusion"] for side, e in (("base", base), ("tuned", tuned)) if "confusion" in e}, words)
+    return out + f"<img alt='Confusion matrices' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+def confusion_png(matrices: dict[str, dict[str, Any]], words: dict[str, str]) -> bytes:
+    """Confusion matrices side by side (rows: true class, columns: predicted; counts in the cells)."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices) + 0.6, 3.4), dpi=110, squeeze=False)
+    for ax, (side, cm) in zip(axes[0], matrices.items()):
+        m = cm["matrix"]
+        names = [words.get(k, k) for k in cm["labels"]]
+        ax.imshow(m, cmap="Blues", vmin=0)
+        top = max((v for row in m for v in row), default=0)
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "#222")
+        ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"Confusion matrix: {side}")
+    return _png(fig)
+
+
+def _fmt_opt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
     """Write ``compare.html``: the measured table, overlaid loss curves, the metric with error
     bars, and cost against quality, then the verdict."""
-    from tunesmith.compare import table  # the table's columns live in one place
+    from tunesmith.compare import learning_table, table  # the tables' columns live in one place
 
     metric, rows = doc["metric"], doc["methods"]
-    header, cells = table(doc)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
     parts = [f"<h1>tunesmith: methods compared on {doc['test_examples']} test examples</h1>",
-             f"<p class='verdict'>{html.escape(doc['verdict'])}</p>", f"<table><tr>{head}</tr>{body}</table>"]
+             f"<p class='verdict'>{html.escape(doc['verdict'])}</p>", _html_table(*table(doc))]
+    curves = doc.get("learning_curve") or {}
+    base = next((r["base_value"] for r in rows if r["base_value"] is not None), None)
     for title, png in (("Loss curves", compare_curves_png(rows)), (f"Test {metric}", metric_bars_png(rows, metric)),
-                       ("Cost and quality", cost_quality_png(rows, metric))):
+                       ("Cost and quality", cost_quality_png(rows, metric)),
+                       ("Data needs", learning_curve_png(curves, metric, base) if curves else None)):
         if png is not None:
             parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                          f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    learning = learning_table(doc)
+    if learning:
+        parts.append(f"<p>Test {html.escape(metric)} by training-set size, with the paired bootstrap p-value against "
+                     "the same method trained on all the data (same recipe and steps).</p>" + _html_table(*learning))
     out = Path(out_dir) / "compare.html"
     atomic_write_text(out, _PAGE.format(title="method comparison", body="\n".join(parts)))
     return out
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
+
+
+def learning_curve_png(curves: dict[str, list[dict[str, Any]]], metric: str, base: float | None) -> bytes:
+    """Test metric against training examples (log scale) per method, with 95% intervals."""
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for method, points in curves.items():
+        xs, ys = [p["train_examples"] for p in points], [p["value"] for p in points]
+        err = [[p["value"] - p["low"] for p in points], [p["high"] - p["value"] for p in points]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, linewidth=1.6, label=method, color=COLORS.get(method))
+    if base is not None:
+        ax.axhline(base, color="#444", linestyle="--", linewidth=1, label=f"base model {base:.3f}")
+    ax.set_xscale("log")
+    ax.set_title(f"Data needs: test {metric} by training-set size")
+    ax.set_xlabel("training examples (log scale)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
 
 
 COLORS = {"prompt": "#8172b3", "lora": "#4c72b0", "full": "#dd8452"}
@@ -278,6 +367,7 @@ th {{ background: #f3f3f3; }}
 td.good {{ color: #1a7f37; font-weight: bold; }} td.bad {{ color: #cf222e; font-weight: bold; }}
 pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
 img {{ max-width: 100%; }}
+div.wide {{ overflow-x: auto; }} div.wide table {{ font-size: 0.9em; }}
 </style></head><body>
 {body}
 </body></html>

@@ -20,13 +20,13 @@ from rich.table import Table
 
 from tunesmith import methods, runtime
 from tunesmith.api import ApiModel
-from tunesmith.config import Config, load_config, save_config
+from tunesmith.config import Config, ConfigError, load_config, save_config
 from tunesmith.data import Example, encode_all, encode_for_head
 from tunesmith.data.prepare import load_splits
-from tunesmith.evaluate import Evaluation, compare, evaluate_model, reference
-from tunesmith.io import atomic_write_json, atomic_write_jsonl
+from tunesmith.evaluate import Evaluation, compare, evaluate_model, latency, reference, scored
+from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import is_causal_lm, load_classifier, load_model, resolve_model
-from tunesmith.report import metrics_table, write_report
+from tunesmith.report import load_json, metrics_table, write_report
 from tunesmith.train import latest_checkpoint, result_dict, train
 
 
@@ -45,8 +45,12 @@ class Run:
 
 
 def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_step: int | None = None,
-             console: Console | None = None) -> Run:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``, then evaluate against the base."""
+             console: Console | None = None, base_from: Path | None = None) -> Run:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``, then evaluate against the base.
+
+    ``base_from``: a finished run on the same model, test split and evaluation settings whose base
+    model results are reused instead of evaluating the base again (see ``evaluate_run``).
+    """
     console = console or Console()
     run_dir = cfg.run_dir
     trained = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
@@ -92,7 +96,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         summary = {"steps": 0, "train_seconds": 0.0, "trainable_parameters": 0, "total_parameters": total}
         atomic_write_json(run_dir / "train_result.json", summary)
         del model
-        return Run(run_dir, cfg, summary, evaluate_run(run_dir, console=console))
+        return Run(run_dir, cfg, summary, evaluate_run(run_dir, console=console, base_from=base_from))
     console.print(f"[bold]method[/bold] {cfg.method}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%); {len(train_set)} train / {len(val_set)} validation examples")
     train_cfg = cfg.train
@@ -107,7 +111,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         return Run(run_dir, cfg, summary, {})
     methods.save_final(model, tokenizer, cfg, run_dir)
     del model
-    evaluation = evaluate_run(run_dir, console=console)
+    evaluation = evaluate_run(run_dir, console=console, base_from=base_from)
     return Run(run_dir, cfg, summary, evaluation)
 
 
@@ -152,8 +156,16 @@ def prepare_data(cfg: Config, console: Console | None = None) -> Any:
     return prepared
 
 
-def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
-    """Evaluate a finished run's tuned model (and its base) on the test split; write eval.json and report.html."""
+def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from: Path | None = None) -> dict[str, Any]:
+    """Evaluate a finished run's tuned model (and its base) on the test split; write eval.json,
+    predictions.jsonl and report.html.
+
+    Records for each model the seconds, examples/s and tokens/s of the batched evaluation, and for
+    the tuned model its latency: milliseconds to answer one example alone (``eval.latency_examples``).
+    ``base_from``: another run folder whose base-model results are reused when they were made on
+    the same test examples with the same model and evaluation settings (``compare`` evaluates the
+    base once); otherwise the base is evaluated here.
+    """
     console = console or Console()
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -170,7 +182,13 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[st
     test = splits.test
     base.to(dev)
     results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32"}
+    if cfg.task == "classification":
+        results["label_words"] = dict(cfg.data.labels)
     evals: dict[str, Evaluation] = {}
+    reused = _reused_base(Path(base_from), cfg, test) if base_from and cfg.eval.compare_with_base else None
+    if reused is not None:
+        evals["base"], results["base"] = reused, reused.metrics | {"reused_from": str(base_from)}
+        console.print(f"base model: results reused from {base_from} (same model, test split and settings)")
     with _progress(console) as progress:
         def run_eval(name: str, model: torch.nn.Module | ApiModel, questions: list[Example] = test) -> None:
             t0 = time.perf_counter()
@@ -179,9 +197,16 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[st
                                          e.batch_size, e.max_new_tokens, bf16, progress, e.label_scoring, e.classify_by,
                                          e.bootstrap_resamples, head=head)
             seconds = time.perf_counter() - t0
-            results[name] = evals[name].metrics | {"seconds": seconds, "examples_per_s": len(questions) / max(seconds, 1e-9)}
+            tokens = evals[name].tokens
+            results[name] = evals[name].metrics | {
+                "seconds": seconds, "examples_per_s": len(questions) / max(seconds, 1e-9),
+                "tokens_per_s": tokens / max(seconds, 1e-9) if tokens else None}
+            if name == "tuned" and e.latency_examples:
+                results[name]["latency"] = latency(model, tokenizer, questions[: e.latency_examples], cfg.task,
+                                                   cfg.data.labels, cfg.train.max_seq_len, e.max_new_tokens, bf16,
+                                                   e.label_scoring, e.classify_by, head, progress)
 
-        if cfg.eval.compare_with_base:
+        if cfg.eval.compare_with_base and reused is None:
             run_eval("base", base)
         if cfg.method == "prompt":  # the base model (or a remote one), asked with the prompt method's shots
             asked = ApiModel(cfg.prompt.api) if cfg.prompt.api.base_url else base
@@ -203,6 +228,29 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None) -> dict[st
     write_report(run_dir)
     print_table(results, console)
     return results
+
+
+def _reused_base(source: Path, cfg: Config, test: list[Example]) -> Evaluation | None:
+    """The base model's evaluation from run folder ``source``, if it was made on exactly these test
+    examples with the same model and settings that decide its answers; None otherwise."""
+    try:
+        theirs = load_config(source / "config.yaml")
+        ev = load_json(source / "eval.json")
+        rows = read_jsonl(source / "predictions.jsonl")
+    except (OSError, ValueError, ConfigError):
+        return None
+    same = (theirs.model == cfg.model and theirs.task == cfg.task and theirs.classifier == cfg.classifier
+            and dataclasses.replace(theirs.data, max_train_examples=None) == dataclasses.replace(cfg.data, max_train_examples=None)
+            and theirs.train.max_seq_len == cfg.train.max_seq_len
+            and theirs.train.precision == cfg.train.precision and theirs.train.seed == cfg.train.seed
+            and dataclasses.replace(theirs.eval, bootstrap_resamples=0, latency_examples=0, batch_size=0)
+            == dataclasses.replace(cfg.eval, bootstrap_resamples=0, latency_examples=0, batch_size=0))
+    refs = [reference(ex) for ex in test]
+    if not same or "base" not in ev or [r.get("reference") for r in rows] != refs or any("base" not in r for r in rows):
+        return None
+    evaluation = scored({}, [r["base"] for r in rows], refs, cfg.task, cfg.data.labels, cfg.eval.bootstrap_resamples)
+    evaluation.metrics = ev["base"]  # as measured there (loss, timing); the statistics above are for paired tests
+    return evaluation
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:

@@ -69,13 +69,18 @@ def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Spl
 
 
 def _cap(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """A seeded random subset of ``n`` examples (all when ``n`` is None or larger)."""
+    """A seeded random subset of ``n`` examples (all when ``n`` is None or larger), in file order.
+
+    Subsets are nested: with the same seed, the first 16 are among the first 64 (a learning curve
+    then adds data rather than swapping it).
+    """
     import random
 
     if not n or n >= len(examples):
         return examples
-    idx = sorted(random.Random(seed + 1).sample(range(len(examples)), n))
-    return [examples[i] for i in idx]
+    order = list(range(len(examples)))
+    random.Random(seed + 1).shuffle(order)
+    return [examples[i] for i in sorted(order[:n])]
 
 
 @dataclass
@@ -155,8 +160,12 @@ def _row_problem(rec: dict[str, Any], layout: Any, cfg: Config, weak_labels: boo
 
 
 def content_hash(cfg: Config) -> str:
-    """A hash of the input files' bytes and the data settings: equal hashes, equal prepared data."""
-    h = hashlib.sha256(json.dumps({"data": dataclasses.asdict(cfg.data), "task": cfg.task, "model": cfg.model,
+    """A hash of the input files' bytes and the data settings: equal hashes, equal prepared data.
+
+    The ``max_*_examples`` caps are left out: they are applied when loading, not when preparing.
+    """
+    settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if not (k.startswith("max_") and k.endswith("_examples"))}
+    h = hashlib.sha256(json.dumps({"data": settings, "task": cfg.task, "model": cfg.model,
                                    "seed": cfg.train.seed}, sort_keys=True).encode())
     for path in (cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.prepare.labeling_functions):
         if path and Path(path).is_file():

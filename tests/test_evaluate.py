@@ -1,0 +1,113 @@
+"""Inference cost (tokens, latency), base-model reuse between runs, data needs and the verdict's words."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tunesmith.compare import MethodResult, summarize, verdict
+from tunesmith.config import load_config
+from tunesmith.data import encode
+from tunesmith.data.formats import Example
+from tunesmith.data.render import render
+from tunesmith.evaluate import _reply_tokens, evaluate_model, latency
+from tunesmith.runs import finetune
+
+from test_cli import write_config
+
+LABELS = {"0": "negative", "1": "positive"}
+
+
+def ex(user, label):
+    msgs = [{"role": "system", "content": "Classify."}, {"role": "user", "content": user},
+            {"role": "assistant", "content": LABELS[label]}]
+    return Example(msgs, label=label)
+
+
+QUESTIONS = [ex("a funny film", "1"), ex("one long string of cliches", "0"), ex("lazy dog", "0")]
+
+
+def test_reply_tokens_stop_at_the_first_end_token():
+    new = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
+    assert _reply_tokens(new, 2) == 2 + 4 + 1
+    assert _reply_tokens(new, None) == 12
+
+
+def test_label_scoring_counts_every_candidate_token(tiny_model, tokenizer):
+    result = evaluate_model(tiny_model, tokenizer, QUESTIONS, "classification", LABELS, 64, 2, 4, False, resamples=100)
+    expected = sum(len(encode(tokenizer, Example(q.messages[:2] + [{"role": "assistant", "content": w}]), 64).input_ids)
+                   for q in QUESTIONS for w in LABELS.values())
+    assert result.tokens == expected
+
+
+def test_generation_counts_prompt_reply_and_loss_tokens(tiny_model, tokenizer):
+    result = evaluate_model(tiny_model, tokenizer, QUESTIONS, "classification", LABELS, 64, 2, 3, False,
+                            classify_by="generation", resamples=100)
+    prompts = sum(len(tokenizer(render(tokenizer, q.messages[:2], add_generation_prompt=True), add_special_tokens=False)
+                      ["input_ids"]) for q in QUESTIONS)
+    losses = sum(len(encode(tokenizer, q, 64).input_ids) for q in QUESTIONS)
+    assert prompts + losses + len(QUESTIONS) <= result.tokens <= prompts + losses + 3 * len(QUESTIONS)
+
+
+def test_latency_times_each_example_alone(tiny_model, tokenizer):
+    out = latency(tiny_model, tokenizer, QUESTIONS, "classification", LABELS, 64, 4, False)
+    assert out["examples"] == 3 and 0 < out["median_ms"] <= out["p95_ms"]
+    assert latency(tiny_model, tokenizer, [], "classification", LABELS, 64, 4, False) == {}
+
+
+def test_base_results_are_reused_only_under_the_same_settings(tmp_path, tiny_model_dir, sst_files):
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    cfg = load_config(path, ["eval.bootstrap_resamples=200"])
+    first = finetune(cfg)
+    same = finetune(load_config(path, ["eval.bootstrap_resamples=200", "name=again", "train.lr=1e-3"]), base_from=first.dir)
+    assert same.eval["base"]["reused_from"] == str(first.dir)
+    fresh = {k: v for k, v in first.eval["base"].items() if k not in ("seconds", "examples_per_s", "tokens_per_s")}
+    assert {k: v for k, v in same.eval["base"].items() if k in fresh} == fresh
+    assert same.eval["tuned_vs_base"].keys() == first.eval["tuned_vs_base"].keys()
+    other = finetune(load_config(path, ["eval.bootstrap_resamples=200", "name=other", "eval.label_scoring=mean"]),
+                     base_from=first.dir)
+    assert "reused_from" not in other.eval["base"]  # scored differently: the base is evaluated again
+    fewer = finetune(load_config(path, ["eval.bootstrap_resamples=200", "name=fewer", "data.max_test_examples=4"]),
+                     base_from=first.dir)
+    assert "reused_from" not in fewer.eval["base"] and fewer.eval["test_examples"] == 4
+
+
+def result(tmp_path, name, correct, n=200, train_examples=1000, **kw):
+    """A run folder whose predictions are right on the first ``correct`` of ``n`` test examples."""
+    folder = tmp_path / name
+    folder.mkdir()
+    rows = [{"reference": "1", "tuned": "1" if i < correct else "0"} for i in range(n)]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fields = dict(method="lora", run_dir=str(folder), metric="accuracy", value=correct / n, low=0.0, high=1.0,
+                  base_value=0.5, trainable_parameters=1, total_parameters=2, train_seconds=200.0, tokens_per_s=1.0,
+                  peak_rss_mib=1.0, peak_gpu_mib=None, eval_seconds=1.0, examples_per_s=1.0, inference_tokens_per_s=1.0,
+                  latency_ms=40.0, latency_p95_ms=50.0, train_examples=train_examples, artifact_mib=20.0,
+                  final_train_loss=0.3, final_val_loss=0.35, gap=0.05)
+    return MethodResult(**(fields | kw))
+
+
+def test_data_needs_is_the_smallest_size_not_significantly_below_all_data(tmp_path):
+    full = result(tmp_path, "all", 180)
+    curve = [result(tmp_path, "n10", 100, train_examples=10), result(tmp_path, "n100", 176, train_examples=100),
+             result(tmp_path, "n300", 179, train_examples=300)]
+    doc = summarize([full], "classification", 500, {"lora": curve})
+    points = doc["learning_curve"]["lora"]
+    assert [p["train_examples"] for p in points] == [10, 100, 300, 1000]
+    assert points[0]["p_vs_all_data"] < 0.01 and points[1]["p_vs_all_data"] >= 0.05
+    assert doc["methods"][0]["data_needs"] == 100
+    assert "Data needs (fewest training examples not significantly below all the data): lora 100." in doc["verdict"]
+
+    worse = [result(tmp_path, "w10", 100, train_examples=10)]
+    doc = summarize([result(tmp_path, "all2", 180)], "classification", 500, {"lora": worse})
+    assert doc["methods"][0]["data_needs"] == 1000 and "lora 1,000 (all of them)" in doc["verdict"]
+
+
+@pytest.mark.parametrize("mib,words", [(0.0009, "944 bytes"), (0.02, "20 kB"), (22.1, "22 MB"), (2048.0, "2.0 GB")])
+def test_verdict_states_costs_in_plain_units(tmp_path, mib, words):
+    best = result(tmp_path, "best", 190, method="lora")
+    other = result(tmp_path, "other", 150, method="prompt", train_seconds=0.0, artifact_mib=mib, latency_ms=90.0)
+    other.p_vs_best = 0.0001
+    text = verdict([best, other], best)
+    assert f"prompt: 0.750, significantly lower (paired bootstrap p=<0.001); training none vs 3.3 min, {words} vs 20 MB on disk, 90 vs 40 ms per answer." in text
+    assert "e-0" not in text
