@@ -256,8 +256,8 @@ def latency(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Ex
 
     def once(ex: Example) -> float:
         t0 = time.perf_counter()
-        predict(model, tokenizer, [ex], task, label_words, max_seq_len, 1, max_new_tokens, bf16, None,
-                label_scoring, classify_by, head, with_loss=False)
+        predict(model, tokenizer, [ex], task, label_words, max_seq_len, max(1, len(label_words)), max_new_tokens, bf16,
+                None, label_scoring, classify_by, head, with_loss=False)  # one example: its label candidates in one batch
         return 1000 * (time.perf_counter() - t0)
 
     if not examples:
