@@ -120,6 +120,16 @@ def test_compare_three_methods_end_to_end(tmp_path, tiny_model_dir, sst_files, c
     html = (folder / "compare.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "Cost and quality" in html and "Data needs" in html
     assert (folder / "compare.md").read_text().startswith("Methods compared on 6 test examples")
+    # --reuse: the nine finished runs are measured again, not rerun; a changed setting reruns that run only
+    (tmp_path / "runs" / "tiny-full-n8" / "eval.json").unlink()  # as if the comparison had been interrupted there
+    args = ["compare", str(path), "--methods", "prompt,lora,full", "--set", "eval.bootstrap_resamples=200",
+            "--data-sizes", "3,8", "--reuse"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished run") == 8 and "full on 8 training examples" in out
+    again = json.loads((folder / "compare.json").read_text())
+    assert [r["value"] for r in again["methods"]] == [r["value"] for r in doc["methods"]]
+    assert again["learning_curve"]["lora"] == doc["learning_curve"]["lora"]
 
 
 def test_compare_refuses_unknown_methods(tmp_path, tiny_model_dir, sst_files, capsys):

@@ -111,3 +111,20 @@ def test_verdict_states_costs_in_plain_units(tmp_path, mib, words):
     text = verdict([best, other], best)
     assert f"prompt: 0.750, significantly lower (paired bootstrap p=<0.001); training none vs 3.3 min, {words} vs 20 MB on disk, 90 vs 40 ms per answer." in text
     assert "e-0" not in text
+
+
+def test_the_same_config_gives_the_same_run_twice_in_one_process(tmp_path, tiny_model_dir, sst_files):
+    """LoRA's A matrices start random: they must come from the run's seed, not from whatever the
+    process drew before (a compare runs several methods in one process)."""
+    from safetensors.torch import load_file
+
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    runs = [finetune(load_config(path, [f"name={name}", "eval.latency_examples=0", "eval.bootstrap_resamples=100"]))
+            for name in ("a", "b")]
+    torch.rand(7)  # whatever happens in between
+    a, b = (load_file(r.dir / "adapter" / "adapter_model.safetensors") for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [(r.dir / "metrics.jsonl").read_text() for r in runs]
+    strip = [[{k: v for k, v in json.loads(x).items() if "second" not in k and "per_s" not in k and k != "mfu"}
+              for x in text.splitlines()] for text in lines]
+    assert strip[0] == strip[1]

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="prompt,lora,full", help="comma-separated: prompt, lora, full")
     p.add_argument("--data-sizes", default="", metavar="N,N,...",
                    help="also run every method on this many training examples (e.g. 64,256) to measure data needs")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure runs that already finished with exactly this config instead of running them again")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             doc = compare_methods(load_config(args.config, args.overrides), methods, console=console,
-                                  data_sizes=_sizes(args.data_sizes))
+                                  data_sizes=_sizes(args.data_sizes), reuse=args.reuse)
             print(markdown(doc))
             console.print(f"report: {Path(doc['dir']) / 'compare.html'}")
         elif args.verb == "demo":

@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from tunesmith import metrics as M
-from tunesmith.config import Config
+from tunesmith.config import Config, ConfigError, load_config
 from tunesmith.io import atomic_write_json, atomic_write_text, read_jsonl
 from tunesmith.methods import METHODS
 from tunesmith.report import load_json, write_compare_report
@@ -63,11 +63,13 @@ class MethodResult:
 
 
 def compare_methods(cfg: Config, method_names: list[str], console: Console | None = None,
-                    data_sizes: list[int] | None = None) -> dict[str, Any]:
+                    data_sizes: list[int] | None = None, reuse: bool = False) -> dict[str, Any]:
     """Run every method in ``method_names`` on ``cfg``'s data; measure, compare, write the reports.
 
     ``data_sizes``: also run every method on that many training examples (nested seeded subsets)
-    to measure each method's data needs.
+    to measure each method's data needs. ``reuse``: a run folder that already holds a finished
+    run of exactly the same config is measured as it is instead of run again (to continue an
+    interrupted comparison, or to add data sizes or methods later).
     """
     console = console or Console()
     unknown = [m for m in method_names if m not in METHODS]
@@ -84,7 +86,12 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
         c.method, c.name = method, f"{cfg.name}-{method}" + (f"-n{size}" if size else "")
         if size:
             c.data.max_train_examples = size
-        if first is not None and not (c.run_dir / "data").exists():  # the same splits for every method
+        if reuse and _finished(c):
+            console.print(f"[bold]{c.name}[/bold]: reusing the finished run in {c.run_dir} (same config)")
+            first = first or c.run_dir
+            return measure(c.run_dir, cfg.task, method)
+        if first is not None:  # the same splits for every method (an older run's data folder is replaced)
+            shutil.rmtree(c.run_dir / "data", ignore_errors=True)
             shutil.copytree(first / "data", c.run_dir / "data")
         console.rule(f"[bold]{method}" + (f" on {size:,} training examples" if size else ""))
         done = finetune(c, overwrite=True, console=console, base_from=first)
@@ -107,6 +114,17 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
     atomic_write_text(out_dir / "compare.md", markdown(doc) + "\n")
     write_compare_report(out_dir, doc)
     return doc | {"dir": str(out_dir)}
+
+
+def _finished(cfg: Config) -> bool:
+    """Whether ``cfg.run_dir`` holds an evaluated run made with exactly ``cfg``."""
+    folder = cfg.run_dir
+    if not all((folder / f).is_file() for f in ("config.yaml", "eval.json", "predictions.jsonl", "train_result.json")):
+        return False
+    try:
+        return load_config(folder / "config.yaml") == cfg
+    except ConfigError:
+        return False
 
 
 def headline_metric(task: str) -> str:

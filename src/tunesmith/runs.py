@@ -88,6 +88,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     if not train_set or not val_set:
         raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
 
+    runtime.seed_everything(cfg.train.seed)  # adapters are initialised at random: the same seed, the same run
     model = methods.prepare(model, cfg).to(runtime.device())
     trainable, total = methods.count_parameters(model)
     if cfg.method == "prompt":  # nothing to train: write the prompt, then evaluate it like any tuned model
