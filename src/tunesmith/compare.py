@@ -28,7 +28,7 @@ from tunesmith import metrics as M
 from tunesmith.config import Config, ConfigError, load_config
 from tunesmith.io import atomic_write_json, atomic_write_text, read_jsonl
 from tunesmith.methods import METHODS
-from tunesmith.report import load_json, write_compare_report
+from tunesmith.report import load_json, or_dash, p_text, write_compare_report
 from tunesmith.runs import RunError, finetune
 
 
@@ -257,12 +257,12 @@ def table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
               "train tok/s", "peak RSS MiB", "latency ms (p95)", "batched ex/s", "batched tok/s", "artifact MiB",
               "train loss", "val loss", "gap"] + (["data needs"] if needs else [])
     rows = [[r["method"], f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]", _pval(r["p_vs_best"]),
-             _num(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
-             _num(r["tokens_per_s"], ".0f"), _num(r["peak_rss_mib"], ".0f"),
+             or_dash(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
+             or_dash(r["tokens_per_s"], ".0f"), or_dash(r["peak_rss_mib"], ".0f"),
              "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ({r['latency_p95_ms']:.0f})",
-             f"{r['examples_per_s']:.2f}", _num(r.get("inference_tokens_per_s"), ".0f"),
-             f"{r['artifact_mib']:.2f}", _num(r["final_train_loss"], ".3f"), _num(r["final_val_loss"], ".3f"),
-             _num(r["gap"], "+.3f")] + ([_needs(r)] if needs else []) for r in doc["methods"]]
+             f"{r['examples_per_s']:.2f}", or_dash(r.get("inference_tokens_per_s"), ".0f"),
+             f"{r['artifact_mib']:.2f}", or_dash(r["final_train_loss"], ".3f"), or_dash(r["final_val_loss"], ".3f"),
+             or_dash(r["gap"], "+.3f")] + ([_needs(r)] if needs else []) for r in doc["methods"]]
     return header, rows
 
 
@@ -304,8 +304,5 @@ def _needs(r: dict[str, Any]) -> str:
 
 
 def _pval(p: float | None) -> str:
-    return "best" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+    return "best" if p is None else p_text(p)
 
-
-def _num(v: float | None, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)

@@ -125,7 +125,7 @@ def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]
         b = base.get(k)
         delta = "" if b is None else f"{tuned[k] - b:+.4f}"
         if k in paired:
-            delta += f" (p={_p(paired[k]['p_value'])})"
+            delta += f" (p={p_text(paired[k]['p_value'])})"
         rows.append((k, "" if b is None else _with_ci(b, base, k), _with_ci(tuned[k], tuned, k), delta))
     return rows
 
@@ -135,7 +135,8 @@ def _with_ci(value: float, side: dict[str, Any], key: str) -> str:
     return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
-def _p(p: float) -> str:
+def p_text(p: float) -> str:
+    """A p-value as people read it: three decimals, or "<0.001"."""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
@@ -184,8 +185,8 @@ def speed_section(evaluation: dict[str, Any]) -> str:
             continue
         lat = e.get("latency") or {}
         rows.append(f"<tr><td>{side}</td><td>{e['seconds']:.1f} s</td><td>{e['examples_per_s']:.2f}</td>"
-                    f"<td>{_fmt_opt(e.get('tokens_per_s'), '.0f')}</td>"
-                    f"<td>{_fmt_opt(lat.get('median_ms'), '.0f')}</td><td>{_fmt_opt(lat.get('p95_ms'), '.0f')}</td></tr>")
+                    f"<td>{or_dash(e.get('tokens_per_s'), '.0f')}</td>"
+                    f"<td>{or_dash(lat.get('median_ms'), '.0f')}</td><td>{or_dash(lat.get('p95_ms'), '.0f')}</td></tr>")
     if not rows:
         return ""
     return ("<h2>Inference speed</h2><table><tr><th>model</th><th>batched evaluation</th><th>examples/s</th>"
@@ -204,7 +205,7 @@ def per_class_section(evaluation: dict[str, Any]) -> str:
     rows = []
     for label, t in tuned["per_class"].items():
         sides = ([base["per_class"].get(label, {})] if "per_class" in base else []) + [t]
-        vals = "".join(f"<td>{_fmt_opt(side.get(k), '.3f')}</td>" for side in sides for k in ("precision", "recall", "f1"))
+        vals = "".join(f"<td>{or_dash(side.get(k), '.3f')}</td>" for side in sides for k in ("precision", "recall", "f1"))
         rows.append(f"<tr><td>{html.escape(words.get(label, label))}</td><td>{t['support']}</td>{vals}</tr>")
     out = (f"<h2>Per class</h2><table><tr><th>class</th><th>test examples</th>{cells}</tr>{''.join(rows)}</table>")
     png = confusion_png({side: e["confusion"] for side, e in (("base", base), ("tuned", tuned)) if "confusion" in e}, words)
@@ -230,7 +231,8 @@ def confusion_png(matrices: dict[str, dict[str, Any]], words: dict[str, str]) ->
     return _png(fig)
 
 
-def _fmt_opt(v: float | None, spec: str) -> str:
+def or_dash(v: float | None, spec: str) -> str:
+    """``v`` formatted with ``spec``, or "-" when there is no value."""
     return "-" if v is None else format(v, spec)
 
 
