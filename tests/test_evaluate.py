@@ -109,7 +109,7 @@ def test_verdict_states_costs_in_plain_units(tmp_path, mib, words):
     other = result(tmp_path, "other", 150, method="prompt", train_seconds=0.0, artifact_mib=mib, latency_ms=90.0)
     other.p_vs_best = 0.0001
     text = verdict([best, other], best)
-    assert f"prompt: 0.750, significantly lower (paired bootstrap p=<0.001); training none vs 3.3 min, {words} vs 20 MB on disk, 90 vs 40 ms per answer." in text
+    assert f"prompt: 0.750, significantly lower (paired bootstrap p<0.001); training none vs 3.3 min, {words} vs 20 MB on disk, 90 vs 40 ms per answer." in text
     assert "e-0" not in text
 
 

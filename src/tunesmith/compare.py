@@ -28,7 +28,7 @@ from tunesmith import metrics as M
 from tunesmith.config import Config, ConfigError, load_config
 from tunesmith.io import atomic_write_json, atomic_write_text, read_jsonl
 from tunesmith.methods import METHODS
-from tunesmith.report import load_json, or_dash, p_text, write_compare_report
+from tunesmith.report import load_json, or_dash, p_is, p_text, write_compare_report
 from tunesmith.runs import RunError, finetune
 
 
@@ -219,8 +219,8 @@ def verdict(results: list[MethodResult], best: MethodResult) -> str:
         if r is best:
             continue
         significant = r.p_vs_best is not None and r.p_vs_best < 0.05
-        line = (f"{r.method}: {r.value:.3f}, " + (f"significantly lower (paired bootstrap p={_pval(r.p_vs_best)})"
-                if significant else f"not significantly different (p={_pval(r.p_vs_best)})"))
+        line = (f"{r.method}: {r.value:.3f}, " + (f"significantly lower (paired bootstrap {p_is(r.p_vs_best)})"
+                if significant else f"not significantly different ({p_is(r.p_vs_best)})"))
         cost = [f"training {_seconds(r.train_seconds)} vs {_seconds(best.train_seconds)}",
                 f"{_size(r.artifact_mib)} vs {_size(best.artifact_mib)} on disk"]
         if r.latency_ms is not None and best.latency_ms is not None:
@@ -277,7 +277,7 @@ def learning_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]] | N
     for method, points in curves.items():
         at = {p["train_examples"]: p for p in points}
         rows.append([method] + [f"{at[n]['value']:.4f} [{at[n]['low']:.4f}, {at[n]['high']:.4f}]"
-                                + ("" if at[n]["p_vs_all_data"] is None else f" p={_pval(at[n]['p_vs_all_data'])}")
+                                + ("" if at[n]["p_vs_all_data"] is None else f" {p_is(at[n]['p_vs_all_data'])}")
                                 if n in at else "-" for n in sizes])
     return header, rows
 

@@ -125,7 +125,7 @@ def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]
         b = base.get(k)
         delta = "" if b is None else f"{tuned[k] - b:+.4f}"
         if k in paired:
-            delta += f" (p={p_text(paired[k]['p_value'])})"
+            delta += f" ({p_is(paired[k]['p_value'])})"
         rows.append((k, "" if b is None else _with_ci(b, base, k), _with_ci(tuned[k], tuned, k), delta))
     return rows
 
@@ -138,6 +138,11 @@ def _with_ci(value: float, side: dict[str, Any], key: str) -> str:
 def p_text(p: float) -> str:
     """A p-value as people read it: three decimals, or "<0.001"."""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_is(p: float) -> str:
+    """"p=0.012" or "p<0.001", for running text."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 def write_report(run_dir: Path) -> Path:
