@@ -229,15 +229,20 @@ def scored(metrics: dict[str, Any], preds: list[str], refs: list[str], task: str
            resamples: int = M.RESAMPLES, tokens: int | None = None) -> Evaluation:
     """An ``Evaluation`` of ``preds`` against ``refs``: the task's metrics added to ``metrics``, each
     headline metric with its 95% bootstrap interval."""
-    metrics = dict(metrics)
-    if task == "classification":
-        metrics |= M.classification(refs, preds, list(label_words))
-        stats = M.classification_stats(refs, preds, list(label_words))
-    else:
-        values, stats = M.generation(refs, preds)
-        metrics |= values
+    values, stats = task_metrics(task, refs, preds, label_words)
+    metrics = dict(metrics) | values
     metrics["ci"] = {k: [v["low"], v["high"]] for k, v in M.with_intervals(metrics, stats, len(preds), resamples).items()}
     return Evaluation(metrics, preds, stats, tokens)
+
+
+def task_metrics(task: str, refs: list[str], preds: list[str],
+                 label_words: dict[str, str]) -> tuple[dict[str, Any], dict[str, M.Stat]]:
+    """The task's metrics of ``preds`` against ``refs`` and their resamplable forms (for intervals
+    and paired tests)."""
+    if task == "classification":
+        return (M.classification(refs, preds, list(label_words)),
+                M.classification_stats(refs, preds, list(label_words)))
+    return M.generation(refs, preds)
 
 
 def latency(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,

@@ -23,7 +23,7 @@ from tunesmith.api import ApiModel
 from tunesmith.config import Config, ConfigError, load_config, save_config
 from tunesmith.data import Example, encode_all, encode_for_head
 from tunesmith.data.prepare import load_splits
-from tunesmith.evaluate import Evaluation, compare, evaluate_model, latency, reference, scored
+from tunesmith.evaluate import Evaluation, compare, evaluate_model, latency, reference, task_metrics
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import is_causal_lm, load_classifier, load_model, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
@@ -249,9 +249,9 @@ def _reused_base(source: Path, cfg: Config, test: list[Example]) -> Evaluation |
     refs = [reference(ex) for ex in test]
     if not same or "base" not in ev or [r.get("reference") for r in rows] != refs or any("base" not in r for r in rows):
         return None
-    evaluation = scored({}, [r["base"] for r in rows], refs, cfg.task, cfg.data.labels, cfg.eval.bootstrap_resamples)
-    evaluation.metrics = ev["base"]  # as measured there (loss, timing); the statistics above are for paired tests
-    return evaluation
+    preds = [r["base"] for r in rows]
+    # metrics as measured there (loss, intervals, timing); the resamplable statistics for paired tests
+    return Evaluation(ev["base"], preds, task_metrics(cfg.task, refs, preds, cfg.data.labels)[1])
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:
