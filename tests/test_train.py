@@ -243,3 +243,60 @@ def test_fused_head_under_bf16_autocast_matches_the_unfused_path(tiny_model, tok
     for (name, _), a, b in zip(tiny_model.named_parameters(), g_fused, g_plain):
         err = ((a - b).norm() / b.norm()).item()
         assert err < 1e-2, (name, err)
+
+
+def test_best_model_is_the_lowest_validation_loss_even_below_min_delta(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    """min_delta decides patience only: a lower loss that is not lower by min_delta is still the best."""
+    model = lora_model(tiny_model, dropout=0.0)
+    curve = iter([1.0, 0.995, 0.991, 0.998])
+    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: next(curve))
+    config = cfg(max_steps=12, batch_size=4, eval_every=2, early_stopping=EarlyStoppingConfig(patience=3, min_delta=0.01))
+    r = train(model, encoded, encoded[:4], config, tmp_path, tokenizer.pad_token_id, show_progress=False)
+    # patience counts from 1.0 (the last evaluation better by min_delta): 0.995, 0.991, 0.998 are three misses
+    assert r.stopped_early and r.steps == 8
+    assert r.best_step == 6 and r.best_val_loss == 0.991
+    evals = [e for e in r.history if e["type"] == "eval"]
+    assert [e["best"] for e in evals] == [True, True, True, False]
+    best = load_file(str(tmp_path / "checkpoints" / "best" / "trainable.safetensors"))
+    now = params_of(model)
+    assert all(torch.equal(now[n], best[n]) for n in best)
+    assert json.loads((tmp_path / "checkpoints" / "best" / "state.json").read_text())["step"] == 6
+
+
+def test_a_nan_training_loss_stops_the_run_before_the_update(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    model = lora_model(tiny_model, dropout=0.0)
+    real = train_mod.target_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        loss, n = real(*args, **kw)
+        return (loss * float("nan"), n) if calls["n"] == 3 else (loss, n)
+
+    monkeypatch.setattr(train_mod, "target_loss_sum", poisoned)
+    with pytest.raises(train_mod.NonFiniteLossError) as err:
+        train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4, save_every=1), tmp_path,
+              tokenizer.pad_token_id, show_progress=False)
+    msg = str(err.value)
+    assert "step 3: the training loss is nan" in msg and "train.lr=0.01" in msg and "train.precision=fp32" in msg
+    assert str(tmp_path / "checkpoints" / "step-2") in msg
+    assert all(torch.isfinite(p).all() for p in params_of(model).values())  # the NaN step never updated the weights
+    assert not (tmp_path / "checkpoints" / "step-3").exists()
+
+
+def test_an_infinite_gradient_norm_stops_the_run(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    model = lora_model(tiny_model, dropout=0.0)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    with pytest.raises(train_mod.NonFiniteLossError, match="step 1: the training loss is .*gradient norm inf.*no checkpoint"):
+        train(model, encoded, encoded[:4], cfg(max_steps=3, batch_size=4), tmp_path, tokenizer.pad_token_id,
+              show_progress=False)
+
+
+def test_a_nan_validation_loss_is_never_best(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    model = lora_model(tiny_model, dropout=0.0)
+    curve = iter([0.9, float("nan")])
+    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: next(curve))
+    with pytest.raises(train_mod.NonFiniteLossError, match="step 4: the validation loss is nan"):
+        train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4, eval_every=2), tmp_path,
+              tokenizer.pad_token_id, show_progress=False)
+    assert json.loads((tmp_path / "checkpoints" / "best" / "state.json").read_text()) == {"step": 2, "val_loss": 0.9}

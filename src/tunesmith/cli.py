@@ -15,6 +15,7 @@ from tunesmith.config import ConfigError, load_config
 from tunesmith.data import DataError
 from tunesmith.models import ModelError
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
+from tunesmith.train import NonFiniteLossError
 
 DEMO_CONFIG = "sst2.yaml"
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
             console.print(f"report: {run.dir / 'report.html'}")
-    except (ApiError, ConfigError, DataError, ModelError, RunError) as e:
+    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,6 +30,11 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training or validation loss (or the gradient norm) became NaN or infinite; the message
+    names the step, the likely causes and the last good checkpoint."""
+
+
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps done
@@ -224,7 +229,8 @@ def train(
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "target_tokens": 0, "train_seconds": 0.0}
+    state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
+             "target_tokens": 0, "train_seconds": 0.0}
     if resume:
         state = load_checkpoint(run_dir, params, optimizer, scheduler)
         _truncate_metrics(run_dir / METRICS, state["step"])
@@ -260,6 +266,9 @@ def train(
                     if dev.type == "cpu":
                         runtime.trim_heap()  # keeps RSS near what is in use (glibc holds freed tensors' memory)
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):  # before the update: weights stay good
+                    raise NonFiniteLossError(_non_finite(run_dir, state["step"] + 1, "training loss", step_loss,
+                                                         float(grad_norm), cfg))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -287,16 +296,16 @@ def train(
             evaluate_now = step % cfg.eval_every == 0 or step % steps_per_epoch == 0 or step == total_steps
             if evaluate_now:
                 val_loss = evaluate_loss(model, val_data, cfg.batch_size, pad_id, bf16)
-                improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - cfg.early_stopping.min_delta
-                if improved:
-                    state.update(best_val_loss=val_loss, best_step=step, bad_evals=0)
+                if not math.isfinite(val_loss):  # never "best", never the final model
+                    raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))
+                best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
+                if best:
+                    state.update(best_val_loss=val_loss, best_step=step)
                     save_best(run_dir, params, step, val_loss)
-                else:
-                    state["bad_evals"] += 1
                 stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
                 append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
-                                                 "val_ppl": math.exp(min(val_loss, 50)), "best": improved})
-                progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+                                                 "val_ppl": math.exp(min(val_loss, 50)), "best": best})
+                progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
                 window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
             stop_here = until_step is not None and until_step <= step < total_steps
             if evaluate_now or stop_here or (cfg.save_every and step % cfg.save_every == 0):
@@ -313,6 +322,33 @@ def train(
         train_seconds=state["train_seconds"], target_tokens=state["target_tokens"],
         peak_memory_mib=runtime.peak_memory_mib(dev), history=read_jsonl(run_dir / METRICS),
     )
+
+
+def _early_stopping(state: dict[str, Any], val_loss: float, min_delta: float) -> bool:
+    """Update the patience count for ``val_loss``; return whether it is the lowest seen so far.
+
+    Two questions with two answers: the best model is simply the lowest validation loss (a lower
+    one always replaces it); ``min_delta`` only decides whether an evaluation counts as progress
+    for patience, measured from the loss of the last evaluation that did count (as Keras does).
+    """
+    ref = state.get("patience_ref", state["best_val_loss"])  # checkpoints written before this key existed
+    if ref is None or val_loss < ref - min_delta:
+        state.update(patience_ref=val_loss, bad_evals=0)
+    else:
+        state["bad_evals"] += 1
+    return state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+
+
+def _non_finite(run_dir: Path, step: int, what: str, value: float, grad_norm: float | None, cfg: TrainConfig) -> str:
+    """The message for a NaN/inf loss: where, the likely causes, and the checkpoint to go back to."""
+    last = latest_checkpoint(run_dir)
+    norm = "" if grad_norm is None else f", gradient norm {grad_norm}"
+    causes = (f"a learning rate too high for this model (train.lr={cfg.lr:g}; try 3-10x smaller), "
+              f"numeric overflow in reduced precision (train.precision={cfg.precision}; try fp32), "
+              "or examples with no target tokens / corrupt inputs")
+    where = (f"the last good checkpoint is {last} (continue from it with --resume --allow-changes and a smaller "
+             "--set train.lr=...)" if last else "no checkpoint was written before it; start again with a smaller train.lr")
+    return f"step {step}: the {what} is {value}{norm}; training stopped. Likely causes: {causes}. {where}"
 
 
 def _fused_adamw(dev: torch.device) -> bool | None:
