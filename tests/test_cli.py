@@ -155,3 +155,41 @@ def test_prepare_then_train_reuses_prepared_data_until_it_changes(tmp_path, tiny
     assert main(["train", str(path), "--overwrite"]) == 0
     assert "prepared the data into" in capsys.readouterr().out
     assert "a brand new funny line" in (run / "data" / "train.jsonl").read_text() + (run / "data" / "validation.jsonl").read_text()
+
+
+def test_resume_checks_the_config_before_writing_anything(tmp_path, tiny_model_dir, sst_files, capsys):
+    from tunesmith import finetune, load_config
+
+    path = write_config(tmp_path, tiny_model_dir, sst_files, eval_every=100, lr=1e-2)
+    run = finetune(load_config(path), until_step=2)
+    saved = (run.dir / "config.yaml").read_text()
+    capsys.readouterr()
+    # a shape change is refused, whatever the flags, and names the key with both values
+    assert main(["train", str(path), "--resume", "--allow-changes", "--set", "lora.r=8"]) == 2
+    assert "change what the checkpoint holds: lora.r: 4 -> 8" in capsys.readouterr().err
+    # an optimisation change is refused without --allow-changes, listing every changed key
+    assert main(["train", str(path), "--resume", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "change the optimisation: train.lr: 0.01 -> 0.001; train.warmup_steps: 0 -> 1" in err and "--allow-changes" in err
+    # settings that only decide when to evaluate or save are accepted silently; nothing was rewritten so far
+    assert (run.dir / "config.yaml").read_text() == saved
+    # the printed resume command still works after refused attempts
+    assert main(["train", str(run.dir / "config.yaml"), "--resume", "--set", "train.eval_every=50"]) == 0
+
+
+def test_resume_with_allowed_changes_really_applies_them(tmp_path, tiny_model_dir, sst_files):
+    from tunesmith import finetune, load_config
+
+    path = write_config(tmp_path, tiny_model_dir, sst_files, eval_every=100, lr=1e-2)
+    run = finetune(load_config(path), until_step=2)
+    assert main(["train", str(path), "--resume", "--allow-changes", "--set", "train.lr=1e-3"]) == 0
+    records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if r["type"] == "train"}
+    (tmp_path / "s").mkdir()
+    straight = write_config(tmp_path / "s", tiny_model_dir, sst_files, eval_every=100, lr=1e-3)
+    other = finetune(load_config(straight))
+    expected = {r["step"]: r["lr"] for r in map(json.loads, (other.dir / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "train"}
+    assert lrs[1] == pytest.approx(10 * expected[1]) and lrs[2] == pytest.approx(10 * expected[2])  # before: 1e-2
+    assert lrs[3] == pytest.approx(expected[3]) and lrs[4] == pytest.approx(expected[4])  # after: the new 1e-3
+    assert yaml.safe_load((run.dir / "config.yaml").read_text())["train"]["lr"] == 1e-3  # rewritten once accepted

@@ -76,3 +76,31 @@ def test_frozen_weights_in_bf16_change_nothing_under_autocast(tiny_model, tokeni
     assert any(g.abs().sum() > 0 for n, g in grads[0].items() if "lora_A" in n)
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_lora_target_modules_are_checked_against_the_model(tiny_model):
+    import pytest
+
+    from tunesmith.config import ConfigError
+
+    cfg = Config(method="lora")
+    cfg.train.precision = "fp32"
+    cfg.lora.target_modules = ["q_proj", "v_prj"]  # one typo among valid names: PEFT would ignore it silently
+    with pytest.raises(ConfigError) as err:
+        lora.prepare(copy.deepcopy(tiny_model), cfg)
+    assert len(err.value.problems) == 1
+    assert "'v_prj' matches no layer of the model; did you mean 'v_proj'?" in str(err.value)
+    assert "valid names: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in str(err.value)
+    cfg.lora.target_modules = ["query", "value"]  # a wholly wrong list (BERT names on a Llama): every name listed
+    with pytest.raises(ConfigError) as err:
+        lora.prepare(copy.deepcopy(tiny_model), cfg)
+    assert len(err.value.problems) == 2
+    cfg.lora.target_modules = r".*\.attn\.q"  # a regular expression matching nothing
+    with pytest.raises(ConfigError, match="matches no layer's full name"):
+        lora.prepare(copy.deepcopy(tiny_model), cfg)
+    cfg.lora.target_modules = ["self_attn.q_proj", "mlp.down_proj"]  # dotted suffixes are valid, as in PEFT
+    model = lora.prepare(copy.deepcopy(tiny_model), cfg)
+    assert {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "down_proj"}
+    cfg.lora.target_modules = r".*\.(q|v)_proj"
+    model = lora.prepare(copy.deepcopy(tiny_model), cfg)
+    assert {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}

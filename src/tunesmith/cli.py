@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue even though optimisation settings (lr, batch, schedule, steps) changed")
 
     p = verbs.add_parser("prepare", help="read, clean, de-duplicate, redact, label and split the data; write a report")
     p.add_argument("config", help="YAML config file")
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "train":
             cfg = load_config(args.config, args.overrides)
-            run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
+            run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=console,
+                           allow_changes=args.allow_changes)
             if run.eval:
                 console.print(f"report: {run.dir / 'report.html'}")
         elif args.verb == "prepare":

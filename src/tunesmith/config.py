@@ -294,6 +294,24 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """A config (or part of one) as ``{dotted.key: value}``, one entry per leaf setting."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= flatten(value, f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between two configs: ``{dotted.key: (old value, new value)}``."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
     from tunesmith.io import atomic_write_text

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from tunesmith import methods, runtime
 from tunesmith.api import ApiModel
-from tunesmith.config import Config, ConfigError, load_config, save_config
+from tunesmith.config import Config, ConfigError, diff, load_config, save_config
 from tunesmith.data import Example, encode_all, encode_for_head
 from tunesmith.data.prepare import load_splits
 from tunesmith.evaluate import Evaluation, compare, evaluate_model, latency, reference, task_metrics
@@ -45,11 +45,15 @@ class Run:
 
 
 def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_step: int | None = None,
-             console: Console | None = None, base_from: Path | None = None) -> Run:
+             console: Console | None = None, base_from: Path | None = None, allow_changes: bool = False) -> Run:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``, then evaluate against the base.
 
+    ``resume`` continues from the newest checkpoint, after comparing ``cfg`` with the run's saved
+    config (see ``check_resume``; ``allow_changes`` accepts changes to the optimisation).
     ``base_from``: a finished run on the same model, test split and evaluation settings whose base
     model results are reused instead of evaluating the base again (see ``evaluate_run``).
+    Raises RunError (folder in use, nothing to resume, refused changes), ConfigError, DataError,
+    ModelError, and ``train.NonFiniteLossError`` when the loss diverges.
     """
     console = console or Console()
     run_dir = cfg.run_dir
@@ -58,6 +62,10 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         raise RunError(f"{run_dir} already holds a run; resume it with --resume, or pass --overwrite, or pick another name")
     if resume and latest_checkpoint(run_dir) is None:
         raise RunError(f"{run_dir}: no checkpoint to resume from; start the run without --resume")
+    if resume:  # before anything is written: a refused resume leaves the run as it was
+        changed = check_resume(run_dir, cfg, allow_changes)
+        if changed:
+            console.print(f"[yellow]resuming with changed settings: {changed}[/yellow]")
     if overwrite and not resume and run_dir.exists():
         for child in run_dir.iterdir():  # prepared data stays: it is reused when still up to date
             if child.name != "data":
@@ -74,6 +82,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         model, tokenizer = load_model(cfg.model, **overrides)
     if head and cfg.method == "prompt":
         raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
+    if cfg.method == "lora":  # a typo in the layer names is found before any data work
+        methods.lora.check_target_modules(model, cfg.lora.target_modules)
     splits = load_splits(cfg, run_dir / "data", tokenizer)
     console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
     for note in splits.notes:
@@ -114,6 +124,42 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     del model
     evaluation = evaluate_run(run_dir, console=console, base_from=base_from)
     return Run(run_dir, cfg, summary, evaluation)
+
+
+# Settings a resumed run may change freely: they decide when to evaluate and save, and how to
+# evaluate at the end, not what is trained.
+RESUME_SAFE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.num_threads", "output_dir",
+               "eval.", "prompt.")
+# Settings that decide what the checkpoint's tensors are: resuming under other values is meaningless.
+RESUME_REFUSED = ("model", "task", "method", "classifier", "lora.r", "lora.alpha", "lora.target_modules", "data.labels")
+
+
+def check_resume(run_dir: Path, cfg: Config, allow_changes: bool) -> str:
+    """Compare ``cfg`` with the config saved in ``run_dir``; return the accepted changes as text.
+
+    Changes to ``RESUME_SAFE`` settings are accepted; to ``RESUME_REFUSED`` ones (shapes, model,
+    labels) always refused; any other change alters the optimisation (learning rate, batch, schedule,
+    steps, data) and is refused unless ``allow_changes``, in which case the loop applies it from
+    the resumed step on. Raises RunError listing the changed keys with their old and new values.
+    """
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except ConfigError as e:
+        raise RunError(f"{run_dir}/config.yaml: the saved config cannot be read, so the run cannot be resumed ({e})") from None
+    changes = {k: v for k, v in diff(saved, cfg).items() if k != "name" and not k.startswith(RESUME_SAFE)}
+
+    def listed(keys: list[str]) -> str:
+        return "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in sorted(keys))
+
+    refused = [k for k in changes if k in RESUME_REFUSED]
+    if refused:
+        raise RunError(f"{run_dir}: cannot resume: these settings change what the checkpoint holds: {listed(refused)}. "
+                       "Resume with the saved config, or start a new run under another name")
+    if changes and not allow_changes:
+        raise RunError(f"{run_dir}: cannot resume: these settings change the optimisation: {listed(list(changes))}. "
+                       "Resume with the saved config (tunesmith train " + str(run_dir / "config.yaml") + " --resume), "
+                       "or pass --allow-changes to continue with the new values from the resumed step on")
+    return listed(list(changes))
 
 
 def uses_head(cfg: Config) -> bool:

@@ -233,6 +233,7 @@ def train(
              "target_tokens": 0, "train_seconds": 0.0}
     if resume:
         state = load_checkpoint(run_dir, params, optimizer, scheduler)
+        _apply_hyperparameters(optimizer, scheduler, cfg)  # a resume allowed to change them really changes them
         _truncate_metrics(run_dir / METRICS, state["step"])
     elif (run_dir / METRICS).exists():
         (run_dir / METRICS).unlink()
@@ -322,6 +323,20 @@ def train(
         train_seconds=state["train_seconds"], target_tokens=state["target_tokens"],
         peak_memory_mib=runtime.peak_memory_mib(dev), history=read_jsonl(run_dir / METRICS),
     )
+
+
+def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> None:
+    """Put ``cfg``'s learning rate and weight decay into a just-loaded optimizer and scheduler.
+
+    ``load_state_dict`` restores the saved values of both (the scheduler's ``base_lrs`` and each
+    group's ``lr``/``weight_decay``); for an unchanged config this is a no-op, for a resume with
+    ``--allow-changes`` it makes the new values take effect from the resumed step on, with the
+    schedule (warmup, cosine over the new total) of the new config.
+    """
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, decay, factor in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.lr, weight_decay=decay, lr=cfg.lr * factor(scheduler.last_epoch))
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _early_stopping(state: dict[str, Any], val_loss: float, min_delta: float) -> bool:

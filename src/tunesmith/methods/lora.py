@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 
 import peft
 import torch
 
 from tunesmith import runtime
-from tunesmith.config import Config
+from tunesmith.config import Config, ConfigError
 from tunesmith.methods import fused_lora
 
 ARTIFACT = "adapter"
@@ -25,6 +27,7 @@ def prepare(model: torch.nn.Module, cfg: Config) -> peft.PeftModel:
         # a classification head trains in full beside the adapters (PEFT's modules_to_save)
         task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
     )
+    check_target_modules(model, cfg.lora.target_modules)
     model = peft.get_peft_model(model, settings)
     fused_lora.install(model)
     if runtime.use_bf16(cfg.train.precision, runtime.device()):
@@ -53,3 +56,43 @@ def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
 def load(base: torch.nn.Module, adapter_dir: Path) -> peft.PeftModel:
     """Attach a saved adapter to a freshly loaded base model."""
     return peft.PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+# layer types PEFT's LoRA can wrap (transformers' GPT-2 style Conv1D is matched by name: importing it is not needed)
+_ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def adaptable_layers(model: torch.nn.Module) -> list[str]:
+    """Full names of the layers LoRA can adapt (linear, embedding, convolution)."""
+    return [name for name, m in model.named_modules()
+            if name and (isinstance(m, _ADAPTABLE) or type(m).__name__ == "Conv1D")]
+
+
+def check_target_modules(model: torch.nn.Module, targets: str | list[str]) -> None:
+    """Every name in ``lora.target_modules`` must match a layer of ``model`` the way PEFT matches it
+    (a list entry: the full name or its dotted suffix; a string other than ``all-linear``: a regular
+    expression for the full name). Raises ConfigError naming each name that matches nothing, with
+    the valid names (PEFT would ignore a typo among valid names, and fail on a wholly wrong list
+    with a traceback)."""
+    if targets == "all-linear":
+        return
+    names = adaptable_layers(model)
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    problems = []
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ConfigError([f"lora.target_modules: {targets!r} is not a valid regular expression ({e})"]) from None
+        if not any(pattern.fullmatch(n) for n in names):
+            problems.append(f"lora.target_modules: the pattern {targets!r} matches no layer's full name "
+                            f"(e.g. {names[0]!r})" if names else "lora.target_modules: the model has no adaptable layer")
+    else:
+        for t in targets:
+            if not any(n == t or n.endswith("." + t) for n in names):
+                close = difflib.get_close_matches(t, short, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(f"lora.target_modules: {t!r} matches no layer of the model; {hint}"
+                                f"valid names: {', '.join(short)} (or all-linear)")
+    if problems:
+        raise ConfigError(problems, "config")
