@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tunesmith.data.clean import CleanStats, clean_texts, fix_text, html_to_text, tidy_whitespace
+from tunesmith.data.clean import (
+    OPERATIONS,
+    CleanStats,
+    clean_texts,
+    fix_text,
+    html_to_text,
+    repair_broken_entities,
+    tidy_whitespace,
+)
 
 SMS_SPAM = Path(__file__).resolve().parents[1] / "examples" / "data" / "sms_spam" / "SMSSpamCollection"
 
@@ -93,6 +104,151 @@ def test_stats_merge():
     empty = CleanStats()
     empty.merge(first)
     assert empty.by_operation == first.by_operation and empty.examples == first.examples
+
+
+# AG News as distributed: markup shown as text, and entities whose "&" the scraper lost.
+AG_ESCAPED = (
+    'Google &lt;A HREF="http://www.investor.reuters.com/FullQuote.aspx?ticker=GOOG.O '
+    'target=/stocks/quickinfo/fullquote"&gt;GOOG.O&lt;/A&gt; shares rose'
+)
+
+
+def test_escaped_markup_is_removed_not_created():
+    assert fix_text(AG_ESCAPED) == ("Google GOOG.O shares rose", {"html", "escaped_markup"})
+    assert html_to_text(AG_ESCAPED) == "Google GOOG.O shares rose"
+    paragraphs = "&lt;p&gt;one&lt;/p&gt;&lt;p&gt;two &lt;b&gt;2&lt;/b&gt;&lt;/p&gt;"
+    assert fix_text(paragraphs)[0] == "one\n\ntwo 2"  # block tags still break lines
+    assert fix_text("&lt;script&gt;alert(1)&lt;/script&gt;ok")[0] == "ok"  # like a real <script>
+    # The removal does not decode a second time: "&" decoded once stays a literal "&".
+    assert fix_text("AT&amp;T &lt;i&gt;x&lt;/i&gt; &amp;lt;b&amp;gt;") == (
+        "AT&T x &lt;b&gt;",
+        {"html", "escaped_markup"},
+    )
+    assert fix_text(AG_ESCAPED, strip_html=False) == (AG_ESCAPED, set())
+
+
+@pytest.mark.parametrize(
+    ("text", "cleaned"),
+    [
+        ("a < b", "a < b"),
+        ("x <= 3", "x <= 3"),
+        ("<|im_end|> <think>x</think> <input>", "<|im_end|> <think>x</think> <input>"),
+        ("AT&T and R&D", "AT&T and R&D"),
+        ("&lt;3 you", "<3 you"),
+        ("&lt;think&gt;plan&lt;/think&gt;", "<think>plan</think>"),  # not an HTML tag name
+        ("&lt;input&gt; &lt;|im_end|&gt; a &lt; b &gt; c", "<input> <|im_end|> a < b > c"),
+        ("&lt;!-- shown --&gt;", "<!-- shown -->"),  # a decoded comment is text, not markup
+    ],
+)
+def test_decoded_text_that_is_not_markup_survives(text, cleaned):
+    assert html_to_text(text) == cleaned
+    assert fix_text(text)[0] == cleaned
+
+
+# Tag-shaped pieces, written as real, escaped or broken markup, mixed with loose bits of it.
+OPENERS = st.sampled_from(["<", "</", "&lt;", "&lt;/", "lt;", " lt;/", "#60;", "&amp;lt;", "<<"])
+NAMES = st.sampled_from(["a", "B", "p", "br", "script", "think", "input"])
+INSIDES = st.sampled_from(["", " ", "/", " href='x", ' x="&gt;"', " x='>'", "\n"])
+CLOSERS = st.sampled_from([">", "&gt;", " gt;", "gt;", "#62;", "/>", ">>"])
+LOOSE = st.sampled_from(["<", ">", "&", "&amp;", ";", "#39;", " ", "x", "'", "<!--", "-->"])
+MARKUPISH = st.lists(
+    st.one_of(LOOSE, st.tuples(OPENERS, NAMES, INSIDES, CLOSERS).map("".join)), max_size=12
+).map("".join)
+TAG_OF_THOSE_NAMES = re.compile(r"</?(?:a|b|p|br|script)(?=[\s/>])[^<>]*>", re.IGNORECASE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MARKUPISH)
+def test_cleaning_never_leaves_a_known_tag(text):
+    assert not TAG_OF_THOSE_NAMES.search(html_to_text(text))
+    assert not TAG_OF_THOSE_NAMES.search(fix_text(text)[0])
+
+
+def test_parser_leftovers_and_joined_tags_are_removed():
+    assert html_to_text("<a b='>x</a> tail") == "x tail"  # the parser keeps <a b='> as data
+    assert html_to_text("&lt;&lt;b&gt;b&gt;x") == "x"  # removing <b> would join "<" and "b>"
+
+
+@pytest.mark.parametrize(
+    ("text", "cleaned"),
+    [
+        ("Google #39;s shares rose", "Google's shares rose"),
+        ("Google #x27;s shares rose", "Google's shares rose"),
+        ("Google #146;s shares rose", "Google\u2019s shares rose"),  # cp1252 number, as browsers
+        ("the players #39; union", "the players' union"),
+        ("hits of the #39;90s", "hits of the '90s"),
+        ("costs #36;1.5 billion", "costs $1.5 billion"),
+        ("the quot;best quot; deal", 'the "best" deal'),
+        ("He said quot;No.quot; twice", 'He said "No." twice'),
+        ("she said #147;Hi, #148; and left", "she said \u201cHi,\u201d and left"),
+        ("prices #151; and profits", "prices \u2014 and profits"),
+        ("Procter amp; Gamble", "Procter & Gamble"),
+        ("AT amp;T and S #38;P", "AT&T and S&P"),
+        ("if a lt; b", "if a < b"),
+        ("Jean nbsp;Dupont", "Jean\xa0Dupont"),
+    ],
+)
+def test_entities_that_lost_their_ampersand_are_repaired(text, cleaned):
+    assert fix_text(text) == (cleaned, {"broken_entities"})
+    assert fix_text(text, strip_html=False) == (text, set())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "C# and F#; code",
+        "#hashtag #39",
+        "issue #39 is open",
+        "C#39; x#39;",  # after a word character
+        "item #1; next",  # not a character anyone escapes
+        "issue #42; see",  # "*" is never escaped
+        "fixed in #1234; thanks",  # outside the blocks pages escaped
+        "#129; and #173;",  # a cp1252 gap and a soft hyphen: invisible
+        "salt; quotation; Quot;",  # inside a word, or not the lowercase name
+    ],
+)
+def test_broken_entity_lookalikes_are_left_alone(text):
+    assert repair_broken_entities(text) == text
+    assert fix_text(text) == (text, set())
+
+
+def test_entities_are_decoded_once():
+    assert fix_text("it&#39;s") == ("it's", {"html"})
+    assert fix_text("&amp;#39; &amp;quot;") == ("&#39; &quot;", {"html"})  # no second decode
+
+
+def test_broken_entities_that_form_markup_are_removed():
+    text = "lt;p gt;ADVERTISEMENT lt;/p gt;lt;p gt;Shares rose.lt;/p gt;"
+    cleaned = "ADVERTISEMENT\n\nShares rose."
+    assert fix_text(text) == (cleaned, {"broken_entities", "escaped_markup"})
+
+
+def test_clean_texts_counts_entity_and_markup_repairs():
+    texts = [
+        "Google #39;s shares",
+        AG_ESCAPED,
+        "lt;b gt;Hot lt;/b gt; news",
+        "plain text",
+        "<b>x</b>",
+        "AT&T R&D",
+    ]
+    cleaned, stats = clean_texts(texts)
+    assert cleaned == [
+        "Google's shares",
+        "Google GOOG.O shares rose",
+        "Hot news",
+        "plain text",
+        "x",
+        "AT&T R&D",
+    ]
+    assert (stats.seen, stats.changed) == (6, 4)
+    assert stats.by_operation == {"broken_entities": 2, "escaped_markup": 2, "html": 2}
+    assert set(stats.by_operation) <= set(OPERATIONS)
+    assert stats.examples["escaped_markup"] == [
+        (AG_ESCAPED, "Google GOOG.O shares rose"),
+        ("lt;b gt;Hot lt;/b gt; news", "Hot news"),
+    ]
+    assert stats.examples["broken_entities"][0] == ("Google #39;s shares", "Google's shares")
 
 
 @pytest.mark.skipif(not SMS_SPAM.exists(), reason="examples/data/sms_spam not present")

@@ -141,3 +141,18 @@ def test_sms_spam_duplicate_counts():
     assert result.removed_exact == 436  # same text after normalize()
     assert 60 <= result.removed_near <= 90  # 73 with the defaults; MinHash estimates vary by seed
     assert len(result.keep) == 5574 - result.removed_exact - result.removed_near
+
+
+def test_rows_whose_targets_differ_are_never_merged():
+    """40 'convert X degrees Celsius' rows with 40 different answers are 40 examples (30 were lost once)."""
+    texts = [f"Convert {c} degrees Celsius to Fahrenheit. {c * 9 / 5 + 32:g} degrees Fahrenheit" for c in range(10, 50)]
+    answers = [f"{c * 9 / 5 + 32:g} degrees Fahrenheit" for c in range(10, 50)]
+    assert len(find_duplicates(texts, threshold=0.7).keep) < 40  # by text alone they look like near duplicates
+    result = find_duplicates(texts, threshold=0.7, targets=answers)
+    assert result.keep == list(range(40)) and result.removed_near == 0
+    # equal targets are still merged, exact and near
+    texts2 = [TEXT, TEXT, one_word_changed(TEXT, 5, "friday"), OTHER]
+    result = find_duplicates(texts2, threshold=0.8, targets=["a", "a", "a", "b"])
+    assert result.keep == [0, 3] and result.removed_exact == 1 and result.removed_near == 1
+    # the same text with two labels: a conflict, kept twice rather than one label silently dropped
+    assert find_duplicates([TEXT, TEXT], targets=["pos", "neg"]).keep == [0, 1]

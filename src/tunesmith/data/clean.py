@@ -3,11 +3,28 @@
 Each operation is reported by name when it changed a text, so the data report can say what
 cleaning did and show a few before/after examples instead of asking to be trusted.
 Length filters live elsewhere; nothing here drops a text.
+
+Operations, in the order they run:
+
+- ``unicode``: mojibake repair and NFC (ftfy, entities left alone).
+- ``whitespace``: one line-ending convention, no doubled blanks or runs of empty lines.
+- ``junk``: configured markers such as ``<|endoftext|>`` removed.
+- ``html`` (``strip_html``): real tags of known HTML names removed, entities decoded once.
+- ``broken_entities`` (``strip_html``): entities whose "&" a scraper lost, as in AG News
+  ("Google #39;s", "costs #36;1.5", "quot;best quot;"), repaired to their characters.
+- ``escaped_markup`` (``strip_html``): tags that only appeared once entities were decoded
+  ("&lt;A HREF=...&gt;GOOG.O&lt;/A&gt;") removed like real ones, keeping their text, so
+  cleaning never creates markup that the source showed as text.
+
+HTML cleaning only touches known HTML tag names: "a < b", "<think>", "<input>",
+"<|im_end|>", "&lt;3" (decoded to "<3") and "AT&T" stay text.
 """
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +32,7 @@ from html.parser import HTMLParser
 
 import ftfy
 
-OPERATIONS = ("unicode", "whitespace", "junk", "html")
+OPERATIONS = ("unicode", "whitespace", "junk", "html", "broken_entities", "escaped_markup")
 MAX_EXAMPLES = 3
 
 # Only Unicode repair: HTML entities, line breaks and quotes are handled (or kept) on purpose
@@ -52,6 +69,29 @@ _HTML_HINT = re.compile(rf"{_TAG_RE}|<!--|{_ENTITY_RE}", re.IGNORECASE)
 # A "<" that starts a known tag, a comment or a declaration; every other "<" is escaped
 # before parsing so that "a < b", "<|im_end|>" or "<think>" come out unchanged.
 _MARKUP_START = re.compile(rf"(?=<(?:{_TAG_RE[1:]}|!--|![A-Za-z]))", re.IGNORECASE)
+# After decoding only tags count: a decoded "<!-- -->" is text someone chose to show.
+_TAG_START = re.compile(rf"(?={_TAG_RE})", re.IGNORECASE)
+_KNOWN_TAG = re.compile(_TAG_RE, re.IGNORECASE)
+
+# An entity whose "&" was lost; scrapers usually left a space in its place ("Google #39;s").
+# Not after a word character or "&" (so "C#39;" and a decoded "&#39;" stay), and the ";" is
+# required (so "issue #39" stays). The optional space before it is captured so the repair can
+# drop it where it stood for the lost "&" rather than for real spacing.
+_BROKEN_ENTITY = re.compile(
+    r"(?P<gap>(?<=\S) )?(?<![\w&])"
+    r"(?:#(?P<dec>[0-9]{2,5})|#[xX](?P<hex>[0-9a-fA-F]{2,4})|(?P<name>quot|amp|lt|gt|apos|nbsp));"
+)
+# ASCII characters that encoders really write as numeric references. Letters, digits and
+# other punctuation never need escaping, so "#42;" after "issue" is a number, not a "*".
+_ESCAPED_ASCII = frozenset("\"$&'<>")
+# Beyond ASCII, what English-language pages escaped numerically: Latin-1, cp1252's 128-159
+# (html.unescape maps them as browsers do, so AG News' "#151;" is an em dash), typographic
+# punctuation (quotes, dashes, ellipsis), euro and trade mark. Other code points are left
+# alone: "fixed in #1234; thanks" is far likelier than a lost-"&" Cyrillic letter.
+_ESCAPED_BLOCKS = ((0x80, 0xFF), (0x2000, 0x206F), (0x20AC, 0x20AC), (0x2122, 0x2122))
+_APOSTROPHES = frozenset("'\u2019")
+_CLOSING_QUOTES = frozenset('"\u201d')
+_AFTER_CLOSING = frozenset(".,;:!?)]}")
 
 _INNER_BLANKS = re.compile(r"(?<=[^ \t\n])[ \t]+")
 _LEADING_BLANKS = re.compile(r"^[ \t]+", re.MULTILINE)
@@ -119,11 +159,50 @@ def html_to_text(text: str) -> str:
     """Text content of ``text`` if it holds HTML tags or entities, else ``text`` unchanged.
 
     Checking first keeps plain text (which may legitimately contain "<" or "&") untouched.
+    Tags that decoding entities brings out ("&lt;b&gt;") are removed too: no tag of a known
+    HTML name is left in the result.
     """
+    return remove_escaped_markup(_decode_markup(text))
+
+
+def remove_escaped_markup(text: str) -> str:
+    """``text`` without tags of known HTML names, keeping their content; entities stay as is.
+
+    Meant for text whose entities are already decoded, where such a tag was shown as text in
+    the source: decoding again would turn a literal "&lt;" the source meant into "<".
+    """
+    if not _KNOWN_TAG.search(text):
+        return text
+    text = _parse_text(text.replace("&", "&amp;"), _TAG_START)
+    # The parser keeps a few malformed tags as data (<a b='>), and removing a tag can join
+    # its neighbours into a new one ("<<b>b>"); those are removed without block semantics.
+    while _KNOWN_TAG.search(text):
+        text = _KNOWN_TAG.sub("", text)
+    return text
+
+
+def repair_broken_entities(text: str) -> str:
+    """``text`` with entities that lost their "&" ("Google #39;s") turned into characters.
+
+    Only where the form cannot be ordinary text: see ``_BROKEN_ENTITY`` and
+    ``_broken_entity_char``. "C#", "#hashtag", "issue #39" and "F#;" are left alone.
+    """
+    if ";" not in text:  # every broken entity ends with one; most texts have none
+        return text
+    return _BROKEN_ENTITY.sub(_repair_entity, text)
+
+
+def _decode_markup(text: str) -> str:
+    """Real tags of known HTML names removed, entities decoded once; plain text unchanged."""
     if not _HTML_HINT.search(text):
         return text
-    # Escape every "<" that does not open real markup, so the parser keeps it as data.
-    pieces = _MARKUP_START.split(text)
+    return _parse_text(text, _MARKUP_START)
+
+
+def _parse_text(text: str, markup_start: re.Pattern[str]) -> str:
+    """Text content of ``text`` where only a "<" that ``markup_start`` accepts opens markup."""
+    # Escape every other "<", so the parser keeps "a < b" or "<think>" as data.
+    pieces = markup_start.split(text)
     escaped = pieces[0].replace("<", "&lt;") + "".join(
         "<" + p[1:].replace("<", "&lt;") for p in pieces[1:]
     )
@@ -131,6 +210,53 @@ def html_to_text(text: str) -> str:
     parser.feed(escaped)
     parser.close()
     return "".join(parser.parts)
+
+
+def _repair_entity(match: re.Match[str]) -> str:
+    """Replacement for one ``_BROKEN_ENTITY`` match: its character, spaced like the source."""
+    char = _broken_entity_char(match)
+    if char is None:
+        return match[0]
+    following = match.string[match.end() : match.end() + 1]
+    gap = match["gap"] or ""
+    if gap and _joins_previous_word(char, following):
+        gap = ""
+    return gap + char
+
+
+def _broken_entity_char(match: re.Match[str]) -> str | None:
+    """The character a ``_BROKEN_ENTITY`` match stands for, or None if it is not one.
+
+    Numeric forms count only for visible characters that pages commonly escaped
+    (``_ESCAPED_ASCII``, ``_ESCAPED_BLOCKS``); cp1252 gaps such as 129 decode to control
+    characters and are rejected with them.
+    """
+    if match["name"]:
+        return html.unescape(f"&{match['name']};")
+    code = int(match["dec"]) if match["dec"] else int(match["hex"], 16)
+    if code < 0x80:
+        return chr(code) if chr(code) in _ESCAPED_ASCII else None
+    if not any(low <= code <= high for low, high in _ESCAPED_BLOCKS):
+        return None
+    char = html.unescape(f"&#{code};")
+    return char if unicodedata.category(char)[0] != "C" else None
+
+
+def _joins_previous_word(char: str, following: str) -> bool:
+    """Whether the space before a repaired ``char`` stood for the lost "&", not real spacing.
+
+    Scrapers replaced "&" by a space, so "Google&#39;s" reads "Google #39;s". Only marks that
+    attach to the word before lose that space: apostrophes (not before a digit, as in
+    "the '90s"), closing quotes (followed by a space, punctuation or the end), "&" between
+    word characters (AT&T) and non-breaking spaces. Opening quotes, "$" and dashes keep it.
+    """
+    if char in _APOSTROPHES:
+        return not following.isdigit()
+    if char in _CLOSING_QUOTES:
+        return following == "" or following.isspace() or following in _AFTER_CLOSING
+    if char == "&":
+        return following.isalnum()
+    return char == "\xa0"
 
 
 def tidy_whitespace(text: str, *, keep_indent: bool = True) -> str:
@@ -175,7 +301,11 @@ def fix_text(
             text, lambda t: tidy_whitespace(_remove_markers(t, junk_markers)), "junk", ops
         )
     if strip_html:
+        # Entities are decoded before escaped markup is looked for, whether their "&" survived
+        # (html) or not (broken_entities): both can bring out tags the source showed as text.
         text = _apply(text, _html_then_tidy, "html", ops)
+        text = _apply(text, _repair_then_tidy, "broken_entities", ops)
+        text = _apply(text, _escaped_then_tidy, "escaped_markup", ops)
     return text, ops
 
 
@@ -188,13 +318,27 @@ def _apply(text: str, operation: Callable[[str], str], name: str, ops: set[str])
 
 
 def _html_then_tidy(text: str) -> str:
-    stripped = html_to_text(text)
+    """``_decode_markup``, then tidied as HTML layout if it changed anything."""
+    stripped = _decode_markup(text)
     if stripped == text:
         return text  # no HTML: keep the indentation that only HTML layout makes meaningless
     return tidy_whitespace(stripped, keep_indent=False)
 
 
+def _repair_then_tidy(text: str) -> str:
+    """``repair_broken_entities``, then tidied (an entity at an end may be a blank)."""
+    repaired = repair_broken_entities(text)
+    return text if repaired == text else tidy_whitespace(repaired)
+
+
+def _escaped_then_tidy(text: str) -> str:
+    """``remove_escaped_markup``, then tidied as HTML layout if it removed anything."""
+    stripped = remove_escaped_markup(text)
+    return text if stripped == text else tidy_whitespace(stripped, keep_indent=False)
+
+
 def _remove_markers(text: str, markers: Iterable[str]) -> str:
+    """``text`` with every occurrence of each non-empty marker removed."""
     for marker in markers:
         if marker:
             text = text.replace(marker, "")

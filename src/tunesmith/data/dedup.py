@@ -309,11 +309,12 @@ class _UnionFind:
         return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
-def _exact_groups(norm: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """First index of each distinct normalised text, and the clusters of >= 2 equal texts."""
+def _exact_groups(norm: Sequence[str], targets: Sequence[str] | None = None) -> tuple[list[int], list[list[int]]]:
+    """First index of each distinct normalised text (and target), and the clusters of >= 2 equal ones."""
     first: dict[bytes, list[int]] = {}
     for i, text in enumerate(norm):
-        first.setdefault(_digest(text), []).append(i)
+        key = text if targets is None else f"{text}\x00{targets[i]}"
+        first.setdefault(_digest(key), []).append(i)
     reps = sorted(group[0] for group in first.values())
     exact = sorted((g for g in first.values() if len(g) > 1), key=lambda g: g[0])
     return reps, exact
@@ -336,16 +337,21 @@ def _near_edges(sig: np.ndarray, threshold: float, seed: int) -> list[tuple[int,
 
 
 def find_duplicates(texts: list[str], *, near: bool = True, threshold: float = 0.85,
-                    num_perm: int = 128, ngram: int = 5, seed: int = 1) -> DedupResult:
+                    num_perm: int = 128, ngram: int = 5, seed: int = 1,
+                    targets: Sequence[str] | None = None) -> DedupResult:
     """Exact and near-duplicate clusters of ``texts``; one row (the first) is kept per cluster.
 
     Exact duplicates are merged first; near-dup search then runs on one row per exact cluster,
     so ``near`` lists only links that exact matching did not find. Near clusters are transitive
     (union-find): A~B and B~C put A, B, C together even if A and C are further apart.
+    ``targets`` (the answer or label of each row): rows whose normalised targets differ are never
+    merged, however alike their texts ("convert 10 degrees" -> "50" and "convert 20 degrees" ->
+    "68" are two examples, not one); since only equal targets are linked, a cluster has one target.
     """
     _check(threshold, num_perm, ngram)
     norm = [normalize(t) for t in texts]
-    reps, exact = _exact_groups(norm)
+    tnorm = None if targets is None else [normalize(t) for t in targets]
+    reps, exact = _exact_groups(norm, tnorm)
     near_clusters: list[list[int]] = []
     near_examples: list[DupPair] = []
     keep = reps
@@ -353,7 +359,8 @@ def find_duplicates(texts: list[str], *, near: bool = True, threshold: float = 0
         sig = minhash_signatures([norm[i] for i in reps], num_perm=num_perm, ngram=ngram, seed=seed)
         uf = _UnionFind(len(reps))
         for a, b, _ in _near_edges(sig, threshold, seed):
-            uf.union(a, b)
+            if tnorm is None or tnorm[reps[a]] == tnorm[reps[b]]:
+                uf.union(a, b)
         keep = [reps[k] for k in range(len(reps)) if uf.find(k) == k]
         near_clusters = [[reps[k] for k in c] for c in uf.clusters(range(len(reps)))]
         by_rep = {r: k for k, r in enumerate(reps)}
