@@ -60,7 +60,7 @@ def test_train_then_eval(tmp_path, tiny_model_dir, sst_files, capsys):
     assert main(["train", str(path)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     # --resume on a finished run: nothing left to train, artifacts rewritten, still exit 0
-    assert main(["train", str(path), "--resume"]) == 0
+    assert main(["train", str(path), "--resume", "--set", "train.lr=1e-3"]) == 0
 
 
 def test_full_fine_tuning_run(tmp_path, tiny_model_dir, sst_files):

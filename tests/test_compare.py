@@ -65,7 +65,7 @@ def test_free_answer_classification_reports_invalid_rate(tiny_model, tokenizer):
                             classify_by="generation", resamples=200)
     m = result.metrics
     assert 0 <= m["invalid_rate"] <= 1 and m["accuracy"] <= 1 - m["invalid_rate"] + 1e-9
-    assert set(m["ci"]) == {"accuracy", "f1"} and all(lo <= hi for lo, hi in m["ci"].values())
+    assert set(m["ci"]) == {"accuracy", "f1", "loss", "perplexity"} and all(lo <= hi for lo, hi in m["ci"].values())
     assert len(result.predictions) == 3 and set(result.predictions) <= {"0", "1", INVALID}
 
 

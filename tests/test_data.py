@@ -7,6 +7,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data import DataError, encode, encode_all, load_splits
 from conftest import examples
 from tunesmith.data.formats import read_rows
+from tunesmith.data.formats import Example
 from tunesmith.data.render import IGNORE, render
 
 
@@ -66,17 +67,65 @@ def test_classification_mask_is_label_words_and_end_of_turn(tokenizer, sst_files
     assert "".join(targets_text(tokenizer, enc)) == "positive<|im_end|>"
 
 
-def test_truncation_is_counted_and_empty_targets_dropped(tokenizer, instruction_file):
-    exs = examples(instruction_file, "instruction")
-    full = encode(tokenizer, exs[0], 512)
-    prompt_len = full.labels.index(next(x for x in full.labels if x != IGNORE))
-    limit = prompt_len + 2  # room for 2 target tokens of the first example
+LONG = " ".join(f"w{i}" for i in range(60))  # 60 distinct words: which survive a cut is visible
+
+
+def long_example(side_text=LONG, label="1"):
+    return Example([{"role": "system", "content": "Classify."}, {"role": "user", "content": side_text},
+                    {"role": "assistant", "content": {"0": "negative", "1": "positive"}[label]}], label=label, source="f:1")
+
+
+@pytest.mark.parametrize("side", ["middle", "left", "right"])
+def test_a_long_prompt_is_cut_and_its_answer_kept(tokenizer, side):
+    ex = long_example()
+    full = encode(tokenizer, ex, 10_000)
+    limit = len(full.input_ids) - 40
+    enc = encode(tokenizer, ex, limit, side=side)
+    assert len(enc.input_ids) == limit and enc.truncated == "prompt"
+    assert "".join(targets_text(tokenizer, enc)) == "positive<|im_end|>"  # the answer survives whole
+    text = tokenizer.decode(enc.input_ids)
+    assert text.startswith("<|im_start|>system\nClassify.<|im_end|>\n<|im_start|>user\n")  # the template is intact
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>\n")
+    kept = text.split("user\n")[1].split("<|im_end|>")[0].split()
+    words = LONG.split()
+    assert set(kept) < set(words) or kept[0] != words[0] or kept[-1] != words[-1]
+    if side == "middle":  # start and end of the review kept, the middle dropped
+        assert kept[0] == "w0" and kept[-1] == "w59" and "w30" not in kept
+    elif side == "left":
+        assert kept[0] != "w0" and kept[-1] == "w59"
+    else:
+        assert kept[0] == "w0" and kept[-1] != "w59"
+    # the cut is exactly the excess, taken out of the question's tokens: the rest is the full encoding
+    assert [t for t in enc.input_ids if t not in full.input_ids] == []
+
+
+def test_truncation_counts_are_true(tokenizer):
+    exs = [long_example(), long_example("short one", "0"), long_example(LONG + " " + LONG, "0")]
+    limit = len(encode(tokenizer, exs[0], 10_000).input_ids) - 10
     kept, stats = encode_all(tokenizer, exs, limit)
-    longer = sum(len(encode(tokenizer, ex, 10_000).input_ids) > limit for ex in exs)
-    assert stats["truncated"] == longer > 0 and stats["dropped_no_target"] == 0
-    assert kept[0].n_targets == 2 and len(kept[0].input_ids) == limit
-    kept, stats = encode_all(tokenizer, exs, 8)  # no target left at all
-    assert stats["dropped_no_target"] == len(exs) and kept == []
+    assert stats["truncated_prompt"] == 2 and stats["truncated_answer"] == 0 and stats["dropped_no_target"] == 0
+    assert stats["truncated"] == 2 and len(kept) == 3
+    assert ["".join(targets_text(tokenizer, e)) for e in kept] == ["positive<|im_end|>", "negative<|im_end|>",
+                                                                    "negative<|im_end|>"]
+    # too short for even the template and the answer: the end is cut; an example with no answer token left is dropped
+    header = len(encode(tokenizer, long_example("x"), 10_000).input_ids) - 3
+    kept, stats = encode_all(tokenizer, exs, header)
+    assert stats["dropped_no_target"] + stats["truncated_answer"] + stats["truncated_prompt"] == 3
+    assert len(kept) == 3 - stats["dropped_no_target"]
+
+
+def test_label_scoring_keeps_the_answer_and_drops_the_oldest_shots_first(tokenizer):
+    shots = []
+    for i in range(4):
+        shots += [{"role": "user", "content": f"shot {i} " + LONG}, {"role": "assistant", "content": "negative"}]
+    ex = Example([{"role": "system", "content": "Classify."}, *shots, {"role": "user", "content": "the question"},
+                  {"role": "assistant", "content": "positive"}], label="1")
+    one_shot = len(encode(tokenizer, Example(ex.messages[:1] + shots[-2:] + ex.messages[-2:]), 10_000,
+                          last_turn_only=True).input_ids)
+    enc = encode(tokenizer, ex, one_shot + 5, last_turn_only=True)
+    text = tokenizer.decode(enc.input_ids)
+    assert "shot 3" in text and "shot 0" not in text and "the question" in text and "Classify." in text
+    assert "".join(targets_text(tokenizer, enc)) == "positive<|im_end|>" and enc.truncated is None
 
 
 def test_bad_rows_name_file_line_and_field(tmp_path):

@@ -1,6 +1,7 @@
 """Inference cost (tokens, latency), base-model reuse between runs, data needs and the verdict's words."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -128,3 +129,23 @@ def test_the_same_config_gives_the_same_run_twice_in_one_process(tmp_path, tiny_
     strip = [[{k: v for k, v in json.loads(x).items() if "second" not in k and "per_s" not in k and k != "mfu"}
               for x in text.splitlines()] for text in lines]
     assert strip[0] == strip[1]
+
+
+def test_compare_ranks_by_eval_metric_and_lower_perplexity_is_better(tmp_path):
+    """With eval.metric: perplexity the best method is the one with the lowest perplexity, and its
+    p-values come from the per-example losses recorded in predictions.jsonl."""
+    def run(name, nll):
+        loss = sum(nll) / (10 * len(nll))
+        r = result(tmp_path, name, 0, n=len(nll), method=name, metric="perplexity", value=math.exp(loss), base_value=50.0)
+        rows = [{"reference": "t", "tuned": "", "tuned_nll": [x, 10]} for x in nll]
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return r
+
+    good = run("lora", [20.0 + (i % 3) for i in range(200)])
+    worse = run("full", [26.0 + (i % 3) for i in range(200)])
+    doc = summarize([worse, good], "text", 300)
+    assert doc["best"] == "lora" and doc["metric"] == "perplexity"
+    rows = {r["method"]: r for r in doc["methods"]}
+    assert rows["full"]["p_vs_best"] < 0.01
+    assert "lora scores best on perplexity" in doc["verdict"] and "down from 50.000" in doc["verdict"]
+    assert "full: " in doc["verdict"] and "significantly higher" in doc["verdict"]

@@ -73,3 +73,33 @@ def test_paired_p_value():
     c2[2:3] = 0
     noisy = metrics.paired_p_value(lambda i: float(c2[i].mean()), lambda i: float(c[i].mean()), n)
     assert noisy > 0.2
+
+
+def test_several_references_follow_each_metric_s_own_rule():
+    refs = [["the cat sat on the mat", "a cat was sitting on the mat"], ["hello there"], ["good night", "sleep well", "bye"]]
+    preds = ["a cat was sitting on the mat", "hello", "sleep well"]
+    values, stats = metrics.generation(refs, preds)
+    # exact match: any reference
+    assert values["exact_match"] == pytest.approx(2 / 3)
+    # ROUGE: rouge-score's score_multi, the best reference per example
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rougeL"):
+        expected = np.mean([max(scorer.score(r, p)[key].fmeasure for r in rs) for rs, p in zip(refs, preds)])
+        assert values[key] == pytest.approx(expected)
+    assert values["rougeL"] > metrics.generation([r[0] for r in refs], preds)[0]["rougeL"]
+    # BLEU and chrF: sacrebleu's multi-reference streams (None where an example has fewer references)
+    streams = [[r[j] if j < len(r) else None for r in refs] for j in range(3)]
+    assert values["bleu"] == pytest.approx(sacrebleu.BLEU().corpus_score(preds, streams).score)
+    assert values["chrf"] == pytest.approx(sacrebleu.CHRF().corpus_score(preds, streams).score)
+    assert values["chrf"] > metrics.chrf([r[0] for r in refs], preds)
+    assert stats["bleu"](np.arange(3)) == pytest.approx(values["bleu"])
+
+
+def test_perplexity_pools_tokens_and_resamples():
+    nll, counts = [2.0, 6.0, 1.0], [1, 3, 1]
+    values, stats = metrics.language_model(nll, counts)
+    assert values["loss"] == pytest.approx(9.0 / 5) and values["perplexity"] == pytest.approx(np.exp(9.0 / 5))
+    assert stats["perplexity"](np.array([0, 0, 2])) == pytest.approx(np.exp(5.0 / 3))
+    assert metrics.headline("text") == "perplexity" and metrics.headline("chat") == "rougeL"
+    assert metrics.headline("classification", "f1") == "f1"
+    assert metrics.better("perplexity", 3.0, 4.0) and metrics.better("accuracy", 0.9, 0.8)

@@ -58,3 +58,12 @@ def test_cached_default_matches_gguf_load(tmp_path, monkeypatch):
     again, _ = load_model("default")  # second load comes from the cache
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, direct(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_the_gguf_tokenizer_loads_without_dequantizing_the_model(tmp_path, monkeypatch):
+    """`prepare` needs only the tokenizer: read from the GGUF's metadata, no model cache is written."""
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
+    tok = models.load_tokenizer("default")
+    assert not (tmp_path / "models").exists()
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template and len(tok) == 49152

@@ -93,5 +93,9 @@ def test_skip_bad_rows_counts_instead_of_failing(tmp_path):
 def test_no_layout_fits_names_the_columns(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"foo": 1, "bar": 2, "baz": 3}\n')
-    with pytest.raises(DataError, match=r"columns \['foo', 'bar', 'baz'\] fit any layout"):
-        detect_layout(read_table(p))
+    with pytest.raises(DataError) as err:
+        detect_layout(read_table(p), task="classification")
+    msg = str(err.value)
+    assert "d.jsonl: no layout for task 'classification' fits the columns" in msg
+    assert "Tried: text_label needs text and label, no column for text (looked for text, sentence" in msg
+    assert "Columns found: 'foo' (e.g. 1), 'bar' (e.g. 2), 'baz' (e.g. 3)" in msg and "data.columns" in msg

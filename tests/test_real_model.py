@@ -75,3 +75,32 @@ def test_minilm_encoder_with_a_head_learns_sst2(tmp_path, monkeypatch):
     base, tuned = run.eval["base"], run.eval["tuned"]
     assert tuned["accuracy"] > 0.7 and tuned["ci"]["accuracy"][0] > base["accuracy"], (base["accuracy"], tuned["accuracy"])
     assert run.eval["tuned_vs_base"]["accuracy"]["p_value"] < 0.01
+
+
+def test_generation_stops_at_the_end_of_turn_even_when_eos_differs():
+    """With eos <|endoftext|> (as many tokenizers ship) the reply still ends at <|im_end|>: the
+    real model answers and stops instead of inventing further turns."""
+    from tunesmith.data.formats import Example
+    from tunesmith.evaluate import generate
+
+    model, tok = load_model("default")
+    tok.eos_token = "<|endoftext|>"
+    question = Example([{"role": "user", "content": "What is the capital of France? Answer in one word."},
+                        {"role": "assistant", "content": "Paris"}])
+    seen = {}
+    real = model.generate
+    model.generate = lambda **kw: seen.update(kw) or real(**kw)
+    (answer,), _ = generate(model, tok, [question], max_new_tokens=40, batch_size=1, bf16=False)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in seen["eos_token_id"]
+    assert "Paris" in answer and "user" not in answer.lower() and len(tok(answer)["input_ids"]) < 30, answer
+
+
+def test_prepare_of_the_demo_config_loads_no_model(tmp_path, monkeypatch):
+    """`tunesmith prepare` on the demo config reads the GGUF's tokenizer only: no dequantized copy."""
+    from tunesmith.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    assert main(["prepare", SST2, "--set", f"output_dir={tmp_path}", "--set", "data.prepare.dedup=exact"]) == 0
+    assert not (tmp_path / "home" / "models").exists()
+    assert (tmp_path / "sst2-lora" / "data" / "train.jsonl").is_file()

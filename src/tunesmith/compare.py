@@ -29,7 +29,7 @@ from tunesmith.config import Config, ConfigError, load_config
 from tunesmith.io import atomic_write_json, atomic_write_text, read_jsonl
 from tunesmith.methods import METHODS
 from tunesmith.report import load_json, or_dash, p_is, p_text, write_compare_report
-from tunesmith.runs import RunError, finetune
+from tunesmith.runs import RunError, finetune, stats_from_predictions
 
 
 @dataclass
@@ -89,7 +89,7 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
         if reuse and _finished(c):
             console.print(f"[bold]{c.name}[/bold]: reusing the finished run in {c.run_dir} (same config)")
             first = first or c.run_dir
-            return measure(c.run_dir, cfg.task, method)
+            return measure(c.run_dir, cfg.task, method, cfg.eval.metric)
         if first is not None:  # the same splits for every method (an older run's data folder is replaced)
             shutil.rmtree(c.run_dir / "data", ignore_errors=True)
             shutil.copytree(first / "data", c.run_dir / "data")
@@ -98,7 +98,7 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
         if not done.eval:
             raise RunError(f"{method}: the run stopped before evaluation ({done.dir})")
         first = first or done.dir
-        return measure(done.dir, cfg.task, method)
+        return measure(done.dir, cfg.task, method, cfg.eval.metric)
 
     results = [run(m) for m in method_names]
     curves: dict[str, list[MethodResult]] = {}
@@ -108,7 +108,7 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
                 console.print(f"[yellow]{r.method}: {size:,} is not below the {r.train_examples:,} training examples; skipped[/yellow]")
                 continue
             curves.setdefault(r.method, []).append(run(r.method, size))
-    doc = summarize(results, cfg.task, cfg.eval.bootstrap_resamples, curves)
+    doc = summarize(results, cfg.task, cfg.eval.bootstrap_resamples, curves, cfg.data.labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "compare.json", doc)
     atomic_write_text(out_dir / "compare.md", markdown(doc) + "\n")
@@ -127,17 +127,17 @@ def _finished(cfg: Config) -> bool:
         return False
 
 
-def headline_metric(task: str) -> str:
-    return "accuracy" if task == "classification" else "rougeL"
-
-
-def measure(run_dir: Path, task: str, method: str) -> MethodResult:
-    """Everything the comparison needs, read from a finished run's folder."""
+def measure(run_dir: Path, task: str, method: str, metric: str = "auto") -> MethodResult:
+    """Everything the comparison needs, read from a finished run's folder; ``metric`` is the
+    headline (``eval.metric``)."""
     run_dir = Path(run_dir)
     evaluation = load_json(run_dir / "eval.json")
     training = load_json(run_dir / "train_result.json")
     history = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    metric = headline_metric(task)
+    metric = M.headline(task, metric)
+    if metric not in evaluation["tuned"]:
+        raise RunError(f"{run_dir}: eval.json has no {metric!r} for the tuned model (an API model has no perplexity); "
+                       "choose another eval.metric")
     tuned, base = evaluation["tuned"], evaluation.get("base") or {}
     low, high = tuned["ci"][metric]
     train_steps = [r for r in history if r.get("type") == "train"]
@@ -167,13 +167,16 @@ def measure(run_dir: Path, task: str, method: str) -> MethodResult:
 
 
 def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPLES,
-              curves: dict[str, list[MethodResult]] | None = None) -> dict[str, Any]:
+              curves: dict[str, list[MethodResult]] | None = None,
+              label_words: dict[str, str] | None = None) -> dict[str, Any]:
     """Paired p-values of the best method against each other one, each method's data needs from
-    its runs on fewer examples (``curves``), and the verdict in words."""
-    best = max(results, key=lambda r: r.value)
+    its runs on fewer examples (``curves``), and the verdict in words. "Best" follows the metric's
+    direction (lowest perplexity, highest accuracy)."""
+    metric = results[0].metric
+    best = min(results, key=lambda r: r.value) if metric in M.LOWER_IS_BETTER else max(results, key=lambda r: r.value)
     stats, sizes = {}, set()
     for r in results + [c for cs in (curves or {}).values() for c in cs]:
-        stats[r.run_dir], n = _stat(Path(r.run_dir), task, r.metric)
+        stats[r.run_dir], n = _stat(Path(r.run_dir), task, r.metric, label_words)
         sizes.add(n)
     if len(sizes) != 1:
         raise RunError(f"the runs were tested on different numbers of examples {sorted(sizes)}; compare needs the same test split")
@@ -186,7 +189,7 @@ def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPL
         for c in sorted((curves or {}).get(r.method, []), key=lambda c: c.train_examples or 0):
             p = M.paired_p_value(stats[r.run_dir], stats[c.run_dir], n, resamples)  # against all the data
             points.append(_point(c, p))
-            if r.data_needs is None and (c.value >= r.value or p >= 0.05):
+            if r.data_needs is None and (not M.better(metric, r.value, c.value) or p >= 0.05):
                 r.data_needs = c.train_examples
         if points:
             learning[r.method] = points + [_point(r, None)]
@@ -202,24 +205,27 @@ def _point(r: MethodResult, p_vs_all_data: float | None) -> dict[str, Any]:
             "p_vs_all_data": p_vs_all_data, "train_seconds": r.train_seconds, "run_dir": r.run_dir}
 
 
-def _stat(run_dir: Path, task: str, metric: str) -> tuple[M.Stat, int]:
+def _stat(run_dir: Path, task: str, metric: str, label_words: dict[str, str] | None = None) -> tuple[M.Stat, int]:
     """The headline metric of a run's tuned predictions, resamplable over test examples, and their number."""
     rows = read_jsonl(run_dir / "predictions.jsonl")
-    refs, preds = [r["reference"] for r in rows], [r["tuned"] for r in rows]
-    if task == "classification":
-        return M.classification_stats(refs, preds, sorted(set(refs)))[metric], len(rows)
-    return M.generation(refs, preds)[1][metric], len(rows)
+    labels = label_words or {r: r for r in sorted({r["reference"] for r in rows})}
+    stats = stats_from_predictions(rows, "tuned", task, labels)[1]
+    if metric not in stats:
+        raise RunError(f"{run_dir}: predictions.jsonl cannot give {metric!r} (no per-example loss recorded)")
+    return stats[metric], len(rows)
 
 
 def verdict(results: list[MethodResult], best: MethodResult) -> str:
     """A few plain sentences: who wins, whether the others are significantly worse, at what cost."""
     words = [f"{best.method} scores best on {best.metric}: {best.value:.3f} (95% CI {best.low:.3f}-{best.high:.3f})"
-             + (f", up from {best.base_value:.3f} for the untuned base model." if best.base_value is not None else ".")]
+             + (f", {'down' if best.metric in M.LOWER_IS_BETTER else 'up'} from {best.base_value:.3f} for the untuned base model."
+                if best.base_value is not None else ".")]
     for r in results:
         if r is best:
             continue
         significant = r.p_vs_best is not None and r.p_vs_best < 0.05
-        line = (f"{r.method}: {r.value:.3f}, " + (f"significantly lower (paired bootstrap {p_is(r.p_vs_best)})"
+        worse = "higher" if best.metric in M.LOWER_IS_BETTER else "lower"
+        line = (f"{r.method}: {r.value:.3f}, " + (f"significantly {worse} (paired bootstrap {p_is(r.p_vs_best)})"
                 if significant else f"not significantly different ({p_is(r.p_vs_best)})"))
         cost = [f"training {_seconds(r.train_seconds)} vs {_seconds(best.train_seconds)}",
                 f"{_size(r.artifact_mib)} vs {_size(best.artifact_mib)} on disk"]

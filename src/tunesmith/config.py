@@ -18,6 +18,12 @@ from typing import Any, Union
 import yaml
 
 TASKS = ("classification", "instruction", "chat", "text")
+# headline metrics (eval.metric) and the tasks that have them
+METRICS = {"accuracy": ("classification",), "f1": ("classification",), "rougeL": ("instruction", "chat"),
+           "rouge1": ("instruction", "chat"), "rouge2": ("instruction", "chat"), "bleu": ("instruction", "chat"),
+           "chrf": ("instruction", "chat"), "exact_match": ("instruction", "chat"),
+           "perplexity": ("classification", "instruction", "chat", "text")}
+TRUNCATION_SIDES = ("middle", "left", "right")
 METHODS = ("lora", "full", "prompt")
 PRECISIONS = ("auto", "bf16", "fp32")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
@@ -50,7 +56,8 @@ class PrepareConfig:
     max_tokens: int | None = None
     dedup: str = "near"  # none | exact | near
     dedup_threshold: float = 0.85  # Jaccard similarity for near duplicates
-    test_size: float = 0.0  # held out of train as a test split when data.test is not given
+    filter_test: bool = False  # de-duplication and length filters drop test rows too (default: report them, keep them)
+    test_size: float = 0.0  # fraction (<1) or count (>=1) of train held out as a test split when data.test is not given
     stratify: bool = True  # classification splits keep the label shares
     group_by: str | None = None  # a column whose groups never span two splits
 
@@ -63,11 +70,18 @@ class DataConfig:
     validation: str | None = None  # held out from train when omitted (see validation_size)
     test: str | None = None  # evaluation split; the validation split when omitted
     format: str = "auto"  # by file extension (or content) when auto
+    delimiter: str | None = None  # CSV delimiter; sniffed from the file when omitted
+    encoding: str | None = None  # text encoding; UTF-8, else detected (and reported), when omitted
     layout: str | None = None  # detected from the column names when omitted
-    columns: dict[str, str] = field(default_factory=dict)  # role -> column name in the file
+    columns: dict[str, str] = field(default_factory=dict)  # role -> column, "{template} of {columns}", or constant text
+    validation_columns: dict[str, str] = field(default_factory=dict)  # overrides of columns for the validation file
+    test_columns: dict[str, str] = field(default_factory=dict)  # overrides of columns for the test file
+    references: list[str] = field(default_factory=list)  # extra gold answers (columns/templates) for generation metrics
     skip_bad_rows: bool = False  # skip and count bad records instead of stopping
     labels: dict[str, str] = field(default_factory=dict)  # raw label -> target words
     system_prompt: str | None = None
+    chat_template: str | None = None  # for models without one (or to replace it): a Jinja template, or chatml | alpaca
+    truncation_side: str = "middle"  # an over-long prompt loses its middle | left (start) | right (end); the answer is kept
     validation_size: float = 0.1  # fraction (<1) or count (>=1) of train held out
     max_train_examples: int | None = None
     max_validation_examples: int | None = None
@@ -145,6 +159,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    metric: str = "auto"  # headline metric for compare, p-values, verdict; auto: accuracy | rougeL | perplexity by task
     batch_size: int = 16
     compare_with_base: bool = True
     max_new_tokens: int = 64  # for generation tasks (ROUGE), and classify_by: generation
@@ -231,16 +246,31 @@ def validate(cfg: Config) -> list[str]:
     check(bool(cfg.name) and "/" not in cfg.name, "name: must be a non-empty folder name")
     check(bool(cfg.data.train), "data.train: required (path to the training file)")
     check(cfg.data.format in FORMATS, f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
-    check(cfg.data.validation_size > 0, "data.validation_size: must be > 0")
+    check(cfg.data.validation_size > 0 and (cfg.data.validation_size < 1 or float(cfg.data.validation_size).is_integer()),
+          "data.validation_size: a fraction below 1 or a whole number of rows (> 0)")
     pp = cfg.data.prepare
     check(pp.dedup in ("none", "exact", "near"), f"data.prepare.dedup: {pp.dedup!r} is not one of none, exact, near")
     check(0 < pp.dedup_threshold <= 1, "data.prepare.dedup_threshold: must be in (0, 1]")
     check(pp.label_model in ("dawid_skene", "majority"), f"data.prepare.label_model: {pp.label_model!r} is not one of dawid_skene, majority")
     bad_pii = sorted(set(pp.pii) - {"email", "phone", "credit_card", "ip_address", "iban", "url"})
     check(not bad_pii, f"data.prepare.pii: unknown kind(s) {bad_pii}; kinds are email, phone, credit_card, ip_address, iban, url")
-    check(pp.test_size >= 0, "data.prepare.test_size: must be >= 0")
+    check(pp.test_size >= 0 and (pp.test_size < 1 or float(pp.test_size).is_integer()),
+          "data.prepare.test_size: a fraction below 1 or a whole number of rows")
     check(cfg.data.layout is None or cfg.data.layout in LAYOUTS,
           f"data.layout: {cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
+    check(cfg.data.truncation_side in TRUNCATION_SIDES,
+          f"data.truncation_side: {cfg.data.truncation_side!r} is not one of {', '.join(TRUNCATION_SIDES)}")
+    check(cfg.data.delimiter is None or len(cfg.data.delimiter.encode().decode("unicode_escape")) == 1
+          or cfg.data.delimiter.lower() == "tab", f"data.delimiter: {cfg.data.delimiter!r} must be one character, e.g. ';' or '\\t'")
+    for key in ("validation_columns", "test_columns"):
+        check(getattr(cfg.data, key) == {} or getattr(cfg.data, key.split("_")[0]) is not None,
+              f"data.{key}: there is no data.{key.split('_')[0]} file to apply it to")
+    check(not (cfg.data.references and cfg.task in ("classification", "text")),
+          f"data.references: only generation tasks (instruction, chat) are scored against references, not {cfg.task}")
+    if cfg.eval.metric != "auto":
+        tasks = METRICS.get(cfg.eval.metric)
+        check(tasks is not None, f"eval.metric: {cfg.eval.metric!r} is not one of auto, {', '.join(METRICS)}")
+        check(tasks is None or cfg.task in tasks, f"eval.metric: {cfg.eval.metric!r} is not measured for task {cfg.task}")
     if cfg.task == "classification":
         check(bool(cfg.data.labels), "data.labels: required for classification, e.g. {0: negative, 1: positive}")
         words = list(cfg.data.labels.values())

@@ -6,11 +6,17 @@ prompt; the most likely label is the prediction (``label_scoring: mean`` divides
 number of tokens, for labels of different lengths). ``classify_by: generation`` instead lets
 the model answer freely and parses the answer; answers naming no label (or several) count
 as wrong and are reported as the invalid-answer rate.
+
+Instruction and chat: greedy replies, stopped at the template's end-of-turn token (or the end
+of sequence), scored against the reference answers. Raw text (``task: text``): loss and
+perplexity of every token after the first, no chat template.
+
+Every model's loss is kept per example (summed negative log-likelihood and target tokens), so
+perplexity gets a bootstrap interval and a paired p-value like every other metric.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,28 +30,46 @@ from tunesmith import metrics as M
 from tunesmith import runtime
 from tunesmith.api import ApiModel
 from tunesmith.data.formats import Example
-from tunesmith.data.render import collate, encode, encode_all, encode_for_head, render
-from tunesmith.train import evaluate_loss, target_logprob_per_row
+from tunesmith.data.render import chat_format, collate, encode, encode_for_head, encode_prompt
+from tunesmith.train import target_logprob_per_row
+
+NLL = tuple[list[float], list[int]]  # per example: summed negative log-likelihood (nats), target tokens
 
 
-def loss_metrics(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_seq_len: int,
-                 batch_size: int, bf16: bool) -> tuple[dict[str, float], int]:
-    """Mean loss per target token and perplexity on each example's final assistant turn, and the
-    number of tokens read."""
-    encoded, stats = encode_all(tokenizer, examples, max_seq_len, last_turn_only=True)
-    loss = evaluate_loss(model, encoded, batch_size, tokenizer.pad_token_id, bf16)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}, stats["tokens"]
+@torch.no_grad()
+def example_nll(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_seq_len: int, batch_size: int,
+                bf16: bool, side: str = "middle") -> tuple[NLL, int]:
+    """Each example's summed negative log-likelihood of its final answer (every token after the
+    first, for raw text) and its number of target tokens, in example order; and the tokens read.
+    An example left with no target after truncation counts 0 tokens (it adds nothing to the loss)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    encoded = [encode(tokenizer, ex, max_seq_len, last_turn_only=True, side=side) for ex in examples]
+    nll = [0.0] * len(encoded)
+    counts = [0] * len(encoded)
+    order = sorted((j for j, e in enumerate(encoded) if e.n_targets), key=lambda j: len(encoded[j].input_ids))
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = {k: v.to(dev) for k, v in collate([encoded[j] for j in idx], tokenizer.pad_token_id).items()}
+        with runtime.autocast(dev, bf16):
+            logprob, count = target_logprob_per_row(model, batch)
+        for j, lp, c in zip(idx, logprob.float().tolist(), count.tolist()):
+            nll[j], counts[j] = -lp, c
+    model.train(was_training)
+    return (nll, counts), sum(len(e.input_ids) for e in encoded if e.n_targets)
 
 
 @torch.no_grad()
 def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Example], label_words: dict[str, str],
-                   max_seq_len: int, batch_size: int, bf16: bool,
-                   progress: Progress | None = None, normalize: str = "sum") -> tuple[list[str], float, int]:
+                   max_seq_len: int, batch_size: int, bf16: bool, progress: Progress | None = None,
+                   normalize: str = "sum", side: str = "middle") -> tuple[list[str], NLL, int]:
     """The most likely label of each example, by the log-probability of its words: summed
     (``normalize="sum"``) or per token (``"mean"``).
 
-    Also returns the loss per target token of the true labels, from the same forward passes, and
-    the number of tokens read (every label's candidate counts: that is the work done).
+    Also returns each example's negative log-likelihood of its true label (and token count), from
+    the same forward passes, and the number of tokens read (every label's candidate counts: that
+    is the work done).
     """
     model.eval()
     dev = next(model.parameters()).device
@@ -55,7 +79,8 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
         prompt = ex.messages[: _last_answer(ex)]  # few-shot turns (and their answers) stay
         for k in keys:
             answer = {"role": "assistant", "content": label_words[k]}
-            candidates.append(encode(tokenizer, Example(prompt + [answer]), max_seq_len, last_turn_only=True))
+            candidates.append(encode(tokenizer, Example(prompt + [answer], source=ex.source), max_seq_len,
+                                     last_turn_only=True, side=side))
     task = progress.add_task("label scoring", total=len(candidates), info="") if progress else None
     scores = torch.empty(len(candidates))
     counts = torch.empty(len(candidates), dtype=torch.long)
@@ -71,36 +96,36 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
             progress.update(task, advance=len(idx))
     scores, counts = scores.view(len(examples), len(keys)), counts.view(len(examples), len(keys))
     true = torch.tensor([keys.index(ex.label) for ex in examples]).unsqueeze(1)  # (E, 1)
-    loss = float(-scores.gather(1, true).sum() / counts.gather(1, true).sum().clamp(min=1))
+    nll = ((-scores.gather(1, true).squeeze(1)).tolist(), counts.gather(1, true).squeeze(1).tolist())
     ranking = scores / counts.clamp(min=1) if normalize == "mean" else scores
-    return [keys[j] for j in ranking.argmax(dim=1).tolist()], loss, sum(len(c.input_ids) for c in candidates)
+    return [keys[j] for j in ranking.argmax(dim=1).tolist()], nll, sum(len(c.input_ids) for c in candidates)
 
 
 @torch.no_grad()
 def predict_with_head(model: torch.nn.Module, tokenizer: Any, examples: list[Example], labels: list[str],
-                      max_seq_len: int, batch_size: int, bf16: bool,
-                      progress: Progress | None = None) -> tuple[list[str], float, int]:
-    """Predictions of a sequence-classification head, its mean cross-entropy on the true labels,
-    and the number of tokens read."""
+                      max_seq_len: int, batch_size: int, bf16: bool, progress: Progress | None = None,
+                      side: str = "middle") -> tuple[list[str], NLL, int]:
+    """Predictions of a sequence-classification head, each example's cross-entropy on its true
+    label (one "token" each), and the number of tokens read."""
     model.eval()
     dev = next(model.parameters()).device
     index = {k: i for i, k in enumerate(labels)}
-    encoded = [encode_for_head(tokenizer, ex, index, max_seq_len) for ex in examples]
+    encoded = [encode_for_head(tokenizer, ex, index, max_seq_len, side) for ex in examples]
     task = progress.add_task("classifying", total=len(encoded), info="") if progress else None
     preds: list[str] = [""] * len(encoded)
-    loss = 0.0
+    nll = [0.0] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda j: len(encoded[j].input_ids))
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         batch = {k: v.to(dev) for k, v in collate([encoded[j] for j in idx], tokenizer.pad_token_id).items()}
         with runtime.autocast(dev, bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-        for j, k in zip(idx, logits.argmax(-1).tolist()):
-            preds[j] = labels[k]
+        ce = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
+        for j, k, c in zip(idx, logits.argmax(-1).tolist(), ce):
+            preds[j], nll[j] = labels[k], c
         if progress is not None:
             progress.update(task, advance=len(idx))
-    return preds, loss / max(len(encoded), 1), sum(len(e.input_ids) for e in encoded)
+    return preds, (nll, [1] * len(encoded)), sum(len(e.input_ids) for e in encoded)
 
 
 INVALID = "<invalid>"
@@ -119,37 +144,44 @@ def parse_label(answer: str, label_words: dict[str, str]) -> str:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_new_tokens: int,
-             batch_size: int, bf16: bool, progress: Progress | None = None) -> tuple[list[str], int]:
+             batch_size: int, bf16: bool, progress: Progress | None = None, max_seq_len: int = 4096,
+             side: str = "middle") -> tuple[list[str], int]:
     """Greedy replies to each example's conversation up to its last assistant turn, and the number
-    of tokens read and written (prompt tokens, then each reply up to its end-of-turn token)."""
+    of tokens read and written (prompt tokens, then each reply up to its end token).
+
+    Prompts are encoded like training prompts (special strings in the data as text, truncated by
+    ``side`` to leave room for the reply within ``max_seq_len``); generation stops at the chat
+    template's end-of-turn token or the end-of-sequence token, whichever comes first.
+    """
     model.eval()
     dev = next(model.parameters()).device
-    prompts = [render(tokenizer, ex.messages[: _last_answer(ex)], add_generation_prompt=True) for ex in examples]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge
+    stops = list(chat_format(tokenizer).stop_ids)
+    budget = max(max_seq_len - max_new_tokens, max_seq_len // 2)
+    prompts = [encode_prompt(tokenizer, ex.messages[: _last_answer(ex)], budget, side, ex.source) for ex in examples]
     task = progress.add_task("generating", total=len(prompts), info="") if progress else None
     out, tokens = [], 0
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            with runtime.autocast(dev, bf16):
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1] :]
-            out += tokenizer.batch_decode(new, skip_special_tokens=True)
-            tokens += int(enc["attention_mask"].sum()) + _reply_tokens(new, tokenizer.eos_token_id)
-            if progress is not None:
-                progress.update(task, advance=len(prompts[i : i + batch_size]))
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(len(p) for p in chunk)  # left-padded: generation continues from the right edge
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
+        with runtime.autocast(dev, bf16):
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
+        new = gen[:, width:]
+        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        tokens += int(mask.sum()) + _reply_tokens(new, stops)
+        if progress is not None:
+            progress.update(task, advance=len(chunk))
     return [s.strip() for s in out], tokens
 
 
-def _reply_tokens(new: torch.Tensor, eos: int | None) -> int:
-    """Tokens generated per row up to and including the first end token (padding after it excluded)."""
-    if eos is None or new.shape[1] == 0:
+def _reply_tokens(new: torch.Tensor, stops: int | list[int] | None) -> int:
+    """Tokens generated per row up to and including the first stop token (padding after it excluded)."""
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    if not stops or new.shape[1] == 0:
         return new.numel()
-    ended = new == eos
+    ended = torch.isin(new, torch.tensor(stops, device=new.device))
     first = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full_like(ended[:, 0], new.shape[1], dtype=torch.long))
     return int(first.sum())
 
@@ -158,29 +190,31 @@ def _reply_tokens(new: torch.Tensor, eos: int | None) -> int:
 class Evaluation:
     """One model's results on a test set: ``metrics`` (JSON-ready, each headline metric with a
     95% bootstrap interval under ``ci``), the predictions, the resamplable metric functions
-    (``stats``) that paired comparisons with another model need, and the tokens the model read
-    and wrote (None for a remote model)."""
+    (``stats``) that paired comparisons with another model need, the tokens the model read and
+    wrote (None for a remote model), and each example's loss (None for a remote model)."""
 
     metrics: dict[str, Any]
     predictions: list[str]
     stats: dict[str, M.Stat] = field(default_factory=dict)
     tokens: int | None = None
+    nll: NLL | None = None
 
 
 @dataclass
 class Predicted:
     """What a model answered: labels (classification) or texts, the metrics that come with the way
-    of answering (loss, perplexity, invalid-answer rate), and the tokens read and written."""
+    of answering (invalid-answer rate), the tokens read and written, and each example's loss."""
 
     outputs: list[str]
     metrics: dict[str, Any]
     tokens: int | None
+    nll: NLL | None = None
 
 
 def predict(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
             label_words: dict[str, str], max_seq_len: int, batch_size: int, max_new_tokens: int, bf16: bool,
             progress: Progress | None = None, label_scoring: str = "sum", classify_by: str = "scoring",
-            head: bool = False, with_loss: bool = True) -> Predicted:
+            head: bool = False, with_loss: bool = True, side: str = "middle") -> Predicted:
     """The model's answer to every example, as ``evaluate_model`` scores it. ``with_loss=False``
     skips the separate loss pass that free generation otherwise adds (for timing answers alone)."""
     if isinstance(model, ApiModel):
@@ -191,29 +225,33 @@ def predict(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Ex
             return Predicted([a.strip() for a in answers], {}, tokens)
         preds = [parse_label(a, label_words) for a in answers]
         return Predicted(preds, {"invalid_rate": _invalid_rate(preds)}, tokens)
+    if task == "text":  # nothing to answer: how well the model predicts each text
+        nll, tokens = example_nll(model, tokenizer, examples, max_seq_len, batch_size, bf16, side)
+        return Predicted([""] * len(examples), {}, tokens, nll)
     if task == "classification" and (head or classify_by == "scoring"):
         if head:
-            preds, loss, tokens = predict_with_head(model, tokenizer, examples, list(label_words), max_seq_len,
-                                                    batch_size, bf16, progress)
+            preds, nll, tokens = predict_with_head(model, tokenizer, examples, list(label_words), max_seq_len,
+                                                   batch_size, bf16, progress, side)
         else:
-            preds, loss, tokens = predict_labels(model, tokenizer, examples, label_words, max_seq_len, batch_size, bf16,
-                                                 progress, label_scoring)
-        return Predicted(preds, {"loss": loss, "perplexity": math.exp(min(loss, 50))}, tokens)
-    texts, tokens = generate(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress)
-    metrics: dict[str, Any] = {}
+            preds, nll, tokens = predict_labels(model, tokenizer, examples, label_words, max_seq_len, batch_size, bf16,
+                                                progress, label_scoring, side)
+        return Predicted(preds, {}, tokens, nll)
+    texts, tokens = generate(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress, max_seq_len, side)
+    nll = None
     if with_loss:
-        metrics, read = loss_metrics(model, tokenizer, examples, max_seq_len, batch_size, bf16)
+        nll, read = example_nll(model, tokenizer, examples, max_seq_len, batch_size, bf16, side)
         tokens += read
     if task != "classification":
-        return Predicted(texts, metrics, tokens)
+        return Predicted(texts, {}, tokens, nll)
     preds = [parse_label(a, label_words) for a in texts]
-    return Predicted(preds, metrics | {"invalid_rate": _invalid_rate(preds)}, tokens)
+    return Predicted(preds, {"invalid_rate": _invalid_rate(preds)}, tokens, nll)
 
 
 def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
                    label_words: dict[str, str], max_seq_len: int, batch_size: int, max_new_tokens: int,
                    bf16: bool, progress: Progress | None = None, label_scoring: str = "sum",
-                   classify_by: str = "scoring", resamples: int = M.RESAMPLES, head: bool = False) -> Evaluation:
+                   classify_by: str = "scoring", resamples: int = M.RESAMPLES, head: bool = False,
+                   side: str = "middle") -> Evaluation:
     """All metrics of ``task`` on ``examples``, with intervals, and the predictions (labels or texts).
 
     ``head``: the model is a sequence classifier (logits per label) rather than a generative model.
@@ -221,33 +259,42 @@ def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: 
     or scored as generations, with no loss (an API gives no log-likelihoods to compare).
     """
     p = predict(model, tokenizer, examples, task, label_words, max_seq_len, batch_size, max_new_tokens, bf16,
-                progress, label_scoring, classify_by, head)
-    return scored(p.metrics, p.outputs, [reference(ex) for ex in examples], task, label_words, resamples, p.tokens)
+                progress, label_scoring, classify_by, head, side=side)
+    return scored(p.metrics, p.outputs, [references(ex) for ex in examples], task, label_words, resamples, p.tokens, p.nll)
 
 
-def scored(metrics: dict[str, Any], preds: list[str], refs: list[str], task: str, label_words: dict[str, str],
-           resamples: int = M.RESAMPLES, tokens: int | None = None) -> Evaluation:
-    """An ``Evaluation`` of ``preds`` against ``refs``: the task's metrics added to ``metrics``, each
-    headline metric with its 95% bootstrap interval."""
-    values, stats = task_metrics(task, refs, preds, label_words)
+def scored(metrics: dict[str, Any], preds: list[str], refs: list[list[str]], task: str, label_words: dict[str, str],
+           resamples: int = M.RESAMPLES, tokens: int | None = None, nll: NLL | None = None) -> Evaluation:
+    """An ``Evaluation`` of ``preds`` against ``refs`` (each example's references, the first being
+    the training target): the task's metrics added to ``metrics``, each with its 95% bootstrap interval."""
+    values, stats = task_metrics(task, refs, preds, label_words, nll)
     metrics = dict(metrics) | values
     metrics["ci"] = {k: [v["low"], v["high"]] for k, v in M.with_intervals(metrics, stats, len(preds), resamples).items()}
-    return Evaluation(metrics, preds, stats, tokens)
+    return Evaluation(metrics, preds, stats, tokens, nll)
 
 
-def task_metrics(task: str, refs: list[str], preds: list[str],
-                 label_words: dict[str, str]) -> tuple[dict[str, Any], dict[str, M.Stat]]:
-    """The task's metrics of ``preds`` against ``refs`` and their resamplable forms (for intervals
-    and paired tests)."""
+def task_metrics(task: str, refs: list[Any], preds: list[str], label_words: dict[str, str],
+                 nll: NLL | None = None) -> tuple[dict[str, Any], dict[str, M.Stat]]:
+    """The task's metrics of ``preds`` against ``refs`` (and loss/perplexity from ``nll``), and their
+    resamplable forms (for intervals and paired tests)."""
+    values: dict[str, Any] = {}
+    stats: dict[str, M.Stat] = {}
     if task == "classification":
-        return (M.classification(refs, preds, list(label_words)),
-                M.classification_stats(refs, preds, list(label_words)))
-    return M.generation(refs, preds)
+        primary = [r[0] if isinstance(r, list) else r for r in refs]
+        values, stats = (M.classification(primary, preds, list(label_words)),
+                         M.classification_stats(primary, preds, list(label_words)))
+    elif task != "text":
+        values, stats = M.generation(refs, preds)
+    if nll is not None:
+        lm_values, lm_stats = M.language_model(*nll)
+        values, stats = values | lm_values, stats | lm_stats
+    return values, stats
 
 
 def latency(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
             label_words: dict[str, str], max_seq_len: int, max_new_tokens: int, bf16: bool, label_scoring: str = "sum",
-            classify_by: str = "scoring", head: bool = False, progress: Progress | None = None) -> dict[str, float]:
+            classify_by: str = "scoring", head: bool = False, progress: Progress | None = None,
+            side: str = "middle") -> dict[str, float]:
     """Milliseconds to answer one example on its own (batch size 1, as a user waiting for a reply
     sees it), over ``examples`` after one untimed warm-up: median, 95th percentile and the count.
 
@@ -262,7 +309,7 @@ def latency(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Ex
     def once(ex: Example) -> float:
         t0 = time.perf_counter()
         predict(model, tokenizer, [ex], task, label_words, max_seq_len, max(1, len(label_words)), max_new_tokens, bf16,
-                None, label_scoring, classify_by, head, with_loss=False)  # one example: its label candidates in one batch
+                None, label_scoring, classify_by, head, with_loss=False, side=side)  # one example: its label candidates in one batch
         return 1000 * (time.perf_counter() - t0)
 
     if not examples:
@@ -296,10 +343,17 @@ def _last_answer(ex: Example) -> int:
 
 
 def reference(ex: Example) -> str:
-    """What a perfect model answers: the gold label, or the last assistant turn."""
+    """What a perfect model answers: the gold label, the last assistant turn, or the raw text."""
     if ex.label is not None:
         return ex.label
+    if ex.text is not None:
+        return ex.text
     return [m for m in ex.messages if m["role"] == "assistant"][-1]["content"]
+
+
+def references(ex: Example) -> list[str]:
+    """Every gold answer of an example: ``reference(ex)`` first, then ``data.references`` (no repeats)."""
+    return list(dict.fromkeys([reference(ex), *ex.references]))
 
 
 def compare(a: Evaluation, b: Evaluation, n: int, resamples: int = M.RESAMPLES) -> dict[str, dict[str, float]]:
@@ -309,3 +363,4 @@ def compare(a: Evaluation, b: Evaluation, n: int, resamples: int = M.RESAMPLES) 
         out[name] = {"difference": float(a.metrics[name] - b.metrics[name]),
                      "p_value": M.paired_p_value(a.stats[name], b.stats[name], n, resamples)}
     return out
+

@@ -2,7 +2,8 @@
 
 Classification: accuracy, macro and per-class precision/recall/F1, confusion matrix
 (scikit-learn). Generation: ROUGE-1/2/L (``rouge-score``), BLEU and chrF (``sacrebleu``),
-exact match. Perplexity comes from the loss (``evaluate.py``).
+exact match, each against one or several references per example. Loss and perplexity from each
+example's negative log-likelihood (``language_model``).
 
 Uncertainty: a metric is a function of which test examples it is computed on, so resampling
 the examples with replacement (the bootstrap) gives its spread. ``interval`` is the 95%
@@ -14,6 +15,7 @@ as used for MT by Koehn 2004).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,42 +67,62 @@ def classification_stats(y_true: Sequence[str], y_pred: Sequence[str], labels: S
 
 # ---------------------------------------------------------------- generation
 
+References = Sequence[str] | Sequence[Sequence[str]]  # one gold answer per example, or several
+
+
+def _multi(references: References) -> list[list[str]]:
+    """Every example's references as a list (the first is the training target)."""
+    return [[r] if isinstance(r, str) else [x for x in r if x] or [""] for r in references]
+
 
 def normalize(text: str) -> str:
     """Lower case, collapsed whitespace, no surrounding punctuation: for exact match."""
     return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?,;:\"'")
 
 
-def exact_match(references: Sequence[str], predictions: Sequence[str]) -> list[float]:
-    return [float(normalize(r) == normalize(p)) for r, p in zip(references, predictions)]
+def exact_match(references: References, predictions: Sequence[str]) -> list[float]:
+    """1.0 where the prediction equals one of the example's references (normalised), else 0.0."""
+    return [float(any(normalize(r) == normalize(p) for r in refs)) for refs, p in zip(_multi(references), predictions)]
 
 
-def rouge(references: Sequence[str], predictions: Sequence[str]) -> dict[str, list[float]]:
-    """Per-example ROUGE-1/2/L F-measures (``rouge-score``, Porter stemming)."""
+def rouge(references: References, predictions: Sequence[str]) -> dict[str, list[float]]:
+    """Per-example ROUGE-1/2/L F-measures (``rouge-score``, Porter stemming); with several references,
+    the best-matching one per example and metric (``RougeScorer.score_multi``, as rouge-score defines it)."""
     from rouge_score import rouge_scorer  # pulls in nltk: imported only when generation is scored
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    scores = [scorer.score(r, p) for r, p in zip(references, predictions)]
+    scores = [scorer.score_multi(refs, p) for refs, p in zip(_multi(references), predictions)]
     return {k: [s[k].fmeasure for s in scores] for k in ("rouge1", "rouge2", "rougeL")}
 
 
-def bleu(references: Sequence[str], predictions: Sequence[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing), 0-100."""
+def _streams(references: References) -> list[list[str | None]]:
+    """sacrebleu's layout: one stream per reference position, None where an example has fewer."""
+    multi = _multi(references)
+    k = max((len(r) for r in multi), default=1)
+    return [[r[j] if j < len(r) else None for r in multi] for j in range(k)]
+
+
+def bleu(references: References, predictions: Sequence[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing), 0-100; with several
+    references, n-gram matches are clipped by the most in any reference and the closest reference
+    length counts (Papineni et al. 2002, as sacrebleu implements it)."""
     from sacrebleu.metrics import BLEU
 
-    return float(BLEU().corpus_score(list(predictions), [list(references)]).score)
+    return float(BLEU().corpus_score(list(predictions), _streams(references)).score)
 
 
-def chrf(references: Sequence[str], predictions: Sequence[str]) -> float:
-    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2), 0-100."""
+def chrf(references: References, predictions: Sequence[str]) -> float:
+    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2), 0-100; with several references,
+    each sentence is scored against its best-matching one (Popović 2015, as sacrebleu implements it)."""
     from sacrebleu.metrics import CHRF
 
-    return float(CHRF().corpus_score(list(predictions), [list(references)]).score)
+    return float(CHRF().corpus_score(list(predictions), _streams(references)).score)
 
 
-def generation(references: Sequence[str], predictions: Sequence[str]) -> tuple[dict[str, float], dict[str, Stat]]:
-    """All generation metrics, and a resamplable version of each."""
-    refs, preds = list(references), list(predictions)
+def generation(references: References, predictions: Sequence[str]) -> tuple[dict[str, float], dict[str, Stat]]:
+    """All generation metrics, and a resamplable version of each. ``references``: one string per
+    example, or a list of gold answers per example (each metric's own multi-reference rule)."""
+    refs, preds = _multi(references), list(predictions)
     per_example = rouge(refs, preds) | {"exact_match": exact_match(refs, preds)}
     arrays = {k: np.asarray(v, dtype=float) for k, v in per_example.items()}
     stats: dict[str, Stat] = {k: (lambda idx, a=a: float(a[idx].mean())) for k, a in arrays.items()}
@@ -108,6 +130,36 @@ def generation(references: Sequence[str], predictions: Sequence[str]) -> tuple[d
     stats["chrf"] = lambda idx: chrf([refs[i] for i in idx], [preds[i] for i in idx])
     everything = np.arange(len(refs))
     return {k: stat(everything) for k, stat in stats.items()}, stats
+
+
+def language_model(nll: Sequence[float], counts: Sequence[int]) -> tuple[dict[str, float], dict[str, Stat]]:
+    """Loss per target token and perplexity = exp(loss) over examples, from each example's summed
+    negative log-likelihood (nats) and its number of target tokens; resamplable (a resample's
+    perplexity pools its examples' tokens, as the full-set value does)."""
+    s, c = np.asarray(nll, dtype=float), np.asarray(counts, dtype=float)
+
+    def loss(idx: np.ndarray) -> float:
+        return float(s[idx].sum() / max(c[idx].sum(), 1.0))
+
+    stats: dict[str, Stat] = {"loss": loss, "perplexity": lambda idx: math.exp(min(loss(idx), 50.0))}
+    everything = np.arange(len(s))
+    return {k: stat(everything) for k, stat in stats.items()}, stats
+
+
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+def headline(task: str, metric: str = "auto") -> str:
+    """The metric that ranks systems (``eval.metric``): as set, else accuracy (classification),
+    ROUGE-L (instruction, chat) or perplexity (text)."""
+    if metric != "auto":
+        return metric
+    return {"classification": "accuracy", "text": "perplexity"}.get(task, "rougeL")
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether value ``a`` of ``metric`` is better than ``b`` (lower for loss and perplexity)."""
+    return a < b if metric in LOWER_IS_BETTER else a > b
 
 
 # ---------------------------------------------------------------- uncertainty

@@ -103,6 +103,28 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a config's ``model:`` value, without loading (or dequantizing) the model.
+
+    For a GGUF file not yet cached, it is read from the GGUF's metadata (seconds) rather than by
+    dequantizing the whole model (what preparing data used to cost on first use).
+    """
+    source = resolve_model(spec)
+    try:
+        if source.kind == "gguf":
+            path = Path(source.location)
+            cached = gguf_cache_folder(path)
+            tokenizer = (AutoTokenizer.from_pretrained(cached) if (cached / "config.json").is_file()
+                         else AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(model_folder(spec))
+    except OSError as e:
+        raise ModelError(f"could not load the tokenizer of {spec!r}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_classifier(spec: str, labels: list[str], seed: int = 0,
                     dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
     """Load ``(model, tokenizer)`` with a sequence-classification head for ``labels``.
@@ -127,6 +149,8 @@ def load_classifier(spec: str, labels: list[str], seed: int = 0,
 
 def is_causal_lm(spec: str) -> bool:
     """True for generative (decoder) models, False for encoders such as BERT."""
+    if resolve_model(spec).kind == "gguf":  # llama.cpp files are generative models: no need to dequantize to know
+        return True
     config = AutoConfig.from_pretrained(model_folder(spec))
     return any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in config.architectures or [])
 
@@ -149,13 +173,17 @@ def model_folder(spec: str) -> str:
 
 def cached_gguf_folder(gguf_path: Path) -> Path:
     """Dequantize ``gguf_path`` once into a cached HF folder and return that folder."""
-    key = _file_key(gguf_path)
-    folder = tunesmith_home() / "models" / f"{gguf_path.stem}-{key}"
+    folder = gguf_cache_folder(gguf_path)
     if (folder / "config.json").is_file():
         return folder
     print(f"first use of {gguf_path.name}: dequantizing it into {folder} (once, ~20 s)", file=sys.stderr)
     atomic_dir(folder, lambda tmp: convert_gguf(gguf_path, tmp))
     return folder
+
+
+def gguf_cache_folder(gguf_path: Path) -> Path:
+    """Where the dequantized copy of ``gguf_path`` lives (whether or not it exists yet)."""
+    return tunesmith_home() / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

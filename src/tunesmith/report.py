@@ -67,6 +67,7 @@ def _png(fig: Any) -> bytes:
 def data_section(data: dict[str, Any]) -> str:
     """What happened to the data: steps with rows in/out, labels per split, lengths, details."""
     parts = ["<h2>Data</h2>"]
+    parts += [f"<p class='warning'>warning: {html.escape(w)}</p>" for w in data.get("warnings") or []]
     parts += [f"<p>{html.escape(n)}</p>" for n in data.get("notes", [])]
     steps = data.get("steps", [])
     if steps:
@@ -372,6 +373,7 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1em; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; vertical-align: top; }}
 th {{ background: #f3f3f3; }}
 td.good {{ color: #1a7f37; font-weight: bold; }} td.bad {{ color: #cf222e; font-weight: bold; }}
+p.warning {{ color: #9a6700; background: #fff8c5; padding: 4px 8px; }}
 pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
 img {{ max-width: 100%; }}
 div.wide {{ overflow-x: auto; }} div.wide table {{ font-size: 0.9em; }}

@@ -23,9 +23,12 @@ from tunesmith.api import ApiModel
 from tunesmith.config import Config, ConfigError, diff, load_config, save_config
 from tunesmith.data import Example, encode_all, encode_for_head
 from tunesmith.data.prepare import load_splits
-from tunesmith.evaluate import Evaluation, compare, evaluate_model, latency, reference, task_metrics
+from tunesmith import metrics as M
+from tunesmith.evaluate import Evaluation, compare, evaluate_model, latency, reference, references, task_metrics
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from tunesmith.models import is_causal_lm, load_classifier, load_model, resolve_model
+from tunesmith.data.formats import DataError
+from tunesmith.data.render import TEMPLATES, chat_format, set_chat_template
+from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
 from tunesmith.train import latest_checkpoint, result_dict, train
 
@@ -66,6 +69,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         changed = check_resume(run_dir, cfg, allow_changes)
         if changed:
             console.print(f"[yellow]resuming with changed settings: {changed}[/yellow]")
+    if needs_chat_template(cfg):  # a base model without a template stops here, before any data work
+        ready_tokenizer(load_tokenizer(cfg.model), cfg)
     if overwrite and not resume and run_dir.exists():
         for child in run_dir.iterdir():  # prepared data stays: it is reused when still up to date
             if child.name != "data":
@@ -84,6 +89,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
     if cfg.method == "lora":  # a typo in the layer names is found before any data work
         methods.lora.check_target_modules(model, cfg.lora.target_modules)
+    ready_tokenizer(tokenizer, cfg, console)
     splits = load_splits(cfg, run_dir / "data", tokenizer)
     console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
     for note in splits.notes:
@@ -92,9 +98,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     val_set, val_stats = encode(cfg, tokenizer, splits.validation, head)
     report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
     atomic_write_json(run_dir / "data_report.json", report)
-    for split, stats in report["encoded"].items():
-        if stats["truncated"]:
-            console.print(f"[yellow]{split}: {stats['truncated']} examples longer than max_seq_len={cfg.train.max_seq_len} were truncated[/yellow]")
+    print_data_summary(report, cfg, console, len(splits.test))
     if not train_set or not val_set:
         raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
 
@@ -171,23 +175,80 @@ def uses_head(cfg: Config) -> bool:
 
 def encode(cfg: Config, tokenizer: Any, examples: list[Example], head: bool) -> tuple[list[Any], dict[str, int]]:
     """Token ids and targets: chat-rendered for a generative model, plain text + label for a head."""
+    side = cfg.data.truncation_side
     if not head:
-        return encode_all(tokenizer, examples, cfg.train.max_seq_len)
+        return encode_all(tokenizer, examples, cfg.train.max_seq_len, side=side)
     index = {k: i for i, k in enumerate(cfg.data.labels)}
-    out = [encode_for_head(tokenizer, ex, index, cfg.train.max_seq_len) for ex in examples]
-    return out, {"examples": len(examples), "kept": len(out), "truncated": sum(e.truncated for e in out),
-                 "dropped_no_target": 0, "tokens": sum(len(e.input_ids) for e in out), "target_tokens": len(out)}
+    out = [encode_for_head(tokenizer, ex, index, cfg.train.max_seq_len, side) for ex in examples]
+    cut = sum(bool(e.truncated) for e in out)
+    return out, {"examples": len(examples), "kept": len(out), "truncated": cut, "truncated_prompt": cut,
+                 "truncated_answer": 0, "dropped_no_target": 0, "special_text": 0,
+                 "tokens": sum(len(e.input_ids) for e in out), "target_tokens": len(out)}
+
+
+def needs_chat_template(cfg: Config) -> bool:
+    """Whether the run renders conversations (everything but raw text and classification heads)."""
+    return cfg.task in ("instruction", "chat") or (cfg.task == "classification" and not uses_head(cfg))
+
+
+def ready_tokenizer(tokenizer: Any, cfg: Config, console: Console | None = None) -> Any:
+    """Apply ``data.chat_template``; for runs that render conversations, stop with a ModelError naming
+    the model and the fix when there is no template, and say how the template ends a turn and
+    whether it folds the system prompt into the first user turn."""
+    set_chat_template(tokenizer, cfg.data.chat_template)
+    if not needs_chat_template(cfg):
+        return tokenizer
+    if not tokenizer.chat_template:
+        raise ModelError(f"model {cfg.model!r} has no chat template (a base model?), so conversations cannot be "
+                         f"rendered. Set data.chat_template to a Jinja template or to one of: {', '.join(TEMPLATES)} "
+                         "(alpaca: the plain '### Instruction: / ### Response:' format, each reply ended by the eos "
+                         "token), or use task: text for plain language modelling")
+    try:
+        fmt = chat_format(tokenizer)
+    except DataError as e:
+        raise ModelError(f"model {cfg.model!r}: {e}") from None
+    if console is not None:
+        if fmt.end_of_turn != tokenizer.eos_token:
+            console.print(f"  assistant turns end with {fmt.end_of_turn!r} (the tokenizer's eos is "
+                          f"{tokenizer.eos_token!r}): replies are trained to end with it, and generation stops on either",
+                          highlight=False)
+        if not fmt.system_role and (cfg.data.system_prompt or cfg.task == "chat"):
+            console.print("  the chat template rejects the system role: the system prompt is folded into the first "
+                          "user turn", highlight=False)
+    return tokenizer
+
+
+def print_data_summary(report: dict[str, Any], cfg: Config, console: Console, test_examples: int) -> None:
+    """Split sizes, warnings, and the true truncation and drop counts after rendering."""
+    sizes = {s: st["rows"] for s, st in (report.get("splits") or {}).items()}
+    if sizes:
+        console.print("  split sizes: " + ", ".join(f"{s} {n:,}" for s, n in sizes.items())
+                      + (f" (test examples used: {test_examples:,})" if test_examples != sizes.get("test", -1) else ""),
+                      highlight=False)
+    for w in report.get("warnings") or []:
+        console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
+    for split, st in (report.get("encoded") or {}).items():
+        parts = []
+        if st.get("truncated_prompt"):
+            parts.append(f"{st['truncated_prompt']} had their prompt shortened ({cfg.data.truncation_side}), the answer kept")
+        if st.get("truncated_answer"):
+            parts.append(f"{st['truncated_answer']} had their answer cut too")
+        if st.get("dropped_no_target"):
+            parts.append(f"{st['dropped_no_target']} were dropped (no answer token left)")
+        if parts:
+            console.print(f"[yellow]{split}: of {st['examples']:,} examples longer than max_seq_len="
+                          f"{cfg.train.max_seq_len}, {'; '.join(parts)}[/yellow]", highlight=False)
+        if st.get("special_text"):
+            console.print(f"  {split}: {st['special_text']} examples contain special-token strings (e.g. "
+                          "'<|im_end|>') in their text; they are trained as text, never as control tokens", highlight=False)
 
 
 def prepare_data(cfg: Config, console: Console | None = None) -> Any:
     """Prepare the config's data into ``runs/<name>/data/`` (splits as JSONL + data_report.json)."""
-    from transformers import AutoTokenizer
-
     from tunesmith.data.prepare import prepare
-    from tunesmith.models import model_folder
 
     console = console or Console()
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(cfg.model))
+    tokenizer = ready_tokenizer(load_tokenizer(cfg.model), cfg)  # the tokenizer only: the model is not loaded
     prepared = prepare(cfg, cfg.run_dir / "data", tokenizer)
     atomic_write_json(cfg.run_dir / "data_report.json", prepared.report)
     save_config(cfg, cfg.run_dir / "config.yaml")
@@ -197,9 +258,13 @@ def prepare_data(cfg: Config, console: Console | None = None) -> Any:
         table.add_column(col, justify="left" if col == "step" else "right")
     for s in prepared.report["steps"]:
         table.add_row(s["step"], str(s["rows_in"]), str(s["rows_out"]), str(s["removed"]))
+    for split, st in prepared.report["splits"].items():
+        table.add_row(f"[bold]{split} split[/bold]", "", str(st["rows"]), "")
     console.print(table)
     for note in prepared.report["notes"]:
         console.print(note, highlight=False)
+    for w in prepared.report.get("warnings") or []:
+        console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
     return prepared
 
 
@@ -225,10 +290,12 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     bf16 = runtime.use_bf16(cfg.train.precision, dev)
     head = uses_head(cfg)
     base, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed) if head else load_model(cfg.model)
+    ready_tokenizer(tokenizer, cfg)
     splits = load_splits(cfg, run_dir / "data", tokenizer)
     test = splits.test
     base.to(dev)
-    results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32"}
+    results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32",
+                               "metric": M.headline(cfg.task, cfg.eval.metric)}
     if cfg.task == "classification":
         results["label_words"] = dict(cfg.data.labels)
     evals: dict[str, Evaluation] = {}
@@ -242,16 +309,17 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
             e = cfg.eval
             evals[name] = evaluate_model(model, tokenizer, questions, cfg.task, cfg.data.labels, cfg.train.max_seq_len,
                                          e.batch_size, e.max_new_tokens, bf16, progress, e.label_scoring, e.classify_by,
-                                         e.bootstrap_resamples, head=head)
+                                         e.bootstrap_resamples, head=head, side=cfg.data.truncation_side)
             seconds = time.perf_counter() - t0
             tokens = evals[name].tokens
             results[name] = evals[name].metrics | {
                 "seconds": seconds, "examples_per_s": len(questions) / max(seconds, 1e-9),
                 "tokens_per_s": tokens / max(seconds, 1e-9) if tokens else None}
-            if name == "tuned" and e.latency_examples:
+            if name == "tuned" and e.latency_examples and cfg.task != "text":  # raw text: nothing to answer
                 results[name]["latency"] = latency(model, tokenizer, questions[: e.latency_examples], cfg.task,
                                                    cfg.data.labels, cfg.train.max_seq_len, e.max_new_tokens, bf16,
-                                                   e.label_scoring, e.classify_by, head, progress)
+                                                   e.label_scoring, e.classify_by, head, progress,
+                                                   side=cfg.data.truncation_side)
 
         if cfg.eval.compare_with_base and reused is None:
             run_eval("base", base)
@@ -268,13 +336,35 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
             run_eval("tuned", tuned.to(dev))
     if "base" in evals:
         results["tuned_vs_base"] = compare(evals["tuned"], evals["base"], len(test), cfg.eval.bootstrap_resamples)
-        results["disagreements"] = _disagreements(test, evals["base"].predictions, evals["tuned"].predictions, cfg)
+        if cfg.task != "text":
+            results["disagreements"] = _disagreements(test, evals["base"].predictions, evals["tuned"].predictions, cfg)
     atomic_write_json(run_dir / "eval.json", results)
-    atomic_write_jsonl(run_dir / "predictions.jsonl", [  # per example, so methods can be compared pairwise later
-        {"reference": reference(ex)} | {name: e.predictions[i] for name, e in evals.items()} for i, ex in enumerate(test)])
+    atomic_write_jsonl(run_dir / "predictions.jsonl", [prediction_row(ex, i, evals) for i, ex in enumerate(test)])
     write_report(run_dir)
     print_table(results, console)
     return results
+
+
+def prediction_row(ex: Example, i: int, evals: dict[str, Evaluation]) -> dict[str, Any]:
+    """One line of predictions.jsonl: the reference(s), each model's prediction and its loss on the
+    example ([summed NLL, target tokens]), so methods can be compared pairwise later."""
+    row: dict[str, Any] = {"reference": reference(ex)}
+    if ex.references:
+        row["references"] = references(ex)
+    for name, e in evals.items():
+        row[name] = e.predictions[i]
+        if e.nll is not None:
+            row[f"{name}_nll"] = [e.nll[0][i], e.nll[1][i]]
+    return row
+
+
+def stats_from_predictions(rows: list[dict[str, Any]], side: str, task: str,
+                           label_words: dict[str, str]) -> tuple[dict[str, Any], dict[str, M.Stat]]:
+    """The metrics of one model (``side``: base or tuned) rebuilt from predictions.jsonl rows."""
+    refs = [r.get("references") or [r["reference"]] for r in rows]
+    nll = ([r[f"{side}_nll"][0] for r in rows], [r[f"{side}_nll"][1] for r in rows]) \
+        if rows and all(f"{side}_nll" in r for r in rows) else None
+    return task_metrics(task, refs, [r[side] for r in rows], label_words, nll)
 
 
 def _reused_base(source: Path, cfg: Config, test: list[Example]) -> Evaluation | None:
@@ -296,8 +386,9 @@ def _reused_base(source: Path, cfg: Config, test: list[Example]) -> Evaluation |
     if not same or "base" not in ev or [r.get("reference") for r in rows] != refs or any("base" not in r for r in rows):
         return None
     preds = [r["base"] for r in rows]
-    # metrics as measured there (loss, intervals, timing); the resamplable statistics for paired tests
-    return Evaluation(ev["base"], preds, task_metrics(cfg.task, refs, preds, cfg.data.labels)[1])
+    nll = ([r["base_nll"][0] for r in rows], [r["base_nll"][1] for r in rows]) if all("base_nll" in r for r in rows) else None
+    # metrics as measured there (intervals, timing); the resamplable statistics for paired tests
+    return Evaluation(ev["base"], preds, stats_from_predictions(rows, "base", cfg.task, cfg.data.labels)[1], nll=nll)
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:

@@ -1,11 +1,22 @@
 """Reading data files into rows: one dict per record, with the line (or record) it came from.
 
-Formats: JSONL, JSON (a list of records, or {"key": [records]}), CSV/TSV with any delimiter,
-with or without a header (sniffed), Parquet, ``LABEL TEXT`` lines, plain text (one document
-per line), a folder of text files (a sub-folder name is the label), and Hugging Face
-``datasets`` (a folder written by ``save_to_disk``, or ``hf:<id>`` when online).
-Text files are read as UTF-8, else in the encoding ``charset-normalizer`` detects; the
-encoding used is reported, so a fallback is never silent.
+Formats: JSONL, JSON (a list of records, or {"key": [records]}), CSV/TSV, Parquet, ``LABEL TEXT``
+lines, plain text (one document per line), a folder of text files (a sub-folder name is the
+label), and Hugging Face ``datasets`` (a folder written by ``save_to_disk``, or ``hf:<id>`` when
+online).
+
+CSV/TSV: the delimiter (``,`` tab ``;`` ``|``) is sniffed from the first 100 records, parsed
+quote-aware, as the one that splits them most consistently; ``data.delimiter`` sets it ("\\t"
+or "tab" for a tab), and then a file detected as text or ``LABEL TEXT`` is read as CSV.
+Tab-delimited files are read without quoting, the TSV convention: real TSVs hold unbalanced
+quotes in their text. A first record of column-name-like cells is a header; without one the
+columns are ``column_0``, ``column_1``, ...
+
+``LABEL TEXT``: a short label, spaces, the text; a label alone gives a row with empty text
+(preparation drops and counts those).
+
+Encodings: UTF-8, else detected (``tunesmith.data.encoding``); ``data.encoding`` sets one.
+
 Every bad record raises DataError naming the file, the line and the field; with
 ``skip_bad=True`` it is skipped and counted instead.
 """
@@ -16,17 +27,24 @@ import csv
 import io
 import json
 import re
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.encoding import decode, read_text  # noqa: F401 - read_text stays importable from here
+from tunesmith.data.errors import DataError
+
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
-_LABEL_TEXT = re.compile(r"^\S{1,40} \S")  # "LABEL TEXT": a short token, one space, then text
+_LABELLED = re.compile(r"^\S{1,40} +\S")  # "LABEL TEXT": a short token, spaces, then text
+_LABEL_ONLY = re.compile(r"^\S{1,40} *$")  # a label whose text is missing
+DELIMITERS = (",", "\t", ";", "|")
+_SNIFF_RECORDS = 100  # records the delimiter sniffer parses
+_SNIFF_CHARS = 65536  # characters of the file it looks at
+_HEADER_RECORDS = 20  # records below the first that header detection compares it with
 csv.field_size_limit(1 << 30)  # real CSVs hold long documents in one field
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file, line and field."""
 
 
 @dataclass
@@ -46,17 +64,22 @@ class Example:
     source: str = ""  # "file:line", for error messages and reports
     meta: dict[str, Any] = field(default_factory=dict)
     text: str | None = None  # raw-text language modelling: every token is a target
+    references: list[str] = field(default_factory=list)  # further gold answers (data.references), for generation metrics
 
 
 @dataclass
 class Table:
-    """What a reader found: the rows, the format and encoding used, and skipped records."""
+    """What a reader found: the rows, how the file was read, and skipped records."""
 
     path: str
     rows: list[Row]
     format: str
     encoding: str = "utf-8"
     skipped: list[str] = field(default_factory=list)  # "file:line: reason"
+    encoding_confidence: float | None = None  # in [0, 1] when detected; None: valid UTF-8 or set
+    encoding_set: bool = False  # the encoding came from data.encoding
+    delimiter: str | None = None  # CSV/TSV only
+    header: bool | None = None  # CSV/TSV only: the first record named the columns
 
     @property
     def columns(self) -> list[str]:
@@ -64,6 +87,35 @@ class Table:
         for row in self.rows[:200]:
             seen.update(dict.fromkeys(row.values))
         return list(seen)
+
+    def describe(self) -> str:
+        """How the file was read, for the console and the report, e.g.
+        ``csv, delimiter ',', no header: columns column_0..column_2; encoding cp1252 (detected, ...)``."""
+        parts = [self.format]
+        if self.delimiter is not None:
+            parts.append(f"delimiter {self.delimiter!r}")
+        if self.header is not None:
+            parts.append(f"{'header' if self.header else 'no header'}: columns {_column_list(self.columns)}")
+        if self.format in ("parquet", "hf"):  # binary: no text encoding
+            return ", ".join(parts)
+        return ", ".join(parts) + ("; " if self.header is not None else ", ") + self._describe_encoding()
+
+    def _describe_encoding(self) -> str:
+        """The encoding, and where it came from when it was not plain UTF-8."""
+        if self.encoding_set:
+            return f"encoding {self.encoding} (set by data.encoding)"
+        if self.encoding_confidence is None:
+            return self.encoding
+        return (f"encoding {self.encoding} (detected, confidence {self.encoding_confidence:.2f}; "
+                "set data.encoding to override)")
+
+
+def _column_list(names: list[str]) -> str:
+    """``column_0..column_2`` for generated names, else the names (the first 8)."""
+    if len(names) > 1 and names == [f"column_{j}" for j in range(len(names))]:
+        return f"column_0..column_{len(names) - 1}"
+    shown = ", ".join(names[:8])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
 
 
 def detect_format(path: Path) -> str:
@@ -74,41 +126,66 @@ def detect_format(path: Path) -> str:
     known = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": None}
     if known.get(suffix):
         return known[suffix]  # type: ignore[return-value]
-    head = path.read_bytes()[:65536].decode("utf-8", errors="replace")
+    with path.open("rb") as f:
+        head = f.read(65536).decode("utf-8", errors="replace")
     lines = [ln for ln in head.splitlines()[:50] if ln.strip()]
     if lines and lines[0].lstrip().startswith("{"):
         return "jsonl"
     if lines and sum("\t" in ln for ln in lines) >= 0.9 * len(lines):
         return "tsv"
-    short = lines and max(len(ln) for ln in lines) < 2000  # labelled sentences, not whole documents
-    if short and sum(bool(_LABEL_TEXT.match(ln)) for ln in lines) == len(lines):
-        labels = {ln.split(" ", 1)[0] for ln in lines}
-        if len(labels) <= min(20, max(2, len(lines) // 3)):  # few distinct first tokens: they are labels
-            return "label_text"
-    return "text"
+    return "label_text" if _looks_labelled(lines) else "text"
 
 
-def read_table(path: str | Path, fmt: str = "auto", skip_bad: bool = False) -> Table:
-    """Read every record of a data file or folder (see the module docstring for formats)."""
+def _looks_labelled(lines: list[str]) -> bool:
+    """Whether short lines read as ``LABEL TEXT``: a few distinct first tokens, then text.
+
+    A label alone on a line is allowed now and then (its text is missing), if it is a label
+    seen with text elsewhere."""
+    if not lines or max(len(ln) for ln in lines) >= 2000:  # labelled sentences, not whole documents
+        return False
+    full = [ln for ln in lines if _LABELLED.match(ln)]
+    bare = [ln.strip() for ln in lines if not _LABELLED.match(ln)]
+    labels = {ln.split(None, 1)[0] for ln in full}
+    if not full or len(bare) > max(1, len(lines) // 10) or not all(_LABEL_ONLY.match(b) and b in labels for b in bare):
+        return False
+    return len(labels) <= min(20, max(2, len(lines) // 3))  # few distinct first tokens: they are labels
+
+
+def read_table(path: str | Path, fmt: str = "auto", skip_bad: bool = False,
+               delimiter: str | None = None, encoding: str | None = None) -> Table:
+    """Read every record of a data file or folder (see the module docstring for formats).
+
+    ``delimiter`` forces the CSV delimiter ("\\t" or "tab" mean a tab), ``encoding`` the text
+    encoding (a Python codec name); both are the ``data.delimiter``/``data.encoding`` settings."""
     if isinstance(path, str) and path.startswith("hf:"):
         return _hf(path[3:], path)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: file not found")
-    fmt = detect_format(p) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise DataError(f"{p}: unknown format {fmt!r} (data.format is one of {', '.join(FORMATS)})")
+    forced = _parse_delimiter(delimiter, p) if delimiter is not None else None
+    if fmt == "auto":
+        fmt = detect_format(p)
+        if forced is not None and fmt in ("text", "label_text", "tsv"):  # a delimiter was set: the file is delimited
+            fmt = "tsv" if forced == "\t" else "csv"
     if fmt == "folder":
-        return _folder(p)
+        return _folder(p, encoding)
     if fmt == "hf":
         return _hf(str(p), str(p))
     if fmt == "parquet":
         return _parquet(p)
-    text, encoding = read_text(p)
-    if not text.strip():
+    decoded = decode(p, encoding)
+    if not decoded.text.strip():
         raise DataError(f"{p}: the file is empty")
-    table = Table(str(p), [], fmt, encoding)
-    reader = {"jsonl": _jsonl, "json": _json, "csv": _csv, "tsv": _csv, "label_text": _label_text, "text": _text}[fmt]
+    table = Table(str(p), [], fmt, decoded.encoding, encoding_confidence=decoded.confidence,
+                  encoding_set=encoding is not None)
     try:
-        reader(p, text, table, skip_bad)
+        if fmt in ("csv", "tsv"):
+            _csv(p, decoded.text, table, skip_bad, forced)
+        else:
+            reader = {"jsonl": _jsonl, "json": _json, "label_text": _label_text, "text": _text}[fmt]
+            reader(p, decoded.text, table, skip_bad)
     except csv.Error as e:  # e.g. a NUL byte inside a CSV field
         raise DataError(f"{p}: not readable as {fmt.upper()} ({e})") from None
     except RecursionError:  # JSON nested deeper than Python's parser allows
@@ -123,21 +200,13 @@ def read_rows(path: str | Path, fmt: str = "auto") -> list[Row]:
     return read_table(path, fmt).rows
 
 
-def read_text(path: Path) -> tuple[str, str]:
-    """The file's text and the encoding used: UTF-8, else the detected one."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig"), "utf-8"
-    except UnicodeDecodeError as e:
-        first_bad = raw[: e.start].count(b"\n") + 1
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"{path}: binary data (NUL bytes), not a text file")
-    from charset_normalizer import from_bytes
-
-    best = from_bytes(raw).best()
-    if best is None or best.encoding in ("utf_8", "ascii"):
-        raise DataError(f"{path}:{first_bad}: not valid UTF-8 and no other encoding fits; convert the file to UTF-8")
-    return str(best), best.encoding
+def _parse_delimiter(value: str, path: Path) -> str:
+    """The one-character delimiter that ``data.delimiter`` names ("\\t" and "tab" are a tab)."""
+    named = {"\\t": "\t", "tab": "\t"}
+    delimiter = named.get(value.strip().lower(), value)
+    if len(delimiter) != 1 or delimiter in "\"\r\n":
+        raise DataError(f"{path}: data.delimiter must be one character such as ',' or ';' (or 'tab'), got {value!r}")
+    return delimiter
 
 
 def _bad(table: Table, skip: bool, message: str) -> None:
@@ -180,61 +249,158 @@ def _json(path: Path, text: str, table: Table, skip: bool) -> None:
             _bad(table, skip, f"{path}: record {i}: expected an object, got {type(item).__name__}")
 
 
-def _csv(path: Path, text: str, table: Table, skip: bool) -> None:
-    sample = text[:65536]
-    first = sample.split("\n", 1)[0]
-    delimiter = max("\t,;|", key=first.count) if any(d in first for d in "\t,;|") else ("\t" if table.format == "tsv" else ",")
+# ----------------------------------------------------------------------------------------------
+# CSV / TSV
+
+
+def _dialect(delimiter: str) -> type[csv.Dialect]:
+    """Excel's CSV dialect with ``delimiter``; a tab means TSV, read without quoting."""
 
     class dialect(csv.excel):  # noqa: N801 - a csv dialect is a class
         pass
 
     dialect.delimiter = delimiter
-    if delimiter == "\t":  # TSV convention: no quoting; a quote is just a character
+    if delimiter == "\t":  # TSV convention: a quote is just a character (real TSVs have unbalanced ones)
         dialect.quoting = csv.QUOTE_NONE
-    lines = list(csv.reader(io.StringIO(text, newline=""), dialect))
-    if not lines:
-        raise DataError(f"{path}: no records found")
-    header = _has_header(sample, lines)
-    names = [c.strip() or f"column_{j}" for j, c in enumerate(lines[0])] if header else [f"column_{j}" for j in range(len(lines[0]))]
-    reader = csv.reader(io.StringIO(text, newline=""), dialect)
-    if header:
-        next(reader)
-    for values in reader:
-        line = reader.line_num
-        if not values or not any(v.strip() for v in values):
+    return dialect
+
+
+def sniff_delimiter(sample: str, default: str) -> str:
+    """The delimiter among ``, \\t ; |`` that splits the sample's first records most consistently.
+
+    Each candidate parses the first 100 records quote-aware (as the file will be read, so
+    quoted delimiters, ``""`` escapes and line breaks inside quotes count right) and scores
+    the share of records with the modal field count, which must be above 1; ties go to
+    more fields, then to ``default``. ``default`` when no candidate splits the records."""
+    scores = {d: _delimiter_score(sample, d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: (*scores[d], d == default))
+    return best if scores[best][1] > 1 else default
+
+
+def _delimiter_score(sample: str, delimiter: str) -> tuple[float, int]:
+    """(share of records with the modal field count, that count); (0, 0) when it is 1 or less."""
+    counts = _field_counts(sample, delimiter)
+    fields = [c for c in counts if c is not None]
+    if not fields:
+        return 0.0, 0
+    tally = Counter(fields)
+    modal = max(tally, key=lambda n: (tally[n], n))
+    if modal <= 1:
+        return 0.0, 0
+    return tally[modal] / len(counts), modal
+
+
+def _field_counts(sample: str, delimiter: str) -> list[int | None]:
+    """Fields in each of the sample's first records; None for a record that breaks the quoting
+    rules under this delimiter (e.g. ``"a","b"`` split on ';'), which is a sign it is wrong."""
+    reader = csv.reader(io.StringIO(sample, newline=""), _dialect(delimiter), strict=True)
+    counts: list[int | None] = []
+    ended = False
+    while len(counts) <= _SNIFF_RECORDS:
+        try:
+            record = next(reader)
+        except StopIteration:
+            ended = True
+            break
+        except csv.Error:
+            counts.append(None)
             continue
+        if any(v.strip() for v in record):  # blank lines say nothing
+            counts.append(len(record))
+    if len(counts) > _SNIFF_RECORDS or (ended and len(counts) > 1 and not sample.endswith(("\n", "\r"))):
+        counts.pop()  # the sample may cut the last record short
+    return counts
+
+
+def _choose_delimiter(sample: str, fmt: str) -> str:
+    """The delimiter to read with: a tab for a TSV that tabs split, else the sniffed one."""
+    if fmt == "tsv" and _delimiter_score(sample, "\t")[1] > 1:
+        return "\t"
+    return sniff_delimiter(sample, "\t" if fmt == "tsv" else ",")
+
+
+def _records(reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """(line the record starts on, values) for each non-blank record."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        if values and any(v.strip() for v in values):
+            yield start, values
+
+
+def _csv(path: Path, text: str, table: Table, skip: bool, delimiter: str | None = None) -> None:
+    """CSV/TSV records as rows named by the header, or ``column_0``... when there is none."""
+    table.delimiter = delimiter or _choose_delimiter(text[:_SNIFF_CHARS], table.format)
+    records = _records(csv.reader(io.StringIO(text, newline=""), _dialect(table.delimiter)))
+    head = list(islice(records, _HEADER_RECORDS + 1))
+    if not head:
+        raise DataError(f"{path}: no records found")
+    table.header = _has_header([values for _, values in head])
+    first = head[0][1]
+    names = [c.strip() or f"column_{j}" for j, c in enumerate(first)] if table.header else [f"column_{j}" for j in range(len(first))]
+    for line, values in chain(head[1:] if table.header else head, records):
         if len(values) != len(names):
-            _bad(table, skip, f"{path}:{line}: {len(values)} fields, the header has {len(names)}")
+            what = "the header has" if table.header else "the first record has"
+            _bad(table, skip, f"{path}:{line}: {len(values)} fields, {what} {len(names)}")
             continue
         table.rows.append(Row(line, dict(zip(names, values))))
 
 
-def _has_header(sample: str, lines: list[list[str]]) -> bool:
-    first = [c.strip().lower() for c in lines[0]]
-    if any(len(c.split()) > 3 for c in first):  # a sentence is data, not a column name
-        return False
-    if any(c in _KNOWN_COLUMNS for c in first):
+def _has_header(records: list[list[str]]) -> bool:
+    """Whether the first record names the columns.
+
+    Column names are short, not numbers, and unique; a known name settles it. Otherwise, as
+    ``csv.Sniffer.has_header`` does but on the records as parsed (its own re-sniffing can pick
+    another delimiter), each column votes: a numeric column, or one of fixed-width values,
+    under a first cell that does not fit it says header; one that fits says data."""
+    first = [c.strip() for c in records[0]]
+    named = [c.lower() for c in first if c]
+    if any(_is_number(c) or len(c.split()) > 3 for c in first) or len(set(named)) < len(named):
+        return False  # a number, a sentence or a repeated value is data, not a column name
+    if any(c in _KNOWN_COLUMNS for c in named):
         return True
+    body = [r for r in records[1:] if len(r) == len(first)]
+    votes = 0
+    for j, name in enumerate(first):
+        column = [r[j].strip() for r in body if r[j].strip()]
+        if not column:
+            continue
+        if all(_is_number(v) for v in column):
+            votes += 1  # numbers under a name
+        elif len({len(v) for v in column}) == 1:
+            votes += 1 if len(name) != len(column[0]) else -1
+    return votes > 0
+
+
+def _is_number(value: str) -> bool:
+    """Whether ``value`` reads as a number (an int or a float)."""
     try:
-        return csv.Sniffer().has_header(sample)
-    except csv.Error:
+        float(value)
+    except ValueError:
         return False
+    return True
 
 
 # column names that, seen in a first line, mean the line is a header
 _KNOWN_COLUMNS = {"text", "label", "sms", "instruction", "input", "output", "response", "prompt", "completion",
-                  "question", "answer", "messages", "sentence", "review", "category", "intent", "target", "class"}
+                  "question", "answer", "messages", "sentence", "review", "category", "intent", "target", "class",
+                  "title", "description", "content", "body", "summary", "context", "document", "headline",
+                  "premise", "hypothesis", "sentence1", "sentence2", "sentiment", "topic", "labels", "id"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Line formats, Parquet, folders, Hugging Face
 
 
 def _label_text(path: Path, text: str, table: Table, skip: bool) -> None:
+    """``LABEL TEXT`` lines, split on the first run of whitespace; a label alone has text ""."""
     for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        label, _, rest = line.strip().partition(" ")
-        if not rest.strip():
-            _bad(table, skip, f"{path}:{i}: expected 'LABEL TEXT', found no text after the label")
-            continue
-        table.rows.append(Row(i, {"label": label, "text": rest.strip()}))
+        parts = line.split(None, 1)
+        if parts:
+            table.rows.append(Row(i, {"label": parts[0], "text": parts[1].strip() if len(parts) > 1 else ""}))
 
 
 def _text(path: Path, text: str, table: Table, skip: bool) -> None:
@@ -253,20 +419,26 @@ def _parquet(path: Path) -> Table:
     return Table(str(path), [Row(i, r) for i, r in enumerate(records, start=1)], "parquet", "binary")
 
 
-def _folder(path: Path) -> Table:
+def _folder(path: Path, encoding: str | None = None) -> Table:
     """One row per text file; files in sub-folders take the sub-folder's name as their label."""
     rows = []
+    found: dict[str, float | None] = {}  # encoding -> lowest confidence
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     for i, f in enumerate(files, start=1):
-        text, _ = read_text(f)
-        values: dict[str, Any] = {"text": text.strip(), "file": str(f.relative_to(path))}
+        decoded = decode(f, encoding)
+        seen = found.get(decoded.encoding, decoded.confidence)
+        found[decoded.encoding] = None if seen is None or decoded.confidence is None else min(seen, decoded.confidence)
+        values: dict[str, Any] = {"text": decoded.text.strip(), "file": str(f.relative_to(path))}
         if f.parent != path:
             values["label"] = f.parent.name
         if values["text"]:
             rows.append(Row(i, values))
     if not rows:
         raise DataError(f"{path}: folder holds no non-empty text files")
-    return Table(str(path), rows, "folder")
+    name = next(iter(found)) if len(found) == 1 else "mixed (" + ", ".join(sorted(found)) + ")"
+    known = [c for c in found.values() if c is not None]
+    return Table(str(path), rows, "folder", name, encoding_confidence=min(known) if known else None,
+                 encoding_set=encoding is not None)
 
 
 def _hf(name: str, shown: str) -> Table:

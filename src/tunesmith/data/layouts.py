@@ -1,28 +1,41 @@
 """Layouts: which columns of a row play which role, detected from the column names.
 
-| layout | roles | becomes |
+| layout | roles (optional in brackets) | becomes |
 |---|---|---|
 | text_label | text, label | user: text; assistant: the label's words |
-| instruction | instruction, input (optional), output | user: instruction + input; assistant: output |
+| instruction | instruction, [input], output | user: instruction + input; assistant: output |
 | prompt_completion | prompt, completion | user: prompt; assistant: completion |
-| chat | messages | the conversation as given |
+| chat | messages | the conversation as given ({role, content} or ShareGPT {from, value}) |
 | text | text | raw text; every token is a target |
 
-Detection is by column name (case-insensitive, with common synonyms); ``data.layout`` and
-``data.columns`` override it. Bad rows raise DataError naming file, line and field, or with
-``skip_bad`` are skipped and counted.
+Detection is by column name (case-insensitive, with common synonyms), among the layouts that
+can serve the task; ``data.layout`` and ``data.columns`` override it. A role's source in
+``data.columns`` is one of (see ``Source``):
+
+- a column name: ``output: summary``;
+- a template of columns: ``text: "{title}\\n{description}"`` (``{{``/``}}`` for literal braces);
+- constant text, the same for every row: ``instruction: "Summarize the dialogue."`` (a value that
+  is neither a column nor a template, and holds a space).
+
+Rows become canonical records (role -> value, the prepared files' format), then examples. A
+record is *empty* when its prompt or its target is empty (optional roles never decide), and
+*bad* when it cannot be used at all (a missing field, an unknown label, a chat turn that is not
+text); ``check_record`` tells which, with a message naming the file, line and field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import math
+import string
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.data.formats import DataError, Example, Row, Table, read_table
 
 ROLES = ("system", "user", "assistant")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
-# the layouts each task can train on
+# the layouts each task can train on, in the order detection tries them
 TASK_LAYOUTS = {
     "classification": ("text_label",),
     "instruction": ("instruction", "prompt_completion", "chat"),
@@ -34,7 +47,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "messages": ("messages", "conversations", "conversation", "dialog"),
     "instruction": ("instruction", "question", "query"),
     "input": ("input",),
-    "output": ("output", "response", "answer"),
+    "output": ("output", "response", "answer", "summary"),
     "prompt": ("prompt",),
     "completion": ("completion",),
     "text": ("text", "sentence", "sms", "review", "content", "document", "message", "body"),
@@ -43,70 +56,291 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 REQUIRED = {"text_label": ("text", "label"), "instruction": ("instruction", "output"),
             "prompt_completion": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}
 OPTIONAL = {"instruction": ("input",)}
+# what the model reads (prompt) and what it learns to write (target), per layout: a record with
+# either side empty is an empty row; optional roles (an empty "input") never make it empty
+PROMPT_ROLES = {"text_label": ("text",), "instruction": ("instruction", "input"), "prompt_completion": ("prompt",),
+                "chat": (), "text": ("text",)}
+TARGET_ROLES = {"text_label": ("label",), "instruction": ("output",), "prompt_completion": ("completion",),
+                "chat": ("messages",), "text": ()}
+# ShareGPT and other common speaker names -> chat roles
+_SPEAKERS = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+             "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a role's value comes from: a ``column``, a ``template`` of columns, or ``constant`` text."""
+
+    kind: str
+    spec: str
+    fields: tuple[str, ...] = ()
+
+    def value(self, values: dict[str, Any]) -> Any:
+        """This source's value in a row (``values``: column -> value as read)."""
+        if self.kind == "column":
+            return values.get(self.spec)
+        if self.kind == "constant":
+            return self.spec
+        return self.spec.format_map({f: _as_text(values.get(f)) for f in self.fields})
+
+    def describe(self) -> str:
+        return repr(self.spec) if self.kind == "column" else f"{self.spec!r} ({self.kind})"
+
+
+def parse_source(spec: str, columns: list[str], where: str) -> Source:
+    """Read a ``data.columns`` value against the columns present; DataError naming a missing column.
+
+    ``where`` names the setting and file in messages, e.g. "data.columns.output (train.csv)".
+    """
+    if spec in columns:
+        return Source("column", spec)
+    lower = {c.lower(): c for c in columns}
+    if "{" in spec or "}" in spec:
+        try:
+            fields = tuple(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(spec) if f is not None))
+        except ValueError as e:
+            raise DataError(f"{where}: {spec!r} is not a valid template ({e}); write {{column}} for a column "
+                            "and {{{{ or }}}} for a literal brace") from None
+        if "" in fields:
+            raise DataError(f"{where}: {spec!r}: a template placeholder needs a column name, e.g. {{title}}")
+        missing = [f for f in fields if f not in columns]
+        if missing:
+            raise DataError(f"{where}: the template {spec!r} uses column {missing[0]!r}, which the file does not have"
+                            f"{_closest(missing[0], columns)}; columns: {', '.join(map(repr, columns))}")
+        return Source("template", spec, fields)
+    if spec.lower() in lower:
+        return Source("column", lower[spec.lower()])
+    if any(ch.isspace() for ch in spec.strip()):
+        return Source("constant", spec)
+    raise DataError(f"{where}: no column {spec!r}{_closest(spec, columns)}; columns: {', '.join(map(repr, columns))}. "
+                    "(Constant text for every row is written as a phrase with a space, e.g. \"Summarize the dialogue.\")")
+
+
+def _closest(name: str, columns: list[str]) -> str:
+    close = difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass
 class Layout:
     name: str
-    columns: dict[str, str]  # role -> column
+    sources: dict[str, Source]  # role -> where its value comes from
     detected: bool
+    references: list[Source] = field(default_factory=list)  # extra gold answers (generation metrics)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """role -> column name (templates and constants shown as written)."""
+        return {role: s.spec for role, s in self.sources.items()}
 
     def describe(self) -> str:
         how = "detected" if self.detected else "configured"
-        cols = ", ".join(f"{role}<-{col!r}" for role, col in self.columns.items())
-        return f"layout {self.name} ({how}; {cols})"
+        cols = ", ".join(f"{role}<-{s.describe()}" for role, s in self.sources.items())
+        refs = f"; references<-[{', '.join(s.describe() for s in self.references)}]" if self.references else ""
+        return f"layout {self.name} ({how}; {cols}{refs})"
+
+    def missing(self, row: Row) -> str | None:
+        """The first required column absent from ``row`` (a structural fault, unlike an empty value)."""
+        for role in REQUIRED[self.name]:
+            s = self.sources[role]
+            if s.kind == "column" and s.spec not in row.values:
+                return s.spec
+        return None
+
+    def record(self, row: Row) -> dict[str, Any]:
+        """The row as a canonical record: role -> value (and ``references`` when configured)."""
+        rec = {role: s.value(row.values) for role, s in self.sources.items()}
+        if self.references:
+            rec["references"] = [_as_text(s.value(row.values)).strip() for s in self.references]
+        return rec
 
 
 def detect_layout(table: Table, layout: str | None = None, columns: dict[str, str] | None = None,
-                  task: str | None = None) -> Layout:
-    """The layout of ``table`` and its role -> column map; DataError when none fits."""
+                  task: str | None = None, references: list[str] | None = None) -> Layout:
+    """The layout of ``table`` and where each role's value comes from; DataError when none fits.
+
+    Only layouts that can serve ``task`` are tried (all of them when ``task`` is None). The error
+    says which layouts were tried and which role each one lacks, and shows the columns found with
+    a sample value.
+    """
     names = table.columns
     lower = {c.lower(): c for c in names}
     overrides = dict(columns or {})
     unknown = sorted(set(overrides) - set(SYNONYMS))
     if unknown:
         raise DataError(f"data.columns: unknown role {unknown[0]!r}; roles are {', '.join(sorted(SYNONYMS))}")
+    allowed = TASK_LAYOUTS.get(task or "", LAYOUTS)
+    if layout and layout not in allowed:
+        raise DataError(f"data.layout: {layout!r} cannot serve task {task!r} (it has no "
+                        f"{' or '.join(REQUIRED[allowed[0]])}); layouts for {task}: {', '.join(allowed)}")
+    sources = {role: parse_source(spec, names, f"data.columns.{role} ({table.path})") for role, spec in overrides.items()}
 
-    def find(role: str) -> str | None:
-        if role in overrides:
-            return overrides[role]
-        return next((lower[s] for s in SYNONYMS[role] if s in lower), None)
+    def find(role: str) -> Source | None:
+        if role in sources:
+            return sources[role]
+        col = next((lower[s] for s in SYNONYMS[role] if s in lower), None)
+        return Source("column", col) if col is not None else None
 
-    candidates = [layout] if layout else list(TASK_LAYOUTS.get(task or "", LAYOUTS)) + [x for x in LAYOUTS]
-    for name in dict.fromkeys(candidates):
+    lacking: dict[str, list[str]] = {}
+    for name in [layout] if layout else allowed:
         found = {role: find(role) for role in REQUIRED[name] + OPTIONAL.get(name, ())}
         headerless = len(names) == 2 and all(n.startswith("column_") for n in names)
         if name == "text_label" and (found["text"] is None or found["label"] is None) and headerless:
             found = _two_columns(table, names)  # headerless "label<TAB>text" files
-        if all(found[r] is not None for r in REQUIRED[name]):
-            return Layout(name, {r: c for r, c in found.items() if c is not None}, detected=layout is None)
-    wanted = f"layout {layout!r}" if layout else f"any layout for task {task!r}" if task else "any layout"
-    raise DataError(f"{table.path}: columns {names} fit {wanted}; set data.layout and map columns with data.columns "
-                    f"(roles: {', '.join(sorted(SYNONYMS))})")
+        lacking[name] = [r for r in REQUIRED[name] if found[r] is None]
+        if not lacking[name]:
+            refs = [parse_source(spec, names, f"data.references ({table.path})") for spec in references or []]
+            return Layout(name, {r: s for r, s in found.items() if s is not None}, layout is None, refs)
+    raise DataError(_no_layout(table, lacking, task))
 
 
-def _two_columns(table: Table, names: list[str]) -> dict[str, str | None]:
+def _no_layout(table: Table, lacking: dict[str, list[str]], task: str | None) -> str:
+    tried = "; ".join(f"{name} needs {' and '.join(REQUIRED[name])}, no column for "
+                      + " or ".join(f"{r} (looked for {', '.join(SYNONYMS[r])})" for r in missing)
+                      for name, missing in lacking.items())
+    first = table.rows[0].values if table.rows else {}
+    found = ", ".join(f"{c!r} (e.g. {_sample(first.get(c))})" for c in table.columns)
+    for_task = f" for task {task!r}" if task else ""
+    return (f"{table.path}: no layout{for_task} fits the columns. Tried: {tried}. Columns found: {found}. "
+            "Map the columns with data.columns (e.g. data.columns: {text: review_body, label: stars}), "
+            "or set data.layout")
+
+
+def _sample(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _two_columns(table: Table, names: list[str]) -> dict[str, Source | None]:
     """Of two unnamed columns, the one with few distinct short values is the label."""
     a, b = names
     distinct = {c: len({str(r.values.get(c)) for r in table.rows}) for c in names}
     label = a if distinct[a] <= distinct[b] else b
-    return {"label": label, "text": b if label == a else a}
+    return {"label": Source("column", label), "text": Source("column", b if label == a else a)}
+
+
+# ---------------------------------------------------------------- records -> examples
+
+
+def label_key(value: Any, declared: dict[str, str]) -> str | None:
+    """The declared label ``value`` means, or None: exact text first, then by meaning
+    (JSON ``true`` is ``"true"``, ``1.0`` is ``"1"``, ``" 1 "`` is ``"1"``)."""
+    if isinstance(value, str) and value in declared:
+        return value
+    canon = _canonical(value)
+    return next((k for k in declared if _canonical(k) == canon), None) if canon is not None else None
+
+
+def _canonical(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    try:
+        return _canonical(float(text)) if text else ""
+    except ValueError:
+        return text
+
+
+def _kind(value: Any) -> str:
+    """How a value reads to a person: its type in words (for 'unknown label 2.5 (a number)')."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def check_record(rec: dict[str, Any], layout: str, columns: dict[str, str], labels: dict[str, str] | None,
+                 where: str, allow_unlabeled: bool = False) -> str | None:
+    """None when the record can be used; "empty" when its prompt or target is empty (dropped and
+    counted, not an error); raises DataError for a bad record. Normalises it in place: the label
+    becomes the declared key it means, values become text, messages become {role, content}."""
+    for role in list(rec):
+        if role in ("messages", "references") or role.startswith("_"):
+            continue
+        if role == "label" and labels is not None:
+            continue
+        rec[role] = _field_text(rec[role], columns.get(role, role), where)
+    if layout == "chat":
+        rec["messages"] = _messages(rec.get("messages"), columns.get("messages", "messages"), where)
+        return None
+    if layout == "text_label" and labels is not None:
+        raw = rec.get("label")
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None if allow_unlabeled else "empty"
+        key = label_key(raw, labels)
+        if key is None:
+            known = ", ".join(repr(k) for k in labels)
+            raise DataError(f"{where}: field {columns.get('label', 'label')!r}: unknown label {raw!r} ({_kind(raw)}); "
+                            f"expected one of {known}")
+        rec["label"] = key
+    prompt = any(rec.get(r, "").strip() for r in PROMPT_ROLES[layout])
+    target = all(str(rec.get(r) or "").strip() for r in TARGET_ROLES[layout])
+    return None if prompt and (target or (allow_unlabeled and layout == "text_label")) else "empty"
+
+
+def to_example(rec: dict[str, Any], layout: str, labels: dict[str, str] | None, system_prompt: str | None,
+               where: str) -> Example:
+    """The conversation (or raw text) a checked canonical record becomes."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    refs = [r for r in rec.get("references") or [] if r]
+    if layout == "text":
+        return Example([], source=where, text=rec["text"].strip())
+    if layout == "chat":
+        messages = rec["messages"]
+        if system and messages[0]["role"] != "system":
+            messages = system + messages
+        return Example(messages, source=where, references=refs)
+    if layout == "text_label":
+        raw = rec["label"]
+        words = labels[raw] if labels else raw
+        return Example(system + [{"role": "user", "content": rec["text"].strip()},
+                                 {"role": "assistant", "content": words}], label=raw, source=where)
+    user_roles = PROMPT_ROLES[layout]
+    user = "\n\n".join(rec[r].strip() for r in user_roles if rec.get(r, "").strip())
+    reply = rec[TARGET_ROLES[layout][0]].strip()
+    return Example(system + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}],
+                   source=where, references=refs)
 
 
 def rows_to_examples(table: Table, layout: Layout, labels: dict[str, str] | None = None,
                      system_prompt: str | None = None, skip_bad: bool = False) -> list[Example]:
-    """Map rows onto conversations (or raw text) by ``layout``; bad rows raise or are skipped."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    """Map rows onto conversations (or raw text) by ``layout``; bad and empty rows raise DataError
+    or, with ``skip_bad``, are skipped and listed in ``table.skipped``."""
     out = []
     for row in table.rows:
         where = row.values.get("_source") or f"{table.path}:{row.line}"  # prepared rows keep their origin
         try:
-            out.append(_example(row, layout, labels, system, where))
+            missing_field(row, layout, where)
+            rec = layout.record(row)
+            if check_record(rec, layout.name, layout.columns, labels, where) == "empty":
+                empty = [layout.columns[r] for r in PROMPT_ROLES[layout.name] + TARGET_ROLES[layout.name]
+                         if r in layout.sources and not str(rec.get(r) or "").strip()]
+                raise DataError(f"{where}: field {(empty or ['?'])[0]!r} is empty")
+            out.append(to_example(rec, layout.name, labels, system_prompt, where))
         except DataError as e:
             if not skip_bad:
                 raise
             table.skipped.append(str(e))
     return out
+
+
+def missing_field(row: Row, layout: Layout, where: str) -> None:
+    """DataError when a required column is absent from the row (e.g. a JSONL record without it)."""
+    name = layout.missing(row)
+    if name is not None:
+        have = ", ".join(repr(k) for k in row.values)
+        raise DataError(f"{where}: missing field {name!r} (the row has {have}); map it with data.columns")
 
 
 def load_examples(path: str, data: Any, task: str) -> list[Example]:
@@ -117,60 +351,52 @@ def load_examples(path: str, data: Any, task: str) -> list[Example]:
     return rows_to_examples(table, layout, labels, data.system_prompt, data.skip_bad_rows)
 
 
-def _example(row: Row, layout: Layout, labels: dict[str, str] | None, system: list[dict[str, str]], where: str) -> Example:
-    cols = layout.columns
-    if layout.name == "text_label":
-        text, raw = _field(row, cols["text"], where), _field(row, cols["label"], where)
-        if labels is not None and raw not in labels:
-            known = ", ".join(repr(k) for k in labels)
-            raise DataError(f"{where}: field {cols['label']!r}: unknown label {raw!r}; expected one of {known}")
-        words = labels[raw] if labels else raw
-        return Example(system + [{"role": "user", "content": text}, {"role": "assistant", "content": words}],
-                       label=raw, source=where)
-    if layout.name in ("instruction", "prompt_completion"):
-        user_col, reply_col = ("instruction", "output") if layout.name == "instruction" else ("prompt", "completion")
-        user = _field(row, cols[user_col], where)
-        extra = row.values.get(cols.get("input", "")) or ""
-        if not isinstance(extra, str):
-            raise DataError(f"{where}: field {cols['input']!r}: expected text, got {type(extra).__name__}")
-        if extra.strip():
-            user = f"{user}\n\n{extra.strip()}"
-        reply = _field(row, cols[reply_col], where)
-        return Example(system + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], source=where)
-    if layout.name == "chat":
-        return Example(_messages(row, cols["messages"], where, system), source=where)
-    return Example([], source=where, text=_field(row, cols["text"], where))
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value if isinstance(value, str) else str(value)
 
 
-def _field(row: Row, name: str, where: str) -> str:
-    if name not in row.values:
-        have = ", ".join(repr(k) for k in row.values)
-        raise DataError(f"{where}: missing field {name!r} (the row has {have}); map it with data.columns")
-    value = row.values[name]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r}: expected text, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: field {name!r} is empty")
-    return value.strip()
+def _field_text(value: Any, name: str, where: str) -> str:
+    """A role's value as text: numbers and booleans as written, null as empty; anything else is bad."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return _as_text(value)
+    raise DataError(f"{where}: field {name!r}: expected text, got {_kind(value)}")
 
 
-def _messages(row: Row, name: str, where: str, system: list[dict[str, str]]) -> list[dict[str, str]]:
-    value = row.values.get(name)
+def _messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
+    """Validated {role, content} turns; ShareGPT {from, value} and text-part lists are accepted."""
     if value is None:
         raise DataError(f"{where}: missing field {name!r}; map it with data.columns")
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field {name!r}: expected a non-empty list of messages")
-    messages = []
+    out = []
     for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field {name}[{j}]: expected {{role, content}} with text content")
-        if m.get("role") not in ROLES:
-            raise DataError(f"{where}: field {name}[{j}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}")
-        messages.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in messages):
+        at = f"{where}: field {name}[{j}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{at}: expected {{role, content}}, got {_kind(m)}")
+        speaker = m.get("role", m.get("from"))
+        role = _SPEAKERS.get(str(speaker).lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataError(f"{at}.role: {speaker!r} is not one of {', '.join(ROLES)}"
+                            + (" (tool and function turns cannot be trained as text)" if speaker in ("tool", "function", "ipython") else ""))
+        content = m.get("content", m.get("value"))
+        if isinstance(content, list):  # OpenAI-style content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise DataError(f"{at}.content: only text parts can be trained (found {[p.get('type') for p in content if isinstance(p, dict)]})")
+            content = "".join(p["text"] for p in content)
+        if content is None:
+            calls = " (a tool call?)" if m.get("tool_calls") or m.get("function_call") else ""
+            raise DataError(f"{at}.content is null{calls}: only text turns can be trained")
+        if not isinstance(content, str):
+            raise DataError(f"{at}.content: expected text, got {_kind(content)}")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{at}.content: the assistant reply is empty")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: field {name!r}: no assistant message to train on")
-    if system and messages[0]["role"] != "system":
-        messages = system + messages
-    return messages
+    return out

@@ -1,10 +1,18 @@
-"""``tunesmith prepare``: read -> clean -> redact -> label -> filter -> de-duplicate -> split -> report.
+"""``tunesmith prepare``: read -> clean -> redact -> drop empty -> filter -> de-duplicate -> split -> label -> report.
 
 Each step works on canonical records (role -> value, e.g. {"text", "label"} or
 {"instruction", "input", "output"}), counts what it removed or changed and keeps a few
 examples of it, so the data report shows at a glance what happened to the data and why.
-The prepared splits are written as JSONL in the canonical layout; training reads them back
-with the same readers as any other file.
+Counts add up: a file of 10 rows with 1 bad row reads 10 and keeps 9.
+
+The test split is what the user gave: de-duplication and length filters report its duplicates
+and outliers but keep them (``data.prepare.filter_test`` drops them too); train rows that leak
+into validation or test are removed from train. Rows whose prompt or target is empty (in the
+file, or after cleaning) are dropped and counted; an empty optional field (an Alpaca ``input``)
+is simply left out of the prompt.
+
+The prepared splits are written as JSONL in the canonical layout; training reads them back as
+examples with ``to_example``.
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import Config
+from tunesmith.config import Config, DataConfig
 from tunesmith.data.formats import DataError, Example, read_table
-from tunesmith.data.layouts import REQUIRED, detect_layout, rows_to_examples
+from tunesmith.data.layouts import PROMPT_ROLES, TARGET_ROLES, check_record, detect_layout, missing_field, to_example
 from tunesmith.io import atomic_write_json, atomic_write_jsonl
 
 SPLITS = ("train", "validation", "test")
 REPORT = "data_report.json"
+NEAR_DUP_WARN_SHARE = 0.10  # near-duplicate removal above this share of a split gets a warning
 
 
 @dataclass
@@ -57,8 +66,9 @@ def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Spl
     for split in SPLITS:
         path = out_dir / f"{split}.jsonl"
         if path.is_file() and path.stat().st_size:
-            table = read_table(path, "jsonl")
-            loaded[split] = rows_to_examples(table, detect_layout(table, report["layout"]), labels, d.system_prompt)
+            rows = read_table(path, "jsonl").rows
+            loaded[split] = [to_example(r.values, report["layout"], labels, d.system_prompt,
+                                        r.values.get("_source") or f"{path}:{r.line}") for r in rows]
     if not loaded.get("validation"):
         raise DataError(f"{d.train}: no validation rows after preparation; set data.validation or data.validation_size")
     test = loaded.get("test") or loaded["validation"]
@@ -91,48 +101,53 @@ class Prepared:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def split_columns(d: DataConfig, split: str) -> dict[str, str]:
+    """``data.columns`` with the split's own overrides (``data.test_columns``...) on top."""
+    return d.columns | (getattr(d, f"{split}_columns", None) or {})
+
+
+def eval_source(cfg: Config) -> str:
+    """The split whose file the test examples come from: test, else validation, else train."""
+    d = cfg.data
+    if d.test:
+        return "test"
+    return "validation" if d.validation and not d.prepare.test_size else "train"
+
+
 def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepared:
-    """Run every preparation step the config asks for; write the splits and data_report.json."""
+    """Run every preparation step the config asks for; write the splits and data_report.json.
+
+    Raises DataError for a bad row (naming file, line and field) unless ``data.skip_bad_rows``,
+    which skips and counts every bad row instead.
+    """
     d, p = cfg.data, cfg.data.prepare
     steps: list[dict[str, Any]] = []
     sources = {name: path for name, path in (("train", d.train), ("validation", d.validation), ("test", d.test)) if path}
     records: dict[str, list[dict[str, Any]]] = {}
-    layout_name, notes = "", []
+    layout_name, notes, warnings = "", [], []
+    empty_in_files = 0
     for split, path in sources.items():
-        table = read_table(path, d.format, d.skip_bad_rows)
-        layout = detect_layout(table, d.layout, d.columns, cfg.task)
-        layout_name = layout.name
-        notes.append(f"{split}: {path} ({table.format}, {table.encoding}); {layout.describe()}")
-        rows = []
-        for row in table.rows:
-            rec = {role: row.values.get(col) for role, col in layout.columns.items()}
-            rec["_source"] = f"{table.path}:{row.line}"
-            if p.group_by:
-                if p.group_by not in row.values:
-                    raise DataError(f"{rec['_source']}: data.prepare.group_by column {p.group_by!r} is missing "
-                                    f"(the row has {', '.join(map(repr, row.values))})")
-                rec["_group"] = str(row.values[p.group_by])
-            problem = _row_problem(rec, layout, cfg, p.labeling_functions is not None)
-            if problem:
-                table.skipped.append(f"{rec['_source']}: {problem}")
-                continue
-            rows.append(rec)
-        if table.skipped and not d.skip_bad_rows:
-            raise DataError(table.skipped[0])
-        steps.append(_step(f"read {split}", len(table.rows) + len(table.skipped), len(rows), {"skipped": table.skipped[:5]}))
+        rows, layout_name, note, empty = _read_split(cfg, split, path, tokenizer, steps)
         records[split] = rows
+        notes.append(note)
+        empty_in_files += empty
     if p.clean:
         _clean(records, p, steps)
     if p.pii:
         _redact(records, p.pii, p.pii_region, steps)
+    _drop_empty(records, cfg, layout_name, empty_in_files, steps)
+    protected = {"test"} if "test" in records else {"validation"} if eval_source(cfg) == "validation" else set()
+    if p.filter_test:
+        protected = set()
     if tokenizer is not None and (p.min_tokens or p.max_tokens):
-        _length_filter(records, tokenizer, p.min_tokens, p.max_tokens, steps)
-    dedup = _dedup(records, p, steps) if p.dedup != "none" else {}
+        _length_filter(records, tokenizer, p.min_tokens, p.max_tokens, steps, protected)
+    dedup = _dedup(records, p, steps, layout_name, protected, warnings) if p.dedup != "none" else {}
     _split(records, cfg, steps)
     if p.labeling_functions:
         _weak_label(records, cfg, steps)
+    warnings += _label_warnings(records, cfg)
     report = {
-        "task": cfg.task, "layout": layout_name, "notes": notes, "steps": steps, "dedup": dedup,
+        "task": cfg.task, "layout": layout_name, "notes": notes, "warnings": warnings, "steps": steps, "dedup": dedup,
         "splits": {s: _split_stats(rows, tokenizer) for s, rows in records.items()},
         "content_hash": content_hash(cfg),
     }
@@ -145,18 +160,50 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
     return Prepared(records, layout_name, report, files)
 
 
-def _row_problem(rec: dict[str, Any], layout: Any, cfg: Config, weak_labels: bool) -> str | None:
-    """Why a record cannot be used (an empty required field, an unknown label), or None."""
-    for role in REQUIRED[layout.name]:
-        if not _filled(rec.get(role)) and not (role == "label" and weak_labels):
-            return f"field {layout.columns[role]!r} is empty or missing"
-    label = rec.get("label")
-    if cfg.task == "classification" and cfg.data.labels and _filled(label):
-        rec["label"] = label = str(label)
-        if label not in cfg.data.labels:
-            known = ", ".join(repr(k) for k in cfg.data.labels)
-            return f"field {layout.columns['label']!r}: unknown label {label!r}; expected one of {known}"
-    return None
+def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
+                steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str, str, int]:
+    """Read one file into canonical records: bad rows raise (or are skipped and counted), empty
+    rows are kept for the "drop empty rows" step. Returns the records, the layout, a note saying
+    how the file was read, and how many rows were empty."""
+    d, p = cfg.data, cfg.data.prepare
+    table = read_table(path, d.format, d.skip_bad_rows, delimiter=d.delimiter, encoding=d.encoding)
+    refs = d.references if split == eval_source(cfg) or all(
+        r in table.columns for r in d.references) else []  # the evaluation split must have them; others may
+    layout = detect_layout(table, d.layout, split_columns(d, split), cfg.task, refs)
+    labels = d.labels if cfg.task == "classification" else None
+    rows, bad, empty = [], list(table.skipped), 0
+    for row in table.rows:
+        where = f"{table.path}:{row.line}"
+        try:
+            missing_field(row, layout, where)
+            rec = layout.record(row)
+            if p.group_by:
+                if p.group_by not in row.values:
+                    raise DataError(f"{where}: data.prepare.group_by column {p.group_by!r} is missing "
+                                    f"(the row has {', '.join(map(repr, row.values))})")
+                rec["_group"] = str(row.values[p.group_by])
+            state = check_record(rec, layout.name, layout.columns, labels, where, p.labeling_functions is not None)
+            if state is None and cfg.task != "text" and getattr(tokenizer, "chat_template", None):  # heads need none
+                _check_renders(tokenizer, to_example(rec, layout.name, labels, d.system_prompt, where))
+        except DataError as e:
+            bad.append(str(e))
+            continue
+        empty += state == "empty"
+        rec["_source"] = where
+        rows.append(rec)
+    if bad and not d.skip_bad_rows:
+        more = f" (and {len(bad) - 1} more bad rows; data.skip_bad_rows: true skips and counts them)" if len(bad) > 1 else ""
+        raise DataError(bad[0] + more)
+    steps.append(_step(f"read {split}", len(table.rows) + len(table.skipped), len(rows),
+                       {"bad_rows_skipped": len(bad), "skipped": bad[:5], "empty_rows": empty}))
+    return rows, layout.name, f"{split}: {path} ({table.describe()}); {layout.describe()}", empty
+
+
+def _check_renders(tokenizer: Any, example: Example) -> None:
+    """DataError when the chat template cannot render the example (e.g. it rejects its roles)."""
+    from tunesmith.data.render import render
+
+    render(tokenizer, example.messages, source=example.source)
 
 
 def content_hash(cfg: Config) -> str:
@@ -188,14 +235,23 @@ def _key(rec: dict[str, Any]) -> str:
     return "\n".join(str(rec[k]) for k in _text_roles(rec))
 
 
+def _target(rec: dict[str, Any], layout: str) -> str:
+    """What the model learns to write for a record (its label or answer): rows differing here are not duplicates."""
+    if layout == "chat":
+        return "\n".join(m["content"] for m in rec["messages"] if m["role"] == "assistant")
+    return "\n".join(str(rec.get(r) or "") for r in TARGET_ROLES[layout])
+
+
 def _map_texts(records: dict[str, list[dict[str, Any]]], fn: Any) -> None:
-    """Apply ``fn(list_of_texts) -> list_of_texts`` to every text field, message contents included."""
-    refs: list[tuple[dict[str, Any], str]] = []
+    """Apply ``fn(list_of_texts) -> list_of_texts`` to every text field, message contents and references included."""
+    refs: list[tuple[Any, Any]] = []
     for rows in records.values():
         for rec in rows:
             refs += [(rec, k) for k in _text_roles(rec)]
             if isinstance(rec.get("messages"), list):
                 refs += [(m, "content") for m in rec["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            if isinstance(rec.get("references"), list):
+                refs += [(rec["references"], i) for i in range(len(rec["references"]))]
     new = fn([holder[k] for holder, k in refs])
     for (holder, k), value in zip(refs, new):
         holder[k] = value
@@ -212,13 +268,30 @@ def _clean(records, p, steps) -> None:
 
     _map_texts(records, fn)
     stats = holder["stats"]
+    n = sum(len(r) for r in records.values())
+    steps.append(_step("clean", n, n, {"texts_changed": stats.changed, "by_operation": dict(stats.by_operation),
+                                       "examples": {k: v[:3] for k, v in stats.examples.items()}}))
+
+
+def _drop_empty(records, cfg: Config, layout: str, in_files: int, steps) -> None:
+    """Drop rows whose prompt or target is empty (in the file, or left so by cleaning and redaction)."""
+    labels = cfg.data.labels if cfg.task == "classification" else None
+    weak = cfg.data.prepare.labeling_functions is not None
     before = sum(len(r) for r in records.values())
     for split, rows in records.items():
-        records[split] = [r for r in rows if all(_filled(r.get(k)) for k in _text_roles(r))]
-    after = sum(len(r) for r in records.values())
-    steps.append(_step("clean", before, after, {"texts_changed": stats.changed, "by_operation": dict(stats.by_operation),
-                                                "examples": {k: v[:3] for k, v in stats.examples.items()},
-                                                "removed_empty": before - after}))
+        kept = []
+        for rec in rows:
+            try:
+                empty = check_record(rec, layout, {}, labels, rec["_source"], weak) == "empty"
+            except DataError:  # e.g. an assistant turn that cleaning left empty
+                empty = True
+            if not empty:
+                kept.append(rec)
+        records[split] = kept
+    removed = before - sum(len(r) for r in records.values())
+    steps.append(_step("drop empty rows", before, before - removed, {
+        "empty_in_files": in_files, "emptied_by_cleaning": removed - in_files,
+        "empty_means": f"no {' / '.join(PROMPT_ROLES[layout]) or 'turn'} or no {' / '.join(TARGET_ROLES[layout]) or 'text'}"}))
 
 
 def _redact(records, kinds, region, steps) -> None:
@@ -270,36 +343,52 @@ def _weak_label(records, cfg, steps) -> None:
             "gold_eval": result.gold_eval, "functions": result.summary}))
 
 
-def _length_filter(records, tokenizer, lo, hi, steps) -> None:
+def _length_filter(records, tokenizer, lo, hi, steps, protected: set[str]) -> None:
+    """Drop rows outside [lo, hi] tokens; rows of a protected split are counted but kept."""
     before = sum(len(r) for r in records.values())
-    dropped: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
     for split, rows in records.items():
         kept = []
         for r in rows:
             n = len(tokenizer(_key(r), add_special_tokens=False)["input_ids"])
-            if n < lo:
-                dropped["too_short"] += 1
-            elif hi and n > hi:
-                dropped["too_long"] += 1
-            else:
-                kept.append(r)
+            why = "too_short" if n < lo else "too_long" if hi and n > hi else None
+            if why and split in protected:
+                counts[f"{why}_kept_in_{split}"] += 1
+            elif why:
+                counts[why] += 1
+                continue
+            kept.append(r)
         records[split] = kept
-    steps.append(_step("length filter (tokens)", before, before - sum(dropped.values()), dict(dropped)))
+    steps.append(_step("length filter (tokens)", before, sum(len(r) for r in records.values()), dict(counts)))
 
 
-def _dedup(records, p, steps) -> dict[str, Any]:
+def _dedup(records, p, steps, layout: str, protected: set[str], warnings: list[str]) -> dict[str, Any]:
+    """De-duplicate each split (a protected split: report only), then remove train rows that leak
+    into validation/test. Rows with different targets are never merged."""
     from tunesmith.data.dedup import find_duplicates, find_leakage
 
     out: dict[str, Any] = {}
     for split, rows in records.items():
-        result = find_duplicates([_key(r) for r in rows], near=p.dedup == "near", threshold=p.dedup_threshold)
-        records[split] = [rows[i] for i in result.keep]
+        result = find_duplicates([_key(r) for r in rows], near=p.dedup == "near", threshold=p.dedup_threshold,
+                                 targets=[_target(r, layout) for r in rows])
+        kept = list(range(len(rows))) if split in protected else result.keep
+        records[split] = [rows[i] for i in kept]
         out[split] = {"exact_removed": result.removed_exact, "near_removed": result.removed_near,
-                      "exact_clusters": len(result.exact), "near_clusters": len(result.near)}
+                      "exact_clusters": len(result.exact), "near_clusters": len(result.near),
+                      "kept_as_given": split in protected}
         examples = {kind: [(pair.kept[:200], pair.removed[:200]) for pair in pairs[:3]]
                     for kind, pairs in (("exact", result.exact_examples), ("near", result.near_examples)) if pairs}
-        steps.append(_step(f"de-duplicate {split}", len(rows), len(result.keep),
-                           {"exact_removed": result.removed_exact, "near_removed": result.removed_near, "examples": examples}))
+        details = {"exact_removed": result.removed_exact, "near_removed": result.removed_near, "examples": examples}
+        if split in protected:  # counted, not removed
+            details = {"exact_duplicates_kept": result.removed_exact, "near_duplicates_kept": result.removed_near,
+                       "examples": examples,
+                       "kept": f"the {split} split is kept as given (data.prepare.filter_test: true removes them)"}
+        steps.append(_step(f"de-duplicate {split}", len(rows), len(kept), details))
+        if split not in protected and rows and result.removed_near > NEAR_DUP_WARN_SHARE * len(rows):
+            warnings.append(f"de-duplication removed {result.removed_near} near duplicates from {split} "
+                            f"({result.removed_near / len(rows):.0%} of it, more than {NEAR_DUP_WARN_SHARE:.0%}); "
+                            f"check the examples in the report, or raise data.prepare.dedup_threshold "
+                            f"({p.dedup_threshold}) or set data.prepare.dedup: exact")
     others = {s: [_key(r) for r in records[s]] for s in ("validation", "test") if s in records}
     if "train" in records and others:
         leaks = find_leakage([_key(r) for r in records["train"]], others, threshold=p.dedup_threshold)
@@ -336,6 +425,20 @@ def _split(records, cfg, steps) -> None:
             records[name] = [rows[i] for i in idx]
     steps.append(_step("split", len(rows), len(rows), {k: len(v) for k, v in parts.items()}
                        | {"stratified": labels is not None, "grouped_by": p.group_by}))
+
+
+def _label_warnings(records, cfg) -> list[str]:
+    """A warning for each declared label that no training row has (the model cannot learn it)."""
+    if cfg.task != "classification" or not cfg.data.labels:
+        return []
+    seen = Counter(str(r.get("label")) for r in records.get("train", []))
+    out = []
+    for key, words in cfg.data.labels.items():
+        if not seen[key]:
+            where = [s for s in ("validation", "test") if any(str(r.get("label")) == key for r in records.get(s, []))]
+            out.append(f"label {key!r} ({words}) has no training rows" + (f"; it appears in {' and '.join(where)}" if where else "")
+                       + ": the model cannot learn it")
+    return out
 
 
 def _split_stats(rows: list[dict[str, Any]], tokenizer: Any | None) -> dict[str, Any]:

@@ -1,14 +1,31 @@
-"""Rendering conversations with the tokenizer's own chat template, and the loss mask.
+"""Rendering conversations with the chat template, the loss mask, and truncation.
 
-Only the assistant's tokens and its end-of-turn token are trained (label = token id);
-every other position gets -100. The mask is found by character spans: the template is
-rendered for the conversation up to each assistant turn (with the generation prompt) and
-up to its end, and the tokens whose characters fall inside that span are targets, up to
-and including the end-of-turn token. Anything the template adds after it (a newline) is not.
+One source of truth for the chat format: ``chat_format(tokenizer)`` learns from the tokenizer's
+own template, by rendering probe conversations, which token ends an assistant turn (``<|im_end|>``
+for ChatML even when ``eos_token`` is ``<|endoftext|>``), whether the template accepts a system
+turn, and the ids generation must stop on. Training, evaluation (and later export and serving)
+read it from here.
+
+Loss mask: only the assistant's tokens and its end-of-turn token are trained (label = token id);
+every other position gets -100. The mask is found by character spans: the template is rendered
+for the conversation up to each assistant turn (with the generation prompt) and up to its end,
+and the tokens whose characters fall inside that span are targets, up to and including the
+end-of-turn token; anything the template adds after it (a newline) is not. A template that closes
+no turn gets the end-of-sequence token appended to each reply, so the model learns to stop.
+
+Special-token strings inside the data (a reply that quotes ``<|im_end|>``) are text: such
+examples are tokenized piece by piece, their contents with ``split_special_tokens``, so only the
+template's own markers are control tokens.
+
+Truncation keeps the answer: an example longer than ``max_seq_len`` loses tokens of its last
+user message (its middle by default, or its start or end: ``data.truncation_side``); only when
+that is not enough is the end of the sequence cut, the answer with it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,15 +34,127 @@ import torch
 from tunesmith.data.formats import DataError, Example
 
 IGNORE = -100
+_PROBE = "tunesmith probe reply 7"
+
+# Named templates for models without one (``data.chat_template``): {{ }} Jinja, like the tokenizer's own.
+TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # the Alpaca prompt format, for base models: plain text, each reply closed by the end-of-sequence token
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """What a tokenizer's chat template does, learnt by rendering probe conversations."""
+
+    end_of_turn: str  # the special token that closes an assistant turn, e.g. "<|im_end|>"
+    end_of_turn_id: int | None
+    from_template: bool  # False: the template closes no turn; the eos token is appended to replies
+    system_role: bool  # False: the template rejects (or drops) system turns; they are folded into the first user turn
+    stop_ids: tuple[int, ...]  # generation stops on any of these: the end of turn and the end of sequence
+    specials: tuple[str, ...]  # special-token strings, longest first
+
+
+_FORMATS: weakref.WeakKeyDictionary[Any, tuple[str, ChatFormat]] = weakref.WeakKeyDictionary()
+
+
+def chat_format(tokenizer: Any) -> ChatFormat:
+    """The tokenizer's chat format, learnt once per tokenizer (again if its template or special
+    tokens change). Raises DataError when the tokenizer has no chat template."""
+    signature = hashlib.sha1(repr((tokenizer.chat_template, tokenizer.eos_token, tokenizer.all_special_tokens)).encode()).hexdigest()
+    cached = _FORMATS.get(tokenizer)
+    if cached is None or cached[0] != signature:
+        cached = (signature, _learn_format(tokenizer))
+        _FORMATS[tokenizer] = cached
+    return cached[1]
+
+
+def _learn_format(tokenizer: Any) -> ChatFormat:
+    if not tokenizer.chat_template:
+        raise DataError("the tokenizer has no chat template; set data.chat_template")
+    specials = tuple(sorted({str(t) for t in tokenizer.all_special_tokens} | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}, key=len, reverse=True))
+    system_role = True
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "probe system 5"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": _PROBE}], tokenize=False)
+        system_role = "probe system 5" in text
+    except Exception:  # noqa: BLE001 - Jinja templates raise whatever they like ("System role not supported")
+        system_role = False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}],
+                                             tokenize=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"the chat template cannot render a user turn and a reply ({e}); set data.chat_template") from None
+    suffix = text[text.rfind(_PROBE) + len(_PROBE):]
+    found = [(suffix.find(s), s) for s in specials if s in suffix]
+    eot = min(found)[1] if found else (tokenizer.eos_token or "")
+    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
+    stops = tuple(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if isinstance(i, int)))
+    return ChatFormat(eot, eot_id, bool(found), system_role, stops, specials)
+
+
+def require_chat_template(tokenizer: Any, model: str) -> None:
+    """ModelError-style DataError, before any data work, when ``model`` has no chat template."""
+    if not tokenizer.chat_template:
+        raise DataError(f"model {model!r} has no chat template (a base model?), so conversations cannot be rendered. "
+                        f"Set data.chat_template to a Jinja template or to one of: {', '.join(TEMPLATES)} "
+                        "(alpaca: the plain '### Instruction: / ### Response:' format, ended by the eos token)")
+
+
+def set_chat_template(tokenizer: Any, setting: str | None) -> None:
+    """Apply ``data.chat_template`` (a name in TEMPLATES, or Jinja) to the tokenizer; None keeps its own."""
+    if setting:
+        tokenizer.chat_template = TEMPLATES.get(setting, setting)
+
+
+def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """System turns merged into the next user turn (for templates that reject the system role)."""
+    out: list[dict[str, str]] = []
+    pending = ""
+    for m in messages:
+        if m["role"] == "system":
+            pending += m["content"] + "\n\n"
+        elif pending and m["role"] == "user":
+            out.append({"role": "user", "content": pending + m["content"]})
+            pending = ""
+        else:
+            if pending:  # a system prompt before an assistant turn: it becomes a user turn of its own
+                out.append({"role": "user", "content": pending.rstrip()})
+                pending = ""
+            out.append(m)
+    return out + ([{"role": "user", "content": pending.rstrip()}] if pending else [])
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False, source: str = "") -> str:
+    """The conversation as the chat template writes it; DataError (naming ``source``) when the
+    template rejects it, e.g. roles that do not alternate."""
+    if not chat_format(tokenizer).system_role:
+        messages = fold_system(messages)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - a Jinja template can raise anything
+        raise DataError(f"{source or 'a conversation'}: the chat template cannot render it ({e})") from None
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
-    truncated: bool = False
+    truncated: str | None = None  # None, "prompt" (the answer kept), "answer" (cut too) or "text"
     source: str = ""
     class_label: int | None = None  # for a classification head: the label's index (then ``labels`` is empty)
+    special_text: bool = False  # the data held special-token strings, tokenized as text
 
     @property
     def n_targets(self) -> int:
@@ -34,94 +163,290 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def target_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def target_spans(tokenizer: Any, messages: list[dict[str, str]], source: str = "") -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character span [start, end) of each assistant reply.
 
-    The end includes the end-of-turn token when the template emits one.
+    The end includes the end-of-turn token when the template emits one; otherwise it is the end
+    of the reply (the caller appends the eos token).
     """
-    text = render(tokenizer, messages)
-    eot = tokenizer.eos_token or ""
+    fmt = chat_format(tokenizer)
+    text = render(tokenizer, messages, source=source)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1])
-        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
+        upto = render(tokenizer, messages[: i + 1], source=source)
+        try:
+            before = render(tokenizer, messages[:i], add_generation_prompt=True, source=source)
+        except DataError:  # e.g. a template that cannot render an empty conversation
+            before = None
+        if i == 0 and (before is None or not upto.startswith(before)):
+            # a conversation that opens with the assistant: its prompt is whatever the template puts first
+            at = upto.rfind(m["content"]) if m["content"] else -1
+            before = upto[:at] if at >= 0 else before
+        if before is None or not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
             raise DataError(
-                "the tokenizer's chat template does not render conversations incrementally, "
-                "so assistant tokens cannot be located; use a model with a standard chat template"
-            )
+                f"{source or 'a conversation'}: the tokenizer's chat template does not render conversations "
+                "incrementally, so assistant tokens cannot be located; use a model with a standard chat template "
+                "or set data.chat_template")
         start, end = len(before), len(upto)
-        cut = upto.rfind(eot, start, end) if eot else -1
-        spans.append((start, cut + len(eot) if cut >= 0 else end))
+        if fmt.from_template:
+            cut = upto.rfind(fmt.end_of_turn, start, end)
+            spans.append((start, cut + len(fmt.end_of_turn) if cut >= 0 else end))
+        else:
+            reply = m["content"].strip()
+            at = upto.rfind(reply, start, end) if reply else -1
+            spans.append((start, at + len(reply) if at >= 0 else end))
     return text, spans
 
 
-def encode(tokenizer: Any, example: Example, max_seq_len: int, last_turn_only: bool = False) -> Encoded:
-    """Token ids and labels for one conversation, truncated on the right to ``max_seq_len``.
+def _content_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int] | None]:
+    """Where each message's content sits in the rendered ``text`` (None where it cannot be found)."""
+    out: list[tuple[int, int] | None] = []
+    cursor = 0
+    for i, m in enumerate(messages):
+        try:
+            prefix = render(tokenizer, messages[:i]) if i else ""
+            start = len(prefix) if text.startswith(prefix) else cursor
+        except DataError:
+            start = cursor
+        at = text.find(m["content"], max(start, cursor)) if m["content"] else -1
+        out.append((at, at + len(m["content"])) if at >= 0 else None)
+        if at >= 0:
+            cursor = at + len(m["content"])
+    return out
 
-    Raw text (``example.text``) is trained on every token, then the end-of-text token.
-    ``last_turn_only`` (for scoring an answer after few-shot turns) makes only the final
-    assistant turn a target and truncates on the left instead, so the answer survives.
+
+def _tokenize(tokenizer: Any, text: str, protect: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text``; inside the ``protect`` spans special-token
+    strings are split as text (``split_special_tokens``), elsewhere they are control tokens."""
+    if not protect:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    at = 0
+    pieces = []
+    for a, b in sorted(protect):
+        pieces += [(at, a, False), (a, b, True)]
+        at = b
+    pieces.append((at, len(text), False))
+    for a, b, as_text in pieces:
+        if a >= b:
+            continue
+        enc = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
+        ids += enc["input_ids"]
+        offsets += [(x + a, y + a) for x, y in enc["offset_mapping"]]
+    return ids, offsets
+
+
+def _protected_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+    """Content spans that hold a special-token string (usually none: then the text is tokenized whole,
+    exactly as ``apply_chat_template(tokenize=True)`` would)."""
+    specials = chat_format(tokenizer).specials
+    if not any(s in m["content"] for m in messages for s in specials):
+        return []
+    spans = _content_spans(tokenizer, messages, text)
+    return [sp for m, sp in zip(messages, spans) if sp is not None and any(s in m["content"] for s in specials)]
+
+
+def encode(tokenizer: Any, example: Example, max_seq_len: int, last_turn_only: bool = False,
+           side: str = "middle") -> Encoded:
+    """Token ids and labels for one conversation, at most ``max_seq_len`` tokens.
+
+    Raw text (``example.text``) is trained on every token after the first (the first is never
+    predicted), then the end-of-text token; longer texts are cut at the end. ``last_turn_only``
+    (for scoring an answer after few-shot turns) makes only the final assistant turn a target and
+    drops the earliest shots first when the conversation is too long. Raises DataError when the
+    template cannot render the conversation.
     """
     if example.text is not None:
         ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return Encoded(ids[:max_seq_len], list(ids[:max_seq_len]), len(ids) > max_seq_len, example.source)
-    text, spans = target_spans(tokenizer, example.messages)
+        labels = [IGNORE] + ids[1:]
+        cut = len(ids) > max_seq_len
+        return Encoded(ids[:max_seq_len], labels[:max_seq_len], "text" if cut else None, example.source)
+    messages = example.messages
+    ids, labels, special = _encode_full(tokenizer, messages, last_turn_only, example.source)
+    if last_turn_only and len(ids) > max_seq_len:  # few-shot prompts lose their oldest shots first
+        messages = _drop_old_shots(tokenizer, messages, max_seq_len, example.source)
+        ids, labels, special = _encode_full(tokenizer, messages, last_turn_only, example.source)
+    if len(ids) <= max_seq_len:
+        return Encoded(ids, labels, None, example.source, special_text=special)
+    ids, labels, how = _fit(tokenizer, messages, ids, labels, max_seq_len, side, example.source, last_turn_only)
+    return Encoded(ids, labels, how, example.source, special_text=special)
+
+
+def _encode_full(tokenizer: Any, messages: list[dict[str, str]], last_turn_only: bool,
+                 source: str) -> tuple[list[int], list[int], bool]:
+    """Ids and labels of the whole conversation, untruncated, and whether special strings were protected."""
+    fmt = chat_format(tokenizer)
+    if not fmt.system_role:
+        messages = fold_system(messages)
+    text, spans = target_spans(tokenizer, messages, source)
     if last_turn_only:
         spans = spans[-1:]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
+    protect = _protected_spans(tokenizer, messages, text)
+    ids, offsets = _tokenize(tokenizer, text, protect)
     labels = [IGNORE] * len(ids)
-    for k, (a, b) in enumerate(enc["offset_mapping"]):
+    for k, (a, b) in enumerate(offsets):
         if b > a and any(s <= a and b <= e for s, e in spans):
             labels[k] = ids[k]
-    truncated = len(ids) > max_seq_len
-    keep = slice(-max_seq_len, None) if last_turn_only else slice(None, max_seq_len)
-    return Encoded(ids[keep], labels[keep], truncated, example.source)
+    if not fmt.from_template and tokenizer.eos_token_id is not None:
+        ids, labels = _append_eos(ids, labels, offsets, spans, tokenizer.eos_token_id)
+    return ids, labels, bool(protect)
 
 
-def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int,
-               last_turn_only: bool = False) -> tuple[list[Encoded], dict[str, int]]:
+def _append_eos(ids: list[int], labels: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                eos: int) -> tuple[list[int], list[int]]:
+    """Insert the eos token, as a target, after the last token of each reply span."""
+    ends = sorted({max((k for k, (a, b) in enumerate(offsets) if b > a and s <= a and b <= e), default=-1)
+                   for s, e in spans} - {-1}, reverse=True)
+    for k in ends:
+        ids = ids[: k + 1] + [eos] + ids[k + 1:]
+        labels = labels[: k + 1] + [eos] + labels[k + 1:]
+    return ids, labels
+
+
+def _drop_old_shots(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int,
+                    source: str) -> list[dict[str, str]]:
+    """The conversation without its earliest shots (user/assistant pairs after any system turn),
+    as few dropped as make it fit ``max_seq_len``, the question and its answer always kept."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    while len(rest) > 2:
+        rest = rest[2:]
+        if len(_encode_full(tokenizer, system + rest, True, source)[0]) <= max_seq_len:
+            break
+    return system + rest
+
+
+def _fit(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], labels: list[int], max_len: int,
+         side: str, source: str, keep_end: bool = False) -> tuple[list[int], list[int], str]:
+    """Cut an over-long example to ``max_len`` tokens, keeping its answer where possible.
+
+    A single answer (classification, instruction, few-shot scoring): tokens of the last user
+    message's content go, by ``side``; if even that is not enough, the end is cut (the start,
+    with ``keep_end``, for scoring an answer). Several answers (a multi-turn chat): the end is
+    cut, keeping the earlier turns whole.
+    """
+    targets = [k for k, x in enumerate(labels) if x != IGNORE]
+    answers = _answer_starts(labels)
+    excess = len(ids) - max_len
+    if len(answers) == 1 and targets:
+        question = _question_tokens(tokenizer, messages, answers[0], source)
+        if question is not None and question[1] - question[0] > excess:
+            a, b = _cut_range(question[0], question[1], excess, side)
+            return ids[:a] + ids[b:], labels[:a] + labels[b:], "prompt"
+    if keep_end:
+        return ids[-max_len:], labels[-max_len:], "prompt" if not targets or targets[0] >= excess else "answer"
+    return ids[:max_len], labels[:max_len], "answer" if targets and targets[-1] >= max_len else "prompt"
+
+
+def _answer_starts(labels: list[int]) -> list[int]:
+    """Index of the first target token of each run of targets (one run per assistant turn)."""
+    return [k for k, x in enumerate(labels) if x != IGNORE and (k == 0 or labels[k - 1] == IGNORE)]
+
+
+def _question_tokens(tokenizer: Any, messages: list[dict[str, str]], answer: int, source: str) -> tuple[int, int] | None:
+    """Token range [a, b) of the last user message's content before the answer, or None."""
+    fmt = chat_format(tokenizer)
+    msgs = messages if fmt.system_role else fold_system(messages)
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    if not users:
+        return None
+    text = render(tokenizer, msgs, source=source)
+    spans = _content_spans(tokenizer, msgs, text)
+    span = spans[users[-1]]
+    if span is None:
+        return None
+    ids, offsets = _tokenize(tokenizer, text, _protected_spans(tokenizer, msgs, text))
+    inside = [k for k, (a, b) in enumerate(offsets) if b > a and span[0] <= a and b <= span[1] and k < answer]
+    return (inside[0], inside[-1] + 1) if inside else None
+
+
+def _cut_range(a: int, b: int, n: int, side: str) -> tuple[int, int]:
+    """The ``n`` positions of [a, b) to remove: its start (left), its end (right) or its middle."""
+    if side == "left":
+        return a, a + n
+    if side == "right":
+        return b - n, b
+    head = (b - a - n + 1) // 2  # middle: as much kept before the cut as after it (one more when odd)
+    return a + head, a + head + n
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], max_len: int, side: str = "middle",
+                  source: str = "") -> list[int]:
+    """Token ids of a conversation up to the point where the assistant answers (with the generation
+    prompt), special strings in the data kept as text and truncated like training prompts."""
+    text = render(tokenizer, messages, add_generation_prompt=True, source=source)
+    fmt = chat_format(tokenizer)
+    msgs = messages if fmt.system_role else fold_system(messages)
+    ids, offsets = _tokenize(tokenizer, text, _protected_spans(tokenizer, msgs, text))
+    if len(ids) <= max_len:
+        return ids
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    spans = _content_spans(tokenizer, msgs, text)
+    span = spans[users[-1]] if users else None
+    inside = [k for k, (a, b) in enumerate(offsets) if span and b > a and span[0] <= a and b <= span[1]]
+    excess = len(ids) - max_len
+    if len(inside) > excess:
+        a, b = _cut_range(inside[0], inside[-1] + 1, excess, side)
+        return ids[:a] + ids[b:]
+    return ids[-max_len:]  # the question alone cannot absorb it: keep the end, where the answer starts
+
+
+def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int, last_turn_only: bool = False,
+               side: str = "middle") -> tuple[list[Encoded], dict[str, int]]:
     """Encode examples; drop those left with no target token after truncation.
 
-    Returns the encodings and counts: ``examples``, ``truncated``, ``dropped_no_target``, ``tokens``,
-    ``target_tokens``.
+    Returns the encodings and counts: ``examples``, ``kept``, ``truncated`` (all cut examples),
+    ``truncated_prompt`` (the answer kept whole), ``truncated_answer`` (the answer cut too),
+    ``dropped_no_target``, ``special_text`` (examples whose text held special-token strings,
+    tokenized as text), ``tokens``, ``target_tokens``.
     """
-    out, truncated, dropped = [], 0, 0
+    out, dropped, special = [], 0, 0
+    cut = {"prompt": 0, "answer": 0, "text": 0}
     for ex in examples:
-        e = encode(tokenizer, ex, max_seq_len, last_turn_only)
-        truncated += e.truncated
+        e = encode(tokenizer, ex, max_seq_len, last_turn_only, side)
+        special += e.special_text
         if e.n_targets == 0:
             dropped += 1
             continue
+        if e.truncated:
+            cut[e.truncated] += 1
         out.append(e)
     stats = {
         "examples": len(examples),
         "kept": len(out),
-        "truncated": truncated,
+        "truncated": sum(cut.values()),
+        "truncated_prompt": cut["prompt"],
+        "truncated_answer": cut["answer"] + cut["text"],
         "dropped_no_target": dropped,
+        "special_text": special,
         "tokens": sum(len(e.input_ids) for e in out),
         "target_tokens": sum(e.n_targets for e in out),
     }
     return out, stats
 
 
-def encode_for_head(tokenizer: Any, example: Example, label_index: dict[str, int], max_seq_len: int) -> Encoded:
+def encode_for_head(tokenizer: Any, example: Example, label_index: dict[str, int], max_seq_len: int,
+                    side: str = "middle") -> Encoded:
     """The example's text for a classification head: the last user turn (or raw text), no chat
-    template, with the model's own special tokens ([CLS] ... [SEP] for BERT), and the label's index."""
+    template, with the model's own special tokens ([CLS] ... [SEP] for BERT), and the label's index.
+    A text too long is cut by ``side`` (its middle by default), the special tokens kept."""
     users = [m["content"] for m in example.messages if m["role"] == "user"]
     text = example.text if example.text is not None else (users[-1] if users else "")
     if example.label not in label_index:
         raise DataError(f"{example.source or 'an example'}: label {example.label!r} is not one of {sorted(label_index)}")
-    full = tokenizer(text)["input_ids"]
-    ids = tokenizer(text, truncation=True, max_length=max_seq_len)["input_ids"] if len(full) > max_seq_len else full
-    return Encoded(ids, [], len(full) > max_seq_len, example.source, class_label=label_index[example.label])
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) <= max_seq_len:
+        return Encoded(ids, [], None, example.source, class_label=label_index[example.label])
+    inner = tokenizer(text, add_special_tokens=False)["input_ids"]
+    extra = len(ids) - len(inner)
+    a, b = _cut_range(0, len(inner), len(ids) - max_seq_len, side)
+    kept = inner[:a] + inner[b:]
+    full = tokenizer.build_inputs_with_special_tokens(kept) if extra else kept
+    return Encoded(full, [], "prompt", example.source, class_label=label_index[example.label])
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

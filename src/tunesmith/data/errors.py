@@ -1,0 +1,7 @@
+"""The data package's error type (its own module, so every data module can raise it)."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file, line and field."""
