@@ -77,3 +77,20 @@ def test_every_shipped_example_config_is_valid(path: Path) -> None:
     assert Path(cfg.data.train).is_file()
     for extra in (cfg.data.validation, cfg.data.test):
         assert extra is None or Path(extra).is_file()
+
+
+def test_new_data_and_eval_settings_are_validated_all_at_once():
+    from tunesmith.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(data={"task": "text", "method": "prompt",
+                          "data": {"train": "x", "delimiter": ";;", "truncation_side": "mid", "references": ["a"],
+                                   "test_columns": {"output": "b"}},
+                          "eval": {"metric": "accuracy"}})
+    problems = "\n".join(err.value.problems)
+    for expected in ("method: prompt needs a task with answers", "data.delimiter: ';;' must be one character",
+                     "data.truncation_side: 'mid' is not one of middle, left, right",
+                     "data.references: only generation tasks", "data.test_columns: there is no data.test file",
+                     "eval.metric: 'accuracy' is not measured for task text"):
+        assert expected in problems, expected
+    assert len(err.value.problems) == 6

@@ -297,6 +297,8 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.classifier != "head" or cfg.task == "classification", "classifier: head needs task: classification")
     check(not (cfg.classifier == "head" and cfg.method == "prompt"), "classifier: head cannot be used with method: prompt "
           "(prompting needs a generative model scoring label words)")
+    check(not (cfg.method == "prompt" and cfg.task == "text"),
+          "method: prompt needs a task with answers to prompt for; task text has none (use lora or full)")
     check(cfg.prompt.shots >= 0, "prompt.shots: must be >= 0")
     api = cfg.prompt.api
     if api.base_url:
