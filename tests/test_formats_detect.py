@@ -250,3 +250,16 @@ def test_label_text_allows_several_spaces_and_a_missing_text(tmp_path):
         (1, "1", "a gripping film"), (2, "0", "a dull plot"), (3, "1", ""), (4, "0", "too long"),
         (5, "1", "warm and funny"), (6, "0", "flat")]
     assert read_table(q, fmt="label_text").rows[2].values == {"label": "1", "text": ""}
+
+
+def test_a_pandas_written_tsv_with_quoted_fields_reads_right(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"text": ["plain review", "line one of a review\nline two of a review", 'He said "wow" twice',
+                                "a\ttab inside", "fine"], "label": ["pos", "neg", "pos", "neg", "pos"]})
+    p = tmp_path / "pandas.tsv"
+    df.to_csv(p, sep="\t", index=False)
+    t = read_table(p)
+    assert (t.delimiter, t.quoted, t.header) == ("\t", True, True)
+    assert [r.values["text"] for r in t.rows] == list(df["text"]) and len(t.rows) == 5
+    assert "quoted fields" in t.describe()

@@ -276,3 +276,19 @@ def test_windows_1252_file_with_a_delimiter_override_through_prepare(tmp_path, c
     texts = [json.loads(line)["text"] for f in ("train", "validation") for line in
              (tmp_path / "runs" / "e" / "data" / f"{f}.jsonl").read_text().splitlines()]
     assert "Não é ótimo… “bom” – sim" in texts and "Não gostei nada" in texts
+
+
+def test_html_in_answers_and_code_is_kept_as_written(tmp_path):
+    """The Alpaca demo's HTML answers (a table, a page with a script, fenced code) are what the model
+    should learn to write: cleaning strips HTML from prompts only, and never touches code."""
+    path = DATA / "alpaca" / "alpaca_en_demo.json"
+    rows = json.loads(path.read_text())
+    out = prepare(cfg_for(tmp_path, "instruction", train=str(path)), tmp_path / "out")
+    outputs = {r["_source"].rsplit(":", 1)[1]: r["output"] for rows_ in out.splits.values() for r in rows_}
+    for i in (373, 558, 576):  # record numbers are 1-based; only trailing blanks on a line go
+        assert outputs[str(i + 1)] == "\n".join(line.rstrip() for line in rows[i]["output"].strip().split("\n")), i
+    clean = next(s for s in out.report["steps"] if s["step"] == "clean")
+    assert "html" not in clean["by_operation"] and clean["html_in_answers"] == "kept"
+    cfg = cfg_for(tmp_path, "instruction", train=str(path), prepare={"strip_html_answers": True})
+    out = prepare(cfg, tmp_path / "out2")
+    assert next(s for s in out.report["steps"] if s["step"] == "clean")["by_operation"]["html"] >= 2  # unfenced HTML

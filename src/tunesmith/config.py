@@ -45,7 +45,8 @@ class PrepareConfig:
     """What ``tunesmith prepare`` does to the data before training."""
 
     clean: bool = True  # Unicode/mojibake repair, whitespace, junk markers (and HTML)
-    strip_html: bool = True
+    strip_html: bool = True  # from prompts (inputs); code spans and text about HTML are kept
+    strip_html_answers: bool = False  # also from answers (outputs, assistant turns): off, an answer may be HTML
     junk_markers: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
     pii: list[str] = field(default_factory=list)  # kinds to redact: email, phone, credit_card, ip_address, iban, url
     pii_region: str = "US"  # where phone numbers written without +country are from (e.g. GB)

@@ -65,7 +65,16 @@ _DROP_CONTENT_TAGS = frozenset({"script", "style"})
 _TAG_NAMES = "|".join(sorted(_HTML_TAGS, key=len, reverse=True))
 _TAG_RE = rf"</?(?:{_TAG_NAMES})(?=[\s/>])[^<>]*>"
 _ENTITY_RE = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
-_HTML_HINT = re.compile(rf"{_TAG_RE}|<!--|{_ENTITY_RE}", re.IGNORECASE)
+# A text is HTML when it closes a known tag, holds a void tag (<br>, <img ...>), a comment or an
+# entity; a lone "<p>" or "<b>" is more likely text about HTML ("Type <p> to start a paragraph").
+_CLOSING_OR_VOID = rf"</(?:{_TAG_NAMES})\s*>|<(?:br|hr|img|wbr|meta|link)(?=[\s/>])[^<>]*>"
+_HTML_HINT = re.compile(rf"{_CLOSING_OR_VOID}|<!--|{_ENTITY_RE}", re.IGNORECASE)
+# an escaped < or > (with or without its "&"): only then can decoding bring out tags to remove
+_ESCAPED_HINT = re.compile(r"(?:lt|gt);|#0*6[02];|#x0*3[ce];", re.IGNORECASE)
+# Code is left exactly as written: fenced blocks (``` or ~~~) and inline `code` spans are set
+# aside (replaced by private-use placeholders) while whitespace, markers and HTML are cleaned.
+_CODE = re.compile(r"(?ms)^(`{3,}|~{3,})[^\n]*\n.*?^\1[ \t]*$|`[^`\n]+`")
+_HOLE = "\ue000{}\ue001"
 # A "<" that starts a known tag, a comment or a declaration; every other "<" is escaped
 # before parsing so that "a < b", "<|im_end|>" or "<think>" come out unchanged.
 _MARKUP_START = re.compile(rf"(?=<(?:{_TAG_RE[1:]}|!--|![A-Za-z]))", re.IGNORECASE)
@@ -81,6 +90,9 @@ _BROKEN_ENTITY = re.compile(
     r"(?P<gap>(?<=\S) )?(?<![\w&])"
     r"(?:#(?P<dec>[0-9]{2,5})|#[xX](?P<hex>[0-9a-fA-F]{2,4})|(?P<name>quot|amp|lt|gt|apos|nbsp));"
 )
+# A whole tag whose "&"s were lost ("finallylt;/bgt;"): unambiguous even right after a word.
+_BROKEN_TAG = re.compile(rf"lt;(/?(?:{_TAG_NAMES}))\s*gt;", re.IGNORECASE)
+_BROKEN_APOSTROPHE = re.compile(r"(?<=[^\W\d_]{2})#0*39;(?=[^\W\d_]|\s|[.,;:!?)]|$)")  # "step#39;s", "deal#39; and"
 # ASCII characters that encoders really write as numeric references. Letters, digits and
 # other punctuation never need escaping, so "#42;" after "issue" is a number, not a "*".
 _ESCAPED_ASCII = frozenset("\"$&'<>")
@@ -189,6 +201,8 @@ def repair_broken_entities(text: str) -> str:
     """
     if ";" not in text:  # every broken entity ends with one; most texts have none
         return text
+    text = _BROKEN_TAG.sub(r"<\1>", text)  # "lt;bgt;" is a tag whatever stands before it
+    text = _BROKEN_APOSTROPHE.sub("'", text)  # "step#39;s": an apostrophe inside a word
     return _BROKEN_ENTITY.sub(_repair_entity, text)
 
 
@@ -219,7 +233,9 @@ def _repair_entity(match: re.Match[str]) -> str:
         return match[0]
     following = match.string[match.end() : match.end() + 1]
     gap = match["gap"] or ""
-    if gap and _joins_previous_word(char, following):
+    before = match.string[match.start() - 1 : match.start()] if match.start() else ""
+    apostrophe_after_punctuation = char in _APOSTROPHES and not before.isalnum()  # ", #39;a": an opening quote
+    if gap and not apostrophe_after_punctuation and _joins_previous_word(char, following):
         gap = ""
     return gap + char
 
@@ -295,18 +311,40 @@ def fix_text(
         if fixed != text:
             ops.add("unicode")
             text = fixed
+    text, code = _set_code_aside(text)
     text = _apply(text, tidy_whitespace, "whitespace", ops)
     if junk_markers:
         text = _apply(
             text, lambda t: tidy_whitespace(_remove_markers(t, junk_markers)), "junk", ops
         )
     if strip_html:
+        escaped = bool(_ESCAPED_HINT.search(text))
         # Entities are decoded before escaped markup is looked for, whether their "&" survived
         # (html) or not (broken_entities): both can bring out tags the source showed as text.
         text = _apply(text, _html_then_tidy, "html", ops)
         text = _apply(text, _repair_then_tidy, "broken_entities", ops)
-        text = _apply(text, _escaped_then_tidy, "escaped_markup", ops)
-    return text, ops
+        if escaped:
+            text = _apply(text, _escaped_then_tidy, "escaped_markup", ops)
+    return _put_code_back(text, code), ops
+
+
+def _set_code_aside(text: str) -> tuple[str, list[str]]:
+    """``text`` with each code block and inline code span replaced by a placeholder, and the code."""
+    if "`" not in text and "~~~" not in text or "\ue000" in text:
+        return text, []
+    code: list[str] = []
+
+    def hole(m: re.Match[str]) -> str:
+        code.append(m.group())
+        return _HOLE.format(len(code) - 1)
+
+    return _CODE.sub(hole, text), code
+
+
+def _put_code_back(text: str, code: list[str]) -> str:
+    for i, c in enumerate(code):
+        text = text.replace(_HOLE.format(i), c, 1)
+    return text
 
 
 def _apply(text: str, operation: Callable[[str], str], name: str, ops: set[str]) -> str:

@@ -80,6 +80,8 @@ class Table:
     encoding_set: bool = False  # the encoding came from data.encoding
     delimiter: str | None = None  # CSV/TSV only
     header: bool | None = None  # CSV/TSV only: the first record named the columns
+    quoted: bool | None = None  # TSV only: fields are quoted CSV-style (as pandas writes them)
+    split: str | None = None  # a Hugging Face DatasetDict: the split read
 
     @property
     def columns(self) -> list[str]:
@@ -93,7 +95,9 @@ class Table:
         ``csv, delimiter ',', no header: columns column_0..column_2; encoding cp1252 (detected, ...)``."""
         parts = [self.format]
         if self.delimiter is not None:
-            parts.append(f"delimiter {self.delimiter!r}")
+            parts.append(f"delimiter {self.delimiter!r}" + (", quoted fields" if self.quoted else ""))
+        if self.split is not None:
+            parts.append(f"split {self.split!r}")
         if self.header is not None:
             parts.append(f"{'header' if self.header else 'no header'}: columns {_column_list(self.columns)}")
         if self.format in ("parquet", "hf"):  # binary: no text encoding
@@ -253,16 +257,26 @@ def _json(path: Path, text: str, table: Table, skip: bool) -> None:
 # CSV / TSV
 
 
-def _dialect(delimiter: str) -> type[csv.Dialect]:
-    """Excel's CSV dialect with ``delimiter``; a tab means TSV, read without quoting."""
+def _dialect(delimiter: str, quoted: bool | None = None) -> type[csv.Dialect]:
+    """Excel's CSV dialect with ``delimiter``. A tab means TSV, read without quoting unless
+    ``quoted`` (as pandas and Excel write TSV: fields holding a tab, a newline or a quote quoted)."""
 
     class dialect(csv.excel):  # noqa: N801 - a csv dialect is a class
         pass
 
     dialect.delimiter = delimiter
-    if delimiter == "\t":  # TSV convention: a quote is just a character (real TSVs have unbalanced ones)
+    if delimiter == "\t" and not quoted:  # TSV convention: a quote is just a character (real TSVs have unbalanced ones)
         dialect.quoting = csv.QUOTE_NONE
     return dialect
+
+
+def _tsv_is_quoted(sample: str) -> bool:
+    """Whether a tab-separated sample uses CSV quoting: some field opens with a quote, and reading
+    quotes as quoting splits the records more consistently than reading them as text (SMS Spam's
+    unbalanced quotes in text read worse quoted, a pandas-written TSV better)."""
+    if not re.search(r'(^|\t)"', sample, re.MULTILINE):
+        return False
+    return _delimiter_score(sample, "\t", quoted=True) > _delimiter_score(sample, "\t", quoted=False)
 
 
 def sniff_delimiter(sample: str, default: str) -> str:
@@ -277,9 +291,9 @@ def sniff_delimiter(sample: str, default: str) -> str:
     return best if scores[best][1] > 1 else default
 
 
-def _delimiter_score(sample: str, delimiter: str) -> tuple[float, int]:
+def _delimiter_score(sample: str, delimiter: str, quoted: bool | None = None) -> tuple[float, int]:
     """(share of records with the modal field count, that count); (0, 0) when it is 1 or less."""
-    counts = _field_counts(sample, delimiter)
+    counts = _field_counts(sample, delimiter, quoted)
     fields = [c for c in counts if c is not None]
     if not fields:
         return 0.0, 0
@@ -290,10 +304,10 @@ def _delimiter_score(sample: str, delimiter: str) -> tuple[float, int]:
     return tally[modal] / len(counts), modal
 
 
-def _field_counts(sample: str, delimiter: str) -> list[int | None]:
+def _field_counts(sample: str, delimiter: str, quoted: bool | None = None) -> list[int | None]:
     """Fields in each of the sample's first records; None for a record that breaks the quoting
     rules under this delimiter (e.g. ``"a","b"`` split on ';'), which is a sign it is wrong."""
-    reader = csv.reader(io.StringIO(sample, newline=""), _dialect(delimiter), strict=True)
+    reader = csv.reader(io.StringIO(sample, newline=""), _dialect(delimiter, quoted), strict=True)
     counts: list[int | None] = []
     ended = False
     while len(counts) <= _SNIFF_RECORDS:
@@ -334,7 +348,9 @@ def _records(reader: Any) -> Iterator[tuple[int, list[str]]]:
 def _csv(path: Path, text: str, table: Table, skip: bool, delimiter: str | None = None) -> None:
     """CSV/TSV records as rows named by the header, or ``column_0``... when there is none."""
     table.delimiter = delimiter or _choose_delimiter(text[:_SNIFF_CHARS], table.format)
-    records = _records(csv.reader(io.StringIO(text, newline=""), _dialect(table.delimiter)))
+    if table.delimiter == "\t":
+        table.quoted = _tsv_is_quoted(text[:_SNIFF_CHARS])
+    records = _records(csv.reader(io.StringIO(text, newline=""), _dialect(table.delimiter, table.quoted)))
     head = list(islice(records, _HEADER_RECORDS + 1))
     if not head:
         raise DataError(f"{path}: no records found")

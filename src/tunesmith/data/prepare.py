@@ -242,15 +242,20 @@ def _target(rec: dict[str, Any], layout: str) -> str:
     return "\n".join(str(rec.get(r) or "") for r in TARGET_ROLES[layout])
 
 
-def _map_texts(records: dict[str, list[dict[str, Any]]], fn: Any) -> None:
-    """Apply ``fn(list_of_texts) -> list_of_texts`` to every text field, message contents and references included."""
+ANSWER_ROLES = ("output", "completion")  # what the model learns to write (with assistant turns and references)
+
+
+def _map_texts(records: dict[str, list[dict[str, Any]]], fn: Any, answers: bool | None = None) -> None:
+    """Apply ``fn(list_of_texts) -> list_of_texts`` to every text field, message contents and references
+    included; ``answers`` True/False: only the answers (outputs, assistant turns, references) / only the rest."""
     refs: list[tuple[Any, Any]] = []
     for rows in records.values():
         for rec in rows:
-            refs += [(rec, k) for k in _text_roles(rec)]
+            refs += [(rec, k) for k in _text_roles(rec) if answers is None or (k in ANSWER_ROLES) == answers]
             if isinstance(rec.get("messages"), list):
-                refs += [(m, "content") for m in rec["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
-            if isinstance(rec.get("references"), list):
+                refs += [(m, "content") for m in rec["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)
+                         and (answers is None or (m.get("role") == "assistant") == answers)]
+            if isinstance(rec.get("references"), list) and answers is not False:
                 refs += [(rec["references"], i) for i in range(len(rec["references"]))]
     new = fn([holder[k] for holder, k in refs])
     for (holder, k), value in zip(refs, new):
@@ -258,18 +263,24 @@ def _map_texts(records: dict[str, list[dict[str, Any]]], fn: Any) -> None:
 
 
 def _clean(records, p, steps) -> None:
-    from tunesmith.data.clean import clean_texts
+    """Clean every text; HTML is stripped from what the model reads, and from its answers only
+    with ``strip_html_answers`` (an answer that is HTML, or explains it, is what it should learn)."""
+    from tunesmith.data.clean import CleanStats, clean_texts
 
-    holder: dict[str, Any] = {}
+    stats = CleanStats()
 
-    def fn(texts):
-        out, holder["stats"] = clean_texts(texts, fix_unicode=True, strip_html=p.strip_html, junk_markers=p.junk_markers)
-        return out
+    def fn(strip_html):
+        def clean(texts):
+            out, part = clean_texts(texts, fix_unicode=True, strip_html=strip_html, junk_markers=p.junk_markers)
+            stats.merge(part)
+            return out
+        return clean
 
-    _map_texts(records, fn)
-    stats = holder["stats"]
+    _map_texts(records, fn(p.strip_html), answers=False)
+    _map_texts(records, fn(p.strip_html and p.strip_html_answers), answers=True)
     n = sum(len(r) for r in records.values())
     steps.append(_step("clean", n, n, {"texts_changed": stats.changed, "by_operation": dict(stats.by_operation),
+                                       "html_in_answers": "stripped" if p.strip_html and p.strip_html_answers else "kept",
                                        "examples": {k: v[:3] for k, v in stats.examples.items()}}))
 
 
