@@ -73,8 +73,15 @@ CASES = [
      "classification", {"labels": LABELS, "encoding": "utf-8"}, ("error", "is not valid utf-8 (data.encoding 'utf-8')")),
     ("an unknown encoding name", "d.csv", "text,label\nx,a\n" * 8, "classification", {"labels": LABELS, "encoding": "latin-9x"},
      ("error", "data.encoding 'latin-9x' is not a known text encoding")),
-    ("a missing group_by column", "d.jsonl", lines(*GOOD), "classification",
-     {"labels": LABELS, "prepare": {"group_by": "user"}}, ("error", "d.jsonl:1: data.prepare.group_by column 'user' is missing")),
+    ("a misspelt group_by column", "d.jsonl", lines(*[g | {"user": str(i % 3)} for i, g in enumerate(GOOD)]),
+     "classification", {"labels": LABELS, "prepare": {"group_by": "usr"}},
+     ("error", "data.prepare.group_by: no column 'usr' in")),
+    ("a group_by column missing from one row", "d.jsonl", lines(*[g | {"user": str(i % 3)} for i, g in enumerate(GOOD)],
+                                                                {"text": "x", "label": "a"}),
+     "classification", {"labels": LABELS, "prepare": {"group_by": "user"}},
+     ("error", "d.jsonl:9: data.prepare.group_by column 'user' is missing")),
+    ("a row of empty fields: an empty row, counted", "d.csv", "text;label\n" + "".join(f"row {i};a\n" for i in range(8))
+     + ";\n", "classification", {"labels": LABELS}, ("skip", 0)),
     ("too few rows for the splits", "d.jsonl", lines(*GOOD[:3]), "classification",
      {"labels": LABELS, "validation_size": 5}, ("error", "after preparation (3 rows left)")),
     ("label with no text: an empty row, dropped and counted", "d.txt",
@@ -121,7 +128,7 @@ def test_every_row_fault_is_skipped_and_counted_with_the_flag(tmp_path, tiny_mod
     """Each bad-row case above becomes a counted skip under --skip-bad-rows (never a crash later, in training)."""
     checked = 0
     for i, (_, name, content, task, data, (kind, expected)) in enumerate(CASES):
-        if kind != "error" or not ROW_FAULT.match(expected) or "group_by" in expected:
+        if kind != "error" or not ROW_FAULT.match(expected):
             continue  # file-level faults (an empty file, a missing column everywhere) stay errors
         folder = tmp_path / str(i)
         folder.mkdir()

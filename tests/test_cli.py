@@ -193,3 +193,34 @@ def test_resume_with_allowed_changes_really_applies_them(tmp_path, tiny_model_di
     assert lrs[1] == pytest.approx(10 * expected[1]) and lrs[2] == pytest.approx(10 * expected[2])  # before: 1e-2
     assert lrs[3] == pytest.approx(expected[3]) and lrs[4] == pytest.approx(expected[4])  # after: the new 1e-3
     assert yaml.safe_load((run.dir / "config.yaml").read_text())["train"]["lr"] == 1e-3  # rewritten once accepted
+
+
+def test_a_failed_resume_rewrites_nothing_and_edited_data_is_noticed(tmp_path, tiny_model_dir, sst_files, capsys):
+    from tunesmith import finetune, load_config
+
+    path = write_config(tmp_path, tiny_model_dir, sst_files, eval_every=100, lr=1e-2)
+    run = finetune(load_config(path), until_step=2)
+    saved = (run.dir / "config.yaml").read_text()
+    # allowed, but the data step fails (a validation split too large): the saved config is untouched
+    assert main(["train", str(path), "--resume", "--allow-changes", "--set", "data.validation_size=1000"]) == 2
+    assert (run.dir / "config.yaml").read_text() == saved
+    # the input file edited between the interruption and the resume: refused without --allow-changes
+    sst_files["train"].write_text(sst_files["train"].read_text() + "1 one more funny line\n")
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume"]) == 2
+    assert "data files: 'as prepared for the checkpoint' -> 'changed since'" in capsys.readouterr().err
+    assert main(["train", str(path), "--resume", "--allow-changes"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "step-2 (step 2)" in out
+
+
+def test_perplexity_shares_the_loss_p_value_and_small_test_sets_are_warned_about(tmp_path, tiny_model_dir, sst_files, capsys):
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    assert main(["train", str(path), "--skip-bad-rows"]) == 0
+    ev = json.loads((tmp_path / "runs" / "tiny" / "eval.json").read_text())
+    paired = ev["tuned_vs_base"]
+    assert paired["perplexity"]["p_value"] == paired["loss"]["p_value"]
+    assert ev["warnings"][0].startswith("only 6 test examples: bootstrap intervals and p-values are unreliable")
+    assert "only 6 test examples" in " ".join(capsys.readouterr().out.split())
+    assert "only 6 test examples" in (tmp_path / "runs" / "tiny" / "report.html").read_text()
+    assert yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())["data"]["skip_bad_rows"] is True

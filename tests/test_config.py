@@ -94,3 +94,34 @@ def test_new_data_and_eval_settings_are_validated_all_at_once():
                      "eval.metric: 'accuracy' is not measured for task text"):
         assert expected in problems, expected
     assert len(err.value.problems) == 6
+
+
+def test_chat_template_names_and_column_roles_are_checked():
+    from tunesmith.config import CHAT_TEMPLATES, ROLES
+    from tunesmith.data.layouts import SYNONYMS
+    from tunesmith.data.render import TEMPLATES
+
+    assert set(CHAT_TEMPLATES) == set(TEMPLATES) and set(ROLES) == set(SYNONYMS)
+    with pytest.raises(ConfigError) as err:
+        load_config(data={"data": {"train": "x", "chat_template": "chatm1", "columns": {"txt": "a", "output": "b"}}})
+    assert err.value.problems == [
+        "data.chat_template: 'chatm1' is neither a template name (chatml, alpaca) nor a Jinja template; did you mean 'chatml'?",
+        "data.columns.txt: unknown role; did you mean 'text'? (roles: text, label, instruction, input, output, prompt, "
+        "completion, messages)"]
+    assert load_config(data={"data": {"train": "x", "chat_template": "{{ messages }}"}}).data.chat_template == "{{ messages }}"
+
+
+@pytest.mark.parametrize("given,expected", [(",", ","), ("#", "#"), ("|", "|"), ("\\t", "\\t"), ("tab", "tab"),
+                                            ("null", None), ("", None), ("3", 3), ("[q_proj, v_proj]", ["q_proj", "v_proj"])])
+def test_set_values_that_yaml_gives_a_meaning_are_taken_as_typed(given, expected):
+    from tunesmith.config import _override_value
+
+    assert _override_value(given) == expected
+
+
+def test_yes_and_no_label_keys_stay_text(tmp_path):
+    path = write(tmp_path, "task: classification\ndata: {train: x, labels: {yes: spam, no: ham}}\n")
+    cfg = load_config(path, ["data.delimiter=,"])
+    assert cfg.data.labels == {"yes": "spam", "no": "ham"} and cfg.data.delimiter == ","
+    with pytest.raises(ConfigError, match="eval.compare_with_base: expected bool, got 'yes'"):
+        load_config(write(tmp_path, "data: {train: x}\neval: {compare_with_base: yes}\n"))

@@ -182,3 +182,20 @@ def test_splits_hold_out_validation_deterministically(sst_files, tmp_path):
     c = splits(4, "c")
     assert [e.source for e in c.validation] != [e.source for e in a.validation]
     assert not a.reused and splits(3, "a").reused  # same inputs and settings: the prepared files are reused
+
+
+def test_an_answer_is_cut_rather_than_the_example_dropped_when_the_question_cannot_absorb_it(tokenizer):
+    """max_seq_len barely above the prompt's skeleton: the question keeps a quarter of the budget and
+    the answer's end goes, instead of the whole example (a long summary of a long dialogue)."""
+    reply = " ".join(f"r{i}" for i in range(40))
+    ex = Example([{"role": "user", "content": LONG}, {"role": "assistant", "content": reply}])
+    skeleton = len(encode(tokenizer, Example([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]),
+                          10_000).input_ids)
+    limit = skeleton + 40
+    enc = encode(tokenizer, ex, limit)
+    assert len(enc.input_ids) == limit and enc.truncated == "answer" and enc.n_targets > 5
+    assert targets_text(tokenizer, enc)[0].strip() == "r" or "r0" in "".join(targets_text(tokenizer, enc))
+    question = tokenizer.decode(enc.input_ids).split("user\n")[1].split("<|im_end|>")[0]
+    assert len(tokenizer(question)["input_ids"]) >= limit // 4 - 1
+    _, stats = encode_all(tokenizer, [ex], limit)
+    assert stats["truncated_answer"] == 1 and stats["dropped_no_target"] == 0

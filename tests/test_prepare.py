@@ -129,5 +129,5 @@ def test_group_by_keeps_each_group_in_one_split(tmp_path):
 
     from tunesmith.data import DataError
 
-    with pytest.raises(DataError, match=r"d.jsonl:1: data.prepare.group_by column 'author' is missing"):
+    with pytest.raises(DataError, match=r"data.prepare.group_by: no column 'author' in .*d.jsonl"):
         prepare(bad, tmp_path / "data2")

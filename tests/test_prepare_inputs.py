@@ -284,11 +284,37 @@ def test_html_in_answers_and_code_is_kept_as_written(tmp_path):
     path = DATA / "alpaca" / "alpaca_en_demo.json"
     rows = json.loads(path.read_text())
     out = prepare(cfg_for(tmp_path, "instruction", train=str(path)), tmp_path / "out")
-    outputs = {r["_source"].rsplit(":", 1)[1]: r["output"] for rows_ in out.splits.values() for r in rows_}
-    for i in (373, 558, 576):  # record numbers are 1-based; only trailing blanks on a line go
-        assert outputs[str(i + 1)] == "\n".join(line.rstrip() for line in rows[i]["output"].strip().split("\n")), i
+    outputs = {r["instruction"]: r["output"] for rows_ in out.splits.values() for r in rows_}
+    for i in (373, 558, 576):  # only trailing blanks on a line go
+        assert outputs[rows[i]["instruction"]] == "\n".join(line.rstrip() for line in rows[i]["output"].strip().split("\n")), i
     clean = next(s for s in out.report["steps"] if s["step"] == "clean")
     assert "html" not in clean["by_operation"] and clean["html_in_answers"] == "kept"
     cfg = cfg_for(tmp_path, "instruction", train=str(path), prepare={"strip_html_answers": True})
     out = prepare(cfg, tmp_path / "out2")
     assert next(s for s in out.report["steps"] if s["step"] == "clean")["by_operation"]["html"] >= 2  # unfenced HTML
+
+
+def test_rows_of_a_pretty_printed_json_list_are_named_by_their_line(tmp_path):
+    rows = [{"text": f"text {i}", "label": "a"} for i in range(6)] + [{"text": "odd one", "label": "maybe"}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows, indent=2))
+    line = path.read_text().splitlines().index('  {', path.read_text().splitlines().index('    "text": "odd one",') - 1) + 1
+    with pytest.raises(DataError, match=rf"d.json:{line}: field 'label': unknown label 'maybe'"):
+        prepare(cfg_for(tmp_path, "classification", train=str(path), labels={"a": "A", "b": "B"}), tmp_path / "out")
+    cols = tmp_path / "c.json"
+    cols.write_text(json.dumps({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]}))
+    with pytest.raises(DataError, match=r"c.json: record 7: field 'label': unknown label 'maybe'"):
+        prepare(cfg_for(tmp_path, "classification", train=str(cols), labels={"a": "A", "b": "B"}), tmp_path / "out")
+
+
+def test_a_dataset_dict_folder_gives_each_split_its_own(tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"instruction": [f"q{i}" for i in range(10)], "output": [f"a{i}" for i in range(10)]}),
+        "test": datasets.Dataset.from_dict({"instruction": ["tq0", "tq1"], "output": ["ta0", "ta1"]})})
+    dd.save_to_disk(tmp_path / "dd")
+    splits = load_splits(cfg_for(tmp_path, "instruction", train=str(tmp_path / "dd"), test=str(tmp_path / "dd")),
+                         tmp_path / "out")
+    assert len(splits.train) + len(splits.validation) == 10 and [e.messages[0]["content"] for e in splits.test] == ["tq0", "tq1"]
+    assert "split 'test'" in splits.report["notes"][1]

@@ -225,3 +225,29 @@ def test_chat_format_is_learnt_again_when_the_template_changes():
     assert not chat_format(other).system_role and chat_format(tok).system_role
     tok.chat_template = STRICT
     assert not chat_format(tok).system_role
+
+
+def test_a_template_that_drops_the_messages_is_refused():
+    tok = make_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: hi\n{% endfor %}"
+    with pytest.raises(DataError, match="does not write the messages' content"):
+        chat_format(tok)
+
+
+def test_a_long_raw_text_is_trained_and_scored_whole_in_overlapping_windows(tokenizer, tiny_model):
+    from tunesmith.data.render import encode_text
+    from tunesmith.evaluate import example_nll
+
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    ex = Example([], text=text)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = encode_text(tokenizer, ex, 32)
+    assert len(windows) > 2 and all(len(w.input_ids) <= 32 for w in windows)
+    assert sum(w.n_targets for w in windows) == len(ids) - 1  # every token after the first, exactly once
+    rebuilt = windows[0].input_ids + [t for w in windows[1:] for t in w.input_ids[1:]]
+    assert rebuilt == ids
+    data, stats = encode_all(tokenizer, [ex, Example([], text="hello world")], 32)
+    assert stats["texts_in_windows"] == 1 and stats["kept"] == len(windows) + 1 and stats["truncated_answer"] == 0
+    (nll, counts), _ = example_nll(tiny_model, tokenizer, [ex], 32, 4, False)
+    whole, _ = example_nll(tiny_model, tokenizer, [ex], 10_000, 4, False)
+    assert counts == whole[1] == [len(ids) - 1]  # the same tokens scored, windowed or not

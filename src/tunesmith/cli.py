@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue even though optimisation settings (lr, batch, schedule, steps) changed")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad records instead of stopping")
 
     p = verbs.add_parser("prepare", help="read, clean, de-duplicate, redact, label and split the data; write a report")
     p.add_argument("config", help="YAML config file")
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run every method on this many training examples (e.g. 64,256) to measure data needs")
     p.add_argument("--reuse", action="store_true",
                    help="measure runs that already finished with exactly this config instead of running them again")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
@@ -57,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     _quiet_libraries()
     try:
+        skip = ["data.skip_bad_rows=true"] if getattr(args, "skip_bad_rows", False) else []
         if args.verb == "train":
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_config(args.config, args.overrides + skip)
             run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=console,
                            allow_changes=args.allow_changes)
             if run.eval:
                 console.print(f"report: {run.dir / 'report.html'}")
         elif args.verb == "prepare":
-            overrides = args.overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
-            prepared = prepare_data(load_config(args.config, overrides), console=console)
+            prepared = prepare_data(load_config(args.config, args.overrides + skip), console=console)
             console.print(f"prepared splits and data_report.json in {prepared.files['train'].parent}")
         elif args.verb == "eval":
             evaluate_run(args.run_dir, console=console)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             from tunesmith.compare import compare_methods, markdown
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            doc = compare_methods(load_config(args.config, args.overrides), methods, console=console,
+            doc = compare_methods(load_config(args.config, args.overrides + skip), methods, console=console,
                                   data_sizes=_sizes(args.data_sizes), reuse=args.reuse)
             print(markdown(doc))
             console.print(f"report: {Path(doc['dir']) / 'compare.html'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,10 +25,43 @@ METRICS = {"accuracy": ("classification",), "f1": ("classification",), "rougeL":
            "chrf": ("instruction", "chat"), "exact_match": ("instruction", "chat"),
            "perplexity": ("classification", "instruction", "chat", "text")}
 TRUNCATION_SIDES = ("middle", "left", "right")
+CHAT_TEMPLATES = ("chatml", "alpaca")  # named templates (data.chat_template); the Jinja lives in data/render.py
+ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
 METHODS = ("lora", "full", "prompt")
 PRECISIONS = ("auto", "bf16", "fp32")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false are booleans. YAML 1.1 (PyYAML's default) also reads
+    yes/no/on/off as booleans, which turns a label map {yes: spam, no: ham} into {True, False}."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as tunesmith reads it (YAML 1.2 booleans, see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _override_value(value: str) -> Any:
+    """The value of ``--set key=value``, read as YAML; characters YAML gives a meaning (``,`` ``#``
+    ``|`` ``&`` ...) standing alone are taken as the text they are, as a user typing them means."""
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        parsed = read_yaml(text)
+    except yaml.YAMLError:
+        return text
+    if (parsed is None and text not in ("null", "Null", "NULL", "~")) or (parsed == "" and text not in ('""', "''")):
+        return text  # "#" (a comment) or "|" (a block scalar): the character itself
+    return parsed
 
 
 class ConfigError(ValueError):
@@ -210,7 +244,7 @@ def load_config(
     problems: list[str] = []
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = read_yaml(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError([f"file not found: {path}"], source) from None
         except yaml.YAMLError as e:
@@ -225,12 +259,13 @@ def load_config(
         if not sep or not key.strip():
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
             continue
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        _set_dotted(raw, key.strip(), _override_value(value))
     cfg = _build(Config, raw, "", problems)
     problems += validate(cfg)
     if problems:
         raise ConfigError(problems, source)
-    _resolve_data_paths(cfg, Path(path).parent if path is not None else Path.cwd())
+    typed = {item.partition("=")[0].strip() for item in overrides or []}
+    _resolve_data_paths(cfg, Path(path).parent if path is not None else Path.cwd(), typed)
     return cfg
 
 
@@ -259,6 +294,17 @@ def validate(cfg: Config) -> list[str]:
           "data.prepare.test_size: a fraction below 1 or a whole number of rows")
     check(cfg.data.layout is None or cfg.data.layout in LAYOUTS,
           f"data.layout: {cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
+    ct = cfg.data.chat_template
+    if ct is not None and "{" not in ct and ct not in CHAT_TEMPLATES:
+        close = difflib.get_close_matches(ct, CHAT_TEMPLATES, n=1, cutoff=0.5)
+        p.append(f"data.chat_template: {ct!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}) nor a Jinja "
+                 "template" + (f"; did you mean {close[0]!r}?" if close else ""))
+    for key in ("columns", "validation_columns", "test_columns"):
+        for role in getattr(cfg.data, key):
+            if role not in ROLES:
+                close = difflib.get_close_matches(role, ROLES, n=1, cutoff=0.5)
+                p.append(f"data.{key}.{role}: unknown role" + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" (roles: {', '.join(ROLES)})")
     check(cfg.data.truncation_side in TRUNCATION_SIDES,
           f"data.truncation_side: {cfg.data.truncation_side!r} is not one of {', '.join(TRUNCATION_SIDES)}")
     check(cfg.data.delimiter is None or len(cfg.data.delimiter.encode().decode("unicode_escape")) == 1
@@ -352,20 +398,23 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
-def _resolve_data_paths(cfg: Config, base: Path) -> None:
-    """Make data paths absolute: relative to the working folder, else to the config's folder.
+def _resolve_data_paths(cfg: Config, base: Path, typed: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Make data paths absolute. A path written in the config file is relative to the config's
+    folder (else the working folder); one typed on the command line (``typed``: its dotted keys)
+    is relative to the working folder (else the config's). A path found in neither place is made
+    absolute in the first, so the error that follows shows where it was looked for.
 
     The saved run config then works from any folder.
     """
-    for holder, attr in ((cfg.data, "train"), (cfg.data, "validation"), (cfg.data, "test"),
-                         (cfg.data.prepare, "labeling_functions")):
+    for key, holder, attr in (("data.train", cfg.data, "train"), ("data.validation", cfg.data, "validation"),
+                              ("data.test", cfg.data, "test"),
+                              ("data.prepare.labeling_functions", cfg.data.prepare, "labeling_functions")):
         value = getattr(holder, attr)
         if not value or Path(value).is_absolute() or value.startswith("hf:"):
             continue
-        for candidate in (Path(value), base / value):
-            if candidate.exists():
-                setattr(holder, attr, str(candidate.resolve()))
-                break
+        places = [Path.cwd() / value, base / value] if key in typed else [base / value, Path.cwd() / value]
+        found = next((c for c in places if c.exists()), places[0])
+        setattr(holder, attr, str(found.resolve()))
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

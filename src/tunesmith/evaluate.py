@@ -30,7 +30,7 @@ from tunesmith import metrics as M
 from tunesmith import runtime
 from tunesmith.api import ApiModel
 from tunesmith.data.formats import Example
-from tunesmith.data.render import chat_format, collate, encode, encode_for_head, encode_prompt
+from tunesmith.data.render import chat_format, collate, encode, encode_for_head, encode_prompt, encode_text
 from tunesmith.train import target_logprob_per_row
 
 NLL = tuple[list[float], list[int]]  # per example: summed negative log-likelihood (nats), target tokens
@@ -45,9 +45,14 @@ def example_nll(model: torch.nn.Module, tokenizer: Any, examples: list[Example],
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    encoded = [encode(tokenizer, ex, max_seq_len, last_turn_only=True, side=side) for ex in examples]
-    nll = [0.0] * len(encoded)
-    counts = [0] * len(encoded)
+    encoded, owner = [], []  # a long raw text is scored whole, window by window
+    for i, ex in enumerate(examples):
+        parts = encode_text(tokenizer, ex, max_seq_len) if ex.text is not None else [
+            encode(tokenizer, ex, max_seq_len, last_turn_only=True, side=side)]
+        encoded += parts
+        owner += [i] * len(parts)
+    nll = [0.0] * len(examples)
+    counts = [0] * len(examples)
     order = sorted((j for j, e in enumerate(encoded) if e.n_targets), key=lambda j: len(encoded[j].input_ids))
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
@@ -55,7 +60,8 @@ def example_nll(model: torch.nn.Module, tokenizer: Any, examples: list[Example],
         with runtime.autocast(dev, bf16):
             logprob, count = target_logprob_per_row(model, batch)
         for j, lp, c in zip(idx, logprob.float().tolist(), count.tolist()):
-            nll[j], counts[j] = -lp, c
+            nll[owner[j]] -= lp
+            counts[owner[j]] += c
     model.train(was_training)
     return (nll, counts), sum(len(e.input_ids) for e in encoded if e.n_targets)
 
@@ -357,10 +363,26 @@ def references(ex: Example) -> list[str]:
 
 
 def compare(a: Evaluation, b: Evaluation, n: int, resamples: int = M.RESAMPLES) -> dict[str, dict[str, float]]:
-    """For every metric both have: A's value minus B's and the paired bootstrap p-value."""
+    """For every metric both have: A's value minus B's and the paired bootstrap p-value.
+
+    Perplexity is exp(loss): "same perplexity" and "same loss" are one hypothesis, so perplexity
+    takes the loss's p-value (the shifted bootstrap test is not invariant to the exp, and two
+    p-values for one question would disagree)."""
     out = {}
-    for name in a.stats.keys() & b.stats.keys():
-        out[name] = {"difference": float(a.metrics[name] - b.metrics[name]),
-                     "p_value": M.paired_p_value(a.stats[name], b.stats[name], n, resamples)}
+    for name in sorted(a.stats.keys() & b.stats.keys(), key=lambda k: k == "perplexity"):
+        p = out["loss"]["p_value"] if name == "perplexity" and "loss" in out else \
+            M.paired_p_value(a.stats[name], b.stats[name], n, resamples)
+        out[name] = {"difference": float(a.metrics[name] - b.metrics[name]), "p_value": p}
     return out
+
+
+SMALL_TEST = 30  # below this many test examples, intervals and p-values mean little
+
+
+def small_test_warning(n: int) -> str | None:
+    """A warning for a test set too small for its intervals and p-values to be trusted."""
+    if n >= SMALL_TEST:
+        return None
+    return (f"only {n} test examples: bootstrap intervals and p-values are unreliable below about {SMALL_TEST} "
+            "(they can show p<0.05 for a difference of one or two examples); use a larger test split")
 

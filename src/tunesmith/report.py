@@ -79,7 +79,9 @@ def data_section(data: dict[str, Any]) -> str:
     splits = data.get("splits", {})
     labels = sorted({lab for st in splits.values() for lab in st.get("labels", {})})
     if labels:
-        head = "".join(f"<th>{html.escape(lab)}</th>" for lab in labels)
+        words = data.get("label_words") or {}
+        head = "".join(f"<th>{html.escape(words.get(lab, lab))}" + (f" ({html.escape(lab)})" if lab in words else "")
+                       + "</th>" for lab in labels)
         rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{st['rows']}</td>"
                        + "".join(f"<td>{st['labels'].get(lab, 0)} ({100 * st['labels'].get(lab, 0) / max(st['rows'], 1):.1f}%)</td>" for lab in labels)
                        + "</tr>" for name, st in splits.items())
@@ -157,6 +159,7 @@ def write_report(run_dir: Path) -> Path:
     parts = [f"<h1>tunesmith run: {html.escape(run_dir.name)}</h1>"]
     if evaluation:
         parts.append(f"<h2>Base vs tuned on the test split ({evaluation.get('test_examples')} examples)</h2>")
+        parts += [f"<p class='warning'>warning: {html.escape(w)}</p>" for w in evaluation.get("warnings") or []]
         rows = "".join(
             f"<tr><td>{m}</td><td>{b}</td><td>{t}</td><td class='{_direction(m, d)}'>{d}</td></tr>"
             for m, b, t, d in metrics_table(evaluation)

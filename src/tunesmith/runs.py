@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,15 +20,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunesmith import methods, runtime
+from tunesmith import metrics as M
 from tunesmith.api import ApiModel
 from tunesmith.config import Config, ConfigError, diff, load_config, save_config
 from tunesmith.data import Example, encode_all, encode_for_head
-from tunesmith.data.prepare import load_splits
-from tunesmith import metrics as M
-from tunesmith.evaluate import Evaluation, compare, evaluate_model, latency, reference, references, task_metrics
-from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.data.formats import DataError
+from tunesmith.data.prepare import content_hash, load_splits
 from tunesmith.data.render import TEMPLATES, chat_format, set_chat_template
+from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, reference, references,
+                                small_test_warning, task_metrics)
+from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
 from tunesmith.train import latest_checkpoint, result_dict, train
@@ -67,8 +69,9 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         raise RunError(f"{run_dir}: no checkpoint to resume from; start the run without --resume")
     if resume:  # before anything is written: a refused resume leaves the run as it was
         changed = check_resume(run_dir, cfg, allow_changes)
-        if changed:
-            console.print(f"[yellow]resuming with changed settings: {changed}[/yellow]")
+        step = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["step"]
+        console.print(f"resuming from {latest_checkpoint(run_dir)} (step {step})"
+                      + (f" with changed settings: {changed}" if changed else ""), highlight=False)
     if needs_chat_template(cfg):  # a base model without a template stops here, before any data work
         ready_tokenizer(load_tokenizer(cfg.model), cfg)
     if overwrite and not resume and run_dir.exists():
@@ -76,7 +79,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
             if child.name != "data":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if not resume:  # a resume rewrites the config only once its data is ready (a failed one changes nothing)
+        save_config(cfg, run_dir / "config.yaml")
 
     console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
     head = uses_head(cfg)
@@ -102,6 +106,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     if not train_set or not val_set:
         raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
 
+    if resume:
+        save_config(cfg, run_dir / "config.yaml")
     runtime.seed_everything(cfg.train.seed)  # adapters are initialised at random: the same seed, the same run
     model = methods.prepare(model, cfg).to(runtime.device())
     trainable, total = methods.count_parameters(model)
@@ -118,6 +124,9 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     if cfg.method == "full" and cfg.full.lr is not None:
         train_cfg = dataclasses.replace(cfg.train, lr=cfg.full.lr)
     result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume, until_step=until_step)
+    if resume and result.steps == result.total_steps and not any(r.get("type") == "train" and r["step"] > step
+                                                                    for r in result.history):
+        console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it again")
     summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
     atomic_write_json(run_dir / "train_result.json", summary)
     if result.interrupted:
@@ -151,6 +160,10 @@ def check_resume(run_dir: Path, cfg: Config, allow_changes: bool) -> str:
     except ConfigError as e:
         raise RunError(f"{run_dir}/config.yaml: the saved config cannot be read, so the run cannot be resumed ({e})") from None
     changes = {k: v for k, v in diff(saved, cfg).items() if k != "name" and not k.startswith(RESUME_SAFE)}
+    report = load_json(run_dir / "data" / "data_report.json")
+    if report.get("content_hash") and report["content_hash"] != content_hash(cfg) and not any(
+            k.startswith("data.") for k in changes):  # same settings, other bytes: the files were edited
+        changes["data files"] = ("as prepared for the checkpoint", "changed since")
 
     def listed(keys: list[str]) -> str:
         return "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in sorted(keys))
@@ -238,6 +251,10 @@ def print_data_summary(report: dict[str, Any], cfg: Config, console: Console, te
         if parts:
             console.print(f"[yellow]{split}: of {st['examples']:,} examples longer than max_seq_len="
                           f"{cfg.train.max_seq_len}, {'; '.join(parts)}[/yellow]", highlight=False)
+        if st.get("texts_in_windows"):
+            console.print(f"  {split}: {st['texts_in_windows']} texts longer than max_seq_len={cfg.train.max_seq_len} "
+                          f"are trained on whole, in windows ({st['kept']:,} windows from {st['examples']:,} texts)",
+                          highlight=False)
         if st.get("special_text"):
             console.print(f"  {split}: {st['special_text']} examples contain special-token strings (e.g. "
                           "'<|im_end|>') in their text; they are trained as text, never as control tokens", highlight=False)
@@ -296,6 +313,8 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     base.to(dev)
     results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32",
                                "metric": M.headline(cfg.task, cfg.eval.metric)}
+    if small_test_warning(len(test)):
+        results["warnings"] = [small_test_warning(len(test))]
     if cfg.task == "classification":
         results["label_words"] = dict(cfg.data.labels)
     evals: dict[str, Evaluation] = {}
@@ -342,6 +361,8 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     atomic_write_jsonl(run_dir / "predictions.jsonl", [prediction_row(ex, i, evals) for i, ex in enumerate(test)])
     write_report(run_dir)
     print_table(results, console)
+    for w in results.get("warnings", []):
+        console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
     return results
 
 

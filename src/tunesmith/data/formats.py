@@ -82,6 +82,11 @@ class Table:
     header: bool | None = None  # CSV/TSV only: the first record named the columns
     quoted: bool | None = None  # TSV only: fields are quoted CSV-style (as pandas writes them)
     split: str | None = None  # a Hugging Face DatasetDict: the split read
+    numbering: str = "line"  # what Row.line counts: "line" (of the file) or "record" (column-form JSON, Parquet, HF)
+
+    def where(self, line: int) -> str:
+        """How messages name a row: "file:12" for a line, "file: record 12" for a record number."""
+        return f"{self.path}:{line}" if self.numbering == "line" else f"{self.path}: record {line}"
 
     @property
     def columns(self) -> list[str]:
@@ -125,7 +130,8 @@ def _column_list(names: list[str]) -> str:
 def detect_format(path: Path) -> str:
     """The format of ``path`` from its extension, or from its first lines when it has none."""
     if path.is_dir():
-        return "hf" if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() else "folder"
+        saved = ("dataset_info.json", "state.json", "dataset_dict.json")  # Dataset / DatasetDict.save_to_disk
+        return "hf" if any((path / name).is_file() for name in saved) else "folder"
     suffix = path.suffix.lower()
     known = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": None}
     if known.get(suffix):
@@ -156,13 +162,14 @@ def _looks_labelled(lines: list[str]) -> bool:
 
 
 def read_table(path: str | Path, fmt: str = "auto", skip_bad: bool = False,
-               delimiter: str | None = None, encoding: str | None = None) -> Table:
+               delimiter: str | None = None, encoding: str | None = None, split: str | None = None) -> Table:
     """Read every record of a data file or folder (see the module docstring for formats).
 
     ``delimiter`` forces the CSV delimiter ("\\t" or "tab" mean a tab), ``encoding`` the text
-    encoding (a Python codec name); both are the ``data.delimiter``/``data.encoding`` settings."""
+    encoding (a Python codec name); both are the ``data.delimiter``/``data.encoding`` settings.
+    ``split``: for a Hugging Face DatasetDict, the split to read (the role the file plays)."""
     if isinstance(path, str) and path.startswith("hf:"):
-        return _hf(path[3:], path)
+        return _hf(path[3:], path, split)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: file not found")
@@ -176,7 +183,7 @@ def read_table(path: str | Path, fmt: str = "auto", skip_bad: bool = False,
     if fmt == "folder":
         return _folder(p, encoding)
     if fmt == "hf":
-        return _hf(str(p), str(p))
+        return _hf(str(p), str(p), split)
     if fmt == "parquet":
         return _parquet(p)
     decoded = decode(p, encoding)
@@ -235,22 +242,56 @@ def _jsonl(path: Path, text: str, table: Table, skip: bool) -> None:
 
 
 def _json(path: Path, text: str, table: Table, skip: bool) -> None:
+    """A JSON list of records (or {"key": [records]}): each row carries the line its record starts
+    on; the column form {"text": [...], "label": [...]}: rows carry their record number."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    lines = _array_lines(text)
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))  # {"data": [...]}
     if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
         keys = list(value)  # column-oriented {"text": [...], "label": [...]}
         value = [dict(zip(keys, vals)) for vals in zip(*value.values())]
+        lines = None
     if not isinstance(value, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(value).__name__}")
-    for i, item in enumerate(value, start=1):
+        raise DataError(f"{path}: expected a JSON list of records, {{\"key\": [records]}} or columns "
+                        f"{{\"text\": [...], \"label\": [...]}}, got {type(value).__name__}")
+    if lines is None or len(lines) != len(value):
+        table.numbering = "record"
+        lines = list(range(1, len(value) + 1))
+    for line, item in zip(lines, value):
         if isinstance(item, dict):
-            table.rows.append(Row(i, item))  # JSON lists have no useful line: the record number
+            table.rows.append(Row(line, item))
         else:
-            _bad(table, skip, f"{path}: record {i}: expected an object, got {type(item).__name__}")
+            _bad(table, skip, f"{table.where(line)}: expected an object, got {type(item).__name__}")
+
+
+def _array_lines(text: str) -> list[int] | None:
+    """The line each element of the top-level JSON array (or of a one-key object's array) starts
+    on; None when the text has no such array."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    i = ws.match(text, 0).end()
+    try:
+        if text[i] == "{":  # {"data": [...]}: step over the key to its array
+            i = ws.match(text, decoder.raw_decode(text, ws.match(text, i + 1).end())[1]).end()
+            i = ws.match(text, i + 1).end() if text[i] == ":" else -1
+        if i < 0 or text[i] != "[":
+            return None
+        out, line, at = [], 1, 0
+        i = ws.match(text, i + 1).end()
+        while text[i] != "]":
+            line += text.count("\n", at, i)
+            at = i
+            out.append(line)
+            i = ws.match(text, decoder.raw_decode(text, i)[1]).end()
+            if text[i] == ",":
+                i = ws.match(text, i + 1).end()
+        return out
+    except (IndexError, json.JSONDecodeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +382,7 @@ def _records(reader: Any) -> Iterator[tuple[int, list[str]]]:
             values = next(reader)
         except StopIteration:
             return
-        if values and any(v.strip() for v in values):
+        if values:  # a record of empty fields (";;;") is an empty row, counted downstream; a blank line is nothing
             yield start, values
 
 
@@ -432,7 +473,7 @@ def _parquet(path: Path) -> Table:
         records = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    return Table(str(path), [Row(i, r) for i, r in enumerate(records, start=1)], "parquet", "binary")
+    return Table(str(path), [Row(i, r) for i, r in enumerate(records, start=1)], "parquet", "binary", numbering="record")
 
 
 def _folder(path: Path, encoding: str | None = None) -> Table:
@@ -453,19 +494,30 @@ def _folder(path: Path, encoding: str | None = None) -> Table:
         raise DataError(f"{path}: folder holds no non-empty text files")
     name = next(iter(found)) if len(found) == 1 else "mixed (" + ", ".join(sorted(found)) + ")"
     known = [c for c in found.values() if c is not None]
-    return Table(str(path), rows, "folder", name, encoding_confidence=min(known) if known else None,
+    return Table(str(path), rows, "folder", name, encoding_confidence=min(known) if known else None, numbering="record",
                  encoding_set=encoding is not None)
 
 
-def _hf(name: str, shown: str) -> Table:
-    """A Hugging Face dataset saved with ``save_to_disk``, or a hub id (needs the network)."""
+def _hf(name: str, shown: str, split: str | None = None) -> Table:
+    """A Hugging Face dataset saved with ``save_to_disk``, or a hub id (needs the network). Of a
+    DatasetDict, the split named ``split`` (the role the file plays: train, validation, test), or
+    its only split; which one was read is recorded."""
     import datasets
 
     try:
         ds: Any = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name)
     except Exception as e:  # datasets raises many types: name the source and the cause
         raise DataError(f"{shown}: could not load the Hugging Face dataset ({e})") from None
+    chosen = None
     if isinstance(ds, datasets.DatasetDict):
-        split = "train" if "train" in ds else next(iter(ds))
-        ds = ds[split]
-    return Table(shown, [Row(i, dict(r)) for i, r in enumerate(ds, start=1)], "hf", "arrow")
+        names = list(ds)
+        aliases = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",), "train": ("train",)}
+        chosen = next((n for n in aliases.get(split or "train", (split,)) if n in ds), None)
+        if chosen is None and len(names) == 1:
+            chosen = names[0]
+        if chosen is None:
+            raise DataError(f"{shown}: a DatasetDict with splits {names} and none for {split or 'train'!r}; point "
+                            f"data.{split or 'train'} at one split's folder, e.g. {Path(shown) / names[0]}")
+        ds = ds[chosen]
+    return Table(shown, [Row(i, dict(r)) for i, r in enumerate(ds, start=1)], "hf", "arrow", split=chosen,
+                 numbering="record")

@@ -156,7 +156,7 @@ class Layout:
 
 
 def detect_layout(table: Table, layout: str | None = None, columns: dict[str, str] | None = None,
-                  task: str | None = None, references: list[str] | None = None) -> Layout:
+                  task: str | None = None, references: list[str] | None = None, split: str = "train") -> Layout:
     """The layout of ``table`` and where each role's value comes from; DataError when none fits.
 
     Only layouts that can serve ``task`` are tried (all of them when ``task`` is None). The error
@@ -173,7 +173,8 @@ def detect_layout(table: Table, layout: str | None = None, columns: dict[str, st
     if layout and layout not in allowed:
         raise DataError(f"data.layout: {layout!r} cannot serve task {task!r} (it has no "
                         f"{' or '.join(REQUIRED[allowed[0]])}); layouts for {task}: {', '.join(allowed)}")
-    sources = {role: parse_source(spec, names, f"data.columns.{role} ({table.path})") for role, spec in overrides.items()}
+    setting = "columns" if split == "train" else f"columns (or data.{split}_columns, for this {split} file)"
+    sources = {role: parse_source(spec, names, f"data.{setting}.{role} ({table.path})") for role, spec in overrides.items()}
 
     def find(role: str) -> Source | None:
         if role in sources:
@@ -194,6 +195,11 @@ def detect_layout(table: Table, layout: str | None = None, columns: dict[str, st
     raise DataError(_no_layout(table, lacking, task))
 
 
+_MAPPING_EXAMPLE = {"classification": "{text: review_body, label: stars}",
+                    "instruction": "{instruction: question, output: best_answer}",
+                    "chat": "{messages: dialog_turns}", "text": "{text: article}"}
+
+
 def _no_layout(table: Table, lacking: dict[str, list[str]], task: str | None) -> str:
     tried = "; ".join(f"{name} needs {' and '.join(REQUIRED[name])}, no column for "
                       + " or ".join(f"{r} (looked for {', '.join(SYNONYMS[r])})" for r in missing)
@@ -202,7 +208,7 @@ def _no_layout(table: Table, lacking: dict[str, list[str]], task: str | None) ->
     found = ", ".join(f"{c!r} (e.g. {_sample(first.get(c))})" for c in table.columns)
     for_task = f" for task {task!r}" if task else ""
     return (f"{table.path}: no layout{for_task} fits the columns. Tried: {tried}. Columns found: {found}. "
-            "Map the columns with data.columns (e.g. data.columns: {text: review_body, label: stars}), "
+            f"Map the columns with data.columns (e.g. data.columns: {_MAPPING_EXAMPLE.get(task or '', _MAPPING_EXAMPLE['classification'])}), "
             "or set data.layout")
 
 
@@ -319,7 +325,7 @@ def rows_to_examples(table: Table, layout: Layout, labels: dict[str, str] | None
     or, with ``skip_bad``, are skipped and listed in ``table.skipped``."""
     out = []
     for row in table.rows:
-        where = row.values.get("_source") or f"{table.path}:{row.line}"  # prepared rows keep their origin
+        where = row.values.get("_source") or table.where(row.line)  # prepared rows keep their origin
         try:
             missing_field(row, layout, where)
             rec = layout.record(row)
@@ -379,23 +385,25 @@ def _messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
         at = f"{where}: field {name}[{j}]"
         if not isinstance(m, dict):
             raise DataError(f"{at}: expected {{role, content}}, got {_kind(m)}")
-        speaker = m.get("role", m.get("from"))
+        who = "role" if "role" in m or "from" not in m else "from"
+        speaker = m.get(who)
         role = _SPEAKERS.get(str(speaker).lower()) if isinstance(speaker, str) else None
         if role is None:
-            raise DataError(f"{at}.role: {speaker!r} is not one of {', '.join(ROLES)}"
+            raise DataError(f"{at}.{who}: {speaker!r} is not one of {', '.join(ROLES)}"
                             + (" (tool and function turns cannot be trained as text)" if speaker in ("tool", "function", "ipython") else ""))
-        content = m.get("content", m.get("value"))
+        key = "content" if "content" in m or "value" not in m else "value"  # ShareGPT writes "value"
+        content = m.get(key)
         if isinstance(content, list):  # OpenAI-style content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise DataError(f"{at}.content: only text parts can be trained (found {[p.get('type') for p in content if isinstance(p, dict)]})")
+                raise DataError(f"{at}.{key}: only text parts can be trained (found {[p.get('type') for p in content if isinstance(p, dict)]})")
             content = "".join(p["text"] for p in content)
         if content is None:
             calls = " (a tool call?)" if m.get("tool_calls") or m.get("function_call") else ""
-            raise DataError(f"{at}.content is null{calls}: only text turns can be trained")
+            raise DataError(f"{at}.{key} is null{calls}: only text turns can be trained")
         if not isinstance(content, str):
-            raise DataError(f"{at}.content: expected text, got {_kind(content)}")
+            raise DataError(f"{at}.{key}: expected text, got {_kind(content)}")
         if role == "assistant" and not content.strip():
-            raise DataError(f"{at}.content: the assistant reply is empty")
+            raise DataError(f"{at}.{key}: the assistant reply is empty")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: field {name!r}: no assistant message to train on")

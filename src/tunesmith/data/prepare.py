@@ -18,8 +18,10 @@ examples with ``to_example``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +150,7 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
     warnings += _label_warnings(records, cfg)
     report = {
         "task": cfg.task, "layout": layout_name, "notes": notes, "warnings": warnings, "steps": steps, "dedup": dedup,
+        "label_words": dict(cfg.data.labels) if cfg.task == "classification" else {},
         "splits": {s: _split_stats(rows, tokenizer) for s, rows in records.items()},
         "content_hash": content_hash(cfg),
     }
@@ -166,17 +169,25 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
     rows are kept for the "drop empty rows" step. Returns the records, the layout, a note saying
     how the file was read, and how many rows were empty."""
     d, p = cfg.data, cfg.data.prepare
-    table = read_table(path, d.format, d.skip_bad_rows, delimiter=d.delimiter, encoding=d.encoding)
+    if not path.startswith("hf:") and not Path(path).exists():
+        raise DataError(f"data.{split}: {path}: file not found (a relative path in a config file is looked up "
+                        "next to the config file, then in the working folder; on the command line, the other way round)")
+    table = read_table(path, d.format, skip_bad=True, delimiter=d.delimiter, encoding=d.encoding, split=split)
     refs = d.references if split == eval_source(cfg) or all(
         r in table.columns for r in d.references) else []  # the evaluation split must have them; others may
-    layout = detect_layout(table, d.layout, split_columns(d, split), cfg.task, refs)
+    layout = detect_layout(table, d.layout, split_columns(d, split), cfg.task, refs, split)
     labels = d.labels if cfg.task == "classification" else None
-    rows, bad, empty = [], list(table.skipped), 0
+    if p.group_by and p.group_by not in table.columns:  # a setting's typo, not a fault of every row
+        close = difflib.get_close_matches(p.group_by, table.columns, n=1)
+        raise DataError(f"data.prepare.group_by: no column {p.group_by!r} in {table.path}"
+                        + (f" (did you mean {close[0]!r}?)" if close else "") + f"; columns: {', '.join(table.columns)}")
+    rows, bad, empty, no_refs = [], list(table.skipped), 0, 0
     for row in table.rows:
-        where = f"{table.path}:{row.line}"
+        where = table.where(row.line)
         try:
             missing_field(row, layout, where)
             rec = layout.record(row)
+            no_refs += any(s.kind == "column" and row.values.get(s.spec) in (None, "") for s in layout.references)
             if p.group_by:
                 if p.group_by not in row.values:
                     raise DataError(f"{where}: data.prepare.group_by column {p.group_by!r} is missing "
@@ -191,12 +202,22 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
         empty += state == "empty"
         rec["_source"] = where
         rows.append(rec)
+    bad.sort(key=_line_of)  # reader faults (bad JSON, a CSV row of the wrong width) and row faults, in file order
     if bad and not d.skip_bad_rows:
-        more = f" (and {len(bad) - 1} more bad rows; data.skip_bad_rows: true skips and counts them)" if len(bad) > 1 else ""
+        n = len(bad) - 1
+        more = f" (and {n} more bad row{'s' if n > 1 else ''}; data.skip_bad_rows: true skips and counts them)" if n else ""
         raise DataError(bad[0] + more)
-    steps.append(_step(f"read {split}", len(table.rows) + len(table.skipped), len(rows),
-                       {"bad_rows_skipped": len(bad), "skipped": bad[:5], "empty_rows": empty}))
+    details = {"bad_rows_skipped": len(bad), "skipped": bad[:5], "empty_rows": empty}
+    if layout.references:
+        details["rows_missing_a_reference"] = no_refs
+    steps.append(_step(f"read {split}", len(table.rows) + len(table.skipped), len(rows), details))
     return rows, layout.name, f"{split}: {path} ({table.describe()}); {layout.describe()}", empty
+
+
+def _line_of(message: str) -> int:
+    """The line number in a "file:line: reason" message (0 when it has none)."""
+    m = re.search(r":(\d+): ", message)
+    return int(m.group(1)) if m else 0
 
 
 def _check_renders(tokenizer: Any, example: Example) -> None:
@@ -429,8 +450,9 @@ def _split(records, cfg, steps) -> None:
     try:
         parts = split_indices(len(rows), validation=d.validation_size if make_val else 0,
                               test=p.test_size if make_test else 0, labels=labels, groups=groups, seed=cfg.train.seed)
-    except ValueError as e:  # too few rows left for the splits asked for: say which file and why
-        raise DataError(f"{d.train}: after preparation ({len(rows)} rows left): {e}") from None
+    except ValueError as e:  # too few rows left for the splits asked for: say which file and why, in config terms
+        why = str(e).replace("or pass labels=None", "or set data.prepare.stratify: false")
+        raise DataError(f"{d.train}: after preparation ({len(rows)} rows left): {why}") from None
     for name, idx in parts.items():
         if idx or name == "train":
             records[name] = [rows[i] for i in idx]

@@ -96,6 +96,9 @@ def _learn_format(tokenizer: Any) -> ChatFormat:
                                              tokenize=False)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"the chat template cannot render a user turn and a reply ({e}); set data.chat_template") from None
+    if _PROBE not in text:
+        raise DataError("the chat template does not write the messages' content (rendered: "
+                        f"{text[:80]!r}); fix data.chat_template")
     suffix = text[text.rfind(_PROBE) + len(_PROBE):]
     found = [(suffix.find(s), s) for s in specials if s in suffix]
     eot = min(found)[1] if found else (tokenizer.eos_token or "")
@@ -254,17 +257,14 @@ def encode(tokenizer: Any, example: Example, max_seq_len: int, last_turn_only: b
            side: str = "middle") -> Encoded:
     """Token ids and labels for one conversation, at most ``max_seq_len`` tokens.
 
-    Raw text (``example.text``) is trained on every token after the first (the first is never
-    predicted), then the end-of-text token; longer texts are cut at the end. ``last_turn_only``
+    Raw text (``example.text``): its first window (see ``encode_text``, which gives them all).
+    ``last_turn_only``
     (for scoring an answer after few-shot turns) makes only the final assistant turn a target and
     drops the earliest shots first when the conversation is too long. Raises DataError when the
     template cannot render the conversation.
     """
     if example.text is not None:
-        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        labels = [IGNORE] + ids[1:]
-        cut = len(ids) > max_seq_len
-        return Encoded(ids[:max_seq_len], labels[:max_seq_len], "text" if cut else None, example.source)
+        return encode_text(tokenizer, example, max_seq_len)[0]
     messages = example.messages
     ids, labels, special = _encode_full(tokenizer, messages, last_turn_only, example.source)
     if last_turn_only and len(ids) > max_seq_len:  # few-shot prompts lose their oldest shots first
@@ -274,6 +274,21 @@ def encode(tokenizer: Any, example: Example, max_seq_len: int, last_turn_only: b
         return Encoded(ids, labels, None, example.source, special_text=special)
     ids, labels, how = _fit(tokenizer, messages, ids, labels, max_seq_len, side, example.source, last_turn_only)
     return Encoded(ids, labels, how, example.source, special_text=special)
+
+
+def encode_text(tokenizer: Any, example: Example, max_seq_len: int) -> list[Encoded]:
+    """A raw text, then the end-of-text token, in windows of at most ``max_seq_len`` tokens that
+    overlap by one token: every token after the text's first is a target exactly once (the first
+    token of a window is context only), so a long document is trained on whole, not cut short."""
+    ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    step = max(1, max_seq_len - 1)
+    out = []
+    for start in range(0, max(1, len(ids) - 1), step):
+        window = ids[start : start + max_seq_len]
+        out.append(Encoded(window, [IGNORE] + window[1:], "window" if len(ids) > max_seq_len else None, example.source))
+        if start + max_seq_len >= len(ids):
+            break
+    return out
 
 
 def _encode_full(tokenizer: Any, messages: list[dict[str, str]], last_turn_only: bool,
@@ -325,21 +340,30 @@ def _fit(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], labels:
     """Cut an over-long example to ``max_len`` tokens, keeping its answer where possible.
 
     A single answer (classification, instruction, few-shot scoring): tokens of the last user
-    message's content go, by ``side``; if even that is not enough, the end is cut (the start,
-    with ``keep_end``, for scoring an answer). Several answers (a multi-turn chat): the end is
-    cut, keeping the earlier turns whole.
+    message's content go, by ``side``, down to a quarter of ``max_len`` (a question needs some of
+    itself); if that is not enough, the end of the answer goes too (the start, with ``keep_end``,
+    for scoring an answer). Several answers (a multi-turn chat): the end is cut, keeping the
+    earlier turns whole.
     """
     targets = [k for k, x in enumerate(labels) if x != IGNORE]
     answers = _answer_starts(labels)
-    excess = len(ids) - max_len
+    how = "prompt"
     if len(answers) == 1 and targets:
         question = _question_tokens(tokenizer, messages, answers[0], source)
-        if question is not None and question[1] - question[0] > excess:
-            a, b = _cut_range(question[0], question[1], excess, side)
-            return ids[:a] + ids[b:], labels[:a] + labels[b:], "prompt"
+        if question is not None:
+            excess = len(ids) - max_len
+            qlen = question[1] - question[0]
+            cut = min(excess, qlen - min(qlen, max(1, max_len // 4)))
+            if cut > 0:
+                a, b = _cut_range(question[0], question[1], cut, side)
+                ids, labels = ids[:a] + ids[b:], labels[:a] + labels[b:]
+            if len(ids) <= max_len:
+                return ids, labels, how
+    targets = [k for k, x in enumerate(labels) if x != IGNORE]
+    excess = len(ids) - max_len
     if keep_end:
         return ids[-max_len:], labels[-max_len:], "prompt" if not targets or targets[0] >= excess else "answer"
-    return ids[:max_len], labels[:max_len], "answer" if targets and targets[-1] >= max_len else "prompt"
+    return ids[:max_len], labels[:max_len], "answer" if targets and targets[-1] >= max_len else how
 
 
 def _answer_starts(labels: list[int]) -> list[int]:
@@ -399,14 +423,21 @@ def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int, last_t
                side: str = "middle") -> tuple[list[Encoded], dict[str, int]]:
     """Encode examples; drop those left with no target token after truncation.
 
+    A raw text longer than ``max_seq_len`` becomes several windows (``encode_text``), each an encoding.
     Returns the encodings and counts: ``examples``, ``kept``, ``truncated`` (all cut examples),
     ``truncated_prompt`` (the answer kept whole), ``truncated_answer`` (the answer cut too),
     ``dropped_no_target``, ``special_text`` (examples whose text held special-token strings,
     tokenized as text), ``tokens``, ``target_tokens``.
     """
-    out, dropped, special = [], 0, 0
-    cut = {"prompt": 0, "answer": 0, "text": 0}
+    out, dropped, special, windowed = [], 0, 0, 0
+    cut = {"prompt": 0, "answer": 0, "window": 0}
     for ex in examples:
+        if ex.text is not None:  # raw text: every window is an example of its own
+            windows = [w for w in encode_text(tokenizer, ex, max_seq_len) if w.n_targets]
+            windowed += len(windows) > 1
+            dropped += not windows
+            out += windows
+            continue
         e = encode(tokenizer, ex, max_seq_len, last_turn_only, side)
         special += e.special_text
         if e.n_targets == 0:
@@ -418,9 +449,10 @@ def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int, last_t
     stats = {
         "examples": len(examples),
         "kept": len(out),
-        "truncated": sum(cut.values()),
+        "truncated": cut["prompt"] + cut["answer"],
         "truncated_prompt": cut["prompt"],
-        "truncated_answer": cut["answer"] + cut["text"],
+        "truncated_answer": cut["answer"],
+        "texts_in_windows": windowed,  # raw texts longer than max_seq_len, trained on whole in several windows
         "dropped_no_target": dropped,
         "special_text": special,
         "tokens": sum(len(e.input_ids) for e in out),
