@@ -62,25 +62,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     """
     console = console or Console()
     run_dir = cfg.run_dir
-    trained = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if trained and not (resume or overwrite):
-        raise RunError(f"{run_dir} already holds a run; resume it with --resume, or pass --overwrite, or pick another name")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise RunError(f"{run_dir}: no checkpoint to resume from; start the run without --resume")
-    if resume:  # before anything is written: a refused resume leaves the run as it was
-        changed = check_resume(run_dir, cfg, allow_changes)
-        step = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["step"]
-        console.print(f"resuming from {latest_checkpoint(run_dir)} (step {step})"
-                      + (f" with changed settings: {changed}" if changed else ""), highlight=False)
-    if needs_chat_template(cfg):  # a base model without a template stops here, before any data work
-        ready_tokenizer(load_tokenizer(cfg.model), cfg)
-    if overwrite and not resume and run_dir.exists():
-        for child in run_dir.iterdir():  # prepared data stays: it is reused when still up to date
-            if child.name != "data":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a resume rewrites the config only once its data is ready (a failed one changes nothing)
-        save_config(cfg, run_dir / "config.yaml")
+    resumed_at = _open_run_dir(cfg, resume, overwrite, allow_changes, console)
 
     console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
     head = uses_head(cfg)
@@ -124,8 +106,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     if cfg.method == "full" and cfg.full.lr is not None:
         train_cfg = dataclasses.replace(cfg.train, lr=cfg.full.lr)
     result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume, until_step=until_step)
-    if resume and result.steps == result.total_steps and not any(r.get("type") == "train" and r["step"] > step
-                                                                    for r in result.history):
+    if resumed_at is not None and resumed_at >= result.total_steps:
         console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it again")
     summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
     atomic_write_json(run_dir / "train_result.json", summary)
@@ -137,6 +118,34 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     del model
     evaluation = evaluate_run(run_dir, console=console, base_from=base_from)
     return Run(run_dir, cfg, summary, evaluation)
+
+
+def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, console: Console) -> int | None:
+    """Check that the run may start (or resume) in ``cfg.run_dir`` before anything is written;
+    return the step resumed from (None for a new run). A new run's config is saved here; a
+    resumed one's only once its data is ready, so a failed resume changes nothing."""
+    run_dir = cfg.run_dir
+    trained = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if trained and not (resume or overwrite):
+        raise RunError(f"{run_dir} already holds a run; resume it with --resume, or pass --overwrite, or pick another name")
+    step = None
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise RunError(f"{run_dir}: no checkpoint to resume from; start the run without --resume")
+        changed = check_resume(run_dir, cfg, allow_changes)
+        step = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["step"]
+        console.print(f"resuming from {latest_checkpoint(run_dir)} (step {step})"
+                      + (f" with changed settings: {changed}" if changed else ""), highlight=False)
+    if needs_chat_template(cfg):  # a base model without a template stops here, before any data work
+        ready_tokenizer(load_tokenizer(cfg.model), cfg)
+    if overwrite and not resume and run_dir.exists():
+        for child in run_dir.iterdir():  # prepared data stays: it is reused when still up to date
+            if child.name != "data":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
+    return step
 
 
 # Settings a resumed run may change freely: they decide when to evaluate and save, and how to
