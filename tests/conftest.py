@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -102,3 +103,28 @@ def examples(path, task, **data):
     from tunesmith.data import load_examples
 
     return load_examples(str(path), DataConfig(train=str(path), **data), task)
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Finished tiny instruction runs on ``tiny_model_dir``: two LoRA runs whose adapters differ
+    (``alpha-lora``, ``beta-lora``), one full fine-tuning run (``gamma-full``) and one prompt run
+    (``delta-prompt``). Trained once per test session (seconds); tests must not modify them."""
+    from tunesmith import finetune, load_config
+
+    root = tmp_path_factory.mktemp("finished-runs")
+    rows = [{"instruction": f"Say hello {i}", "input": "" if i % 2 else "world", "output": f"hello {i} !"} for i in range(16)]
+    (root / "inst.json").write_text(json.dumps(rows))
+    out: dict[str, Path] = {}
+    for name, method, lr, seed in [("alpha-lora", "lora", 5e-2, 0), ("beta-lora", "lora", 5e-2, 1),
+                                   ("gamma-full", "full", 1e-2, 0), ("delta-prompt", "prompt", 1e-3, 0)]:
+        cfg = {"name": name, "model": str(tiny_model_dir), "task": "instruction", "method": method,
+               "output_dir": str(root / "runs"),
+               "data": {"train": str(root / "inst.json"), "validation_size": 3, "prepare": {"test_size": 3}},
+               "lora": {"r": 4, "alpha": 8},
+               "train": {"max_steps": 3, "batch_size": 4, "lr": lr, "seed": seed, "precision": "fp32"},
+               "eval": {"max_new_tokens": 4, "compare_with_base": False, "latency_examples": 0}}
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out[name] = finetune(load_config(path)).dir
+    return out
