@@ -13,6 +13,7 @@ from rich.console import Console
 from tunesmith.api import ApiError
 from tunesmith.config import ConfigError, load_config
 from tunesmith.data import DataError
+from tunesmith.deploy.errors import ExportError
 from tunesmith.models import ModelError
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
 from tunesmith.train import NonFiniteLossError
@@ -52,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    p = verbs.add_parser("export", help="export a finished run: PEFT adapter, merged HF model, GGUF (+ Ollama Modelfile) or prompt")
+    p.add_argument("run_dir", help="the run folder, e.g. runs/sst2-lora")
+    p.add_argument("--format", required=True, choices=["adapter", "hf", "gguf", "prompt"])
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                   help="weights' type (default f32; f16 for gguf; q8_0 for gguf only)")
+    p.add_argument("--out", default=None, help="folder to write (default RUN/export/FORMAT-DTYPE)")
+    p.add_argument("--verify", action="store_true",
+                   help="load the export in its consumer (PEFT, transformers, llama.cpp) and compare next-token predictions")
+
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -80,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                                   data_sizes=_sizes(args.data_sizes), reuse=args.reuse)
             print(markdown(doc))
             console.print(f"report: {Path(doc['dir']) / 'compare.html'}")
+        elif args.verb == "export":
+            from tunesmith.deploy.export import describe, export
+
+            print(describe(export(args.run_dir, args.format, args.dtype, args.out, verify=args.verify)))
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
             console.print(f"report: {run.dir / 'report.html'}")
-    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError) as e:
+    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,316 @@
+"""Exporting a finished run for the tools its users run: PEFT adapter, merged HF folder, GGUF
+(+ Ollama Modelfile), or the prompt of a prompt-method run.
+
+Every export is written atomically (built in a temporary sibling folder, then renamed) and carries
+a ``README.md`` model card (base model, data, method, metrics with intervals) and the chat
+template the model was trained with. ``verify`` loads the export in its consumer (stock PEFT,
+stock transformers, llama.cpp) and compares next-token predictions with the in-memory model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith import methods
+from tunesmith.config import Config
+from tunesmith.data.render import chat_format, encode_prompt
+from tunesmith.deploy.errors import ExportError
+from tunesmith.deploy.loading import LoadedRun, load_run, run_config, run_kind
+from tunesmith.io import atomic_dir, atomic_write_json
+from tunesmith.models import resolve_model
+from tunesmith.report import load_json
+
+FORMATS = ("adapter", "hf", "gguf", "prompt")
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# How far an export's logits may stray from the in-memory fp32 model, as a fraction of the largest
+# logit's magnitude: fp32 differs only by summation order (merged vs unmerged), f16 keeps ~3 decimal
+# digits, bf16 ~2, q8_0 ~2 (8-bit blocks of 32). Measured on the tiny test models and SmolLM2-135M
+# (see tests/test_export.py and README "Deploy").
+TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 6e-2, "q8_0": 6e-2}
+
+
+@dataclass
+class Exported:
+    """Where an export went (``path``: a folder), its main file, and the verification's result."""
+
+    path: Path
+    format: str
+    dtype: str
+    files: list[str] = field(default_factory=list)
+    verify: dict[str, Any] | None = None
+
+
+def export(run_dir: str | Path, format: str, dtype: str | None = None, out: str | Path | None = None,
+           verify: bool = False) -> Exported:
+    """Export a finished run.
+
+    ``format``: ``adapter`` (LoRA runs: a PEFT adapter folder, with tokenizer and chat template),
+    ``hf`` (the merged model as an HF safetensors folder, a classification head included),
+    ``gguf`` (llama.cpp file + Ollama ``Modelfile``), ``prompt`` (prompt-method runs: the system
+    prompt and shots as JSON). ``dtype``: f32 | f16 | bf16 (| q8_0 for gguf); default f32, f16 for
+    gguf. ``out``: the folder to write (default ``<run>/export/<format>-<dtype>``), replaced
+    atomically. ``verify``: load the export in its consumer and compare next-token predictions on
+    a few test prompts (the result is in ``Exported.verify``; a disagreement beyond the dtype's
+    tolerance raises ExportError). Raises RunError for an unfinished run, ExportError for a
+    format the run cannot take.
+    """
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    kind = run_kind(cfg)
+    dtype = _check(format, dtype, kind)
+    target = Path(out) if out else run_dir / "export" / (format if format == "prompt" else f"{format}-{dtype}")
+    if format == "prompt":
+        atomic_dir(target, lambda tmp: _write_prompt(run_dir, cfg, tmp))
+        return Exported(target, format, "-", sorted(p.name for p in target.iterdir()))
+    loaded = load_run(run_dir, merge=format != "adapter")
+    writers = {"adapter": _write_adapter, "hf": _write_hf, "gguf": _write_gguf}
+
+    def fill(tmp: Path) -> None:
+        writers[format](loaded, tmp, dtype)
+        (tmp / "README.md").write_text(model_card(loaded, format, dtype))
+
+    atomic_dir(target, fill)
+    result = Exported(target, format, dtype, sorted(p.name for p in target.iterdir()))
+    if verify:
+        result.verify = verify_export(loaded, result)
+    return result
+
+
+def _check(format: str, dtype: str | None, kind: str) -> str:
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    dtype = dtype or ("f16" if format == "gguf" else "f32")
+    allowed = (*DTYPES, "q8_0") if format == "gguf" else tuple(DTYPES)
+    if format != "prompt" and dtype not in allowed:
+        raise ExportError(f"--dtype {dtype!r} is not available for {format}; choose one of: {', '.join(allowed)}")
+    if kind == "prompt" and format != "prompt":
+        raise ExportError("a prompt-method run has no trained weights: export it with --format prompt "
+                          "(its system prompt and shots, for any client of the base model)")
+    if format == "prompt" and kind != "prompt":
+        raise ExportError(f"--format prompt is for prompt-method runs; this is a {kind} run: use adapter, hf or gguf")
+    if format == "adapter" and kind not in ("lora", "head"):
+        raise ExportError(f"--format adapter needs a LoRA run; this is a {kind} run: use hf (or gguf)")
+    if format == "gguf" and kind == "head":
+        raise ExportError("a classification-head run cannot be exported to GGUF (llama.cpp runs language models); "
+                          "use --format hf (the head included) or --format adapter")
+    return dtype
+
+
+def _write_adapter(run: LoadedRun, out: Path, dtype: str) -> None:
+    """The PEFT adapter as trained (``adapter_config.json`` + ``adapter_model.safetensors``), in
+    ``dtype``, with the tokenizer and its chat template beside it."""
+    if run.kind == "head" and run.config.method != "lora":
+        raise ExportError("--format adapter needs a LoRA run; this head was trained in full: use --format hf")
+    artifact = run.dir / methods.lora.ARTIFACT
+    if dtype == "f32":
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(artifact / name, out / name)
+    else:
+        from safetensors.torch import load_file, save_file
+
+        shutil.copy2(artifact / "adapter_config.json", out / "adapter_config.json")
+        tensors = load_file(str(artifact / "adapter_model.safetensors"))
+        save_file({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+    run.tokenizer.save_pretrained(out)
+
+
+def _write_hf(run: LoadedRun, out: Path, dtype: str) -> None:
+    """The merged model in ``dtype`` (safetensors), its tokenizer and chat template, and a generation
+    config that stops at the end of the assistant's turn."""
+    model = run.model.to(DTYPES[dtype])  # in place: the loaded run now holds the exported weights
+    if run.kind != "head":
+        stops = list(chat_format(run.tokenizer).stop_ids)
+        gen = model.generation_config
+        gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+        gen.pad_token_id = run.tokenizer.pad_token_id
+    else:  # a pipeline then names the class by its words ("positive"), not its key in the data ("1")
+        words = [run.config.data.labels[k] or k for k in run.config.data.labels]
+        model.config.id2label = dict(enumerate(words))
+        model.config.label2id = {w: i for i, w in enumerate(words)}
+    model.config.name_or_path = run.name
+    model.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+
+
+def _write_gguf(run: LoadedRun, out: Path, dtype: str) -> None:
+    """``<run>.gguf`` (llama.cpp's format, written with the ``gguf`` package) and an Ollama ``Modelfile``."""
+    from tunesmith.deploy import gguf_export
+
+    source = resolve_model(run.config.model)
+    source_gguf = Path(source.location) if source.kind == "gguf" else None
+    name = f"{run.name}.{dtype}.gguf"
+    try:
+        gguf_export.write_gguf(run.model, run.tokenizer, out / name, dtype=dtype, name=run.name, source_gguf=source_gguf)
+        (out / "Modelfile").write_text(gguf_export.ollama_modelfile(run.tokenizer, name, system_prompt=run.config.data.system_prompt))
+    except gguf_export.ExportError as e:
+        raise ExportError(str(e)) from None
+
+
+def _write_prompt(run_dir: Path, cfg: Config, out: Path) -> None:
+    """``prompt.json``: the messages to send before each question (system prompt and, for random
+    shot selection, the fixed shots), ready for any chat-completions client of the base model."""
+    saved = load_json(run_dir / methods.prompt.ARTIFACT / "prompt.json")
+    messages = ([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else [])
+    for shot in saved.get("examples") or []:
+        messages += [m for m in shot if m["role"] != "system"]
+    doc: dict[str, Any] = {
+        "model": resolve_model(cfg.model).display_name, "base_model": cfg.model, "task": cfg.task,
+        "messages": messages,
+        "usage": "send these messages, then the user's question as the last user message",
+        "shots": saved.get("shots"), "selection": saved.get("selection"),
+    }
+    if cfg.prompt.selection != "random" and cfg.prompt.shots:
+        doc["note"] = (f"shots are chosen per question ({cfg.prompt.selection}) from the training split; "
+                       "only the system prompt is fixed. tunesmith evaluate applies the selection.")
+    if cfg.task == "classification":
+        doc["labels"] = dict(cfg.data.labels)
+    atomic_write_json(out / "prompt.json", doc)
+    (out / "README.md").write_text(_card_header(run_dir, cfg, "prompt", "-") + _card_metrics(run_dir))
+
+
+def model_card(run: LoadedRun, format: str, dtype: str) -> str:
+    """A short README: what the model is, how it was made and measured, and how to load this export."""
+    how = {
+        "adapter": ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                    f"base = AutoModelForCausalLM.from_pretrained({_base_folder(run.config)!r})\n"
+                    "model = PeftModel.from_pretrained(base, \"<this folder>\")\n"
+                    "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n```\n"
+                    "vLLM: `vllm serve <base folder> --enable-lora --lora-modules "
+                    f"{run.name}=<this folder>`\n"),
+        "hf": ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+               "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\")\n"
+               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n```\n"
+               "vLLM: `vllm serve <this folder>`; tunesmith: `tunesmith serve` on the run folder\n"),
+        "gguf": (f"llama.cpp: `llama-cli -m {run.name}.{dtype}.gguf -cnv` (or `llama-server -m ...`); "
+                 f"Ollama: `ollama create {run.name} -f Modelfile && ollama run {run.name}`\n"),
+    }[format]
+    return _card_header(run.dir, run.config, format, dtype) + _card_metrics(run.dir) + "\n## Load it\n\n" + how
+
+
+def _base_folder(cfg: Config) -> str:
+    """The folder (or hub id) the adapter's base weights load from: for a GGUF base, its dequantized
+    copy, which is what the adapter was trained on."""
+    from tunesmith.models import model_folder
+
+    return model_folder(cfg.model)
+
+
+def _card_header(run_dir: Path, cfg: Config, format: str, dtype: str) -> str:
+    report = load_json(run_dir / "data_report.json")
+    sizes = {s: v.get("rows") for s, v in (report.get("splits") or {}).items()}
+    result = load_json(run_dir / "train_result.json")
+    lines = [f"# {run_dir.name}", "",
+             f"Fine-tuned with tunesmith from **{resolve_model(cfg.model).display_name}** "
+             f"(`{cfg.model}`). Export: {format}" + (f", {dtype}" if dtype != "-" else "") + ".", "",
+             f"- task: {cfg.task}; method: {cfg.method}"
+             + (f" (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, target modules {cfg.lora.target_modules})" if cfg.method == "lora" else ""),
+             f"- data: `{cfg.data.train}`" + (f" ({', '.join(f'{k} {v:,}' for k, v in sizes.items() if v is not None)} rows)" if sizes else ""),
+             f"- training: {result.get('steps', 0)} steps, lr {cfg.train.lr}, max_seq_len {cfg.train.max_seq_len}, seed {cfg.train.seed}"]
+    if cfg.data.system_prompt:
+        lines.append(f"- system prompt: {cfg.data.system_prompt!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _card_metrics(run_dir: Path) -> str:
+    ev = load_json(run_dir / "eval.json")
+    if not ev.get("tuned"):
+        return ""
+    rows = ["", f"## Measured on {ev.get('test_examples', '?')} held-out test examples", "",
+            "| metric | base | tuned [95% CI] |", "|---|---|---|"]
+    for k, v in ev["tuned"].items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in ("seconds", "examples_per_s", "tokens_per_s"):
+            continue
+        ci = (ev["tuned"].get("ci") or {}).get(k)
+        base = (ev.get("base") or {}).get(k)
+        rows.append(f"| {k} | {base:.4f} |" if isinstance(base, (int, float)) else f"| {k} | - |")
+        rows[-1] += f" {v:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") + " |"
+    return "\n".join(rows) + "\n"
+
+
+def verify_prompts(run: LoadedRun, n: int = 5) -> list[list[int]]:
+    """Token ids of up to ``n`` test prompts of the run (its prepared test split), chat-rendered as
+    in training; a few plain questions when the split cannot be read."""
+    try:
+        from tunesmith.data.prepare import load_splits
+
+        test = load_splits(run.config, run.dir / "data", run.tokenizer).test[:n]
+        conversations = [ex.messages[: max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")]
+                         for ex in test if any(m["role"] == "assistant" for m in ex.messages)]
+    except Exception:  # the data moved away: any prompt shows whether two models agree
+        conversations = []
+    if not conversations:
+        conversations = [[{"role": "user", "content": q}] for q in
+                         ("What is the capital of France?", "Write one sentence about the sea.", "Say hello.")]
+    return [encode_prompt(run.tokenizer, c, run.config.train.max_seq_len) for c in conversations[:n]]
+
+
+def verify_export(run: LoadedRun, exported: Exported) -> dict[str, Any]:
+    """Load ``exported`` in its consumer and compare its next-token logits on the run's test prompts
+    with the in-memory model's. Returns {consumer, prompts, max_abs_diff, relative_diff, tolerance,
+    argmax_agree}; raises ExportError when the relative difference exceeds ``TOLERANCE[dtype]``."""
+    prompts = verify_prompts(run)
+    if exported.format == "gguf":
+        from tunesmith.deploy import gguf_export
+
+        gguf_file = next(exported.path.glob("*.gguf"))
+        texts = [run.tokenizer.decode(p) for p in prompts]
+        return gguf_export.verify_gguf(gguf_file, run.model, run.tokenizer, texts)
+    reference = load_run(run.dir, merge=False)  # the tuned model as trained, fp32, adapters unmerged
+    if exported.format == "adapter":
+        import peft
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if run.kind == "head" else AutoModelForCausalLM
+        kwargs = {"num_labels": len(run.config.data.labels)} if run.kind == "head" else {}
+        base = auto.from_pretrained(_base_folder(run.config), dtype=torch.float32, **kwargs)
+        if run.kind == "head":
+            base.config.pad_token_id = run.tokenizer.pad_token_id
+        consumer = peft.PeftModel.from_pretrained(base, str(exported.path), torch_dtype=torch.float32).eval()
+        name = f"peft {peft.__version__}"
+    else:
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if run.kind == "head" else AutoModelForCausalLM
+        consumer = auto.from_pretrained(str(exported.path), dtype=DTYPES[exported.dtype]).eval()
+        name = f"transformers {transformers.__version__}"
+    return _compare_logits(reference.model, consumer, prompts, exported.dtype, name)
+
+
+@torch.no_grad()
+def _compare_logits(reference: torch.nn.Module, consumer: torch.nn.Module, prompts: list[list[int]],
+                    dtype: str, consumer_name: str) -> dict[str, Any]:
+    worst, scale, agree = 0.0, 0.0, 0
+    for ids in prompts:
+        x = torch.tensor([ids], device=next(reference.parameters()).device)
+        want, got = (_last(m(input_ids=x).logits) for m in (reference, consumer.to(x.device)))
+        worst = max(worst, float((want - got).abs().max()))
+        scale = max(scale, float(want.abs().max()))
+        agree += int(want.argmax() == got.argmax())
+    relative = worst / max(scale, 1e-12)
+    result = {"consumer": consumer_name, "prompts": len(prompts), "max_abs_diff": worst, "relative_diff": relative,
+              "tolerance": TOLERANCE[dtype], "argmax_agree": agree}
+    if relative > TOLERANCE[dtype]:
+        raise ExportError(f"verification failed: the export's next-token logits differ from the tuned model's by "
+                          f"{relative:.2e} of their scale (tolerance for {dtype}: {TOLERANCE[dtype]:.0e}); {result}")
+    return result
+
+
+def _last(logits: torch.Tensor) -> torch.Tensor:
+    """The logits that decide the answer: (B, T, V) -> the next token's (V,); a head's (B, L) -> (L,)."""
+    return (logits[0, -1] if logits.dim() == 3 else logits[0]).float()
+
+
+def describe(result: Exported) -> str:
+    """One paragraph for the terminal: where the export is and what the verification found."""
+    text = f"exported {result.format}" + (f" ({result.dtype})" if result.dtype != "-" else "") + f" to {result.path}: {', '.join(result.files)}"
+    if result.verify:
+        text += "\nverified: " + json.dumps(result.verify)
+    return text

@@ -1,0 +1,138 @@
+"""Export round trips on tiny models: the adapter in stock PEFT, the merged model in stock
+transformers (logits against the in-memory tuned model), prompt runs as JSON, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from tunesmith.cli import main
+from tunesmith.deploy.errors import ExportError
+from tunesmith.deploy.export import TOLERANCE, _write_hf, export
+from tunesmith.deploy.loading import load_run
+
+PROMPTS = [[1, 5, 9, 12, 40, 41, 7], [1, 60, 61, 62]]
+
+
+def last_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_adapter_export_loads_in_stock_peft_with_the_same_logits(finished_runs, tiny_model_dir, tmp_path):
+    result = export(finished_runs["alpha-lora"], "adapter", out=tmp_path / "a", verify=True)
+    assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "README.md"} <= set(result.files)
+    tuned = load_run(finished_runs["alpha-lora"]).model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    stock = peft.PeftModel.from_pretrained(base, str(result.path)).eval()
+    for ids in PROMPTS:
+        torch.testing.assert_close(last_logits(stock, ids), last_logits(tuned, ids), rtol=0, atol=1e-6)
+    assert result.verify["consumer"].startswith("peft") and result.verify["argmax_agree"] == result.verify["prompts"]
+    tok = AutoTokenizer.from_pretrained(result.path)  # the training template travels with the adapter
+    assert tok.chat_template == load_run(finished_runs["alpha-lora"]).tokenizer.chat_template
+
+
+def test_merged_export_equals_the_unmerged_tuned_model_and_differs_from_base(finished_runs, tiny_model_dir, tmp_path):
+    result = export(finished_runs["alpha-lora"], "hf", out=tmp_path / "m", verify=True)
+    merged = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    tuned = load_run(finished_runs["alpha-lora"]).model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for ids in PROMPTS:
+        want = last_logits(tuned, ids)
+        torch.testing.assert_close(last_logits(merged, ids), want, rtol=0, atol=TOLERANCE["f32"] * float(want.abs().max()))
+        assert not torch.allclose(last_logits(base, ids), want, atol=1e-4)  # the adapter was trained: B != 0
+    assert not any("lora" in k for k in merged.state_dict())
+    assert result.verify["relative_diff"] <= TOLERANCE["f32"]
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_merged_export_in_half_precision_stays_within_its_tolerance(finished_runs, tmp_path, dtype, torch_dtype):
+    result = export(finished_runs["alpha-lora"], "hf", dtype, out=tmp_path / dtype, verify=True)
+    with safe_open(str(result.path / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch_dtype}
+    assert result.verify["relative_diff"] <= TOLERANCE[dtype] and result.verify["argmax_agree"] == result.verify["prompts"]
+
+
+def test_full_fine_tuning_export_is_exact(finished_runs, tmp_path):
+    result = export(finished_runs["gamma-full"], "hf", out=tmp_path / "f", verify=True)
+    assert result.verify["max_abs_diff"] == 0.0
+
+
+def test_generation_config_stops_at_the_end_of_turn_and_the_eos(finished_runs, tmp_path):
+    run = load_run(finished_runs["gamma-full"])
+    run.tokenizer.eos_token = "<|endoftext|>"  # a template whose turn end is not the eos (as SmolLM2's base models)
+    _write_hf(run, tmp_path, "f32")
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    ids = run.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert sorted(gen["eos_token_id"]) == sorted(ids)
+
+
+def test_prompt_run_exports_its_messages(finished_runs, tmp_path):
+    result = export(finished_runs["delta-prompt"], "prompt", out=tmp_path / "p")
+    doc = json.loads((result.path / "prompt.json").read_text())
+    assert doc["task"] == "instruction" and isinstance(doc["messages"], list) and "usage" in doc
+    assert (result.path / "README.md").is_file()
+
+
+@pytest.mark.parametrize("run,fmt,dtype,message", [
+    ("delta-prompt", "hf", None, "no trained weights"),
+    ("gamma-full", "adapter", None, "needs a LoRA run"),
+    ("alpha-lora", "prompt", None, "for prompt-method runs"),
+    ("alpha-lora", "onnx", None, "unknown export format"),
+    ("alpha-lora", "hf", "q8_0", "not available for hf"),
+])
+def test_impossible_exports_are_named(finished_runs, run, fmt, dtype, message, tmp_path):
+    with pytest.raises(ExportError, match=message):
+        export(finished_runs[run], fmt, dtype, out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_export_leaves_the_previous_one_intact(finished_runs, tmp_path, monkeypatch):
+    out = tmp_path / "m"
+    export(finished_runs["gamma-full"], "hf", out=out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("tunesmith.deploy.export._write_hf", boom)
+    with pytest.raises(OSError):
+        export(finished_runs["gamma-full"], "hf", out=out)
+    assert (out / "model.safetensors").read_bytes() == before and not list(tmp_path.glob(".m.*"))
+
+
+def test_classification_head_run_exports_with_its_head(tmp_path, tiny_model_dir, sst_files):
+    from tunesmith import finetune, load_config
+
+    cfg = {"name": "head", "model": str(tiny_model_dir), "task": "classification", "classifier": "head", "method": "full",
+           "output_dir": str(tmp_path / "runs"),
+           "data": {"train": str(sst_files["train"]), "test": str(sst_files["test"]), "validation_size": 4,
+                    "labels": {"0": "negative", "1": "positive"}, "prepare": {"dedup": "none"}},
+           "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32"},
+           "eval": {"compare_with_base": False, "latency_examples": 0}}
+    path = tmp_path / "head.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = finetune(load_config(path))
+    result = export(run.dir, "hf", out=tmp_path / "h", verify=True)
+    model = AutoModelForSequenceClassification.from_pretrained(result.path)
+    assert model.config.id2label == {0: "negative", 1: "positive"} and result.verify["max_abs_diff"] == 0.0
+    with pytest.raises(ExportError, match="cannot be exported to GGUF"):
+        export(run.dir, "gguf")
+
+
+def test_export_verb(finished_runs, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["export", str(finished_runs["beta-lora"]), "--format", "adapter", "--out", str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "verified" in printed and (out / "adapter_model.safetensors").is_file()
+    assert main(["export", str(finished_runs["gamma-full"]), "--format", "adapter"]) == 2
+    assert "needs a LoRA run" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--format", "hf"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
