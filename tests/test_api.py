@@ -100,3 +100,14 @@ def test_api_settings_are_checked(tmp_path, tiny_model_dir, sst_files, capsys):
     assert main(["train", str(path), "--set", "method=prompt", "--set", "prompt.api.base_url=ftp://x"]) == 2
     err = capsys.readouterr().err
     assert "prompt.api.base_url: must start with http://" in err and "prompt.api.model: required" in err
+
+
+def test_an_unreachable_endpoint_is_a_clear_error():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = ApiModel(ApiConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=0, timeout_s=5))
+    with pytest.raises(ApiError, match=f"127.0.0.1:{port}/v1/chat/completions: "):
+        model.chat([{"role": "user", "content": "x"}], 4)

@@ -130,7 +130,7 @@ class ApiConfig:
 
     base_url: str | None = None  # e.g. https://api.openai.com/v1 or http://localhost:8000/v1; unset = local model
     model: str = ""  # the endpoint's model name
-    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (unset: no Authorization header)
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (unset: a placeholder key is sent)
     max_concurrency: int = 4  # requests in flight
     timeout_s: float = 60.0
     max_retries: int = 4  # on 429 and 5xx, with exponential backoff (Retry-After honoured)
