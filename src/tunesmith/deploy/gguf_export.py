@@ -1,0 +1,623 @@
+"""GGUF export (llama.cpp's file format), its Ollama Modelfile, and a check that the file agrees.
+
+``write_gguf`` writes a tuned causal LM the way llama.cpp's own ``convert_hf_to_gguf.py`` does for
+its ``LlamaModel`` (and ``Qwen2Model``): tensor names from ``gguf.TensorNameMap``, the q/k rows of
+Llama attention permuted from HF's rotate-half layout to llama.cpp's interleaved one, no
+``output.weight`` when the embeddings are tied, 1-D tensors and norms kept in f32, and the
+vocabulary as a gpt2-style byte-level BPE (``tokenizer.ggml.*``). When the base model came from a
+GGUF file its tokenizer metadata is copied byte for byte instead, so llama.cpp tokenizes exactly as
+it did for the base. The chat template written is the one the run trained with, and
+``tokenizer.ggml.eos_token_id`` is its end-of-turn token, so llama.cpp stops where the assistant's
+turn ends (``<|im_end|>`` for ChatML even when the tokenizer's eos is ``<|endoftext|>``).
+
+``ollama_modelfile`` turns the HF chat template into an Ollama Go template by rendering probe
+conversations and reading off each role's prefix and suffix; ``verify_gguf`` loads the file in
+llama.cpp (``llama_cpp``, when installed) or transformers' GGUF loader and compares greedy
+generations with the in-memory model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from tunesmith.data.formats import DataError
+from tunesmith.data.render import ChatFormat, chat_format
+from tunesmith.deploy import errors
+
+Q = gguf.GGMLQuantizationType
+DTYPES = {  # dtype -> (general.file_type, the type of 2-D weights)
+    "f32": (gguf.LlamaFileType.ALL_F32, Q.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, Q.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
+}
+# HF class -> (llama.cpp architecture, whether q/k rows are permuted), as convert_hf_to_gguf.py
+# registers them: Mistral is written as "llama", Qwen2 keeps HF's rotate-half layout.
+ARCHITECTURES = {
+    "LlamaForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
+    "MistralForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
+    "Qwen2ForCausalLM": (gguf.MODEL_ARCH.QWEN2, False),
+}
+# Byte-level BPE pre-tokenizers llama.cpp knows, by the HF pre-tokenizer's shape -> tokenizer.ggml.pre.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("Split", _LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
+    (("Split", _QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
+}
+_EOS_KEY, _EOT_KEY = gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID
+
+
+class ExportError(errors.ExportError):
+    """The model or tokenizer cannot be written as GGUF / an Ollama Modelfile; the message says why.
+    (A RuntimeError, and the deploy package's ExportError, so the CLI reports it as such.)"""
+
+
+# ---------------------------------------------------------------------------------------- write
+
+
+def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, dtype: str = "f16", name: str = "",
+               source_gguf: str | Path | None = None) -> Path:
+    """Write ``model`` (a plain HF causal LM, e.g. merged LoRA) and ``tokenizer`` as one GGUF file.
+
+    ``dtype``: ``f32`` | ``f16`` | ``bf16`` | ``q8_0`` for 2-D weights; 1-D tensors and norms stay
+    f32, and a q8_0 weight whose rows are not whole 32-value blocks falls back to f16 (as
+    llama.cpp's converter does). ``name``: ``general.name`` (default: the model's folder name).
+    ``source_gguf``: the GGUF file the base model was loaded from; its ``tokenizer.ggml.*``
+    metadata is copied verbatim. The file is written to a temporary sibling and renamed over
+    ``path``, so a failure never leaves a partial file. Returns ``path``. Raises ExportError for an
+    unsupported architecture, dtype or tokenizer, or a source GGUF whose vocabulary does not fit.
+    """
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ExportError(f"GGUF dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+    arch, permute = _architecture(model)
+    fmt = _chat_format(tokenizer)
+    config = model.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    try:
+        _add_hparams(writer, config, name or Path(str(config.name_or_path)).name or "model", DTYPES[dtype][0])
+        _add_tensors(writer, model, arch, permute, DTYPES[dtype][1])
+        if source_gguf is not None:
+            _copy_vocab(writer, Path(source_gguf), config.vocab_size, fmt)
+        else:
+            _add_hf_vocab(writer, tokenizer, config.vocab_size)
+        _add_chat_metadata(writer, tokenizer, fmt)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as f:  # durable before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _architecture(model: torch.nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        raise ExportError(f"cannot export {name} to GGUF: supported architectures are {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def _chat_format(tokenizer: Any) -> ChatFormat:
+    try:
+        return chat_format(tokenizer)
+    except DataError as e:
+        raise ExportError(f"cannot export the chat format: {e}") from None
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: Any, name: str, file_type: gguf.LlamaFileType) -> None:
+    """general.* and <arch>.* keys, as TextModel/LlamaModel.set_gguf_parameters write them."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise ExportError(f"rope scaling {rope_type!r} is not supported by this GGUF export (only the default rope)")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(head_dim)  # as the converter does for configs that state head_dim
+    writer.add_value_length(head_dim)
+
+
+def _add_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, arch: gguf.MODEL_ARCH, permute: bool,
+                 weight_type: gguf.GGMLQuantizationType) -> None:
+    """Every parameter under its GGUF name; the tied output matrix is left out (llama.cpp reuses
+    token_embd for it, and the converter never sees it since HF does not save it)."""
+    config = model.config
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    tied = _tied(model)
+    for hf_name, tensor in model.state_dict().items():
+        found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise ExportError(f"tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]} "
+                              "(a model change this export does not know)")
+        kind, gguf_name = found
+        if kind == gguf.MODEL_TENSOR.OUTPUT and tied:
+            continue
+        data = tensor.detach().to("cpu", torch.float32)
+        if permute and kind == gguf.MODEL_TENSOR.ATTN_Q:
+            data = permute_qk(data, heads, heads)
+        elif permute and kind == gguf.MODEL_TENSOR.ATTN_K:
+            data = permute_qk(data, heads, kv_heads)
+        array = data.numpy()
+        qtype = tensor_type(gguf_name, array.shape, weight_type)
+        writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and emb is not None and out.weight.data_ptr() == emb.weight.data_ptr()
+
+
+def permute_qk(weights: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
+    """HF's rotate-half q/k rows -> llama.cpp's interleaved pairs (``LlamaModel.permute``).
+
+    ``weights``: (n_heads * head_dim, ...) rows of q_proj or k_proj (weight or bias); for k pass
+    ``n_head_kv``. Within each head, row ``i`` of the first half and row ``i`` of the second half
+    become rows ``2i`` and ``2i + 1``. Returns a tensor of the same shape.
+    """
+    if n_head_kv != n_head:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def unpermute_qk(weights: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
+    """The inverse of ``permute_qk`` (what transformers' GGUF loader applies)."""
+    if n_head_kv != n_head:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], weight_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The GGML type a tensor is stored in: f32 for 1-D tensors and norms (llama.cpp computes
+    those in f32), f16 for a q8_0 weight whose rows are not whole blocks, else ``weight_type``.
+    ``shape`` is numpy's (rows, row length)."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[weight_type][0]
+    if shape[-1] % block:
+        return Q.F16
+    return weight_type
+
+
+# ---------------------------------------------------------------------------------------- vocab
+
+
+def _copy_vocab(writer: gguf.GGUFWriter, source: Path, vocab_size: int, fmt: ChatFormat) -> None:
+    """Copy the source file's ``tokenizer.ggml.*`` keys as raw bytes (eos/eot are set afterwards)."""
+    if not source.is_file():
+        raise ExportError(f"source GGUF not found: {source}")
+    reader = gguf.GGUFReader(source)
+    tokens = reader.fields.get(gguf.Keys.Tokenizer.LIST)
+    if tokens is None:
+        raise ExportError(f"{source} carries no tokenizer (no {gguf.Keys.Tokenizer.LIST})")
+    if len(tokens.data) != vocab_size:
+        raise ExportError(f"{source} has {len(tokens.data)} tokens but the model's vocabulary has {vocab_size} "
+                          "(tokens added in training?): export without source_gguf")
+    if fmt.end_of_turn_id is not None and tokens.contents(fmt.end_of_turn_id) != fmt.end_of_turn:
+        raise ExportError(f"{source}: token {fmt.end_of_turn_id} is {tokens.contents(fmt.end_of_turn_id)!r}, "
+                          f"not the tokenizer's end of turn {fmt.end_of_turn!r}: a different vocabulary")
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in (_EOS_KEY, _EOT_KEY):
+            _copy_field(writer, field)
+
+
+def _copy_field(writer: gguf.GGUFWriter, field: Any) -> None:
+    kind = field.types[0]
+    if kind == gguf.GGUFValueType.ARRAY:
+        sub = field.types[-1]
+        if sub == gguf.GGUFValueType.ARRAY:
+            raise ExportError(f"cannot copy nested array {field.name}")
+        values = ([bytes(field.parts[i]) for i in field.data] if sub == gguf.GGUFValueType.STRING
+                  else [field.parts[i].tolist()[0] for i in field.data])
+        writer.add_key_value(field.name, values, kind, sub_type=sub)
+    elif kind == gguf.GGUFValueType.STRING:
+        writer.add_key_value(field.name, bytes(field.parts[-1]), kind)
+    else:
+        writer.add_key_value(field.name, field.parts[-1].tolist()[0], kind)
+
+
+def _add_hf_vocab(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
+    """The vocabulary as ``_set_vocab_gpt2`` writes it: tokens by id, their types, merges, special ids."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = bpe_pre_tokenizer(backend)
+    tokens, types = _vocab_tokens(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as folder:  # gguf reads merges and special ids from the saved files
+        tokenizer.save_pretrained(folder)
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special.chat_template = None  # written by _add_chat_metadata, from the live tokenizer
+    for kind in ("eos", "eot"):  # written by _add_chat_metadata: the end of turn
+        special.special_token_ids.pop(kind, None)
+        special.add_special_token.pop(kind, None)
+    special.add_special_token.pop("bos", None)
+    special.add_to_gguf(writer, quiet=True)
+    probe = tokenizer("a").input_ids  # llama.cpp adds BOS/EOS only when told; say what HF does
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
+
+
+def bpe_pre_tokenizer(backend: dict[str, Any]) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE tokenizer's pre-tokenizer.
+
+    ``backend``: the tokenizer.json as a dict. Raises ExportError for a tokenizer that is not
+    byte-level BPE (sentencepiece/llama-style), or whose text splitting llama.cpp would not reproduce.
+    """
+    model_type = backend.get("model", {}).get("type")
+    pre = backend.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if model_type != "BPE" or not any(s.get("type") == "ByteLevel" for s in steps):
+        raise ExportError(f"the tokenizer is not a byte-level (GPT-2 style) BPE tokenizer (model {model_type}, "
+                          f"pre-tokenizer {pre.get('type')}): sentencepiece-style vocabularies can only be "
+                          "exported from a GGUF base model (source_gguf)")
+    shape = tuple(_step_key(s) for s in steps)
+    if shape not in PRE_TOKENIZERS:
+        raise ExportError(f"llama.cpp has no pre-tokenizer matching this tokenizer's ({json.dumps(pre)[:300]}); "
+                          f"known: {', '.join(PRE_TOKENIZERS.values())}. Export from a GGUF base model (source_gguf)")
+    return PRE_TOKENIZERS[shape]
+
+
+def _step_key(step: dict[str, Any]) -> tuple[str, Any]:
+    kind = step.get("type", "")
+    if kind == "ByteLevel":
+        return kind, bool(step.get("use_regex", True))
+    if kind == "Digits":
+        return kind, bool(step.get("individual_digits"))
+    if kind == "Split":
+        return kind, (step.get("pattern") or {}).get("Regex")
+    return kind, json.dumps(step, sort_keys=True)
+
+
+def _vocab_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their types, as ``get_vocab_base``: added special tokens are CONTROL, other
+    added ones USER_DEFINED, ids the tokenizer lacks (an embedding padded past it) UNUSED."""
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if by_id and max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has ids up to {max(by_id)} but the model only {vocab_size} embeddings")
+    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            special = decoder[i].special or (token.startswith("<|") and token.endswith("|>"))
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def _add_chat_metadata(writer: gguf.GGUFWriter, tokenizer: Any, fmt: ChatFormat) -> None:
+    """The training chat template, and its end-of-turn token as eos and eot (llama.cpp stops on both)."""
+    writer.add_chat_template(tokenizer.chat_template)
+    stop = fmt.end_of_turn_id if fmt.end_of_turn_id is not None else tokenizer.eos_token_id
+    if stop is None:
+        raise ExportError("the tokenizer has neither an end-of-turn nor an end-of-sequence token: llama.cpp would not stop")
+    writer.add_eos_token_id(stop)
+    writer.add_eot_token_id(stop)
+
+
+# ------------------------------------------------------------------------------------ Modelfile
+
+
+_PROBES = {"system": "\x01SYSTEM-PROBE\x01", "user": "\x01USER-PROBE\x01", "assistant": "\x01ASSISTANT-PROBE\x01"}
+
+
+@dataclass(frozen=True)
+class RoleTemplate:
+    """A chat template as text around each message: ``begin``, then for each message
+    ``prefix[role] + content + suffix[role]``, with ``default_system`` first when the first message
+    is not a system message, and ``generation`` after the last one when the model is to answer."""
+
+    begin: str
+    default_system: str
+    prefix: dict[str, str]
+    suffix: dict[str, str]
+    generation: str
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """What the HF template renders, when the template is expressible this way."""
+        text = self.begin
+        for i, m in enumerate(messages):
+            if i == 0 and m["role"] != "system":
+                text += self.default_system
+            text += self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]]
+        return text + (self.generation if add_generation_prompt else "")
+
+
+def role_template(tokenizer: Any) -> RoleTemplate:
+    """Read the chat template's per-role prefixes and suffixes off probe renderings, then check
+    the result reproduces the template on several conversations. Raises ExportError when the
+    template is not ``prefix + content + suffix`` per message (it rewrites content, depends on
+    position beyond the first message, rejects system messages...)."""
+    def render(messages: list[tuple[str, str]], gen: bool) -> str:
+        convo = [{"role": r, "content": c} for r, c in messages]
+        return tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen)
+
+    s, u, a = (("system", _PROBES["system"]), ("user", _PROBES["user"]), ("assistant", _PROBES["assistant"]))
+    try:
+        try:
+            begin = render([], False)
+        except Exception:  # noqa: BLE001 - many templates index messages[0]; then there is no fixed beginning
+            begin = ""
+        full = render([s, u, a, u, a], False)
+        with_gen = render([s, u], True)
+        user_last = render([s, u], False)
+        no_system = render([u], False)
+    except Exception as e:  # noqa: BLE001 - Jinja raises what it likes ("System role not supported")
+        raise ExportError(f"the chat template cannot be turned into an Ollama template: {e}") from None
+    return _derive(begin, full, with_gen, user_last, no_system)
+
+
+def _derive(begin: str, full: str, with_gen: str, user_last: str, no_system: str) -> RoleTemplate:
+    """Solve for the pieces from the renderings (see ``role_template``)."""
+    fail = ExportError("the chat template is not a fixed prefix + content + suffix per role, so Ollama's "
+                       "template language cannot reproduce it; write the Modelfile's TEMPLATE by hand")
+    order = [_PROBES[r] for r in ("system", "user", "assistant", "user", "assistant")]
+    segments, rest = [], full
+    for probe in order:
+        head, sep, rest = rest.partition(probe)
+        if not sep:
+            raise fail
+        segments.append(head)
+    segments.append(rest)
+    # segments: begin+pre_s | suf_s+pre_u | suf_u+pre_a | suf_a+pre_u | suf_u+pre_a | suf_a
+    suf_a = segments[5]
+    if not (segments[3].startswith(suf_a) and user_last.startswith(full[:full.index(_PROBES["user"])])):
+        raise fail
+    pre_u = segments[3][len(suf_a):]
+    suf_u = user_last[user_last.index(_PROBES["user"]) + len(_PROBES["user"]):]
+    if not (segments[1].endswith(pre_u) and segments[2].startswith(suf_u) and segments[0].startswith(begin)):
+        raise fail
+    suf_s = segments[1][: len(segments[1]) - len(pre_u)]
+    pre_a = segments[2][len(suf_u):]
+    pre_s = segments[0][len(begin):]
+    if not with_gen.startswith(user_last) or pre_u + _PROBES["user"] not in no_system:
+        raise fail
+    default_system = no_system[len(begin): no_system.index(pre_u + _PROBES["user"])]
+    if not no_system.startswith(begin):
+        raise fail
+    return RoleTemplate(begin, default_system, {"system": pre_s, "user": pre_u, "assistant": pre_a},
+                        {"system": suf_s, "user": suf_u, "assistant": suf_a}, with_gen[len(user_last):])
+
+
+def _check(tokenizer: Any, template: RoleTemplate) -> None:
+    """The derived pieces must reproduce the HF template on conversations they were not read from."""
+    words = ["Hi there", "Hello! How can I help?", "Tell me a joke.", "  spaced  \n", "Why?"]
+    convos = [[("user", words[0])], [("system", words[2]), ("user", words[0])],
+              [("user", words[0]), ("assistant", words[1]), ("user", words[3])],
+              [("system", words[4]), ("user", words[0]), ("assistant", words[1]), ("user", words[2]),
+               ("assistant", words[3]), ("user", words[4])]]
+    for convo in convos:
+        messages = [{"role": r, "content": c} for r, c in convo]
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if template.render(messages) != want:
+            raise ExportError("the chat template is not a fixed prefix + content + suffix per role (it changes "
+                              f"content or depends on position: {want[:120]!r}), so Ollama's template language "
+                              "cannot reproduce it; write the Modelfile's TEMPLATE by hand")
+
+
+def ollama_modelfile(tokenizer: Any, gguf_filename: str, system_prompt: str | None = None,
+                     parameters: dict[str, Any] | None = None) -> str:
+    """An Ollama Modelfile for ``gguf_filename`` (in the same folder) that formats chats exactly as
+    ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` does.
+
+    The TEMPLATE is Go template syntax over ``.Messages``; all literal text sits in string
+    actions, so no whitespace trimming can eat a newline of the format. A final assistant message
+    is left open (no suffix, no generation prompt): Ollama's convention for continuing a reply,
+    the same text as ``continue_final_message=True``. ``system_prompt``: a SYSTEM line (Ollama
+    sends it as the first message when a chat has none). ``parameters``: extra ``PARAMETER`` lines
+    (a list value gives one line per item). Stops on the end-of-turn and end-of-sequence strings.
+    Raises ExportError when the chat template cannot be written this way.
+    """
+    fmt = _chat_format(tokenizer)
+    template = role_template(tokenizer)
+    _check(tokenizer, template)
+    lines = [f"FROM ./{gguf_filename}", "", f'TEMPLATE """{go_template(template)}"""', ""]
+    if system_prompt:
+        if '"""' in system_prompt:
+            raise ExportError('the system prompt contains """, which an Ollama Modelfile cannot quote')
+        lines += [f'SYSTEM """{system_prompt}"""', ""]
+    stops = dict.fromkeys(s for s in (fmt.end_of_turn, tokenizer.eos_token) if s)
+    for stop in stops:
+        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    for key, value in (parameters or {}).items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            lines.append(f"PARAMETER {key} {json.dumps(item, ensure_ascii=False) if isinstance(item, str) else item}")
+    return "\n".join(lines) + "\n"
+
+
+def _go(text: str) -> str:
+    """``{{ "text" }}``: a Go string literal (JSON's escapes are Go's; non-ASCII stays raw so no
+    surrogate pairs appear), or nothing for empty text."""
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+
+
+def go_template(t: RoleTemplate) -> str:
+    """The Ollama (Go text/template) TEMPLATE for ``t``. ``$last`` is Ollama's own idiom."""
+    roles = "".join(
+        f'{{{{- {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{_go(t.prefix[role])}{{{{ .Content }}}}'
+        + (f"{{{{ if not $last }}}}{_go(t.suffix[role])}{{{{ end }}}}" if role == "assistant" else _go(t.suffix[role]))
+        + "\n"
+        for i, role in enumerate(("system", "user", "assistant")))
+    text = (_go(t.begin) + "\n"
+            + "{{- range $i, $_ := .Messages }}\n"
+            + "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
+            + (f'{{{{- if and (eq $i 0) (ne .Role "system") }}}}{_go(t.default_system)}{{{{ end }}}}\n'
+               if t.default_system else "")
+            + roles + "{{- end }}\n"
+            + f'{{{{- if and $last (ne .Role "assistant") }}}}{_go(t.generation)}{{{{ end }}}}\n'
+            + "{{- end }}")
+    if '"""' in text:
+        raise ExportError('the chat template contains """, which an Ollama Modelfile cannot quote')
+    return text.lstrip("\n")
+
+
+# ------------------------------------------------------------------------------------- verify
+
+
+def verify_gguf(path: str | Path, model: torch.nn.Module, tokenizer: Any, prompts: list[str],
+                max_new_tokens: int = 8) -> dict[str, Any]:
+    """Load the GGUF in its consumer and compare greedy generations with ``model``'s.
+
+    Each prompt is a user message, rendered with the chat template and the generation prompt (a
+    prompt that already contains the template's special tokens is taken as rendered). Consumer:
+    llama.cpp through ``llama_cpp`` when importable (it stops on its own end-of-generation
+    tokens, so this also checks that the end of turn stops it), else transformers' GGUF loader
+    (stopping on the GGUF's eos). Both sides generate up to ``max_new_tokens`` tokens greedily.
+    Returns {consumer, prompts, agree_first_token, agree_all_tokens, stopped_at_end_of_turn,
+    relative_diff, details: [{prompt, reference, consumer, prompt_ids_equal}]}: token ids, and
+    ``relative_diff`` the largest max|logit difference| / max|logit| at the first answer position
+    over the prompts both sides tokenized alike (None if none did).
+    """
+    fmt = _chat_format(tokenizer)
+    texts = [p if any(s in p for s in fmt.specials) else tokenizer.apply_chat_template(
+        [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    try:
+        import llama_cpp  # noqa: F401
+        consumer: _Consumer = _LlamaCpp(Path(path), max(map(len, encoded), default=0) + max_new_tokens + 16)
+    except ImportError:
+        consumer = _TransformersGGUF(Path(path))
+    details, diffs = [], []
+    try:
+        for prompt, text, ids in zip(prompts, texts, encoded):
+            want, want_logits = greedy(model, ids, max_new_tokens, set(fmt.stop_ids))
+            consumer_ids, got, got_logits = consumer.generate(text, max_new_tokens)
+            if consumer_ids == ids:
+                diffs.append(float((want_logits - got_logits).abs().max() / want_logits.abs().max()))
+            details.append({"prompt": prompt, "reference": want, "consumer": got, "prompt_ids_equal": consumer_ids == ids})
+    finally:
+        consumer.close()
+    eot = fmt.end_of_turn_id
+    return {"consumer": consumer.name, "prompts": len(prompts),
+            "agree_first_token": sum(d["reference"][:1] == d["consumer"][:1] for d in details),
+            "agree_all_tokens": sum(d["reference"] == d["consumer"] for d in details),
+            "stopped_at_end_of_turn": sum(bool(d["consumer"]) and d["consumer"][-1] == eot for d in details),
+            "relative_diff": max(diffs) if diffs else None, "details": details}
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, ids: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation of ``ids`` with the KV cache, ending with the first stop token when one
+    comes. Returns (the new ids, the (V,) fp32 logits that chose the first of them)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache()  # filled in place by each forward
+    out: list[int] = []
+    step, first = ids, None
+    for _ in range(max_new_tokens):
+        result = model(input_ids=torch.tensor([step], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        logits = result.logits[0, -1].float().cpu()  # (V,)
+        first = logits if first is None else first
+        out.append(int(logits.argmax()))
+        step = out[-1:]
+        if out[-1] in stop:
+            break
+    return out, first if first is not None else torch.zeros(0)
+
+
+class _Consumer:
+    name: str
+
+    def generate(self, text: str, max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
+        """(prompt ids as the consumer tokenizes ``text``, greedy new ids, the (V,) logits after the prompt)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the consumer's model now (llama.cpp's cannot be freed at interpreter exit)."""
+
+
+class _LlamaCpp(_Consumer):
+    def __init__(self, path: Path, n_ctx: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False)
+        self.name = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+
+    def generate(self, text: str, max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
+        import llama_cpp
+
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        self.llm.reset()
+        self.llm.eval(ids)
+        first = logits = self._last_logits()
+        out: list[int] = []
+        while True:  # greedy, as llama.cpp's top-k 1 sampler picks
+            out.append(int(logits.argmax()))
+            if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, out[-1]) or len(out) >= max_new_tokens:
+                break  # llama.cpp's own end-of-generation test: what stops llama-cli, llama-server, Ollama
+            self.llm.eval(out[-1:])
+            logits = self._last_logits()
+        return list(ids), out, first
+
+    def _last_logits(self) -> torch.Tensor:
+        import llama_cpp
+
+        row = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy())  # (V,)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class _TransformersGGUF(_Consumer):
+    def __init__(self, path: Path):
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = str(path.parent), path.name
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        self.name = f"transformers {transformers.__version__} GGUF loader"
+
+    def generate(self, text: str, max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return (ids, *greedy(self.model, ids, max_new_tokens, {self.tokenizer.eos_token_id}))
