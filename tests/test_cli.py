@@ -117,7 +117,7 @@ def test_eval_of_a_non_run_folder(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("verb", ["train", "eval", "demo"])
+@pytest.mark.parametrize("verb", ["train", "prepare", "eval", "compare", "demo", "export", "generate", "serve"])
 def test_help(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])

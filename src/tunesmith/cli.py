@@ -13,7 +13,7 @@ from rich.console import Console
 from tunesmith.api import ApiError
 from tunesmith.config import ConfigError, load_config
 from tunesmith.data import DataError
-from tunesmith.deploy.errors import ExportError
+from tunesmith.deploy.errors import ExportError, ServeError
 from tunesmith.models import ModelError
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
 from tunesmith.train import NonFiniteLossError
@@ -62,6 +62,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="load the export in its consumer (PEFT, transformers, llama.cpp) and compare next-token predictions")
 
+    p = verbs.add_parser("serve", help="serve runs (and their base model) behind an OpenAI-compatible API")
+    p.add_argument("run_dirs", nargs="*", help="run folders; LoRA runs on one base share it as adapters")
+    p.add_argument("--model", default=None, help="also serve this base model (a config model: value, e.g. default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs an API key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this Bearer key (default: $TUNESMITH_API_KEY)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="most tokens one answer may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the context)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests queued before answering 429")
+    p.add_argument("--redact-pii", default="", metavar="KINDS",
+                   help="redact personal data in answers: comma-separated kinds (email,phone,credit_card,ip_address,iban,url) or 'default'")
+    p.add_argument("--block-words", default=None, metavar="FILE", help="a file of blocked words or phrases, one per line")
+    p.add_argument("--block-regex", action="append", default=[], metavar="PATTERN", help="a blocked regular expression (repeatable)")
+    p.add_argument("--block-action", choices=["redact", "refuse"], default="redact",
+                   help="redact a blocked match, or end the answer before it (finish_reason content_filter)")
+
+    p = verbs.add_parser("generate", help="answer every prompt of a file with a finished run (resumable)")
+    p.add_argument("run_dir", help="the run folder, e.g. runs/alpaca-lora")
+    p.add_argument("--input", required=True, help="prompts: JSONL/JSON/CSV/TSV/Parquet (messages, instruction/input, prompt or text)")
+    p.add_argument("--output", required=True, help="JSONL to append answers to (rows already there are skipped)")
+    _decoding_options(p)
+
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -94,17 +117,69 @@ def main(argv: list[str] | None = None) -> int:
             from tunesmith.deploy.export import describe, export
 
             print(describe(export(args.run_dir, args.format, args.dtype, args.out, verify=args.verify)))
+        elif args.verb == "serve":
+            from tunesmith.deploy.server import serve
+
+            serve(args.run_dirs, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+                  max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                  max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, output_filter=_output_filter(args))
+        elif args.verb == "generate":
+            from tunesmith.deploy.generate import generate_file
+
+            done = generate_file(args.run_dir, args.input, args.output, _sampling(args), console=console)
+            console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['rows']} rows: "
+                          f"{args.output}", highlight=False)
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
             console.print(f"report: {run.dir / 'report.html'}")
-    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError) as e:
+    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError, ServeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _decoding_options(p: argparse.ArgumentParser) -> None:
+    """The sampling settings, named as in the OpenAI API (what ``serve`` accepts per request)."""
+    p.add_argument("--max-tokens", type=int, default=256, help="at most this many new tokens per answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the tokens whose probability sums to this")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--n", type=int, default=1, help="answers per prompt")
+    p.add_argument("--stop", action="append", default=[], help="a string that ends the answer (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> object:
+    from tunesmith.deploy.engine import SamplingParams
+
+    problems = [m for bad, m in [(args.max_tokens < 1, "--max-tokens must be at least 1"),
+                                 (args.temperature < 0, "--temperature must be >= 0"),
+                                 (not 0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.n < 1, "--n must be at least 1")] if bad]
+    if problems:
+        raise RunError("; ".join(problems))
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          stop=tuple(args.stop), seed=args.seed, n=args.n)
+
+
+def _output_filter(args: argparse.Namespace) -> object:
+    """``serve``'s PII and blocked-content filter from its options (None when none is asked for)."""
+    from tunesmith.data.pii import DEFAULT_KINDS
+    from tunesmith.deploy.safety import BlockRule, OutputFilter
+
+    kinds = DEFAULT_KINDS if args.redact_pii == "default" else tuple(k.strip() for k in args.redact_pii.split(",") if k.strip())
+    try:
+        rules = [BlockRule.regex(f"regex{i + 1}", p) for i, p in enumerate(args.block_regex)]
+        if args.block_words:
+            words = Path(args.block_words).read_text(encoding="utf-8").splitlines()
+            rules.append(BlockRule.words(Path(args.block_words).stem, words))
+        if not kinds and not rules:
+            return None
+        return OutputFilter(kinds, rules, action=args.block_action)
+    except (OSError, ValueError) as e:
+        raise RunError(f"serve output filter: {e}") from None
 
 
 def _sizes(text: str) -> list[int]:

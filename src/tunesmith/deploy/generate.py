@@ -1,0 +1,200 @@
+"""Batch generation: answer every prompt of a file with a finished run, resumably.
+
+``tunesmith generate RUN --input prompts.jsonl --output out.jsonl`` reads the input with the same
+readers as training data (JSONL/JSON/CSV/TSV/Parquet, any encoding), builds each prompt the way
+the run was trained (its system prompt, its chat template, its column mapping), and answers with
+the serving engine (the same decoding options as ``tunesmith serve``). Each answer is appended to
+the output as soon as it is ready, in input order; an interrupted job continues where it stopped
+(rows already in the output are not generated again; a half-written last line is discarded).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tunesmith.config import Config
+from tunesmith.data.formats import DataError, read_table
+from tunesmith.data.layouts import _SPEAKERS, SYNONYMS, parse_source
+from tunesmith.data.render import chat_format, encode_prompt
+from tunesmith.deploy.engine import Engine, GenerationRequest, SamplingParams
+from tunesmith.deploy.loading import load_for_serving, run_config
+from tunesmith.runs import RunError
+
+# columns that hold what the model reads, in the order they are joined (as an instruction row is in training)
+PROMPT_ROLES = ("instruction", "input", "prompt", "text")
+
+
+@dataclass
+class PromptRow:
+    """One input record: its line (1-based, as the reader counts), the conversation to answer,
+    and the input's own values (kept in the output beside the answer)."""
+
+    line: int
+    messages: list[dict[str, str]]
+    values: dict[str, Any]
+
+
+def read_prompts(path: str | Path, cfg: Config) -> list[PromptRow]:
+    """The prompts of ``path`` as conversations, built as the run's training examples were: a
+    ``messages`` column (OpenAI or ShareGPT turns; a trailing assistant turn is dropped), else the
+    run's ``data.columns`` for instruction/input/prompt/text, else the usual column names for them,
+    joined by a blank line; the run's system prompt first. Raises DataError naming the file, line
+    and field of a row with no prompt, or the columns when none holds a prompt."""
+    table = read_table(path, delimiter=cfg.data.delimiter, encoding=cfg.data.encoding)
+    if not table.rows:
+        raise DataError(f"{path}: no rows")
+    columns = list(dict.fromkeys(k for r in table.rows[:50] for k in r.values))
+    chat = _column(cfg, "messages", columns)
+    sources = {}
+    for role in PROMPT_ROLES:
+        found = _column(cfg, role, columns)
+        if found:
+            sources[role] = parse_source(found, columns, f"data.columns.{role} ({path})")
+    if chat is None and not sources:
+        if len(columns) != 1:
+            raise DataError(f"{path}: no column holds a prompt; expected messages, or one of "
+                            f"{', '.join(n for r in PROMPT_ROLES for n in SYNONYMS.get(r, (r,)))}; "
+                            f"columns: {', '.join(map(repr, columns))}")
+        sources["text"] = parse_source(columns[0], columns, str(path))
+    out = []
+    for row in table.rows:
+        where = f"{path}:{row.line}"
+        if chat is not None and row.values.get(chat) is not None:
+            messages = _turns(row.values[chat], chat, where)
+        else:
+            parts = [str(s.value(row.values) or "").strip() for s in sources.values()]
+            text = "\n\n".join(p for p in parts if p)
+            if not text:
+                raise DataError(f"{where}: empty prompt (fields {', '.join(s.spec for s in sources.values())})")
+            messages = [{"role": "user", "content": text}]
+        if cfg.data.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.data.system_prompt}] + messages
+        out.append(PromptRow(row.line, messages, row.values))
+    return out
+
+
+def _column(cfg: Config, role: str, columns: list[str]) -> str | None:
+    configured = (cfg.data.columns or {}).get(role)
+    if configured:
+        return configured
+    lower = {c.lower(): c for c in columns}
+    return next((lower[n] for n in SYNONYMS.get(role, (role,)) if n in lower), None)
+
+
+def _turns(value: Any, name: str, where: str) -> list[dict[str, str]]:
+    """{role, content} (or ShareGPT {from, value}) turns up to the last user turn."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {name!r}: expected a non-empty list of messages")
+    turns = []
+    for j, m in enumerate(value):
+        speaker = m.get("role", m.get("from")) if isinstance(m, dict) else None
+        role = _SPEAKERS.get(str(speaker).lower()) if speaker is not None else None
+        content = m.get("content", m.get("value")) if isinstance(m, dict) else None
+        if role is None or not isinstance(content, str):
+            raise DataError(f"{where}: field {name}[{j}]: expected {{role, content}} with a text content, got {m!r:.80}")
+        turns.append({"role": role, "content": content})
+    while turns and turns[-1]["role"] == "assistant":  # an answer given in the input is not the prompt
+        turns.pop()
+    if not turns or turns[-1]["role"] != "user":
+        raise DataError(f"{where}: field {name!r}: no user message to answer")
+    return turns
+
+
+def done_lines(output: Path) -> set[int]:
+    """Input lines already answered in ``output``; a half-written last line (a crash mid-write) is cut off."""
+    if not output.is_file():
+        return set()
+    data = output.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # the process died while writing this line: drop it, it is generated again
+        with open(output, "r+b") as f:
+            f.truncate(end)
+    lines = set()
+    for i, raw in enumerate(data[:end].splitlines(), 1):
+        try:
+            lines.add(int(json.loads(raw)["line"]))
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{output}:{i}: not a line tunesmith generate wrote; choose another --output") from None
+    return lines
+
+
+def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, params: SamplingParams | None = None,
+                  console: Console | None = None, max_batch_size: int = 16) -> dict[str, Any]:
+    """Answer every prompt of ``input`` with the run in ``run_dir``; append JSON lines to ``output``:
+    the input's values, ``line``, ``response`` (``responses`` when ``params.n > 1``), ``finish_reason``
+    and token counts. Rows already in ``output`` are skipped (resume). Returns {rows, generated,
+    skipped, seconds, completion_tokens}. Raises RunError, DataError (input or output), ModelError."""
+    console = console or Console()
+    params = params or SamplingParams()
+    run_dir, output = Path(run_dir), Path(output)
+    cfg = run_config(run_dir)
+    rows = read_prompts(input, cfg)
+    done = done_lines(output)
+    todo = [r for r in rows if r.line not in done]
+    summary: dict[str, Any] = {"rows": len(rows), "skipped": len(rows) - len(todo), "generated": 0, "completion_tokens": 0}
+    if done:
+        console.print(f"{output}: {len(rows) - len(todo)} of {len(rows)} rows already answered; generating the rest")
+    if not todo:
+        return summary | {"seconds": 0.0}
+    group = load_for_serving([run_dir])[0]
+    adapter = group.names[run_dir.name]
+    stops = tuple(chat_format(group.tokenizer).stop_ids) if cfg.task != "text" else (group.tokenizer.eos_token_id,)
+    params = SamplingParams(**{**vars(params), "stop_ids": tuple(dict.fromkeys(params.stop_ids + stops))})
+    engine = Engine(group.model, group.tokenizer, max_batch_size=max_batch_size)
+    budget = max(min(cfg.train.max_seq_len, engine.context_length) - params.max_tokens, 16)
+    t0 = time.perf_counter()
+    try:
+        handles = [engine.submit(GenerationRequest(_prompt_ids(group.tokenizer, r, cfg, budget), adapter, params), block=True)
+                   for r in todo]
+        with _progress(console) as progress:
+            task = progress.add_task("generating", total=len(todo), tps="")
+            for row, handle in zip(todo, handles):
+                result = handle.result()
+                summary["generated"] += 1
+                summary["completion_tokens"] += result.completion_tokens
+                _append(output, _output_row(row, result, params.n))
+                rate = summary["completion_tokens"] / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, advance=1, tps=f"{rate:.0f} tok/s")
+    finally:
+        engine.shutdown(drain=False)
+    return summary | {"seconds": time.perf_counter() - t0}
+
+
+def _prompt_ids(tokenizer: Any, row: PromptRow, cfg: Config, budget: int) -> list[int]:
+    if cfg.task == "text":  # a language model of raw text continues it
+        return list(tokenizer(row.messages[-1]["content"], add_special_tokens=False)["input_ids"][-budget:])
+    return encode_prompt(tokenizer, row.messages, budget, cfg.data.truncation_side)
+
+
+def _output_row(row: PromptRow, result: Any, n: int) -> dict[str, Any]:
+    texts = [c.text for c in result.choices]
+    reasons = [c.finish_reason for c in result.choices]
+    out = {k: v for k, v in row.values.items() if not k.startswith("_")}
+    out |= {"line": row.line, "response": texts[0], "finish_reason": reasons[0],
+            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+    if n > 1:
+        out |= {"responses": texts, "finish_reasons": reasons}
+    return out
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    """One line, written whole and flushed to disk: a crash leaves at most a partial last line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[tps]}"), TimeRemainingColumn(), console=console)
+
+
+__all__ = ["PromptRow", "RunError", "done_lines", "generate_file", "read_prompts"]
