@@ -48,6 +48,7 @@ test-fast: setup browser llama
 bench: setup
 	$(PY) benchmarks/near_dup.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf runs .pytest_cache
