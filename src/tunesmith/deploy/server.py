@@ -677,7 +677,10 @@ def serve(run_dirs: Sequence[str | Path], model: str | None = None, host: str = 
     if not run_dirs and model is None:
         raise ServeError("nothing to serve: give run folders, or a base model (--model default)")
     app = create_app(load_for_serving(list(run_dirs), base=model), settings)
-    names = ", ".join(app.state.serving.models)
-    log.info("serving %s on http://%s:%d/v1", names, host, port)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=int(settings.graceful_timeout),
-                log_level="info")
+    # SIGTERM: stop accepting, finish requests in flight (up to graceful_timeout), then drain the engines
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=max(1, round(settings.graceful_timeout)))
+    logging.getLogger("uvicorn.error").info(  # uvicorn's logger: configured (visible) by now
+        "serving %s at http://%s:%d/v1%s", ", ".join(app.state.serving.models), host, port,
+        "" if api_key else " (no API key: this machine only)")
+    uvicorn.Server(config).run()
