@@ -95,3 +95,15 @@ def test_generate_verb_with_sampling_options(finished_runs, tmp_path, capsys):
     assert main(["generate", str(finished_runs["beta-lora"]), "--input", str(tmp_path / "in.jsonl"),
                  "--output", str(tmp_path / "bad.jsonl")]) == 2
     assert "not a line tunesmith generate wrote" in capsys.readouterr().err
+
+
+def test_bad_rows_can_be_skipped_and_are_counted(finished_runs, tmp_path, capsys):
+    (tmp_path / "q.csv").write_text("question\nhello\n\"  \"\nworld\n")
+    out = tmp_path / "o.jsonl"
+    args = ["generate", str(finished_runs["gamma-full"]), "--input", str(tmp_path / "q.csv"), "--output", str(out),
+            "--max-tokens", "2"]
+    assert main(args) == 2 and "q.csv:3: empty prompt" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--skip-bad-rows"]) == 0
+    assert [r["line"] for r in rows_of(out)] == [2, 4]
+    printed = " ".join(capsys.readouterr().out.split())  # the terminal wraps long lines
+    assert "skipped: " in printed and "q.csv:3: empty prompt" in printed and "1 bad rows skipped" in printed

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="the run folder, e.g. runs/alpaca-lora")
     p.add_argument("--input", required=True, help="prompts: JSONL/JSON/CSV/TSV/Parquet (messages, instruction/input, prompt or text)")
     p.add_argument("--output", required=True, help="JSONL to append answers to (rows already there are skipped)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="leave out rows with no usable prompt (listed) instead of stopping")
     _decoding_options(p)
 
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
@@ -126,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "generate":
             from tunesmith.deploy.generate import generate_file
 
-            done = generate_file(args.run_dir, args.input, args.output, _sampling(args), console=console)
-            console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['rows']} rows: "
+            done = generate_file(args.run_dir, args.input, args.output, _sampling(args), console=console,
+                                 skip_bad_rows=args.skip_bad_rows)
+            console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['bad_rows']} bad rows skipped, "
+                          f"{done['rows']} rows: "
                           f"{args.output}", highlight=False)
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)

@@ -224,7 +224,8 @@ def _card_header(run_dir: Path, cfg: Config, format: str, dtype: str) -> str:
 def _card_metrics(run_dir: Path) -> str:
     ev = load_json(run_dir / "eval.json")
     if not ev.get("tuned"):
-        return ""
+        return (f"\n## Measured\n\nNot evaluated yet: `tunesmith eval {run_dir}` measures it against the base model "
+                "on the test split, then export again to put the results here.\n")
     rows = ["", f"## Measured on {ev.get('test_examples', '?')} held-out test examples", "",
             "| metric | base | tuned [95% CI] |", "|---|---|---|"]
     for k, v in ev["tuned"].items():
@@ -266,6 +267,7 @@ def verify_export(run: LoadedRun, exported: Exported) -> dict[str, Any]:
         texts = [run.tokenizer.decode(p) for p in prompts]  # rendered prompts, taken as they are
         result = gguf_export.verify_gguf(gguf_file, run.model, run.tokenizer, texts)
         result["tolerance"] = limit = TOLERANCE_GGUF[exported.dtype]
+        result["max_new_tokens"] = 8  # agree_all_tokens and stopped_at_end_of_turn count within these tokens
         if result.get("relative_diff") is None or result["relative_diff"] > limit:
             raise ExportError(f"verification failed: {result['consumer']}'s next-token logits differ from the tuned "
                               f"model's by {result.get('relative_diff')} of their scale (tolerance for {exported.dtype}: "

@@ -41,12 +41,13 @@ class PromptRow:
     values: dict[str, Any]
 
 
-def read_prompts(path: str | Path, cfg: Config) -> list[PromptRow]:
+def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None) -> list[PromptRow]:
     """The prompts of ``path`` as conversations, built as the run's training examples were: a
     ``messages`` column (OpenAI or ShareGPT turns; a trailing assistant turn is dropped), else the
     run's ``data.columns`` for instruction/input/prompt/text, else the usual column names for them,
     joined by a blank line; the run's system prompt first. Raises DataError naming the file, line
-    and field of a row with no prompt, or the columns when none holds a prompt."""
+    and field of a row with no prompt, or the columns when none holds a prompt; with ``skipped``
+    (a list), bad rows are left out and their messages appended to it instead."""
     table = read_table(path, delimiter=cfg.data.delimiter, encoding=cfg.data.encoding)
     if not table.rows:
         raise DataError(f"{path}: no rows")
@@ -65,19 +66,28 @@ def read_prompts(path: str | Path, cfg: Config) -> list[PromptRow]:
         sources["text"] = parse_source(columns[0], columns, str(path))
     out = []
     for row in table.rows:
-        where = f"{path}:{row.line}"
-        if chat is not None and row.values.get(chat) is not None:
-            messages = _turns(row.values[chat], chat, where)
-        else:
-            parts = [str(s.value(row.values) or "").strip() for s in sources.values()]
-            text = "\n\n".join(p for p in parts if p)
-            if not text:
-                raise DataError(f"{where}: empty prompt (fields {', '.join(s.spec for s in sources.values())})")
-            messages = [{"role": "user", "content": text}]
-        if cfg.data.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.data.system_prompt}] + messages
-        out.append(PromptRow(row.line, messages, row.values))
+        try:
+            out.append(_prompt_row(row, f"{path}:{row.line}", chat, sources, cfg))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
     return out
+
+
+def _prompt_row(row: Any, where: str, chat: str | None, sources: dict[str, Any], cfg: Config) -> PromptRow:
+    """One row as a conversation to answer; DataError naming ``where`` when it has no prompt."""
+    if chat is not None and row.values.get(chat) is not None:
+        messages = _turns(row.values[chat], chat, where)
+    else:
+        parts = [str(s.value(row.values) or "").strip() for s in sources.values()]
+        text = "\n\n".join(p for p in parts if p)
+        if not text:
+            raise DataError(f"{where}: empty prompt (fields {', '.join(s.spec for s in sources.values())})")
+        messages = [{"role": "user", "content": text}]
+    if cfg.data.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.data.system_prompt}] + messages
+    return PromptRow(row.line, messages, row.values)
 
 
 def _column(cfg: Config, role: str, columns: list[str]) -> str | None:
@@ -126,19 +136,26 @@ def done_lines(output: Path) -> set[int]:
 
 
 def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, params: SamplingParams | None = None,
-                  console: Console | None = None, max_batch_size: int = 16) -> dict[str, Any]:
+                  console: Console | None = None, max_batch_size: int = 16, skip_bad_rows: bool = False) -> dict[str, Any]:
     """Answer every prompt of ``input`` with the run in ``run_dir``; append JSON lines to ``output``:
     the input's values, ``line``, ``response`` (``responses`` when ``params.n > 1``), ``finish_reason``
     and token counts. Rows already in ``output`` are skipped (resume). Returns {rows, generated,
-    skipped, seconds, completion_tokens}. Raises RunError, DataError (input or output), ModelError."""
+    skipped, bad_rows, seconds, completion_tokens}. ``skip_bad_rows``: leave out (and list) input rows
+    with no usable prompt instead of stopping. Raises RunError, DataError (input or output), ModelError."""
     console = console or Console()
     params = params or SamplingParams()
     run_dir, output = Path(run_dir), Path(output)
     cfg = run_config(run_dir)
-    rows = read_prompts(input, cfg)
+    bad: list[str] = []
+    rows = read_prompts(input, cfg, bad if skip_bad_rows else None)
+    for message in bad[:5]:
+        console.print(f"[yellow]skipped: {message}[/yellow]", highlight=False)
+    if len(bad) > 5:
+        console.print(f"[yellow]... and {len(bad) - 5} more bad row(s)[/yellow]")
     done = done_lines(output)
     todo = [r for r in rows if r.line not in done]
-    summary: dict[str, Any] = {"rows": len(rows), "skipped": len(rows) - len(todo), "generated": 0, "completion_tokens": 0}
+    summary: dict[str, Any] = {"rows": len(rows), "skipped": len(rows) - len(todo), "bad_rows": len(bad), "generated": 0,
+                               "completion_tokens": 0}
     if done:
         console.print(f"{output}: {len(rows) - len(todo)} of {len(rows)} rows already answered; generating the rest")
     if not todo:
