@@ -88,6 +88,45 @@ def run_server(args: argparse.Namespace) -> None:
     uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)).run(sockets=[sock])
 
 
+def step_costs(args: argparse.Namespace) -> dict[str, Any]:
+    """Milliseconds per decoding step (engine forward of one token per row, no HTTP), alternating
+    the variants step block by step block so a busy spell of the machine hits them all alike:
+    the merged model (plain), the base rows of the PEFT model, one unmerged adapter, and mixed
+    rows (base, adapter 1, adapter 2 in turn). Medians over ``--step-repeats`` blocks of 10 steps."""
+    import torch
+    from transformers import DynamicCache
+
+    from tunesmith.deploy.engine import _AdapterRouter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    groups, (a1, a2) = build_groups(args.model, args.runs)
+    peft_model, plain = groups[0].model, groups[-1].model
+    router = _AdapterRouter(peft_model, torch.device("cpu"))
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for rows in (1, 8, 32):
+            variants = {"merged": (plain, [None] * rows), "base_rows": (peft_model, [None] * rows),
+                        "adapter": (peft_model, [a1] * rows),
+                        "mixed": (peft_model, [(None, a1, a2)[i % 3] for i in range(rows)])}
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            for _ in range(args.step_repeats):
+                for name, (model, adapters) in variants.items():
+                    cache = DynamicCache()
+                    model(input_ids=torch.randint(0, 1000, (rows, 64)), cache=cache, use_cache=True, logits_to_keep=1)
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        with router.route(adapters):
+                            model(input_ids=torch.randint(0, 1000, (rows, 1)), cache=cache, use_cache=True,
+                                  logits_to_keep=1)
+                    times[name].append((time.perf_counter() - t0) / 10 * 1000)
+            out[str(rows)] = {k: statistics.median(v) for k, v in times.items()}
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in out[str(rows)].items())
+            print(f"step ms at {rows} rows: {shown}", flush=True)
+    router.close()
+    return out
+
+
 # ---------------------------------------------------------------- the clients
 
 
@@ -208,10 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
     p.add_argument("--scenarios", default="", help="comma-separated names to run (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--step-repeats", type=int, default=5, help="blocks of 10 steps per variant (0: skip step costs)")
     p.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--step-costs", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.server:
         run_server(args)
+        return 0
+    if args.step_costs:
+        print(json.dumps(step_costs(args)))
         return 0
     from train_throughput import machine  # the same machine description as the other benchmarks
 
@@ -228,10 +272,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.send_signal(signal.SIGTERM)  # graceful: what a deployment does
         server.wait(60)
-    write_results(Path(args.out), {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "server"},
-                                   "server_exit_code": server.returncode, "scenarios": results,
-                                   "summary": derive(results)})
+    steps = measure_step_costs(args) if args.step_repeats else {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("server", "step_costs")}
+    write_results(Path(args.out), {"machine": info, "settings": settings, "server_exit_code": server.returncode,
+                                   "scenarios": results, "step_ms": steps, "summary": derive(results, steps)})
     return 0
+
+
+def measure_step_costs(args: argparse.Namespace) -> dict[str, Any]:
+    """``step_costs`` in a child process of its own (after the server has gone)."""
+    cmd = [sys.executable, __file__, "--step-costs", "--model", args.model, "--threads", str(args.threads),
+           "--step-repeats", str(args.step_repeats), *(["--runs", *args.runs] if args.runs else [])]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    last = ""
+    for line in child.stdout:  # type: ignore[union-attr] - progress as it comes; the last line is the JSON
+        if last:
+            print(last, end="", flush=True)
+        last = line
+    if child.wait() != 0:
+        print("step costs failed (see above)", file=sys.stderr)
+        return {}
+    return json.loads(last)
 
 
 def wait_ready(port: int) -> None:
@@ -276,7 +337,7 @@ def one_request_warmup(port: int, models: list[str], conv: list[dict[str, str]])
         one_request(c, m, conv, 4)
 
 
-def derive(r: dict[str, Any]) -> dict[str, Any]:
+def derive(r: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
     def ratio(a: str, b: str) -> float | None:
         return r[a]["tokens_per_s"] / r[b]["tokens_per_s"] if a in r and b in r and r[b]["tokens_per_s"] else None
 
@@ -290,7 +351,9 @@ def derive(r: dict[str, Any]) -> dict[str, Any]:
             "unmerged_adapter_cost_vs_merged_8": cost("adapter_8", "merged_8"),
             "adapter_cost_vs_base_sequential": cost("adapter_sequential", "base_sequential"),
             "mixed_8_vs_base_8": ratio("mixed_8", "base_8"),
-            "errors_32_clients": r.get("base_32", {}).get("errors")}
+            "errors_32_clients": r.get("base_32", {}).get("errors"),
+            "step_cost_vs_merged": {rows: {k: v / s["merged"] - 1 for k, v in s.items() if k != "merged"}
+                                    for rows, s in steps.items()}}
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
@@ -323,6 +386,9 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         f"- 32 concurrent clients: {f(d['errors_32_clients'], 'd', ' errors')} (target 0)",
         f"- Mixed adapters (base, adapter 1, adapter 2) at 8 clients vs base alone at 8: "
         f"{f(d['mixed_8_vs_base_8'], '.2f', 'x')} throughput",
+        "- Decoding step time against the merged model (engine alone, no HTTP, alternating blocks): "
+        + "; ".join(f"{rows} rows: " + ", ".join(f"{k} {v:+.1%}" for k, v in c.items())
+                    for rows, c in d["step_cost_vs_merged"].items()),
         "", "## Scenarios", "",
         "| scenario | clients | requests | errors | tokens/s | req/s | p50 latency s | p95 latency s | TTFT p50 s "
         "| TTFT p95 s | tokens/request | mean batch rows | tokens/s of each pass | load avg after each pass |",
@@ -334,6 +400,12 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
                      f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['mean_tokens_per_request']:.1f} | "
                      f"{r['mean_batch_rows']:.1f} | {', '.join(f'{x:.1f}' for x in r['tokens_per_s_runs'])} | "
                      f"{', '.join(f'{x:.1f}' for x in r['load_average_after'])} |")
+    if results["step_ms"]:
+        lines += ["", "## Decoding step time (ms), engine alone", "",
+                  "| rows | merged model | base rows (PEFT model) | one adapter | mixed (base, 1, 2) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {rows} | {c['merged']:.1f} | {c['base_rows']:.1f} | {c['adapter']:.1f} | {c['mixed']:.1f} |"
+                  for rows, c in results["step_ms"].items()]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
