@@ -31,6 +31,9 @@ METHODS = ("lora", "full", "prompt")
 PRECISIONS = ("auto", "bf16", "fp32")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
+GENERAL = "general"  # the shipped general set (Wikipedia text, general instructions): eval.general, replay.data
+ANCHORS = ("none", "l2sp", "ewc")
+DISTILL_ON = ("replay", "prompts", "both")
 
 
 class _Loader(yaml.SafeLoader):
@@ -202,6 +205,61 @@ class EvalConfig:
     classify_by: str = "scoring"  # scoring | generation: score each label, or parse a free answer
     bootstrap_resamples: int = 1000  # for 95% intervals and paired p-values
     latency_examples: int = 32  # tuned model answers this many test examples one at a time (ms each); 0 = skip
+    general: str = GENERAL  # forgetting check: general (shipped set) | a text/JSONL file of general text | none
+    general_tokens: int = 2048  # general-text tokens scored per model (perplexity); caps the check's cost
+    general_instructions: int = 16  # general instructions answered greedily by base and tuned (0: skip agreement, KL)
+    general_max_new_tokens: int = 48  # reply length for those instructions
+    previous_tasks: bool = True  # a run started from another run (model: runs/X) is also tested on that run's tasks
+
+
+@dataclass
+class ReplayConfig:
+    """Replay: general data mixed into training (plain language modelling on those rows)."""
+
+    data: str = GENERAL  # general (the shipped Wikipedia text: other articles than eval.general scores) | a file
+    ratio: float = 0.0  # share of the training mix that is replay, in [0, 1): by examples or by target tokens; 0 = off
+    by: str = "examples"  # examples | tokens
+
+
+@dataclass
+class DistillConfig:
+    """Distillation: a KL term pulling the student's next-token distributions toward a teacher's."""
+
+    weight: float = 0.0  # 0 = off; loss = task loss + weight * KL (per token)
+    teacher: str = "base"  # base (LoRA: adapters disabled; full: a frozen copy) | a run folder | a model path or id
+    temperature: float = 1.0  # both distributions softened by T; the KL is scaled by T^2 (Hinton et al. 2015)
+    direction: str = "forward"  # forward: KL(teacher || student) | reverse: KL(student || teacher)
+    on: str = "replay"  # replay rows | prompts (task rows' non-target positions) | both
+
+
+@dataclass
+class AnchorConfig:
+    """Weight anchoring: a penalty on trainable weights moving from where training started."""
+
+    method: str = "none"  # none | l2sp (Li et al. 2018) | ewc (diagonal Fisher, Kirkpatrick et al. 2017)
+    strength: float = 0.0  # loss += strength / 2 * sum_i F_i (w_i - w0_i)^2 (F_i = 1 for l2sp)
+    fisher_examples: int = 64  # ewc: general-text windows the diagonal Fisher is estimated on
+    fisher_data: str = GENERAL  # ewc: general | a file of general text
+
+
+@dataclass
+class TaskConfig:
+    """One task of a multi-task run: its own data, task type and weight (``tasks:``)."""
+
+    name: str = ""
+    config: str | None = None  # a single-task config file to take task, data and eval.metric from
+    task: str | None = None
+    data: DataConfig | None = None
+    metric: str = "auto"
+    weight: float = 1.0  # sampling weight (mixing.by: weight)
+
+
+@dataclass
+class MixingConfig:
+    """How a multi-task run samples its tasks."""
+
+    by: str = "weight"  # weight: shares proportional to tasks[].weight | temperature: to size^(1/T) | size: as the data
+    temperature: float = 2.0  # for by: temperature (1 = as the data; large = uniform)
 
 
 @dataclass
@@ -220,6 +278,11 @@ class Config:
     full: FullConfig = field(default_factory=FullConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)  # several tasks trained together (then data/task per task)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -280,7 +343,7 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.task in TASKS, f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
     check(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
     check(bool(cfg.name) and "/" not in cfg.name, "name: must be a non-empty folder name")
-    check(bool(cfg.data.train), "data.train: required (path to the training file)")
+    check(bool(cfg.data.train) or bool(cfg.tasks), "data.train: required (path to the training file)")
     check(cfg.data.format in FORMATS, f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
     check(cfg.data.validation_size > 0 and (cfg.data.validation_size < 1 or float(cfg.data.validation_size).is_integer()),
           "data.validation_size: a fraction below 1 or a whole number of rows (> 0)")
@@ -366,6 +429,57 @@ def validate(cfg: Config) -> list[str]:
           f"eval.classify_by: {cfg.eval.classify_by!r} is not one of scoring, generation")
     check(cfg.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples: must be >= 100")
     check(cfg.eval.latency_examples >= 0, "eval.latency_examples: must be >= 0 (0 skips the latency measurement)")
+    p += _validate_forgetting(cfg)
+    return p
+
+
+def _validate_forgetting(cfg: Config) -> list[str]:
+    """Problems in the forgetting check, the mitigations (replay, distill, anchor) and multi-task settings."""
+    p: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            p.append(msg)
+
+    e = cfg.eval
+    check(e.general_tokens >= 0, "eval.general_tokens: must be >= 0")
+    check(e.general_instructions >= 0, "eval.general_instructions: must be >= 0 (0 skips agreement and KL)")
+    check(e.general_max_new_tokens >= 1, "eval.general_max_new_tokens: must be >= 1")
+    check(bool(e.general), f"eval.general: {GENERAL} (the shipped set), a file of general text, or none")
+    r, d, a = cfg.replay, cfg.distill, cfg.anchor
+    trains = cfg.method != "prompt"
+    check(0 <= r.ratio < 1, "replay.ratio: the share of replay in the training mix, in [0, 1)")
+    check(r.by in ("examples", "tokens"), f"replay.by: {r.by!r} is not one of examples, tokens")
+    check(bool(r.data), f"replay.data: {GENERAL} (the shipped Wikipedia text) or a file of general text")
+    check(d.weight >= 0, "distill.weight: must be >= 0 (0 = off)")
+    check(d.temperature > 0, "distill.temperature: must be > 0")
+    check(d.direction in ("forward", "reverse"), f"distill.direction: {d.direction!r} is not one of forward, reverse")
+    check(d.on in DISTILL_ON, f"distill.on: {d.on!r} is not one of {', '.join(DISTILL_ON)}")
+    check(bool(d.teacher), "distill.teacher: base, a run folder, or a model path or hub id")
+    if d.weight > 0:
+        check(d.on == "prompts" or r.ratio > 0, f"distill.on: {d.on} distils on replay rows, but replay.ratio is 0 "
+              "(set replay.ratio > 0, or distill.on: prompts)")
+        check(trains, "distill.weight: method prompt trains nothing to distil into")
+    check(a.method in ANCHORS, f"anchor.method: {a.method!r} is not one of {', '.join(ANCHORS)}")
+    check(a.strength >= 0, "anchor.strength: must be >= 0")
+    check(a.method == "none" or a.strength > 0, f"anchor.strength: anchor.method {a.method} needs a strength > 0")
+    check(a.fisher_examples >= 1, "anchor.fisher_examples: must be >= 1")
+    check(not (a.method != "none" and not trains), "anchor.method: method prompt trains nothing to anchor")
+    check(not (r.ratio > 0 and not trains), "replay.ratio: method prompt trains nothing to replay into")
+    names = [t.name for t in cfg.tasks]
+    for i, t in enumerate(cfg.tasks):
+        where = f"tasks[{i}]"
+        check(bool(t.name) and "/" not in t.name, f"{where}.name: required, a short folder name (e.g. sst2)")
+        check(t.config is not None or (t.task is not None and t.data is not None),
+              f"{where}: give config: (a single-task config file) or both task: and data:")
+        check(t.task is None or t.task in TASKS, f"{where}.task: {t.task!r} is not one of {', '.join(TASKS)}")
+        check(t.weight > 0, f"{where}.weight: must be > 0")
+        check(t.metric == "auto" or t.metric in METRICS, f"{where}.metric: {t.metric!r} is not one of auto, {', '.join(METRICS)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, f"tasks: names must differ ({', '.join(dup)} repeated)")
+    check(cfg.mixing.by in ("weight", "temperature", "size"),
+          f"mixing.by: {cfg.mixing.by!r} is not one of weight, temperature, size")
+    check(cfg.mixing.temperature > 0, "mixing.temperature: must be > 0")
     return p
 
 
@@ -408,10 +522,15 @@ def _resolve_data_paths(cfg: Config, base: Path, typed: set[str] = frozenset()) 
     """
     for key, holder, attr in (("data.train", cfg.data, "train"), ("data.validation", cfg.data, "validation"),
                               ("data.test", cfg.data, "test"),
-                              ("data.prepare.labeling_functions", cfg.data.prepare, "labeling_functions")):
+                              ("data.prepare.labeling_functions", cfg.data.prepare, "labeling_functions"),
+                              ("eval.general", cfg.eval, "general"), ("replay.data", cfg.replay, "data"),
+                              ("anchor.fisher_data", cfg.anchor, "fisher_data"), ("distill.teacher", cfg.distill, "teacher"),
+                              ("model", cfg, "model")):
         value = getattr(holder, attr)
-        if not value or Path(value).is_absolute() or value.startswith("hf:"):
+        if not value or Path(value).is_absolute() or value.startswith("hf:") or value in (GENERAL, "none", "base", "default"):
             continue
+        if key in ("distill.teacher", "model") and not any(c.exists() for c in (base / value, Path.cwd() / value)):
+            continue  # a hub id or a built-in name, not a path
         places = [Path.cwd() / value, base / value] if key in typed else [base / value, Path.cwd() / value]
         found = next((c for c in places if c.exists()), places[0])
         setattr(holder, attr, str(found.resolve()))
@@ -452,8 +571,16 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(f"{prefix}{key}: unknown key{hint}")
             continue
         typ = hints[key]
+        inner = _dataclass_in(typ)
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value, f"{prefix}{key}.", problems)
+        elif inner is not None and typing.get_origin(typ) is list:  # a list of sections, e.g. tasks:
+            if not isinstance(value, list):
+                problems.append(f"{prefix}{key}: expected a list of mappings, got {value!r}")
+                continue
+            kwargs[key] = [_build(inner, v, f"{prefix}{key}[{i}].", problems) for i, v in enumerate(value)]
+        elif inner is not None:  # an optional section: absent (null) or a mapping
+            kwargs[key] = None if value is None else _build(inner, value, f"{prefix}{key}.", problems)
         else:
             ok, converted = _coerce(value, typ)
             if ok:
@@ -461,6 +588,14 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             else:
                 problems.append(f"{prefix}{key}: expected {_type_name(typ)}, got {value!r}")
     return cls(**kwargs)
+
+
+def _dataclass_in(typ: Any) -> type | None:
+    """The dataclass inside ``list[X]`` or ``X | None``, else None."""
+    for arg in typing.get_args(typ):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
 
 
 def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
