@@ -57,6 +57,8 @@ class MethodResult:
     final_train_loss: float | None
     final_val_loss: float | None
     gap: float | None  # validation minus training loss at the end: large and growing = overfitting
+    forgetting: float | None = None  # general-text perplexity change, relative to the base (+0.05 = 5% higher)
+    general_kl: float | None = None  # KL(base || tuned) on general instructions, nats per token
     p_vs_best: float | None = None
     data_needs: int | None = None  # smallest training-set size not significantly below all the data
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
@@ -163,6 +165,8 @@ def measure(run_dir: Path, task: str, method: str, metric: str = "auto") -> Meth
         final_train_loss=final_train, final_val_loss=final_val,
         gap=final_val - final_train if final_train is not None and final_val is not None else None,
         curves={"train": [[r["step"], r["loss"]] for r in train_steps], "val": [[r["step"], r["val_loss"]] for r in evals]},
+        forgetting=(evaluation.get("forgetting") or {}).get("change", {}).get("perplexity_relative"),
+        general_kl=(evaluation.get("forgetting") or {}).get("tuned", {}).get("kl"),
     )
 
 
@@ -261,14 +265,15 @@ def table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     needs = any(r.get("data_needs") is not None for r in doc["methods"])
     header = ["method", f"{doc['metric']} [95% CI]", "p vs best", "base", "trainable params", "train time",
               "train tok/s", "peak RSS MiB", "latency ms (p95)", "batched ex/s", "batched tok/s", "artifact MiB",
-              "train loss", "val loss", "gap"] + (["data needs"] if needs else [])
+              "train loss", "val loss", "gap", "general ppl change", "general KL"] + (["data needs"] if needs else [])
     rows = [[r["method"], f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]", _pval(r["p_vs_best"]),
              or_dash(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
              or_dash(r["tokens_per_s"], ".0f"), or_dash(r["peak_rss_mib"], ".0f"),
              "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ({r['latency_p95_ms']:.0f})",
              f"{r['examples_per_s']:.2f}", or_dash(r.get("inference_tokens_per_s"), ".0f"),
              f"{r['artifact_mib']:.2f}", or_dash(r["final_train_loss"], ".3f"), or_dash(r["final_val_loss"], ".3f"),
-             or_dash(r["gap"], "+.3f")] + ([_needs(r)] if needs else []) for r in doc["methods"]]
+             or_dash(r["gap"], "+.3f"), or_dash(r.get("forgetting"), "+.1%"), or_dash(r.get("general_kl"), ".3f")]
+            + ([_needs(r)] if needs else []) for r in doc["methods"]]
     return header, rows
 
 

@@ -165,6 +165,7 @@ def write_report(run_dir: Path) -> Path:
             for m, b, t, d in metrics_table(evaluation)
         )
         parts.append(f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{rows}</table>")
+        parts.append(forgetting_section(evaluation.get("forgetting")))
         parts.append(speed_section(evaluation))
         parts.append(per_class_section(evaluation))
     if history:
@@ -183,6 +184,83 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.html"
     atomic_write_text(out, _PAGE.format(title=html.escape(run_dir.name), body="\n".join(parts)))
     return out
+
+
+def forgetting_section(block: dict[str, Any] | None) -> str:
+    """General ability, base vs tuned (eval.json's ``forgetting``): general-text perplexity, agreement
+    with the base model's replies and KL(base || tuned), with intervals, and a few replies side by side."""
+    if not block:
+        return ""
+    b, t, c = block["base"], block["tuned"], block["change"]
+    rows = [("general-text perplexity (lower is better)", _with_ci(b["perplexity"], b, "perplexity"),
+             _with_ci(t["perplexity"], t, "perplexity"),
+             f"{c['perplexity_relative']:+.1%} ({p_is(c['p_value'])})", "bad" if c["perplexity"] > 0 else "good")]
+    if "agreement_rougeL" in t:
+        rows += [("agreement with the base's replies, ROUGE-L (1 = unchanged)", "1", _with_ci(t["agreement_rougeL"], t, "agreement_rougeL"),
+                  f"{t['agreement_rougeL'] - 1:+.4f}", "bad" if t["agreement_rougeL"] < 1 else ""),
+                 ("KL(base || tuned), nats per token (0 = unchanged)", "0", _with_ci(t["kl"], t, "kl"), f"{t['kl']:+.4f}",
+                  "bad" if t["kl"] > 0 else "")]
+    table = "".join(f"<tr><td>{html.escape(m)}</td><td>{bv}</td><td>{tv}</td><td class='{cls}'>{d}</td></tr>"
+                    for m, bv, tv, d, cls in rows)
+    out = (f"<h2>Forgetting: general ability, base vs tuned</h2><p>{html.escape(str(block['source']))}: "
+           f"{block['general_texts']} texts ({block['general_tokens']:,} tokens) and {block['instructions']} instructions; "
+           f"{block['seconds']:.1f} s. Set eval.general to your own general text, or none to skip.</p>"
+           f"<table><tr><th>measure</th><th>base</th><th>tuned</th><th>change</th></tr>{table}</table>")
+    if block.get("examples"):
+        out += "<table><tr><th>instruction</th><th>base reply</th><th>tuned reply</th></tr>" + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(e[k]))}</td>" for k in ("instruction", "base", "tuned")) + "</tr>"
+            for e in block["examples"]) + "</table>"
+    return out
+
+
+def _task_table(results: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{m}</td><td>{b}</td><td>{t}</td><td class='{_direction(m, d)}'>{d}</td></tr>"
+                   for m, b, t, d in metrics_table(results))
+    return f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{rows}</table>"
+
+
+def tasks_section(evaluation: dict[str, Any]) -> str:
+    """A multi-task run: one base-vs-tuned table per task and the macro average of their headline
+    metrics; a run started from another run: that run's tasks, its own score next to this run's."""
+    parts = []
+    macro = evaluation.get("macro") or {}
+    if evaluation.get("tasks"):
+        cells = "".join(f"<tr><td>{html.escape(n)}</td><td>{html.escape(m)}</td><td>{or_dash((r.get('base') or {}).get(m), '.4f')}"
+                        f"</td><td>{r['tuned'][m]:.4f}</td></tr>"
+                        for n, r in evaluation["tasks"].items() for m in [r["metric"]])
+        parts.append("<h2>Tasks</h2><table><tr><th>task</th><th>headline metric</th><th>base</th><th>tuned</th></tr>"
+                     f"{cells}<tr><td><b>macro average</b></td><td></td><td>{or_dash(macro.get('base'), '.4f')}</td>"
+                     f"<td><b>{or_dash(macro.get('tuned'), '.4f')}</b></td></tr></table>")
+        for name, r in evaluation["tasks"].items():
+            parts.append(f"<h3>{html.escape(name)} ({html.escape(r['task'])}, {r['test_examples']} test examples)</h3>")
+            parts += [f"<p class='warning'>warning: {html.escape(w)}</p>" for w in r.get("warnings") or []]
+            parts.append(_task_table(r) + per_class_section(r))
+    earlier = evaluation.get("previous_tasks") or {}
+    if earlier:
+        cells = "".join(
+            f"<tr><td>{html.escape(n)}</td><td>{html.escape(r['metric'])}</td><td>{or_dash(r['earlier']['tuned'], '.4f')}</td>"
+            f"<td>{or_dash((r.get('base') or {}).get(r['metric']), '.4f')}</td><td>{r['tuned'][r['metric']]:.4f}</td>"
+            f"<td class='{'bad' if (r.get('drop') or 0) > 0 else 'good'}'>{or_dash(r.get('drop'), '+.4f')}</td></tr>"
+            for n, r in earlier.items())
+        run = html.escape(str(next(iter(earlier.values()))["earlier"]["run"]))
+        parts.append(f"<h2>Earlier tasks (forgetting of the run this one started from)</h2><p>This run started from "
+                     f"{run}; its tasks, tested again. Drop &gt; 0: the task got worse (forgotten).</p>"
+                     "<table><tr><th>task</th><th>metric</th><th>that run's score</th><th>start model here</th>"
+                     f"<th>after this run</th><th>drop</th></tr>{cells}</table>")
+    return "\n".join(parts)
+
+
+def mixing_section(data: dict[str, Any]) -> str:
+    """A multi-task run's data: how the tasks were mixed (target and achieved shares), then each task's data."""
+    mixing = data.get("mixing") or {}
+    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{m['rows']}</td><td>{m['target_share']:.1%}</td>"
+                   f"<td>{m['drawn']}</td><td>{m['share']:.1%}</td><td>x{m['repeats']:.2f}</td></tr>"
+                   for n, m in (mixing.get("tasks") or {}).items())
+    out = [f"<h2>Task mixing ({html.escape(str(mixing.get('by')))})</h2><table><tr><th>task</th><th>train rows</th>"
+           f"<th>target share</th><th>rows drawn</th><th>share</th><th>repeats</th></tr>{rows}</table>"]
+    for name, report in data["tasks"].items():
+        out.append(data_section(report).replace("<h2>Data</h2>", f"<h2>Data: {html.escape(name)}</h2>", 1))
+    return "\n".join(out)
 
 
 def speed_section(evaluation: dict[str, Any]) -> str:

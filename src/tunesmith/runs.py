@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tunesmith import methods, runtime
+from tunesmith import forgetting, methods, runtime
 from tunesmith import metrics as M
 from tunesmith.api import ApiModel
 from tunesmith.config import Config, ConfigError, diff, load_config, save_config
@@ -351,6 +351,8 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
 
         if cfg.eval.compare_with_base and reused is None:
             run_eval("base", base)
+        probe = forgetting.Probe(tokenizer, cfg, bf16, cfg.eval.batch_size)
+        observed = probe.observe(base, progress) if cfg.method != "prompt" else None  # before a merge changes base
         if cfg.method == "prompt":  # the base model (or a remote one), asked with the prompt method's shots
             asked = ApiModel(cfg.prompt.api) if cfg.prompt.api.base_url else base
             run_eval("tuned", asked, methods.prompt.apply(cfg, splits.train, test))
@@ -362,6 +364,9 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
             else:
                 tuned, _ = load_model(str(artifact))
             run_eval("tuned", tuned.to(dev))
+            results["forgetting"] = probe.compare(tuned, observed, progress, cfg.eval.bootstrap_resamples)
+            if results["forgetting"] is not None:
+                console.print(forgetting.summary_line(results["forgetting"]), highlight=False)
     if "base" in evals:
         results["tuned_vs_base"] = compare(evals["tuned"], evals["base"], len(test), cfg.eval.bootstrap_resamples)
         if cfg.task != "text":

@@ -1,0 +1,135 @@
+"""The forgetting check: general-text perplexity, agreement with the base's replies, KL(base || tuned)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith import forgetting
+from tunesmith.config import load_config
+from tunesmith.data import general
+from tunesmith.data.formats import DataError
+
+from conftest import make_model
+
+
+def _cfg(tmp_path: Path, **eval_settings: object):
+    return load_config(data={"data": {"train": "x"}, "train": {"max_seq_len": 128},
+                             "eval": {"general_tokens": 256, "general_instructions": 4, "general_max_new_tokens": 6}
+                             | eval_settings})
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))  # the base replies' cache
+
+
+def _perturbed(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    other = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return other
+
+
+def test_the_same_model_has_forgotten_nothing(tmp_path, tokenizer, tiny_model):
+    probe = forgetting.Probe(tokenizer, _cfg(tmp_path), bf16=False)
+    block = probe.compare(tiny_model, probe.observe(tiny_model))
+    assert block["tuned"]["perplexity"] == pytest.approx(block["base"]["perplexity"], rel=1e-6)
+    assert block["change"]["perplexity"] == pytest.approx(0, abs=1e-6)
+    assert block["tuned"]["agreement_rougeL"] == pytest.approx(1.0)
+    assert block["tuned"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert block["general_texts"] == general.EVAL_ARTICLES and block["instructions"] == 4
+    assert block["general_tokens"] == general.EVAL_ARTICLES * (256 // general.EVAL_ARTICLES - 1)  # first token is no target
+
+
+def test_perplexity_and_kl_match_full_logit_references(tmp_path, tokenizer, tiny_model):
+    tuned = _perturbed(tiny_model)
+    probe = forgetting.Probe(tokenizer, _cfg(tmp_path), bf16=False)
+    observed = probe.observe(tiny_model)
+    block = probe.compare(tuned, observed)
+    # perplexity: transformers' own loss over the same windows, pooled by tokens
+    for name, model in (("base", tiny_model), ("tuned", tuned)):
+        nll = n = 0.0
+        for w in probe.windows:
+            ids = torch.tensor([w.input_ids])
+            with torch.no_grad():
+                loss = model(input_ids=ids, labels=ids).loss
+            nll, n = nll + float(loss) * (len(w.input_ids) - 1), n + len(w.input_ids) - 1
+        assert block[name]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    # KL(base || tuned) from the full (1, T, V) logits of each instruction + base reply
+    total = count = 0.0
+    for enc in probe._encoded_replies(observed.replies):
+        ids = torch.tensor([enc.input_ids])
+        mask = torch.tensor(enc.labels[1:]) != -100
+        with torch.no_grad():
+            p = F.log_softmax(tiny_model(input_ids=ids).logits[0, :-1][mask], -1)
+            q = F.log_softmax(tuned(input_ids=ids).logits[0, :-1][mask], -1)
+        total += float(F.kl_div(q, p, log_target=True, reduction="sum"))
+        count += int(mask.sum())
+    assert block["tuned"]["kl"] == pytest.approx(total / count, rel=1e-4)
+    assert block["tuned"]["kl"] > 0
+    ci = block["tuned"]["ci"]
+    for key in ("perplexity", "agreement_rougeL", "kl"):
+        assert ci[key][0] <= block["tuned"][key] <= ci[key][1]
+    assert 0 <= block["change"]["p_value"] <= 1
+
+
+def test_base_replies_are_cached_by_weights(tmp_path, tokenizer, tiny_model, monkeypatch):
+    probe = forgetting.Probe(tokenizer, _cfg(tmp_path), bf16=False)
+    first = probe.observe(tiny_model).replies
+    assert len(list((tmp_path / "home" / "general").glob("replies-*.json"))) == 1
+    calls = []
+    monkeypatch.setattr(forgetting, "generate", lambda *a, **k: calls.append(1) or ([], 0))
+    assert probe.observe(tiny_model).replies == first and not calls  # same weights: from the cache
+    probe.observe(_perturbed(tiny_model))  # other weights: generated again
+    assert calls
+
+
+def test_off_and_user_files(tmp_path, tokenizer, tiny_model):
+    off = forgetting.Probe(tokenizer, _cfg(tmp_path, general="none"), bf16=False)
+    assert off.observe(tiny_model) is None and off.compare(tiny_model, None) is None
+    mine = tmp_path / "general.jsonl"
+    mine.write_text("\n".join(json.dumps({"id": i, "text": f"the quick brown fox number {i} jumps"}) for i in range(5)))
+    probe = forgetting.Probe(tokenizer, _cfg(tmp_path, general=str(mine), general_instructions=0), bf16=False)
+    block = probe.compare(tiny_model, probe.observe(tiny_model))
+    assert block["general_texts"] == 5 and block["source"] == str(mine) and "kl" not in block["tuned"]
+    bad = tmp_path / "two.csv"
+    bad.write_text("a,b\nx,y\n")
+    with pytest.raises(DataError, match="two.csv.*'text' column"):
+        forgetting.Probe(tokenizer, _cfg(tmp_path, general=str(bad)), bf16=False)
+
+
+def test_scored_and_replayed_articles_never_overlap():
+    scored, replayed = general.eval_texts("general"), general.train_texts("general")
+    assert len(scored) == general.EVAL_ARTICLES and len(scored) + len(replayed) == len(general.articles())
+    assert not set(scored) & set(replayed)
+
+
+def test_every_run_reports_forgetting(finished_runs):
+    ev = json.loads((finished_runs["alpha-lora"] / "eval.json").read_text())
+    block = ev["forgetting"]
+    assert block["base"]["perplexity"] > 0 and block["tuned"]["perplexity"] > 0
+    assert block["tuned"]["kl"] > 0  # the adapter moved the model (lr 5e-2)
+    assert "forgetting" in (finished_runs["alpha-lora"] / "report.html").read_text().lower()
+    assert "forgetting" not in json.loads((finished_runs["delta-prompt"] / "eval.json").read_text())
+
+
+def test_compare_shows_forgetting_per_method(finished_runs):
+    from dataclasses import asdict
+
+    from tunesmith.compare import measure, table
+
+    result = measure(finished_runs["alpha-lora"], "instruction", "lora")
+    ev = json.loads((finished_runs["alpha-lora"] / "eval.json").read_text())
+    assert result.forgetting == pytest.approx(ev["forgetting"]["change"]["perplexity_relative"])
+    header, rows = table({"metric": result.metric, "methods": [asdict(result)]})
+    assert rows[0][header.index("general ppl change")] == f"{result.forgetting:+.1%}"
+    assert rows[0][header.index("general KL")] == f"{ev['forgetting']['tuned']['kl']:.3f}"
