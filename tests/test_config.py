@@ -74,9 +74,10 @@ def test_data_paths_resolve_against_config_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_shipped_example_config_is_valid(path: Path) -> None:
     cfg = load_config(path)
-    assert Path(cfg.data.train).is_file()
-    for extra in (cfg.data.validation, cfg.data.test):
-        assert extra is None or Path(extra).is_file()
+    for data in [t.data for t in cfg.tasks] or [cfg.data]:  # a multi-task config: each task's data
+        assert Path(data.train).is_file()
+        for extra in (data.validation, data.test):
+            assert extra is None or Path(extra).is_file()
 
 
 def test_new_data_and_eval_settings_are_validated_all_at_once():

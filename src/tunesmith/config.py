@@ -323,13 +323,55 @@ def load_config(
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
             continue
         _set_dotted(raw, key.strip(), _override_value(value))
+    base = Path(path).parent if path is not None else Path.cwd()
+    if isinstance(raw.get("tasks"), list):
+        raw["tasks"] = [_task_from_file(entry, i, base, problems) for i, entry in enumerate(raw["tasks"])]
     cfg = _build(Config, raw, "", problems)
     problems += validate(cfg)
     if problems:
         raise ConfigError(problems, source)
     typed = {item.partition("=")[0].strip() for item in overrides or []}
-    _resolve_data_paths(cfg, Path(path).parent if path is not None else Path.cwd(), typed)
+    _resolve_data_paths(cfg, base, typed)
     return cfg
+
+
+def _task_from_file(entry: Any, i: int, base: Path, problems: list[str]) -> Any:
+    """A ``tasks[i]`` entry with ``config: FILE`` filled from that single-task config: its task,
+    data (paths resolved as that file resolves them) and eval.metric. Keys the entry gives itself
+    win; its ``data:`` is merged key by key over the file's. The file path is relative to ``base``
+    (the multi-task config's folder). A missing file is a problem, except in a saved run config
+    (the entry already holds task and data). Problems go to ``problems`` as ``tasks[i].config: ...``.
+    """
+    if not isinstance(entry, dict) or not entry.get("config"):
+        return entry
+    where = f"tasks[{i}].config"
+    if not isinstance(entry["config"], str):
+        problems.append(f"{where}: expected a path to a single-task config file, got {entry['config']!r}")
+        return entry
+    file = Path(entry["config"]).expanduser()
+    file = file if file.is_absolute() else base / file
+    if not file.is_file():
+        if not (entry.get("task") and isinstance(entry.get("data"), dict)):
+            problems.append(f"{where}: file not found: {file}")
+        return entry
+    try:
+        sub = load_config(file)
+    except ConfigError as e:
+        problems += [f"{where} ({file.name}): {p}" for p in e.problems]
+        return entry
+    if sub.tasks:
+        problems.append(f"{where}: {file.name} is itself a multi-task config; point at a single-task config")
+        return entry
+    own_data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+    return {"task": sub.task, "metric": sub.eval.metric, **entry, "config": str(file.resolve()),
+            "data": _deep_merge(to_dict(sub)["data"], own_data)}
+
+
+def task_config(cfg: Config, t: TaskConfig) -> Config:
+    """The single-task config of task ``t`` of multi-task run ``cfg``: its task type, data and
+    metric, everything else (model, method, train, eval settings) from ``cfg``."""
+    return dataclasses.replace(cfg, name=t.name, task=t.task or cfg.task, data=t.data or DataConfig(),
+                               eval=dataclasses.replace(cfg.eval, metric=t.metric), tasks=[])
 
 
 def validate(cfg: Config) -> list[str]:
@@ -464,6 +506,9 @@ def _validate_forgetting(cfg: Config) -> list[str]:
     check(a.strength >= 0, "anchor.strength: must be >= 0")
     check(a.method == "none" or a.strength > 0, f"anchor.strength: anchor.method {a.method} needs a strength > 0")
     check(a.fisher_examples >= 1, "anchor.fisher_examples: must be >= 1")
+    check(bool(a.fisher_data), f"anchor.fisher_data: {GENERAL} (the shipped Wikipedia text) or a file of general text")
+    check(not (d.weight > 0 and d.on == "prompts" and cfg.task == "text"), "distill.on: prompts distils the prompt "
+          "tokens of task rows, but task text has none (every token is a target); use replay or both")
     check(not (a.method != "none" and not trains), "anchor.method: method prompt trains nothing to anchor")
     check(not (r.ratio > 0 and not trains), "replay.ratio: method prompt trains nothing to replay into")
     names = [t.name for t in cfg.tasks]
@@ -475,6 +520,18 @@ def _validate_forgetting(cfg: Config) -> list[str]:
         check(t.task is None or t.task in TASKS, f"{where}.task: {t.task!r} is not one of {', '.join(TASKS)}")
         check(t.weight > 0, f"{where}.weight: must be > 0")
         check(t.metric == "auto" or t.metric in METRICS, f"{where}.metric: {t.metric!r} is not one of auto, {', '.join(METRICS)}")
+        if t.task in TASKS and t.data is not None:  # the task's own data and metric, checked as a single-task run's
+            p.extend(f"{where}.{m.removeprefix('eval.')}" for m in validate(task_config(cfg, t))
+                     if m.startswith(("data.", "eval.metric:")))
+    if cfg.tasks:  # a multi-task run: the top-level task and data are not used (each task has its own)
+        check(not cfg.data.train, "data: a multi-task run takes each task's data from tasks[]; remove the top-level "
+              "data: (the top-level task: is ignored too)")
+        check(cfg.eval.metric == "auto", "eval.metric: a multi-task run scores each task by tasks[].metric; "
+              "leave eval.metric at auto")
+        check(cfg.method != "prompt", "tasks: method prompt cannot be multi-task (prompt each task's run instead)")
+        check(cfg.classifier != "head", "classifier: head cannot be multi-task (each task has its own labels); use lm")
+        check(len({t.data.chat_template for t in cfg.tasks if t.data}) <= 1,
+              "tasks: the tasks share one tokenizer: give data.chat_template the same in every task (or none)")
     dup = sorted({n for n in names if names.count(n) > 1})
     check(not dup, f"tasks: names must differ ({', '.join(dup)} repeated)")
     check(cfg.mixing.by in ("weight", "temperature", "size"),
@@ -520,6 +577,13 @@ def _resolve_data_paths(cfg: Config, base: Path, typed: set[str] = frozenset()) 
 
     The saved run config then works from any folder.
     """
+    for t in cfg.tasks:  # a task's inline data is written relative to this config (a config: file's is absolute already)
+        for holder, attr in ((t.data, "train"), (t.data, "validation"), (t.data, "test"),
+                             (t.data and t.data.prepare, "labeling_functions")):
+            value = getattr(holder, attr) if holder is not None else None
+            if value and not Path(value).is_absolute() and not value.startswith("hf:"):
+                found = next((c for c in (base / value, Path.cwd() / value) if c.exists()), base / value)
+                setattr(holder, attr, str(found.resolve()))
     for key, holder, attr in (("data.train", cfg.data, "train"), ("data.validation", cfg.data, "validation"),
                               ("data.test", cfg.data, "test"),
                               ("data.prepare.labeling_functions", cfg.data.prepare, "labeling_functions"),

@@ -70,6 +70,8 @@ def resolve_model(spec: str) -> ModelSource:
             raise ModelError(f"the built-in encoder {spec!r} ({name}) is not installed. Install it with:\n    {pip}")
         return ModelSource("folder", str(Path(next(iter(found.submodule_search_locations))) / inside), name)
     path = Path(spec).expanduser()
+    if is_run_folder(path):  # continual learning: start from what an earlier run produced
+        return ModelSource("run", str(path.resolve()), f"{path.name} (tunesmith run)")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {spec}")
@@ -116,6 +118,8 @@ def load_tokenizer(spec: str) -> Any:
             cached = gguf_cache_folder(path)
             tokenizer = (AutoTokenizer.from_pretrained(cached) if (cached / "config.json").is_file()
                          else AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+        elif source.kind == "run":  # the trained artifact holds the tokenizer: no merge needed for it
+            tokenizer = AutoTokenizer.from_pretrained(_run_artifact(Path(source.location))[1])
         else:
             tokenizer = AutoTokenizer.from_pretrained(model_folder(spec))
     except OSError as e:
@@ -149,7 +153,7 @@ def load_classifier(spec: str, labels: list[str], seed: int = 0,
 
 def is_causal_lm(spec: str) -> bool:
     """True for generative (decoder) models, False for encoders such as BERT."""
-    if resolve_model(spec).kind == "gguf":  # llama.cpp files are generative models: no need to dequantize to know
+    if resolve_model(spec).kind in ("gguf", "run"):  # llama.cpp files are generative; so are run models (heads refused)
         return True
     config = AutoConfig.from_pretrained(model_folder(spec))
     return any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in config.architectures or [])
@@ -160,6 +164,8 @@ def model_folder(spec: str) -> str:
     source = resolve_model(spec)
     if source.kind == "gguf":
         return str(cached_gguf_folder(Path(source.location)))
+    if source.kind == "run":
+        return str(run_model_folder(Path(source.location)))
     if source.kind == "hub":
         try:
             AutoConfig.from_pretrained(source.location)
@@ -169,6 +175,60 @@ def model_folder(spec: str) -> str:
                 f"model id?). Use a local folder, a .gguf file or 'default'. Cause: {e}"
             ) from e
     return source.location
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a tunesmith run folder (its config.yaml; not an HF model folder)."""
+    return (path / "config.yaml").is_file() and not (path / "config.json").is_file()
+
+
+def _run_artifact(run_dir: Path) -> tuple[Any, Path]:
+    """The saved config of a finished run and its trained folder (adapter/ or model/).
+
+    Raises ModelError for runs that cannot be started from: a prompt run (no weights), a
+    classification-head run (not a generative model), an unfinished one.
+    """
+    from tunesmith.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as e:
+        raise ModelError(f"{run_dir}: its config.yaml cannot be read, so it cannot be started from ({e})") from None
+    if cfg.method == "prompt":
+        raise ModelError(f"{run_dir}: a prompt run trained no weights; start from its model ({cfg.model}) instead")
+    if cfg.task == "classification" and (cfg.classifier == "head" or (cfg.classifier == "auto" and not is_causal_lm(cfg.model))):
+        raise ModelError(f"{run_dir}: a classification-head run is not a generative model; it cannot be started from")
+    artifact = run_dir / ("adapter" if cfg.method == "lora" else "model")
+    if not (artifact / "config.json").is_file() and not (artifact / "adapter_config.json").is_file():
+        raise ModelError(f"{run_dir}: no trained {artifact.name}/ (unfinished run?); finish it first")
+    return cfg, artifact
+
+
+def run_model_folder(run_dir: Path) -> Path:
+    """An HF folder holding the model run ``run_dir`` produced: a full run's ``model/``, or for a
+    LoRA run its base with the adapter merged in, built once and cached (atomically) under
+    ``$TUNESMITH_HOME/runs/``, keyed by the adapter's bytes and the base model."""
+    cfg, artifact = _run_artifact(run_dir)
+    if cfg.method != "lora":
+        return artifact
+    weights = next(artifact.glob("adapter_model.*"), artifact / "adapter_config.json")
+    key = hashlib.sha256(f"{_file_key(weights)} {cfg.model}".encode()).hexdigest()[:16]
+    folder = tunesmith_home() / "runs" / f"{run_dir.name}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+
+    def fill(tmp: Path) -> None:
+        from tunesmith.methods import lora
+
+        base, _ = load_model(cfg.model)
+        merged = lora.load(base, artifact).merge_and_unload()
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(artifact).save_pretrained(tmp)
+        (tmp / "tunesmith_source.json").write_text(json.dumps({"run": str(run_dir), "base": cfg.model, "key": key}, indent=2))
+
+    print(f"starting from run {run_dir.name}: merging its adapter into {cfg.model} once, into {folder}", file=sys.stderr)
+    atomic_dir(folder, fill)
+    return folder
 
 
 def cached_gguf_folder(gguf_path: Path) -> Path:

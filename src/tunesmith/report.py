@@ -168,13 +168,14 @@ def write_report(run_dir: Path) -> Path:
         parts.append(forgetting_section(evaluation.get("forgetting")))
         parts.append(speed_section(evaluation))
         parts.append(per_class_section(evaluation))
+        parts.append(tasks_section(evaluation))
     if history:
         img = base64.b64encode(loss_curve_png(history)).decode()
         parts.append(f"<h2>Training</h2><img alt='Loss curves' src='data:image/png;base64,{img}'>")
     if training:
         parts.append(_kv_table(training))
     if data:
-        parts.append(data_section(data))
+        parts.append(data_section(data) if "tasks" not in data else mixing_section(data))
     if evaluation and evaluation.get("disagreements"):
         parts.append("<h2>Examples where base and tuned disagree</h2><table><tr><th>input</th><th>reference</th><th>base</th><th>tuned</th></tr>")
         for d in evaluation["disagreements"]:

@@ -19,13 +19,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tunesmith import forgetting, methods, runtime
+from tunesmith import forgetting, methods, runtime, training
 from tunesmith import metrics as M
 from tunesmith.api import ApiModel
-from tunesmith.config import Config, ConfigError, diff, load_config, save_config
+from tunesmith.config import Config, ConfigError, diff, load_config, save_config, task_config
 from tunesmith.data import Example, encode_all, encode_for_head
 from tunesmith.data.formats import DataError
-from tunesmith.data.prepare import content_hash, load_splits
+from tunesmith.data.mix import mix
+from tunesmith.data.prepare import Splits, content_hash, load_splits
 from tunesmith.data.render import TEMPLATES, chat_format, set_chat_template
 from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, reference, references,
                                 small_test_warning, task_metrics)
@@ -73,20 +74,32 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         model, tokenizer = load_model(cfg.model, **overrides)
     if head and cfg.method == "prompt":
         raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
+    if head and (cfg.replay.ratio > 0 or cfg.distill.weight > 0 or cfg.anchor.method == "ewc"):
+        raise RunError(f"{cfg.model} classifies with a head: replay, distillation and EWC work on next-token "
+                       "predictions (use anchor.method: l2sp, or classifier: lm)")
     if cfg.method == "lora":  # a typo in the layer names is found before any data work
         methods.lora.check_target_modules(model, cfg.lora.target_modules)
     ready_tokenizer(tokenizer, cfg, console)
-    splits = load_splits(cfg, run_dir / "data", tokenizer)
-    console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
-    for note in splits.notes:
-        console.print(f"  {note}", highlight=False)
-    train_set, train_stats = encode(cfg, tokenizer, splits.train, head)
-    val_set, val_stats = encode(cfg, tokenizer, splits.validation, head)
-    report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
-    atomic_write_json(run_dir / "data_report.json", report)
-    print_data_summary(report, cfg, console, len(splits.test))
+    if cfg.tasks:  # several tasks: each prepared into data/<name>/, validated apart, trained on one mixed list
+        train_set, val_set, report = multitask_data(cfg, tokenizer, console)
+        atomic_write_json(run_dir / "data_report.json", report)
+    else:
+        splits = load_splits(cfg, run_dir / "data", tokenizer)
+        console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
+        for note in splits.notes:
+            console.print(f"  {note}", highlight=False)
+        train_set, train_stats = encode(cfg, tokenizer, splits.train, head)
+        val_set, val_stats = encode(cfg, tokenizer, splits.validation, head)
+        report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
+        atomic_write_json(run_dir / "data_report.json", report)
+        print_data_summary(report, cfg, console, len(splits.test))
     if not train_set or not val_set:
         raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
+    train_set, replay = training.with_replay(cfg, tokenizer, train_set)  # general text mixed in (replay.ratio)
+    if replay:
+        console.print(f"replay: {replay['rows']:,} rows of {replay['data']} ({replay['achieved_ratio_' + replay['by']]:.1%} "
+                      f"of the training {replay['by']})" + ("; " + replay["note"] if replay.get("note") else ""),
+                      highlight=False)
 
     if resume:
         save_config(cfg, run_dir / "config.yaml")
@@ -101,14 +114,19 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         del model
         return Run(run_dir, cfg, summary, evaluate_run(run_dir, console=console, base_from=base_from))
     console.print(f"[bold]method[/bold] {cfg.method}: {trainable:,} trainable of {total:,} parameters "
-                  f"({100 * trainable / total:.2f}%); {len(train_set)} train / {len(val_set)} validation examples")
+                  f"({100 * trainable / total:.2f}%); {len(train_set)} train / "
+                  f"{sum(map(len, val_set.values())) if isinstance(val_set, dict) else len(val_set)} validation examples")
     train_cfg = cfg.train
     if cfg.method == "full" and cfg.full.lr is not None:
         train_cfg = dataclasses.replace(cfg.train, lr=cfg.full.lr)
-    result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume, until_step=until_step)
+    objective, mitigations = training.build(cfg, model, tokenizer, run_dir, resume, tokenizer.pad_token_id)
+    mitigations = ({"replay": replay} if replay else {}) | mitigations
+    result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume,
+                   until_step=until_step, objective=objective)
     if resumed_at is not None and resumed_at >= result.total_steps:
         console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it again")
     summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
+    summary |= {"mitigations": mitigations} if mitigations else {}
     atomic_write_json(run_dir / "train_result.json", summary)
     if result.interrupted:
         console.print(f"[yellow]stopped at step {result.steps}/{result.total_steps}; continue with: "
@@ -118,6 +136,42 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     del model
     evaluation = evaluate_run(run_dir, console=console, base_from=base_from)
     return Run(run_dir, cfg, summary, evaluation)
+
+
+def multitask_data(cfg: Config, tokenizer: Any, console: Console) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
+    """A multi-task run's data: each task prepared into ``data/<name>/`` by the single-task pipeline
+    (its own task type, labels, system prompt) and encoded with rows tagged by task; the training
+    rows mixed by ``mixing`` (seeded by train.seed). Returns the mixed training rows, the validation
+    rows per task (name -> rows) and the data report (per task, plus the mixing's achieved shares).
+    Raises RunError for a task with no rows left, or one that would need a classification head.
+    """
+    train_rows, val_rows, reports = {}, {}, {}
+    for t in cfg.tasks:
+        c = task_config(cfg, t)
+        if uses_head(c):
+            raise RunError(f"task {t.name}: {cfg.model} would classify with a head; multi-task runs need a generative "
+                           "model (set classifier: lm)")
+        ready_tokenizer(tokenizer, c)
+        out = cfg.run_dir / "data" / t.name
+        splits = load_splits(c, out, tokenizer)
+        console.print(f"[bold]{t.name}[/bold]: " + ("reusing the prepared data in " if splits.reused
+                                                    else "prepared the data into ") + str(out), highlight=False)
+        rows, train_stats = encode(c, tokenizer, splits.train, False)
+        val, val_stats = encode(c, tokenizer, splits.validation, False)
+        for e in rows + val:
+            e.task = t.name
+        if not rows or not val:
+            raise RunError(f"task {t.name}: no training or validation example has a target token left; "
+                           "check max_seq_len and the data")
+        train_rows[t.name], val_rows[t.name] = rows, val
+        reports[t.name] = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
+        print_data_summary(reports[t.name], c, console, len(splits.test))
+    mixed, mixing = mix(train_rows, {t.name: t.weight for t in cfg.tasks}, cfg.mixing.by, cfg.mixing.temperature,
+                        cfg.train.seed)
+    console.print("mixing (" + cfg.mixing.by + "): " + ", ".join(
+        f"{n} {m['share']:.1%} ({m['drawn']:,} of {m['rows']:,} rows, x{m['repeats']:.2f})"
+        for n, m in mixing["tasks"].items()), highlight=False)
+    return mixed, val_rows, {"tasks": reports, "mixing": mixing}
 
 
 def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, console: Console) -> int | None:
@@ -303,6 +357,12 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     ``base_from``: another run folder whose base-model results are reused when they were made on
     the same test examples with the same model and evaluation settings (``compare`` evaluates the
     base once); otherwise the base is evaluated here.
+
+    A multi-task run (``tasks:``) is tested on each task's test split as a single-task run would
+    be: eval.json holds a ``tasks`` block (name -> that task's single-task results) and the macro
+    average of their headline metrics (``macro``); predictions go to ``predictions/<task>.jsonl``.
+    A run started from another run (``model: runs/X``) is also tested on that run's tasks
+    (``eval.previous_tasks``): a ``previous_tasks`` block with the earlier run's own score and the drop.
     """
     console = console or Console()
     run_dir = Path(run_dir)
@@ -317,45 +377,33 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     head = uses_head(cfg)
     base, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed) if head else load_model(cfg.model)
     ready_tokenizer(tokenizer, cfg)
-    splits = load_splits(cfg, run_dir / "data", tokenizer)
-    test = splits.test
-    base.to(dev)
-    results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32",
-                               "metric": M.headline(cfg.task, cfg.eval.metric)}
-    if small_test_warning(len(test)):
-        results["warnings"] = [small_test_warning(len(test))]
-    if cfg.task == "classification":
-        results["label_words"] = dict(cfg.data.labels)
-    evals: dict[str, Evaluation] = {}
-    reused = _reused_base(Path(base_from), cfg, test) if base_from and cfg.eval.compare_with_base else None
+    jobs = _task_jobs(cfg, run_dir, tokenizer, bf16)  # one per task of the run (the run itself when single-task)
+    tests_earlier = cfg.eval.previous_tasks and cfg.method != "prompt" and not head  # a head cannot answer generative tasks
+    earlier = _previous_jobs(cfg, run_dir, tokenizer, bf16) if tests_earlier else {}
+    every = list(jobs.values()) + list(earlier.values())
+    main = next(iter(jobs.values()))
+    splits, test = main.splits, main.splits.test
+    results = main.results if not cfg.tasks else {
+        "task": "multitask", "test_examples": sum(len(j.splits.test) for j in jobs.values()),
+        "precision": "bf16" if bf16 else "fp32", "metric": "macro"}
+    reused = (_reused_base(Path(base_from), cfg, test) if base_from and cfg.eval.compare_with_base and not cfg.tasks
+              else None)
     if reused is not None:
-        evals["base"], results["base"] = reused, reused.metrics | {"reused_from": str(base_from)}
+        main.evals["base"], main.results["base"] = reused, reused.metrics | {"reused_from": str(base_from)}
         console.print(f"base model: results reused from {base_from} (same model, test split and settings)")
+    base.to(dev)
     with _progress(console) as progress:
-        def run_eval(name: str, model: torch.nn.Module | ApiModel, questions: list[Example] = test) -> None:
-            t0 = time.perf_counter()
-            e = cfg.eval
-            evals[name] = evaluate_model(model, tokenizer, questions, cfg.task, cfg.data.labels, cfg.train.max_seq_len,
-                                         e.batch_size, e.max_new_tokens, bf16, progress, e.label_scoring, e.classify_by,
-                                         e.bootstrap_resamples, head=head, side=cfg.data.truncation_side)
-            seconds = time.perf_counter() - t0
-            tokens = evals[name].tokens
-            results[name] = evals[name].metrics | {
-                "seconds": seconds, "examples_per_s": len(questions) / max(seconds, 1e-9),
-                "tokens_per_s": tokens / max(seconds, 1e-9) if tokens else None}
-            if name == "tuned" and e.latency_examples and cfg.task != "text":  # raw text: nothing to answer
-                results[name]["latency"] = latency(model, tokenizer, questions[: e.latency_examples], cfg.task,
-                                                   cfg.data.labels, cfg.train.max_seq_len, e.max_new_tokens, bf16,
-                                                   e.label_scoring, e.classify_by, head, progress,
-                                                   side=cfg.data.truncation_side)
+        def run_eval(job: _TaskEval, name: str, model: torch.nn.Module | ApiModel, questions: list[Example] | None = None) -> None:
+            _evaluate_on(job, name, model, tokenizer, bf16, head, progress, questions)
 
         if cfg.eval.compare_with_base and reused is None:
-            run_eval("base", base)
+            for job in every:  # the base first: a LoRA merge below changes its weights in place
+                run_eval(job, "base", base)
         probe = forgetting.Probe(tokenizer, cfg, bf16, cfg.eval.batch_size)
         observed = probe.observe(base, progress) if cfg.method != "prompt" else None  # before a merge changes base
         if cfg.method == "prompt":  # the base model (or a remote one), asked with the prompt method's shots
             asked = ApiModel(cfg.prompt.api) if cfg.prompt.api.base_url else base
-            run_eval("tuned", asked, methods.prompt.apply(cfg, splits.train, test))
+            run_eval(main, "tuned", asked, methods.prompt.apply(cfg, splits.train, test))
         else:
             if cfg.method == "lora":  # merged for evaluation: same outputs, no adapter overhead per layer
                 tuned = methods.lora.load(base, artifact).merge_and_unload()
@@ -363,21 +411,163 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
                 tuned, _ = load_classifier(str(artifact), list(cfg.data.labels))
             else:
                 tuned, _ = load_model(str(artifact))
-            run_eval("tuned", tuned.to(dev))
+            tuned = tuned.to(dev)
+            for job in every:
+                run_eval(job, "tuned", tuned)
+            # forgetting on general data (eval.general), after the task evaluations
             results["forgetting"] = probe.compare(tuned, observed, progress, cfg.eval.bootstrap_resamples)
             if results["forgetting"] is not None:
                 console.print(forgetting.summary_line(results["forgetting"]), highlight=False)
-    if "base" in evals:
-        results["tuned_vs_base"] = compare(evals["tuned"], evals["base"], len(test), cfg.eval.bootstrap_resamples)
-        if cfg.task != "text":
-            results["disagreements"] = _disagreements(test, evals["base"].predictions, evals["tuned"].predictions, cfg)
-    atomic_write_json(run_dir / "eval.json", results)
-    atomic_write_jsonl(run_dir / "predictions.jsonl", [prediction_row(ex, i, evals) for i, ex in enumerate(test)])
-    write_report(run_dir)
-    print_table(results, console)
-    for w in results.get("warnings", []):
-        console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
+    for job in every:
+        _compare_task(job)
+    if cfg.tasks:
+        results["tasks"] = {name: job.results for name, job in jobs.items()}
+        results |= macro_average(results["tasks"])
+    if earlier:
+        results["previous_tasks"] = {name: job.results | _earlier_score(job) for name, job in earlier.items()}
+    _write_evaluation(run_dir, results, main, jobs if cfg.tasks else {}, earlier, console)
     return results
+
+
+def _write_evaluation(run_dir: Path, results: dict[str, Any], main: _TaskEval, tasks: dict[str, _TaskEval],
+                      earlier: dict[str, _TaskEval], console: Console) -> None:
+    """Write eval.json, the predictions (a single-task run ``main``: predictions.jsonl; each of ``tasks``
+    and ``earlier``: predictions/<name>.jsonl, predictions/previous-<name>.jsonl) and report.html;
+    print the tables and warnings."""
+    atomic_write_json(run_dir / "eval.json", results)
+    if not tasks:
+        atomic_write_jsonl(run_dir / "predictions.jsonl",
+                           [prediction_row(ex, i, main.evals) for i, ex in enumerate(main.splits.test)])
+    for name, job in (tasks | {f"previous-{n}": j for n, j in earlier.items()}).items():
+        atomic_write_jsonl(run_dir / "predictions" / f"{name}.jsonl",
+                           [prediction_row(ex, i, job.evals) for i, ex in enumerate(job.splits.test)])
+    write_report(run_dir)
+    if not tasks:
+        print_table(results, console)
+    for name, job in tasks.items():
+        print_table(job.results, console, f" ({name})")
+    for name, job in earlier.items():
+        print_table(job.results, console, f" (earlier task {name})")
+    for job in (list(tasks.values()) or [main]) + list(earlier.values()):
+        for w in job.results.get("warnings", []):
+            console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
+
+
+@dataclass
+class _TaskEval:
+    """One task a run is tested on: its single-task config, its splits, each model's evaluation
+    (``evals``: base | tuned) and the task's part of eval.json (``results``)."""
+
+    cfg: Config
+    splits: Splits
+    evals: dict[str, Evaluation] = dataclasses.field(default_factory=dict)
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)
+    earlier_run: Path | None = None  # for a previous run's task: that run's folder
+
+
+def _task_job(cfg: Config, data_dir: Path, tokenizer: Any, bf16: bool) -> _TaskEval:
+    """A task's test split (prepared into ``data_dir`` if not yet) and the head of its results."""
+    splits = load_splits(cfg, data_dir, tokenizer)
+    test = splits.test
+    results: dict[str, Any] = {"task": cfg.task, "test_examples": len(test), "precision": "bf16" if bf16 else "fp32",
+                               "metric": M.headline(cfg.task, cfg.eval.metric)}
+    if small_test_warning(len(test)):
+        results["warnings"] = [small_test_warning(len(test))]
+    if cfg.task == "classification":
+        results["label_words"] = dict(cfg.data.labels)
+    return _TaskEval(cfg, splits, results=results)
+
+
+def _task_jobs(cfg: Config, run_dir: Path, tokenizer: Any, bf16: bool) -> dict[str, _TaskEval]:
+    """The run's own tasks: the run itself, or each of ``tasks:`` (data in ``data/<name>/``)."""
+    if not cfg.tasks:
+        return {cfg.name: _task_job(cfg, run_dir / "data", tokenizer, bf16)}
+    return {t.name: _task_job(task_config(cfg, t), run_dir / "data" / t.name, tokenizer, bf16) for t in cfg.tasks}
+
+
+def _previous_jobs(cfg: Config, run_dir: Path, tokenizer: Any, bf16: bool) -> dict[str, _TaskEval]:
+    """The tasks of the run ``cfg.model`` started from (none unless ``model:`` is a run folder), and
+    of the run that one started from, and so on (A -> B -> C tests A and B), each tested with its
+    run's own task settings; the data prepared into ``data/previous/<name>/``."""
+    jobs: dict[str, _TaskEval] = {}
+    source = resolve_model(cfg.model)
+    while source.kind == "run":
+        earlier_dir = Path(source.location)
+        earlier = load_config(earlier_dir / "config.yaml")
+        tasks = {t.name: task_config(earlier, t) for t in earlier.tasks} or {earlier.name: earlier}
+        for name, c in tasks.items():
+            if name not in jobs:  # the latest run to train a task of that name is the one compared with
+                jobs[name] = _task_job(c, run_dir / "data" / "previous" / name, tokenizer, bf16)
+                jobs[name].earlier_run = earlier_dir
+        try:
+            source = resolve_model(earlier.model)
+        except ModelError:  # that run's own starting point is gone: its tasks are still tested above
+            break
+    return jobs
+
+
+def _evaluate_on(job: _TaskEval, name: str, model: torch.nn.Module | ApiModel, tokenizer: Any, bf16: bool, head: bool,
+                 progress: Progress, questions: list[Example] | None = None) -> None:
+    """Evaluate ``model`` as ``name`` (base | tuned) on one task's test examples, as asked
+    (``questions``: e.g. with the prompt method's shots; the test split by default); store the
+    Evaluation and the metrics with the batched evaluation's speed (and the tuned model's latency)."""
+    cfg, e = job.cfg, job.cfg.eval
+    questions = job.splits.test if questions is None else questions
+    t0 = time.perf_counter()
+    job.evals[name] = evaluate_model(model, tokenizer, questions, cfg.task, cfg.data.labels, cfg.train.max_seq_len,
+                                     e.batch_size, e.max_new_tokens, bf16, progress, e.label_scoring, e.classify_by,
+                                     e.bootstrap_resamples, head=head, side=cfg.data.truncation_side)
+    seconds = time.perf_counter() - t0
+    tokens = job.evals[name].tokens
+    job.results[name] = job.evals[name].metrics | {
+        "seconds": seconds, "examples_per_s": len(questions) / max(seconds, 1e-9),
+        "tokens_per_s": tokens / max(seconds, 1e-9) if tokens else None}
+    if name == "tuned" and e.latency_examples and cfg.task != "text":  # raw text: nothing to answer
+        job.results[name]["latency"] = latency(model, tokenizer, questions[: e.latency_examples], cfg.task,
+                                               cfg.data.labels, cfg.train.max_seq_len, e.max_new_tokens, bf16,
+                                               e.label_scoring, e.classify_by, head, progress,
+                                               side=cfg.data.truncation_side)
+
+
+def _compare_task(job: _TaskEval) -> None:
+    """Paired tuned-vs-base tests and the examples where they disagree, when the base was evaluated."""
+    if "base" not in job.evals:
+        return
+    test, cfg = job.splits.test, job.cfg
+    job.results["tuned_vs_base"] = compare(job.evals["tuned"], job.evals["base"], len(test), cfg.eval.bootstrap_resamples)
+    if cfg.task != "text":
+        job.results["disagreements"] = _disagreements(test, job.evals["base"].predictions, job.evals["tuned"].predictions, cfg)
+
+
+def macro_average(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The macro average of the tasks' headline metrics (each task's ``metric``), for base and tuned:
+    ``{"macro": {...}, "base": {"macro": b}, "tuned": {"macro": t}}`` (base only when every task has one).
+    Averaging mixes the metrics' scales: tasks with different headline metrics (accuracy, F1, ROUGE-L)
+    count equally; a perplexity (lower is better) should not be averaged with them."""
+    out: dict[str, Any] = {"macro": {"metrics": {n: r["metric"] for n, r in tasks.items()}}}
+    for side in ("base", "tuned"):
+        values = [r[side][r["metric"]] for r in tasks.values() if r["metric"] in (r.get(side) or {})]
+        if values and len(values) == len(tasks):
+            avg = sum(values) / len(values)
+            out["macro"][side], out[side] = avg, {"macro": avg}
+    if "base" in out:
+        out["macro"]["change"] = out["macro"]["tuned"] - out["macro"]["base"]
+    return out
+
+
+def _earlier_score(job: _TaskEval) -> dict[str, Any]:
+    """For a task of the run this one started from: that run's own tuned score on it (from its
+    eval.json; else this evaluation's base, the same model) and the drop since (> 0: forgotten)."""
+    metric = job.results["metric"]
+    ev = load_json(job.earlier_run / "eval.json") if job.earlier_run else {}
+    own = ev["tasks"].get(job.cfg.name, {}) if ev.get("tasks") else ev
+    score = (own.get("tuned") or {}).get(metric) if own.get("metric") == metric else None
+    source = f"{job.earlier_run}/eval.json"
+    if score is None and metric in (job.results.get("base") or {}):
+        score, source = job.results["base"][metric], "the base model here (the earlier run's model) on this test split"
+    now = job.results["tuned"][metric]
+    drop = None if score is None else (now - score if metric in M.LOWER_IS_BETTER else score - now)
+    return {"earlier": {"run": str(job.earlier_run), "metric": metric, "tuned": score, "from": source}, "drop": drop}
 
 
 def prediction_row(ex: Example, i: int, evals: dict[str, Evaluation]) -> dict[str, Any]:
@@ -426,8 +616,9 @@ def _reused_base(source: Path, cfg: Config, test: list[Example]) -> Evaluation |
     return Evaluation(ev["base"], preds, stats_from_predictions(rows, "base", cfg.task, cfg.data.labels)[1], nll=nll)
 
 
-def print_table(results: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"base vs tuned on {results['test_examples']} test examples")
+def print_table(results: dict[str, Any], console: Console, where: str = "") -> None:
+    """Base vs tuned (one task's results): each metric with its change; ``where`` ends the title."""
+    table = Table(title=f"base vs tuned on {results['test_examples']} test examples{where}")
     for col in ("metric", "base", "tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for row in metrics_table(results):

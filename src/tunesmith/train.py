@@ -185,26 +185,63 @@ def evaluate_loss(model: torch.nn.Module, data: list[Encoded], batch_size: int, 
     return total / max(count, 1)
 
 
+def validation_loss(model: torch.nn.Module, data: list[Encoded] | dict[str, list[Encoded]], batch_size: int,
+                    pad_id: int, bf16: bool = False) -> tuple[float, dict[str, Any]]:
+    """The validation loss, and for several tasks (``data`` a dict name -> rows) their losses as
+    ``{"task_val_loss": {name: loss}}`` with the loss their macro average (each task counts once,
+    whatever its size); ``{}`` for one task."""
+    if not isinstance(data, dict):
+        return evaluate_loss(model, data, batch_size, pad_id, bf16), {}
+    losses = {name: evaluate_loss(model, rows, batch_size, pad_id, bf16) for name, rows in data.items()}
+    return sum(losses.values()) / len(losses), {"task_val_loss": losses}
+
+
+class TaskLoss:
+    """The loop's objective with no mitigation: the task cross-entropy, normalised over the step.
+
+    The null object of ``tunesmith.training.Mitigations`` (distillation, weight anchoring), which
+    has the same four methods; see there. Costs nothing beyond ``target_loss_sum``."""
+
+    def begin_step(self, examples: list[Encoded]) -> None:
+        pass
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], examples: list[Encoded],
+             n_targets: int) -> torch.Tensor:
+        return target_loss_sum(model, batch)[0] / n_targets  # normalised over the whole optimizer step
+
+    def end_step(self) -> float:
+        return 0.0
+
+    def parts(self) -> dict[str, float]:
+        return {}
+
+
 # ---------------------------------------------------------------- the loop
 
 
 def train(
     model: torch.nn.Module,
     train_data: list[Encoded],
-    val_data: list[Encoded],
+    val_data: list[Encoded] | dict[str, list[Encoded]],
     cfg: TrainConfig,
     run_dir: Path,
     pad_id: int,
     resume: bool = False,
     until_step: int | None = None,
     show_progress: bool = True,
+    objective: TaskLoss | None = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad; write metrics and checkpoints.
 
     ``resume`` continues exactly from the newest checkpoint in ``run_dir``. ``until_step``
     stops (with a checkpoint) after that many optimizer steps, as an interruption would.
     On return the model holds the weights of the best validation loss seen.
+    ``val_data`` as a dict (task name -> rows, a multi-task run): each task's loss is logged and
+    the validation loss (best checkpoint, early stopping) is their macro average.
+    ``objective``: the training loss (``TaskLoss`` by default; ``training.Mitigations`` adds
+    distillation and weight anchoring, whose parts are logged with each step).
     """
+    objective = objective or TaskLoss()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = next(model.parameters()).device
@@ -253,19 +290,20 @@ def train(
                 epoch, pos = divmod(state["step"], steps_per_epoch)
                 micro = _step_batches(lengths, cfg, epoch, pos)
                 n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
+                objective.begin_step([train_data[i] for mb in micro for i in mb])
                 step_loss = 0.0
                 for mb in micro:
                     examples = [train_data[i] for i in mb]
                     rows = collate_packed(examples, pad_id, cfg.max_seq_len) if cfg.packing else collate(examples, pad_id)
                     batch = {k: v.to(dev) for k, v in rows.items()}
                     with runtime.autocast(dev, bf16):
-                        loss_sum, _ = target_loss_sum(model, batch)
-                    loss = loss_sum / n_targets  # normalised over the whole optimizer step
+                        loss = objective.loss(model, batch, examples, n_targets)  # normalised over the whole step
                     loss.backward()
                     step_loss += float(loss.detach())
-                    del loss, loss_sum, batch
+                    del loss, batch
                     if dev.type == "cpu":
                         runtime.trim_heap()  # keeps RSS near what is in use (glibc holds freed tensors' memory)
+                step_loss += objective.end_step()  # weight anchoring: its gradient goes straight into .grad
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
                 if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):  # before the update: weights stay good
                     raise NonFiniteLossError(_non_finite(run_dir, state["step"] + 1, "training loss", step_loss,
@@ -288,7 +326,7 @@ def train(
             record = {"type": "train", "step": state["step"], "epoch": epoch + (pos + 1) / steps_per_epoch,
                       "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s,
-                      "mfu": flops_per_token * tok_s / peak, "step_seconds": dt}
+                      "mfu": flops_per_token * tok_s / peak, "step_seconds": dt} | objective.parts()
             append_jsonl(run_dir / METRICS, record)
             progress.update(task, advance=1, info=f"loss {step_loss:.4f} | {tok_s:,.0f} tok/s | MFU {record['mfu']:.0%}")
 
@@ -296,7 +334,7 @@ def train(
             step = state["step"]
             evaluate_now = step % cfg.eval_every == 0 or step % steps_per_epoch == 0 or step == total_steps
             if evaluate_now:
-                val_loss = evaluate_loss(model, val_data, cfg.batch_size, pad_id, bf16)
+                val_loss, task_losses = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16)
                 if not math.isfinite(val_loss):  # never "best", never the final model
                     raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))
                 best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
@@ -305,7 +343,7 @@ def train(
                     save_best(run_dir, params, step, val_loss)
                 stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
                 append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
-                                                 "val_ppl": math.exp(min(val_loss, 50)), "best": best})
+                                                 "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
                 progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
                 window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
             stop_here = until_step is not None and until_step <= step < total_steps

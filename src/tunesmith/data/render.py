@@ -158,6 +158,8 @@ class Encoded:
     source: str = ""
     class_label: int | None = None  # for a classification head: the label's index (then ``labels`` is empty)
     special_text: bool = False  # the data held special-token strings, tokenized as text
+    task: str = ""  # a multi-task run: the name of the task (tasks[].name) the row belongs to
+    kind: str = "task"  # "task": the run's own data; "replay": general text mixed in (data/replay.py)
 
     @property
     def n_targets(self) -> int:

@@ -1,0 +1,93 @@
+"""Replay: general text mixed into the training list, so the model keeps practising what it knew.
+
+Replay rows are plain language modelling (every token after a window's first is a target), cut
+into windows of ``train.max_seq_len`` tokens by the raw-text encoder (``render.encode_text``),
+and marked ``kind="replay"``. ``mix`` chooses how many go into the training list so that the
+replay share of one epoch is ``replay.ratio``:
+
+* by ``examples``: r / (n + r) = ratio, so r = round(ratio * n / (1 - ratio)) rows for n task rows;
+* by ``tokens``: R / (N + R) = ratio over target tokens, so R = ratio * N / (1 - ratio); whole
+  windows are taken until R is reached and the last one is shortened to hit it (to the token).
+
+Each epoch visits every row of the list once (train._step_batches), so the share holds exactly
+over an epoch (a run of ``max_steps`` shorter than an epoch sees it only on average). Windows are
+taken in an order seeded by ``train.seed``; when the general set has fewer windows than needed,
+it is gone through again in a new order (windows repeat) and the summary says so.
+Validation stays the task's own rows: the validation loss is the task's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from tunesmith.data.formats import Example
+from tunesmith.data.render import IGNORE, Encoded, encode_text
+
+
+def replay_rows(tokenizer: Any, texts: list[str], max_seq_len: int) -> list[Encoded]:
+    """Every general text as windows of at most ``max_seq_len`` tokens (``encode_text``: the text,
+    then the end-of-text token, windows overlapping by one token), marked ``kind="replay"``.
+    Windows with no target token (a one-token text) are left out."""
+    out: list[Encoded] = []
+    for i, text in enumerate(texts):
+        windows = encode_text(tokenizer, Example(messages=[], text=text, source=f"replay:{i + 1}"), max_seq_len)
+        out += [dataclasses.replace(w, kind="replay") for w in windows if w.n_targets]
+    return out
+
+
+def mix(task: list[Encoded], pool: list[Encoded], ratio: float, by: str, seed: int) -> tuple[list[Encoded], dict[str, Any]]:
+    """The training list: ``task`` rows followed by the replay rows chosen from ``pool``, and a
+    summary for train_result.json.
+
+    ``ratio`` in [0, 1) is the wanted replay share of the list, by ``examples`` or by target
+    ``tokens`` (see the module docstring). Deterministic for a given ``seed``. Raises ValueError
+    when replay is wanted but ``pool`` is empty or ``by`` is unknown.
+    """
+    if by not in ("examples", "tokens"):
+        raise ValueError(f"replay.by: {by!r} is not one of examples, tokens")
+    if ratio <= 0:
+        return list(task), {"ratio": 0.0, "rows": 0}
+    if not pool:
+        raise ValueError("replay: the general text gave no window with a target token")
+    n_task = len(task) if by == "examples" else sum(e.n_targets for e in task)
+    want = round(ratio * n_task / (1 - ratio))  # replay rows, or replay target tokens
+    chosen: list[Encoded] = []
+    got, cycle = 0, 0
+    while got < want:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * cycle + 17)
+        for i in torch.randperm(len(pool), generator=g).tolist():
+            missing = want - got
+            if missing <= 0:
+                break
+            row = pool[i]
+            if by == "tokens" and row.n_targets > missing:  # the last window, shortened to hit the token count
+                row = _shorten(row, missing)
+            chosen.append(row)
+            got += 1 if by == "examples" else row.n_targets
+        cycle += 1
+    repeated = cycle > 1
+    mixed = list(task) + chosen
+    summary = {
+        "ratio": ratio, "by": by, "rows": len(chosen), "windows_available": len(pool), "repeated": repeated,
+        "target_tokens": sum(e.n_targets for e in chosen),
+        "achieved_ratio_examples": len(chosen) / max(len(mixed), 1),
+        "achieved_ratio_tokens": sum(e.n_targets for e in chosen) / max(sum(e.n_targets for e in mixed), 1),
+    }
+    if repeated:
+        summary["note"] = (f"the general text has {len(pool)} windows and {len(chosen)} replay rows were needed: "
+                           "windows repeat (each pass in a new seeded order)")
+    return mixed, summary
+
+
+def _shorten(row: Encoded, targets: int) -> Encoded:
+    """The first tokens of ``row`` holding exactly ``targets`` target tokens (a replay window's
+    targets are every token but the first)."""
+    kept, end = 0, 0
+    for end, label in enumerate(row.labels):
+        kept += label != IGNORE
+        if kept == targets:
+            break
+    return dataclasses.replace(row, input_ids=row.input_ids[: end + 1], labels=row.labels[: end + 1], truncated="window")

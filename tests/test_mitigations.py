@@ -1,0 +1,301 @@
+"""Replay, distillation and weight anchoring (issue 12), on tiny random models: seconds each."""
+
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from tunesmith import train as train_mod
+from tunesmith.config import Config, TrainConfig
+from tunesmith.data import collate, encode_all
+from tunesmith.data.general import train_texts
+from tunesmith.data.render import IGNORE, Encoded, collate_packed
+from tunesmith.data.replay import mix, replay_rows
+from tunesmith.methods import lora
+from tunesmith.models import ModelError, load_model
+from tunesmith.train import train
+from tunesmith.training import Mitigations, build, load_teacher
+from tunesmith.training.anchoring import Anchor, estimate_fisher
+from tunesmith.training.losses import head_kl_sum, kl_from_logits
+from conftest import examples, make_model
+
+LABELS = {"0": "negative", "1": "positive"}
+
+
+@pytest.fixture
+def encoded(tokenizer, sst_files):
+    exs = examples(sst_files["train"], "classification", labels=LABELS, system_prompt="Classify the sentiment.")
+    return encode_all(tokenizer, exs, 128)[0]
+
+
+@pytest.fixture(scope="module")
+def pool(tokenizer):
+    return replay_rows(tokenizer, train_texts("general")[:3], 64)
+
+
+def tcfg(**kw) -> TrainConfig:
+    base = dict(max_steps=1, batch_size=8, grad_accum=1, lr=1e-2, warmup_steps=0, eval_every=100, precision="fp32", seed=0)
+    return TrainConfig(**(base | kw))
+
+
+def lora_model(model, dropout=0.0):
+    c = Config(method="lora")
+    c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, dropout
+    c.train.precision = "fp32"
+    return lora.prepare(model, c)
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- distillation loss
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_is_zero_when_student_equals_teacher(direction):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(7, 16, generator=g), torch.randn(50, 16, generator=g)
+    assert abs(float(head_kl_sum(h, w, h, w, 2.0, direction, chunk=3))) < 1e-5
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_fused_kl_and_its_gradients_equal_autograd_on_full_logits(direction, temperature):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(9, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    h_t, w_t = torch.randn(9, 16, generator=g), torch.randn(50, 16, generator=g)
+    ours = head_kl_sum(h, w, h_t, w_t, temperature, direction, chunk=4)  # 3 chunks, the last one short
+    ref = kl_from_logits(h @ w.t(), h_t @ w_t.t(), temperature, direction).sum()
+    # an independent formula: torch's kl_div(input=log q, target=log p) = sum p (log p - log q)
+    ls, lt = F.log_softmax(h @ w.t() / temperature, -1), F.log_softmax(h_t @ w_t.t() / temperature, -1)
+    p, q = (lt, ls) if direction == "forward" else (ls, lt)
+    torch_kl = F.kl_div(q, p, log_target=True, reduction="sum") * temperature**2
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ref, torch_kl)
+    assert float(ours.detach()) > 0
+    g_ours = torch.autograd.grad(3.0 * ours, [h, w])  # an outer factor: backward scales the saved gradients
+    g_ref = torch.autograd.grad(3.0 * torch_kl, [h, w])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- anchoring
+
+
+def test_l2sp_is_zero_at_the_start_and_its_gradient_points_back_to_w0(tiny_model):
+    model = lora_model(tiny_model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    anchor = Anchor(params, strength=0.5)
+    assert anchor.penalty() == 0.0
+    w0 = params_of(model)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.01 * torch.randn_like(p))
+    moved = {n: p.detach().clone() - w0[n] for n, p in params.items()}
+    # the formula by autograd: 0.5 / 2 * sum (w - w0)^2
+    ref = 0.25 * sum(((p - w0[n]) ** 2).sum() for n, p in params.items())
+    ref_grads = torch.autograd.grad(ref, list(params.values()))
+    value = anchor.add_grad()
+    assert math.isclose(value, float(ref.detach()), rel_tol=1e-5)
+    for (n, p), rg in zip(params.items(), ref_grads):
+        torch.testing.assert_close(p.grad, rg)
+        assert float((-p.grad * (-moved[n])).sum()) > 0  # a descent step moves w toward w0
+
+
+class TwoParams(torch.nn.Module):
+    """Vocabulary {0, 1}; the logit of token 1 after token x is a + b x (token 0's is 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.3))
+        self.b = torch.nn.Parameter(torch.tensor(-0.7))
+
+    def forward(self, input_ids, **_):
+        z = self.a + self.b * input_ids.float()  # (B, T)
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(z), z], -1))
+
+
+def test_ewc_fisher_equals_a_hand_computation():
+    model = TwoParams()
+    windows = [Encoded([1, 0, 1, 1], [IGNORE, 0, 1, 1]), Encoded([0, 0, 1], [IGNORE, 0, 1]),
+               Encoded([1, 1], [IGNORE, 1])]
+    fisher = estimate_fisher(model, dict(model.named_parameters()), windows, pad_id=0)
+    a, b = 0.3, -0.7
+    expected = [0.0, 0.0]
+    for w in windows:  # d/d(a, b) of the window's mean NLL, squared, averaged over windows
+        ga = gb = 0.0
+        pairs = list(zip(w.input_ids[:-1], w.input_ids[1:]))
+        for x, y in pairs:
+            s = 1 / (1 + math.exp(-(a + b * x)))  # P(next = 1); d NLL / dz = s - y
+            ga += (s - y) / len(pairs)
+            gb += (s - y) * x / len(pairs)
+        expected[0] += ga**2 / len(windows)
+        expected[1] += gb**2 / len(windows)
+    assert math.isclose(float(fisher["a"]), expected[0], rel_tol=1e-5)
+    assert math.isclose(float(fisher["b"]), expected[1], rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- replay
+
+
+@pytest.mark.parametrize("by", ["examples", "tokens"])
+def test_replay_ratio_holds_over_an_epoch(encoded, pool, by):
+    assert all(e.kind == "replay" and e.labels[0] == IGNORE for e in pool)
+    mixed, summary = mix(encoded, pool, 0.3, by, seed=3)
+    assert mixed[: len(encoded)] == encoded and summary["rows"] == len(mixed) - len(encoded)
+    cfg = tcfg(batch_size=4)
+    lengths = [len(e.input_ids) for e in mixed]
+    steps = math.ceil(len(mixed) / 4)
+    seen = [mixed[i] for pos in range(steps) for mb in train_mod._step_batches(lengths, cfg, 0, pos) for i in mb]
+    assert sorted(map(id, seen)) == sorted(map(id, mixed))  # one epoch visits every row once
+    replay = [e for e in seen if e.kind == "replay"]
+    share = len(replay) / len(seen) if by == "examples" else \
+        sum(e.n_targets for e in replay) / sum(e.n_targets for e in seen)
+    assert abs(share - 0.3) < 0.01, share
+    assert summary[f"achieved_ratio_{by}"] == pytest.approx(share)
+    assert mix(encoded, pool, 0.3, by, seed=3)[0] == mixed  # deterministic with the seed
+    assert mix(encoded, pool, 0.3, by, seed=4)[0] != mixed
+
+
+def test_replay_repeats_windows_when_the_general_text_is_short(encoded, pool):
+    mixed, summary = mix(encoded, pool[:2], 0.5, "examples", seed=0)
+    assert summary["rows"] == len(encoded) and summary["repeated"] and "repeat" in summary["note"]
+    assert mix(encoded, pool, 0.0, "examples", seed=0)[0] == encoded
+
+
+# ---------------------------------------------------------------- teacher and distilled positions
+
+
+def test_lora_base_teacher_gives_the_base_models_logits(tiny_model_dir, tokenizer, encoded, tmp_path):
+    student = lora_model(load_model(str(tiny_model_dir))[0])
+    train(student, encoded, encoded[:4], tcfg(), tmp_path, tokenizer.pad_token_id, show_progress=False)  # B != 0
+    teacher = load_teacher("base", student, tokenizer, Config(method="lora"))
+    assert teacher.adapters_off
+    alone = load_model(str(tiny_model_dir))[0].eval()
+    batch = collate(encoded[:4], tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref = alone(input_ids=batch["input_ids"]).logits
+        tuned = student.eval()(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(teacher.logits(batch), ref, rtol=1e-5, atol=1e-5)
+    assert (tuned - ref).abs().max() > 1e-4  # the student itself is not the base
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tiny_model, tokenizer, tmp_path):
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["zzzextra"])
+    make_model(len(other)).save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ModelError, match="vocabulary differs"):
+        load_teacher(str(tmp_path / "other"), tiny_model, tokenizer, Config(method="full"))
+
+
+def test_distilled_positions_follow_the_packed_layout(encoded, pool, tokenizer):
+    rows = [pool[0], encoded[0], pool[1], encoded[1]]
+    m = Mitigations(on="both", packing=True, max_seq_len=256)
+    batch = collate_packed(rows, tokenizer.pad_token_id, 256)
+    mask = m.positions(rows, tuple(batch["input_ids"].shape))
+    assert int(mask.sum()) == sum(sum(m.distilled(e)) for e in rows)
+    only_replay = Mitigations(on="replay", packing=True, max_seq_len=256)
+    batch = collate_packed(pool[:3], tokenizer.pad_token_id, 256)
+    torch.testing.assert_close(only_replay.positions(pool[:3], tuple(batch["input_ids"].shape)),
+                               batch["labels"][:, 1:] != IGNORE)
+    prompts = Mitigations(on="prompts").distilled(encoded[0])  # the prompt predicting its next token, no answer
+    assert prompts == [y == IGNORE for y in encoded[0].labels[1:]] and any(prompts) and not all(prompts)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def mitigation_config(tmp_path, **kw) -> Config:
+    c = Config(method="lora", output_dir=str(tmp_path))
+    c.train = tcfg(**kw)
+    c.distill.weight, c.distill.on, c.distill.temperature, c.distill.direction = 0.5, "both", 2.0, "reverse"
+    c.anchor.method, c.anchor.strength, c.anchor.fisher_examples = "ewc", 100.0, 3
+    c.train.max_seq_len = 64
+    return c
+
+
+def test_distillation_is_normalised_over_the_step(tokenizer, encoded, pool, tmp_path):
+    data, _ = mix(encoded, pool, 0.3, "examples", seed=0)
+    c = mitigation_config(tmp_path)
+    a = lora_model(make_model(len(tokenizer)))
+    b = copy.deepcopy(a)
+    for m, (bs, acc) in ((a, (8, 1)), (b, (2, 4))):
+        objective, _ = build(c, m, tokenizer, tmp_path / f"r{bs}", False, tokenizer.pad_token_id)
+        train(m, data, encoded[:4], tcfg(batch_size=bs, grad_accum=acc, max_steps=2), tmp_path / f"r{bs}",
+              tokenizer.pad_token_id, show_progress=False, objective=objective)
+    pa, pb = params_of(a), params_of(b)
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], msg=n)
+
+
+def test_resume_with_ewc_and_distillation_is_exact(tokenizer, encoded, pool, tmp_path):
+    data, _ = mix((encoded * 2)[:28], pool, 0.3, "examples", seed=0)  # 40 rows, batch 4: 10 steps
+    c = mitigation_config(tmp_path, max_steps=10, batch_size=4, lr=5e-3, warmup_steps=2)
+
+    def run(folder, resume=False, until=None):
+        model = lora_model(make_model(len(tokenizer)), dropout=0.1)  # a fresh process starts from the base
+        objective, summary = build(c, model, tokenizer, tmp_path / folder, resume, tokenizer.pad_token_id)
+        r = train(model, data, data[:4], c.train, tmp_path / folder, tokenizer.pad_token_id, resume=resume,
+                  until_step=until, show_progress=False, objective=objective)
+        return model, r, summary
+
+    straight, r1, s1 = run("straight")
+    _, r2, _ = run("resumed", until=5)
+    assert r2.interrupted and r2.steps == 5 and "estimated" in s1["anchor"]["fisher"]
+    second, r3, s3 = run("resumed", resume=True)
+    assert s3["anchor"]["fisher"] == "read back from the run folder"
+    p1, p3 = params_of(straight), params_of(second)
+    for n in p1:
+        assert torch.equal(p1[n], p3[n]), n
+    lines = lambda r: [(x["loss"], x["ce"], x["kl"], x["anchor"]) for x in r.history if x["type"] == "train"]  # noqa: E731
+    assert lines(r1) == lines(r3) and len(lines(r3)) == 10
+    assert lines(r1)[0][3] == 0.0 and lines(r1)[-1][3] > 0  # the anchor starts at zero, then pulls
+
+
+def test_finetune_with_replay_distillation_and_anchoring(tiny_model_dir, tmp_path):
+    from tunesmith import finetune, load_config
+
+    rows = [{"instruction": f"Say hello {i}", "input": "" if i % 2 else "world", "output": f"hello {i} !"} for i in range(16)]
+    (tmp_path / "inst.json").write_text(json.dumps(rows))
+    cfg = {"name": "mitigated", "model": str(tiny_model_dir), "task": "instruction", "method": "lora",
+           "output_dir": str(tmp_path / "runs"),
+           "data": {"train": str(tmp_path / "inst.json"), "validation_size": 3, "prepare": {"test_size": 3}},
+           "lora": {"r": 4, "alpha": 8},
+           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "max_seq_len": 64},
+           "replay": {"ratio": 0.25, "by": "tokens"},
+           "distill": {"weight": 0.5, "on": "both", "temperature": 2.0},
+           "anchor": {"method": "l2sp", "strength": 10.0},
+           "eval": {"max_new_tokens": 4, "compare_with_base": False, "latency_examples": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = finetune(load_config(tmp_path / "c.yaml"))
+    lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["type"] == "train"]
+    assert len(steps) == 3 and all({"ce", "kl", "anchor"} <= x.keys() for x in steps)
+    for x in steps:
+        assert x["loss"] == pytest.approx(x["ce"] + 0.5 * x["kl"] + x["anchor"], rel=1e-5)
+    assert any(x["kl"] > 0 for x in steps)
+    result = json.loads((run.dir / "train_result.json").read_text())["mitigations"]
+    assert result["replay"]["rows"] > 0 and abs(result["replay"]["achieved_ratio_tokens"] - 0.25) < 0.01
+    assert result["distill"]["teacher"].startswith("base") and result["anchor"]["method"] == "l2sp"
+
+
+def test_config_refuses_what_cannot_work():
+    from tunesmith.config import validate
+
+    c = Config(task="text")
+    c.distill.weight, c.distill.on = 1.0, "prompts"
+    c.anchor.method = "ewc"  # no strength
+    problems = validate(c)
+    assert any(p.startswith("distill.on: prompts") for p in problems)
+    assert any(p.startswith("anchor.strength") for p in problems)
+    c = Config()
+    c.distill.weight = 1.0  # on replay, but no replay
+    assert any("replay.ratio is 0" in p for p in validate(c))
