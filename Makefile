@@ -49,6 +49,8 @@ bench: setup
 	$(PY) benchmarks/near_dup.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/forgetting.py
+	$(PY) benchmarks/multitask.py
 
 clean:
 	rm -rf runs .pytest_cache
