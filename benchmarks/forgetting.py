@@ -151,7 +151,7 @@ def write(out: Path, stem: str, doc: dict[str, Any]) -> None:
              f"- Date: {m['date']}; load average at start {m['load_average_at_start']:.2f}",
              f"- Machine: {m['cpu']}, {m['cores']} cores, flags {', '.join(m['flags'])}",
              f"- Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
-             "- Task: examples/sst2.yaml (train 6,720 reviews, steps as set, SST-2 dev set as test); general: the shipped "
+             "- Task: examples/sst2.yaml (6,710 training reviews after de-duplication, steps as set, SST-2 dev set as test); general: the shipped "
              "held-out Wikipedia articles (perplexity) and 16 everyday instructions (agreement, KL)",
              f"- Settings: {json.dumps({k: v for k, v in doc['settings'].items() if k not in ('out', 'runs')})}", "",
              "| variant | accuracy [95% CI] | general ppl base -> tuned | change (p) | agreement ROUGE-L | KL nats/token "
