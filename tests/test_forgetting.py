@@ -133,3 +133,12 @@ def test_compare_shows_forgetting_per_method(finished_runs):
     header, rows = table({"metric": result.metric, "methods": [asdict(result)]})
     assert rows[0][header.index("general ppl change")] == f"{result.forgetting:+.1%}"
     assert rows[0][header.index("general KL")] == f"{ev['forgetting']['tuned']['kl']:.3f}"
+
+
+def test_a_model_without_chat_template_gets_the_text_measure_only(tmp_path, tokenizer, tiny_model):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    probe = forgetting.Probe(plain, _cfg(tmp_path), bf16=False)
+    block = probe.compare(tiny_model, probe.observe(tiny_model))
+    assert block["instructions"] == 0 and "no chat template" in block["note"] and "kl" not in block["tuned"]
+    assert block["tuned"]["perplexity"] == pytest.approx(block["base"]["perplexity"])

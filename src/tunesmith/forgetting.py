@@ -72,6 +72,10 @@ class Probe:
         per_text = max(MIN_WINDOW, e.general_tokens // max(len(texts), 1))
         self.windows = _windows(tokenizer, texts, per_text, cfg.train.max_seq_len)
         self.instructions = general.instructions()[: e.general_instructions]
+        self.note = None
+        if self.instructions and not getattr(tokenizer, "chat_template", None):  # a base model: no way to ask it
+            self.instructions = []
+            self.note = "the model has no chat template: agreement and KL on general instructions were skipped"
         self.source = "general (shipped: Wikipedia articles 1-8, everyday instructions)" if e.general == "general" else e.general
 
     @torch.no_grad()
@@ -81,8 +85,8 @@ class Probe:
             return None
         t0 = time.perf_counter()
         nll = self._nll(base)
-        replies = self._base_replies(base, progress)
-        logprobs = [lp.cpu() for lp in self._reply_logprobs(base, replies)]
+        replies = self._base_replies(base, progress) if self.instructions else []
+        logprobs = [lp.cpu() for lp in self._reply_logprobs(base, replies)] if replies else []
         return Observed(nll, replies, logprobs, time.perf_counter() - t0)
 
     @torch.no_grad()
@@ -99,7 +103,7 @@ class Probe:
         tuned_values, tuned_stats = M.language_model(*tuned_nll)
         block: dict[str, Any] = {
             "source": self.source, "general_texts": n_text, "general_tokens": int(sum(observed.nll[1])),
-            "instructions": len(self.instructions),
+            "instructions": len(self.instructions), **({"note": self.note} if self.note else {}),
             "base": {"perplexity": base_values["perplexity"],
                      "ci": _ci(base_values, {"perplexity": base_stats["perplexity"]}, n_text, resamples)},
             "tuned": {"perplexity": tuned_values["perplexity"],
