@@ -142,3 +142,38 @@ def test_a_model_without_chat_template_gets_the_text_measure_only(tmp_path, toke
     block = probe.compare(tiny_model, probe.observe(tiny_model))
     assert block["instructions"] == 0 and "no chat template" in block["note"] and "kl" not in block["tuned"]
     assert block["tuned"]["perplexity"] == pytest.approx(block["base"]["perplexity"])
+
+
+def test_general_file_mistakes_are_found_before_training(tmp_path):
+    from tunesmith.config import ConfigError, load_config
+
+    text = tmp_path / "mine.txt"
+    text.write_text("some general text\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(data={"data": {"train": "x"}, "eval": {"general": str(tmp_path / "nope.txt")}})
+    assert "eval.general: file not found" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(data={"data": {"train": "x"}, "eval": {"general": str(text)},
+                          "replay": {"ratio": 0.2, "data": str(text)}})
+    assert "replay.data: the same file as eval.general" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(data={"data": {"train": "x"}, "distill": {"weight": 1, "on": "prompt"}})
+    assert "is not one of" in str(e.value) and "replay.ratio is 0" not in str(e.value)
+
+
+def test_a_mistyped_run_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from tunesmith.models import ModelError, resolve_model
+
+    (tmp_path / "runs" / "sst2-lora").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="runs/sst2-lroa .*runs/ holds: sst2-lora"):
+        resolve_model("runs/sst2-lroa")
+
+
+def test_the_scored_text_does_not_depend_on_max_seq_len(tmp_path, tokenizer):
+    short = forgetting.Probe(tokenizer, load_config(data={"data": {"train": "x"}, "train": {"max_seq_len": 16},
+                                                          "eval": {"general_tokens": 256}}), bf16=False)
+    long = forgetting.Probe(tokenizer, load_config(data={"data": {"train": "x"}, "train": {"max_seq_len": 512},
+                                                         "eval": {"general_tokens": 256}}), bf16=False)
+    assert [w.input_ids for w in short.windows] == [w.input_ids for w in long.windows]
+    assert all(len(w.input_ids) == 256 // general.EVAL_ARTICLES for w in long.windows)

@@ -332,7 +332,27 @@ def load_config(
         raise ConfigError(problems, source)
     typed = {item.partition("=")[0].strip() for item in overrides or []}
     _resolve_data_paths(cfg, base, typed)
+    problems = _general_files(cfg)  # found now, not after training
+    if problems:
+        raise ConfigError(problems, source)
     return cfg
+
+
+def _general_files(cfg: Config) -> list[str]:
+    """Problems with the general-text files (eval.general, replay.data, anchor.fisher_data): missing
+    files, and replaying or estimating on the very text the forgetting check scores."""
+    p: list[str] = []
+    used = {"eval.general": cfg.eval.general,
+            "replay.data": cfg.replay.data if cfg.replay.ratio > 0 else None,
+            "anchor.fisher_data": cfg.anchor.fisher_data if cfg.anchor.method == "ewc" else None}
+    for key, value in used.items():
+        if value and value not in (GENERAL, "none") and not Path(value).exists():
+            p.append(f"{key}: file not found: {value}")
+    for key in ("replay.data", "anchor.fisher_data"):
+        if used[key] and used[key] not in (GENERAL, "none") and used[key] == used["eval.general"]:
+            p.append(f"{key}: the same file as eval.general ({used[key]}): the forgetting check would score text the run "
+                     "trained on; give the check other text (or leave both at general: they are kept apart)")
+    return p
 
 
 def _task_from_file(entry: Any, i: int, base: Path, problems: list[str]) -> Any:
@@ -498,7 +518,7 @@ def _validate_forgetting(cfg: Config) -> list[str]:
     check(d.direction in ("forward", "reverse"), f"distill.direction: {d.direction!r} is not one of forward, reverse")
     check(d.on in DISTILL_ON, f"distill.on: {d.on!r} is not one of {', '.join(DISTILL_ON)}")
     check(bool(d.teacher), "distill.teacher: base, a run folder, or a model path or hub id")
-    if d.weight > 0:
+    if d.weight > 0 and d.on in DISTILL_ON:
         check(d.on == "prompts" or r.ratio > 0, f"distill.on: {d.on} distils on replay rows, but replay.ratio is 0 "
               "(set replay.ratio > 0, or distill.on: prompts)")
         check(trains, "distill.weight: method prompt trains nothing to distil into")

@@ -70,7 +70,7 @@ class Probe:
             return
         texts = general.eval_texts(e.general)
         per_text = max(MIN_WINDOW, e.general_tokens // max(len(texts), 1))
-        self.windows = _windows(tokenizer, texts, per_text, cfg.train.max_seq_len)
+        self.windows = _windows(tokenizer, texts, per_text)  # not cut to train.max_seq_len: runs stay comparable
         self.instructions = general.instructions()[: e.general_instructions]
         self.note = None
         if self.instructions and not getattr(tokenizer, "chat_template", None):  # a base model: no way to ask it
@@ -200,11 +200,12 @@ class Probe:
         return out
 
 
-def _windows(tokenizer: Any, texts: list[str], per_text: int, max_len: int) -> list[Encoded]:
-    """One window per text: its first ``min(per_text, max_len)`` tokens, every token but the first a target."""
+def _windows(tokenizer: Any, texts: list[str], per_text: int) -> list[Encoded]:
+    """One window per text: its first ``per_text`` tokens, every token but the first a target. The
+    same whatever the run's ``train.max_seq_len``, so every run on one base scores the same text."""
     out = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: min(per_text, max_len)]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:per_text]
         if len(ids) >= 2:
             out.append(Encoded(ids, [IGNORE] + ids[1:], source="general text"))
     return out

@@ -82,6 +82,10 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource("folder", str(path), path.name)
     if path.exists():
         raise ModelError(f"{spec}: expected a model folder, a .gguf file, a hub id or 'default'")
+    first = Path(spec).parts[0] if Path(spec).parts else ""
+    if "/" in spec and first and Path(first).is_dir():  # e.g. runs/typo: a local folder holds it, not the hub
+        found = sorted(p.name for p in Path(first).iterdir() if p.is_dir())[:10]
+        raise ModelError(f"model not found: {spec} (no such folder; {first}/ holds: {', '.join(found) or 'nothing'})")
     if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
         raise ModelError(f"model not found: {spec} (no such folder or file)")
     return ModelSource("hub", spec, spec)
