@@ -123,7 +123,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
+class _GradsMadeInForward(torch.autograd.Function):
+    """Base of the fused LM-head losses whose forward already computed the gradients of its first
+    two inputs (hidden states dh, head weight dW) and saved them: backward only scales them by the
+    incoming gradient of the (scalar) loss; every further input gets no gradient."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dh, dw = ctx.saved_tensors
+        rest = (None,) * (len(ctx.needs_input_grad) - 2)
+        return (None if dh is None else dh * grad.to(dh.dtype),
+                None if dw is None else (dw * grad).to(ctx.weight_dtype), *rest)
+
+
+class _HeadCrossEntropy(_GradsMadeInForward):
     """sum_i CE(h_i · Wᵀ, y_i), with the gradients computed during forward, chunk by chunk.
 
     Plain autograd keeps every chunk's (chunk, V) logits and log-softmax for backward: about
@@ -154,12 +167,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return total
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * grad.to(dh.dtype),
-                None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None)
 
 
 def _plain_head(model: torch.nn.Module) -> bool:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunesmith.train import _GradsMadeInForward
+
 DIRECTIONS = ("forward", "reverse")
 
 
@@ -51,7 +53,7 @@ def head_kl_sum(h: torch.Tensor, weight: torch.Tensor, h_teacher: torch.Tensor, 
                              float(temperature), direction == "reverse", chunk)
 
 
-class _HeadKL(torch.autograd.Function):
+class _HeadKL(_GradsMadeInForward):
     """The T^2-scaled KL summed over positions, its gradients computed during forward, chunk by
     chunk (as ``train._HeadCrossEntropy``): each chunk's (c, V) logits of both models are turned
     into the loss and d/d(student logits) at once and folded into dh (N, d) and dW (V, d), so only
@@ -87,9 +89,3 @@ class _HeadKL(torch.autograd.Function):
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return total
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * grad.to(dh.dtype),
-                None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None, None, None, None)
