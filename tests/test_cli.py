@@ -46,6 +46,7 @@ def test_train_then_eval(tmp_path, tiny_model_dir, sst_files, capsys):
     assert "data:image/png;base64," in html and "Base vs tuned" in html
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["type"] == "train"] == [1, 2, 3, 4]
+    assert metrics[0]["lr"] == pytest.approx(1e-3)  # the rate step 1 used (no warmup: the full rate), not step 2's
     assert "base vs tuned on 6 test examples" in capsys.readouterr().out
 
     (run / "eval.json").unlink()
@@ -55,6 +56,14 @@ def test_train_then_eval(tmp_path, tiny_model_dir, sst_files, capsys):
     lat = ev["tuned"]["latency"]
     assert lat["examples"] == 6 and 0 < lat["median_ms"] <= lat["p95_ms"] and ev["tuned"]["tokens_per_s"] > 0
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in ev["tuned"].items() if k not in timing}
+    # evaluation settings can change for one evaluation; anything else is refused, naming it
+    assert main(["eval", str(run), "--set", "eval.general=none", "--set", "eval.bootstrap_resamples=100"]) == 0
+    once = json.loads((run / "eval.json").read_text())
+    assert once["eval_overrides"] == ["eval.general=none", "eval.bootstrap_resamples=100"] and once.get("forgetting") is None
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["general"] == "general"  # the run's config unchanged
+    assert main(["eval", str(run), "--set", "train.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation settings only" in err and "not train.lr=1" in err
 
     # the same name again is refused rather than silently overwritten
     assert main(["train", str(path)]) == 2

@@ -177,3 +177,19 @@ def test_the_scored_text_does_not_depend_on_max_seq_len(tmp_path, tokenizer):
                                                          "eval": {"general_tokens": 256}}), bf16=False)
     assert [w.input_ids for w in short.windows] == [w.input_ids for w in long.windows]
     assert all(len(w.input_ids) == 256 // general.EVAL_ARTICLES for w in long.windows)
+
+
+@pytest.mark.parametrize("tokens", [64, 2048, 40_000])
+def test_windows_from_a_prefix_equal_windows_from_the_whole_text(tokenizer, tokens):
+    texts = general.eval_texts("general") + ["ab " * 50, "x"]  # and a short text, and one too short to score
+    whole = [tokenizer(t, add_special_tokens=False)["input_ids"][:tokens] for t in texts]
+    assert [w.input_ids for w in forgetting._windows(tokenizer, texts, tokens)] == [ids for ids in whole if len(ids) >= 2]
+
+
+def test_why_forgetting_is_not_measured(tmp_path, tokenizer):
+    cfg = _cfg(tmp_path)
+    assert forgetting.skipped(cfg, forgetting.Probe(tokenizer, cfg, bf16=False)) is None
+    off = _cfg(tmp_path, general="none")
+    assert forgetting.skipped(off, forgetting.Probe(tokenizer, off, bf16=False)) == "eval.general: none"
+    cfg.method = "prompt"
+    assert "prompt method" in forgetting.skipped(cfg, None)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 from conftest import SST_LINES
 from tunesmith.config import ConfigError, load_config, save_config
@@ -130,8 +131,11 @@ def test_multitask_finetune_end_to_end(tmp_path, tiny_model_dir):
         "mixing": {"by": "weight"}, "lora": {"r": 4, "alpha": 8},
         "train": {"max_steps": 3, "batch_size": 4, "lr": 5e-2, "eval_every": 1, "precision": "fp32"},
         "eval": {"max_new_tokens": 4, "latency_examples": 0, "bootstrap_resamples": 100, "general": "none"}})
-    run = finetune(load_config(path))
+    console = Console(record=True, width=200)
+    run = finetune(load_config(path), console=console)
     d = run.dir
+    said = console.export_text()
+    assert "macro average over the tasks" in said and "layout text_label" in said  # each task's format lines too
     assert (d / "data" / "sst" / "train.jsonl").is_file() and (d / "data" / "inst" / "train.jsonl").is_file()
     mixing = json.loads((d / "data_report.json").read_text())["mixing"]
     assert mixing["tasks"]["sst"]["share"] == pytest.approx(0.5, abs=0.02)
@@ -155,6 +159,23 @@ def test_multitask_finetune_end_to_end(tmp_path, tiny_model_dir):
     assert len(read_jsonl(d / "predictions" / "sst.jsonl")) == 6 and len(read_jsonl(d / "predictions" / "inst.jsonl")) == 3
     page = (d / "report.html").read_text()
     assert "<h2>Tasks</h2>" in page and "macro average" in page and "Task mixing" in page and "Data: inst" in page
+
+
+def test_prepare_and_compare_with_a_multitask_config(tmp_path, tiny_model_dir):
+    from tunesmith.compare import compare_methods
+    from tunesmith.runs import RunError, prepare_data
+
+    single = _sst_config(tmp_path)
+    path = _write(tmp_path / "multi.yaml", {"name": "multi", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "runs"),
+                                            "tasks": [{"name": "a", "config": single.name}, {"name": "b", "config": single.name}]})
+    cfg = load_config(path)
+    done = prepare_data(cfg, console=Console(record=True))
+    assert set(done) == {"a", "b"}
+    report = json.loads((cfg.run_dir / "data_report.json").read_text())
+    assert set(report["tasks"]) == {"a", "b"}
+    assert (cfg.run_dir / "data" / "a" / "train.jsonl").read_text() == (cfg.run_dir / "data" / "b" / "train.jsonl").read_text()
+    with pytest.raises(RunError, match="single-task runs"):
+        compare_methods(cfg, ["lora"])
 
 
 def test_continual_run_tests_the_earlier_task(tmp_path, finished_runs, sst_files, monkeypatch):

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("eval", help="evaluate a finished run (tuned vs base) on its test split")
     p.add_argument("run_dir", help="the run folder, e.g. runs/sst2-lora")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="change an evaluation setting for this evaluation only, e.g. --set eval.general=none")
 
     p = verbs.add_parser("compare", help="run several methods on the same data and splits; measure and compare them")
     p.add_argument("config", help="YAML config file (its method is ignored)")
@@ -102,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"report: {run.dir / 'report.html'}")
         elif args.verb == "prepare":
             prepared = prepare_data(load_config(args.config, args.overrides + skip), console=console)
-            console.print(f"prepared splits and data_report.json in {prepared.files['train'].parent}")
+            where = prepared.files["train"].parent if not isinstance(prepared, dict) else next(iter(prepared.values())).files["train"].parent.parent
+            console.print(f"prepared splits and data_report.json in {where}")
         elif args.verb == "eval":
-            evaluate_run(args.run_dir, console=console)
+            evaluate_run(args.run_dir, console=console, overrides=args.overrides)
             console.print(f"report: {Path(args.run_dir) / 'report.html'}")
         elif args.verb == "compare":
             from tunesmith.compare import compare_methods, markdown

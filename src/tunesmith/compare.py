@@ -77,6 +77,10 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
     unknown = [m for m in method_names if m not in METHODS]
     if unknown or not method_names:
         raise RunError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if cfg.tasks:
+        raise RunError("compare measures single-task runs; for a multi-task config (tasks:), train each method with "
+                       "tunesmith train CONFIG --set method=lora --set name=... and read the runs' macro scores, "
+                       "or compare the tasks one at a time")
     if any(n < 1 for n in data_sizes or []):
         raise RunError(f"data sizes must be positive numbers of training examples, got {data_sizes}")
     out_dir = Path(cfg.output_dir) / f"{cfg.name}-compare"

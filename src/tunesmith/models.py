@@ -71,7 +71,7 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource("folder", str(Path(next(iter(found.submodule_search_locations))) / inside), name)
     path = Path(spec).expanduser()
     if is_run_folder(path):  # continual learning: start from what an earlier run produced
-        return ModelSource("run", str(path.resolve()), f"{path.name} (tunesmith run)")
+        return ModelSource("run", str(path.resolve()), f"tunesmith run {path.name}")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {spec}")

@@ -97,7 +97,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
     train_set, replay = training.with_replay(cfg, tokenizer, train_set)  # general text mixed in (replay.ratio)
     if replay:
-        console.print(f"replay: {replay['rows']:,} rows of {replay['data']} ({replay['achieved_ratio_' + replay['by']]:.1%} "
+        console.print(f"replay: {replay['rows']:,} row{'' if replay['rows'] == 1 else 's'} of {replay['data']} ({replay['achieved_ratio_' + replay['by']]:.1%} "
                       f"of the training {replay['by']})" + ("; " + replay["note"] if replay.get("note") else ""),
                       highlight=False)
 
@@ -156,6 +156,8 @@ def multitask_data(cfg: Config, tokenizer: Any, console: Console) -> tuple[list[
         splits = load_splits(c, out, tokenizer)
         console.print(f"[bold]{t.name}[/bold]: " + ("reusing the prepared data in " if splits.reused
                                                     else "prepared the data into ") + str(out), highlight=False)
+        for note in splits.notes:  # each file's format, encoding and layout, as a single-task run says
+            console.print(f"  {note}", highlight=False)
         rows, train_stats = encode(c, tokenizer, splits.train, False)
         val, val_stats = encode(c, tokenizer, splits.validation, False)
         for e in rows + val:
@@ -324,16 +326,35 @@ def print_data_summary(report: dict[str, Any], cfg: Config, console: Console, te
 
 
 def prepare_data(cfg: Config, console: Console | None = None) -> Any:
-    """Prepare the config's data into ``runs/<name>/data/`` (splits as JSONL + data_report.json)."""
+    """Prepare the config's data into ``runs/<name>/data/`` (splits as JSONL + data_report.json).
+
+    A multi-task config (``tasks:``) prepares each task into ``data/<task>/`` as training would;
+    the result is then a dict (task name -> that task's prepared data) and data_report.json holds
+    ``{"tasks": {name: report}}``."""
     from tunesmith.data.prepare import prepare
 
     console = console or Console()
-    tokenizer = ready_tokenizer(load_tokenizer(cfg.model), cfg)  # the tokenizer only: the model is not loaded
-    prepared = prepare(cfg, cfg.run_dir / "data", tokenizer)
+    tokenizer = load_tokenizer(cfg.model)  # the tokenizer only: the model is not loaded
+    if cfg.tasks:
+        done = {}
+        for t in cfg.tasks:
+            c = task_config(cfg, t)
+            done[t.name] = prepare(c, cfg.run_dir / "data" / t.name, ready_tokenizer(tokenizer, c))
+            _print_prepared(done[t.name], console, f"task {t.name}: ")
+        atomic_write_json(cfg.run_dir / "data_report.json", {"tasks": {n: p.report for n, p in done.items()}})
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        write_report(cfg.run_dir)
+        return done
+    prepared = prepare(cfg, cfg.run_dir / "data", ready_tokenizer(tokenizer, cfg))
     atomic_write_json(cfg.run_dir / "data_report.json", prepared.report)
     save_config(cfg, cfg.run_dir / "config.yaml")
     write_report(cfg.run_dir)
-    table = Table(title=f"data preparation ({prepared.layout})")
+    _print_prepared(prepared, console)
+    return prepared
+
+
+def _print_prepared(prepared: Any, console: Console, title: str = "") -> None:
+    table = Table(title=f"{title}data preparation ({prepared.layout})")
     for col in ("step", "rows in", "rows out", "removed"):
         table.add_column(col, justify="left" if col == "step" else "right")
     for s in prepared.report["steps"]:
@@ -345,10 +366,10 @@ def prepare_data(cfg: Config, console: Console | None = None) -> Any:
         console.print(note, highlight=False)
     for w in prepared.report.get("warnings") or []:
         console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
-    return prepared
 
 
-def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from: Path | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from: Path | None = None,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a finished run's tuned model (and its base) on the test split; write eval.json,
     predictions.jsonl and report.html.
 
@@ -363,12 +384,18 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     average of their headline metrics (``macro``); predictions go to ``predictions/<task>.jsonl``.
     A run started from another run (``model: runs/X``) is also tested on that run's tasks
     (``eval.previous_tasks``): a ``previous_tasks`` block with the earlier run's own score and the drop.
+    ``overrides``: ``eval.KEY=VALUE`` settings for this evaluation only (config.yaml is not changed;
+    eval.json records them as ``eval_overrides``). Raises RunError for a key outside ``eval.``.
     """
     console = console or Console()
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    overrides = list(overrides or [])
+    if outside := [o for o in overrides if not o.strip().startswith("eval.")]:
+        raise RunError(f"tunesmith eval --set takes evaluation settings only (eval.KEY=VALUE); not {', '.join(outside)}: "
+                       "other settings would no longer describe how the run was trained (train again with --set)")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
     if not artifact.is_dir():
         raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first (tunesmith train ... --resume)")
@@ -386,6 +413,8 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     results = main.results if not cfg.tasks else {
         "task": "multitask", "test_examples": sum(len(j.splits.test) for j in jobs.values()),
         "precision": "bf16" if bf16 else "fp32", "metric": "macro"}
+    if overrides:
+        results["eval_overrides"] = overrides
     reused = (_reused_base(Path(base_from), cfg, test) if base_from and cfg.eval.compare_with_base and not cfg.tasks
               else None)
     if reused is not None:
@@ -399,8 +428,10 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
         if cfg.eval.compare_with_base and reused is None:
             for job in every:  # the base first: a LoRA merge below changes its weights in place
                 run_eval(job, "base", base)
-        probe = forgetting.Probe(tokenizer, cfg, bf16, cfg.eval.batch_size)
-        observed = probe.observe(base, progress) if cfg.method != "prompt" else None  # before a merge changes base
+        probe = forgetting.Probe(tokenizer, cfg, bf16, cfg.eval.batch_size) if cfg.method != "prompt" else None
+        observed = probe.observe(base, progress) if probe else None  # before a merge changes base
+        if skipped := forgetting.skipped(cfg, probe, bool(head)):
+            console.print(f"forgetting on general data: not measured ({skipped})", highlight=False)
         if cfg.method == "prompt":  # the base model (or a remote one), asked with the prompt method's shots
             asked = ApiModel(cfg.prompt.api) if cfg.prompt.api.base_url else base
             run_eval(main, "tuned", asked, methods.prompt.apply(cfg, splits.train, test))
@@ -415,7 +446,7 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
             for job in every:
                 run_eval(job, "tuned", tuned)
             # forgetting on general data (eval.general), after the task evaluations
-            results["forgetting"] = probe.compare(tuned, observed, progress, cfg.eval.bootstrap_resamples)
+            results["forgetting"] = probe.compare(tuned, observed, progress, cfg.eval.bootstrap_resamples) if probe else None
             if results["forgetting"] is not None:
                 console.print(forgetting.summary_line(results["forgetting"]), highlight=False)
     for job in every:
@@ -446,6 +477,8 @@ def _write_evaluation(run_dir: Path, results: dict[str, Any], main: _TaskEval, t
         print_table(results, console)
     for name, job in tasks.items():
         print_table(job.results, console, f" ({name})")
+    if tasks and "macro" in results:
+        print_macro(results, console)
     for name, job in earlier.items():
         print_table(job.results, console, f" (earlier task {name})")
     for job in (list(tasks.values()) or [main]) + list(earlier.values()):
@@ -623,6 +656,24 @@ def print_table(results: dict[str, Any], console: Console, where: str = "") -> N
         table.add_column(col, justify="left" if col == "metric" else "right")
     for row in metrics_table(results):
         table.add_row(*row)
+    console.print(table)
+
+
+def print_macro(results: dict[str, Any], console: Console) -> None:
+    """The multi-task summary: each task's headline metric (base, tuned, change) and their macro average."""
+    table = Table(title="macro average over the tasks (each task's headline metric)")
+    for col in ("task", "metric", "base", "tuned", "change"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+
+    def row(name: str, metric: str, base: float | None, tuned: float | None) -> tuple[str, ...]:
+        change = f"{tuned - base:+.4f}" if base is not None and tuned is not None else ""
+        return (name, metric, "" if base is None else f"{base:.4f}", "" if tuned is None else f"{tuned:.4f}", change)
+
+    for name, r in results.get("tasks", {}).items():
+        m = r["metric"]
+        table.add_row(*row(name, m, (r.get("base") or {}).get(m), (r.get("tuned") or {}).get(m)))
+    macro = results["macro"]
+    table.add_row(*row("[bold]macro[/bold]", "mean", macro.get("base"), macro.get("tuned")))
     console.print(table)
 
 

@@ -315,6 +315,7 @@ def train(
                 if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):  # before the update: weights stay good
                     raise NonFiniteLossError(_non_finite(run_dir, state["step"] + 1, "training loss", step_loss,
                                                          float(grad_norm), cfg))
+                step_lr = scheduler.get_last_lr()[0]  # the rate this step's update used (logged below)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -331,7 +332,7 @@ def train(
             window_tokens += tokens
             tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             record = {"type": "train", "step": state["step"], "epoch": epoch + (pos + 1) / steps_per_epoch,
-                      "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
                       "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s,
                       "mfu": flops_per_token * tok_s / peak, "step_seconds": dt} | objective.parts()
             append_jsonl(run_dir / METRICS, record)
