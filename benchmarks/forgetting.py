@@ -4,7 +4,9 @@ Every variant starts from ``examples/sst2.yaml`` (the demo's data, steps and tes
 differs only in what the table names:
 
   full            full fine-tuning, no mitigation (the reference for forgetting)
-  full+replay     ... with general text replayed (replay.ratio of the training examples)
+  full+replay     ... with general text replayed (20% of the training target tokens)
+  full+instr-replay ... with everyday instructions replayed, answered by the base model itself
+                  (10% of the training examples; replay.data: instructions)
   full+distill    ... with a KL term toward the frozen base on the task's prompts
   full+l2sp       ... with L2-SP anchoring toward the pretrained weights
   full+ewc        ... with EWC (diagonal Fisher on general text)
@@ -36,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 VARIANTS: dict[str, list[str]] = {
     "full": ["method=full"],
     "full+replay": ["method=full", "replay.ratio=0.2", "replay.by=tokens"],
+    # everyday instructions (not the scored ones) with the base model's own greedy replies: rehearses how it answered
+    "full+instr-replay": ["method=full", "replay.data=instructions", "replay.ratio=0.1"],
     "full+distill": ["method=full", "distill.weight=1.0", "distill.on=prompts"],
     "full+l2sp": ["method=full", "anchor.method=l2sp", "anchor.strength=0.1"],
     # the Fisher of SmolLM2-135M on the general text averages 3e-7 per weight: 3e5 pulls as hard as L2-SP 0.1 on average

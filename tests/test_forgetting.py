@@ -87,7 +87,7 @@ def test_base_replies_are_cached_by_weights(tmp_path, tokenizer, tiny_model, mon
     first = probe.observe(tiny_model).replies
     assert len(list((tmp_path / "home" / "general").glob("replies-*.json"))) == 1
     calls = []
-    monkeypatch.setattr(forgetting, "generate", lambda *a, **k: calls.append(1) or ([], 0))
+    monkeypatch.setattr("tunesmith.replies.generate", lambda *a, **k: calls.append(1) or ([], 0))
     assert probe.observe(tiny_model).replies == first and not calls  # same weights: from the cache
     probe.observe(_perturbed(tiny_model))  # other weights: generated again
     assert calls

@@ -14,7 +14,8 @@ from tunesmith import train as train_mod
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import collate, encode_all
 from tunesmith.data.general import train_texts
-from tunesmith.data.render import IGNORE, Encoded, collate_packed
+from tunesmith.data.formats import Example
+from tunesmith.data.render import IGNORE, Encoded, collate_packed, encode
 from tunesmith.data.replay import mix, replay_rows
 from tunesmith.methods import lora
 from tunesmith.models import ModelError, load_model
@@ -299,3 +300,80 @@ def test_config_refuses_what_cannot_work():
     c = Config()
     c.distill.weight = 1.0  # on replay, but no replay
     assert any("replay.ratio is 0" in p for p in validate(c))
+
+
+# ---------------------------------------------------------------- replay of instructions answered by the base
+
+
+def test_instruction_replay_trains_on_the_base_models_own_replies(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    from tunesmith.data.general import EVAL_INSTRUCTIONS, eval_instructions, train_instructions
+    from tunesmith.evaluate import generate
+    from tunesmith.training import with_replay
+
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    assert not set(eval_instructions(99)) & set(train_instructions())  # never the scored ones
+    assert len(eval_instructions(99)) == EVAL_INSTRUCTIONS and len(train_instructions()) == 112
+    cfg = Config(task="classification")
+    cfg.train.precision, cfg.train.max_seq_len = "fp32", 128
+    cfg.replay.data, cfg.replay.ratio, cfg.replay.max_new_tokens = "instructions", 0.25, 5
+    tiny_model.train()
+    mixed, summary = with_replay(cfg, tokenizer, encoded, tiny_model)
+    assert tiny_model.training  # the mode it was in
+    assert summary["kind"] == "conversations, replies by the base model" and summary["rows"] == len(mixed) - len(encoded)
+    assert abs(summary["achieved_ratio_examples"] - 0.25) < 0.01
+    replayed = mixed[len(encoded):]
+    # each row: a shipped instruction, the base's greedy reply as the only target (token for token)
+    first = replayed[0]
+    number = int(first.source.split()[-1])  # "instruction N": the N-th of the shipped set
+    asked = [Example([{"role": "user", "content": train_instructions()[number - 1 - EVAL_INSTRUCTIONS]}])]
+    reply = generate(tiny_model, tokenizer, asked, 5, 4, False, max_seq_len=128)[0][0]
+    want = encode(tokenizer, Example(asked[0].messages + [{"role": "assistant", "content": reply}]), 128)
+    assert (first.input_ids, first.labels, first.kind) == (want.input_ids, want.labels, "replay")
+    # the replies are cached by the model's weights: a second run asks nothing
+    monkeypatch.setattr("tunesmith.replies.generate", lambda *a, **k: pytest.fail("asked again"))
+    assert with_replay(cfg, tokenizer, encoded, tiny_model)[0] == mixed
+
+
+@pytest.mark.parametrize("replies", ["base", "data"])
+def test_a_replay_file_of_instructions_or_text(tiny_model, tokenizer, encoded, tmp_path, monkeypatch, replies):
+    from tunesmith.data.formats import DataError
+    from tunesmith.training import with_replay
+
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    (tmp_path / "alpaca.json").write_text(json.dumps(
+        [{"instruction": f"Name a colour number {i}", "input": "", "output": f"blue {i}"} for i in range(6)]))
+    cfg = Config(task="classification")
+    cfg.train.precision, cfg.train.max_seq_len = "fp32", 128
+    cfg.replay.data, cfg.replay.ratio, cfg.replay.replies, cfg.replay.max_new_tokens = str(tmp_path / "alpaca.json"), 0.2, replies, 4
+    mixed, summary = with_replay(cfg, tokenizer, encoded, tiny_model)
+    rows = mixed[len(encoded):]
+    targets = [tokenizer.decode([t for t in r.labels if t != IGNORE]) for r in rows]
+    assert summary["kind"].endswith("base model" if replies == "base" else "data")
+    if replies == "data":
+        assert all(t.startswith("blue") for t in targets)
+    # instructions alone: answered by the base; with replies: data it is an error naming the file
+    (tmp_path / "asks.jsonl").write_text("\n".join(json.dumps({"instruction": f"Say {i}"}) for i in range(4)))
+    cfg.replay.data = str(tmp_path / "asks.jsonl")
+    if replies == "data":
+        with pytest.raises(DataError, match="asks.jsonl.*no replies"):
+            with_replay(cfg, tokenizer, encoded, tiny_model)
+    else:
+        assert with_replay(cfg, tokenizer, encoded, tiny_model)[1]["kind"].endswith("base model")
+    # a file of text stays language modelling
+    (tmp_path / "wiki.txt").write_text("The cat sat on the mat.\nA second line of text.\n")
+    cfg.replay.data = str(tmp_path / "wiki.txt")
+    assert with_replay(cfg, tokenizer, encoded, tiny_model)[1]["kind"] == "text"
+
+
+def test_config_checks_instruction_replay():
+    from tunesmith.config import validate
+
+    c = Config()
+    c.replay.ratio, c.replay.data, c.replay.replies = 0.1, "instructions", "data"
+    c.anchor.method, c.anchor.strength, c.anchor.fisher_data = "ewc", 1.0, "instructions"
+    problems = validate(c)
+    assert any(p.startswith("replay.replies: data needs replies") for p in problems)
+    assert any(p.startswith("anchor.fisher_data") for p in problems)
+    c.replay.replies, c.replay.max_new_tokens = "teacher", 0
+    problems = validate(c)
+    assert any("'teacher' is not one of base, data" in p for p in problems) and any("max_new_tokens" in p for p in problems)

@@ -32,6 +32,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
 GENERAL = "general"  # the shipped general set (Wikipedia text, general instructions): eval.general, replay.data
+INSTRUCTIONS = "instructions"  # replay.data: the shipped everyday instructions the check does not score, base-answered
 ANCHORS = ("none", "l2sp", "ewc")
 DISTILL_ON = ("replay", "prompts", "both")
 
@@ -216,9 +217,11 @@ class EvalConfig:
 class ReplayConfig:
     """Replay: general data mixed into training (plain language modelling on those rows)."""
 
-    data: str = GENERAL  # general (the shipped Wikipedia text: other articles than eval.general scores) | a file
+    data: str = GENERAL  # general (shipped Wikipedia text) | instructions (shipped, base-answered) | a file
     ratio: float = 0.0  # share of the training mix that is replay, in [0, 1): by examples or by target tokens; 0 = off
     by: str = "examples"  # examples | tokens
+    replies: str = "base"  # instructions/conversations: base (the base model's greedy replies) | data (the file's own)
+    max_new_tokens: int = 128  # replies: base: the longest reply the base model writes
 
 
 @dataclass
@@ -346,10 +349,10 @@ def _general_files(cfg: Config) -> list[str]:
             "replay.data": cfg.replay.data if cfg.replay.ratio > 0 else None,
             "anchor.fisher_data": cfg.anchor.fisher_data if cfg.anchor.method == "ewc" else None}
     for key, value in used.items():
-        if value and value not in (GENERAL, "none") and not Path(value).exists():
+        if value and value not in (GENERAL, INSTRUCTIONS, "none") and not Path(value).exists():
             p.append(f"{key}: file not found: {value}")
     for key in ("replay.data", "anchor.fisher_data"):
-        if used[key] and used[key] not in (GENERAL, "none") and used[key] == used["eval.general"]:
+        if used[key] and used[key] not in (GENERAL, INSTRUCTIONS, "none") and used[key] == used["eval.general"]:
             p.append(f"{key}: the same file as eval.general ({used[key]}): the forgetting check would score text the run "
                      "trained on; give the check other text (or leave both at general: they are kept apart)")
     return p
@@ -505,14 +508,20 @@ def _validate_forgetting(cfg: Config) -> list[str]:
 
     e = cfg.eval
     check(e.general_tokens >= 0, "eval.general_tokens: must be >= 0")
-    check(e.general_instructions >= 0, "eval.general_instructions: must be >= 0 (0 skips agreement and KL)")
+    check(0 <= e.general_instructions <= 16, "eval.general_instructions: 0 to 16 (the shipped instructions that are "
+          "scored; the others are replay.data: instructions; 0 skips agreement and KL)")
     check(e.general_max_new_tokens >= 1, "eval.general_max_new_tokens: must be >= 1")
     check(bool(e.general), f"eval.general: {GENERAL} (the shipped set), a file of general text, or none")
     r, d, a = cfg.replay, cfg.distill, cfg.anchor
     trains = cfg.method != "prompt"
     check(0 <= r.ratio < 1, "replay.ratio: the share of replay in the training mix, in [0, 1)")
     check(r.by in ("examples", "tokens"), f"replay.by: {r.by!r} is not one of examples, tokens")
-    check(bool(r.data), f"replay.data: {GENERAL} (the shipped Wikipedia text) or a file of general text")
+    check(bool(r.data), f"replay.data: {GENERAL} (the shipped Wikipedia text), {INSTRUCTIONS} (the shipped everyday "
+          "instructions, answered by the base model) or a file of general text or instructions")
+    check(r.replies in ("base", "data"), f"replay.replies: {r.replies!r} is not one of base, data")
+    check(not (r.data == INSTRUCTIONS and r.replies == "data"),
+          "replay.replies: data needs replies in the file; the shipped instructions have none (use base)")
+    check(r.max_new_tokens >= 1, "replay.max_new_tokens: must be >= 1")
     check(d.weight >= 0, "distill.weight: must be >= 0 (0 = off)")
     check(d.temperature > 0, "distill.temperature: must be > 0")
     check(d.direction in ("forward", "reverse"), f"distill.direction: {d.direction!r} is not one of forward, reverse")
@@ -526,7 +535,8 @@ def _validate_forgetting(cfg: Config) -> list[str]:
     check(a.strength >= 0, "anchor.strength: must be >= 0")
     check(a.method == "none" or a.strength > 0, f"anchor.strength: anchor.method {a.method} needs a strength > 0")
     check(a.fisher_examples >= 1, "anchor.fisher_examples: must be >= 1")
-    check(bool(a.fisher_data), f"anchor.fisher_data: {GENERAL} (the shipped Wikipedia text) or a file of general text")
+    check(bool(a.fisher_data) and a.fisher_data != INSTRUCTIONS,
+          f"anchor.fisher_data: {GENERAL} (the shipped Wikipedia text) or a file of general text")
     check(not (d.weight > 0 and d.on == "prompts" and cfg.task == "text"), "distill.on: prompts distils the prompt "
           "tokens of task rows, but task text has none (every token is a target); use replay or both")
     check(not (a.method != "none" and not trains), "anchor.method: method prompt trains nothing to anchor")
@@ -611,7 +621,7 @@ def _resolve_data_paths(cfg: Config, base: Path, typed: set[str] = frozenset()) 
                               ("anchor.fisher_data", cfg.anchor, "fisher_data"), ("distill.teacher", cfg.distill, "teacher"),
                               ("model", cfg, "model")):
         value = getattr(holder, attr)
-        if not value or Path(value).is_absolute() or value.startswith("hf:") or value in (GENERAL, "none", "base", "default"):
+        if not value or Path(value).is_absolute() or value.startswith("hf:") or value in (GENERAL, INSTRUCTIONS, "none", "base", "default"):
             continue
         if key in ("distill.teacher", "model") and not any(c.exists() for c in (base / value, Path.cwd() / value)):
             continue  # a hub id or a built-in name, not a path

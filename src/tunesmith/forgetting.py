@@ -21,8 +21,6 @@ model may share its weights with the base; the base's replies are cached under
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +37,7 @@ from tunesmith.data import general
 from tunesmith.data.formats import Example
 from tunesmith.data.render import IGNORE, Encoded, collate, encode
 from tunesmith.evaluate import generate
-from tunesmith.io import atomic_write_json
-from tunesmith.models import tunesmith_home
+from tunesmith.replies import cached_replies
 from tunesmith.train import _plain_head, _target_hidden, _unwrap, target_logprob_per_row
 
 MIN_WINDOW = 32  # tokens scored per general text at least, whatever eval.general_tokens says
@@ -71,7 +68,7 @@ class Probe:
         texts = general.eval_texts(e.general)
         per_text = max(MIN_WINDOW, e.general_tokens // max(len(texts), 1))
         self.windows = _windows(tokenizer, texts, per_text)  # not cut to train.max_seq_len: runs stay comparable
-        self.instructions = general.instructions()[: e.general_instructions]
+        self.instructions = general.eval_instructions(e.general_instructions)
         self.note = None
         if self.instructions and not getattr(tokenizer, "chat_template", None):  # a base model: no way to ask it
             self.instructions = []
@@ -149,23 +146,8 @@ class Probe:
 
     def _base_replies(self, base: torch.nn.Module, progress: Progress | None) -> list[str]:
         """The base model's greedy replies, from the cache when this base (by its weights) made them."""
-        e = self.cfg.eval
-        key = hashlib.sha256(json.dumps([_fingerprint(base), self.tokenizer.chat_template, self.instructions,
-                                         e.general_max_new_tokens, self.cfg.train.max_seq_len, self.bf16]).encode())
-        path = tunesmith_home() / "general" / f"replies-{key.hexdigest()[:20]}.json"
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if len(cached) == len(self.instructions):
-                return cached
-        except (OSError, ValueError):
-            pass
-        replies, _ = generate(base, self.tokenizer, self._conversations(), e.general_max_new_tokens, self.batch_size,
-                              self.bf16, progress, self.cfg.train.max_seq_len)
-        try:
-            atomic_write_json(path, replies)
-        except OSError:  # a read-only home: the check still works, only slower next time
-            pass
-        return replies
+        return cached_replies(base, self.tokenizer, self._conversations(), self.cfg.eval.general_max_new_tokens,
+                              self.batch_size, self.bf16, self.cfg.train.max_seq_len, progress)
 
     def _encoded_replies(self, replies: list[str]) -> list[Encoded]:
         """Each instruction with the base reply as its answer; the reply (and end of turn) are the targets."""
@@ -235,16 +217,6 @@ def _mean_per_token(kl: list[tuple[float, int]]) -> tuple[dict[str, float], dict
     c = np.asarray([n for _, n in kl], dtype=float)
     stats: dict[str, M.Stat] = {"kl": lambda idx: float(s[idx].sum() / max(c[idx].sum(), 1.0))}
     return {"kl": stats["kl"](np.arange(len(s)))}, stats
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
-    """A hash of a model's weights (a sample of every tensor): the same weights, the same replies."""
-    h = hashlib.sha256()
-    for name, p in _unwrap(model).state_dict().items():
-        flat = p.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def skipped(cfg: Config, probe: Probe | None, head: bool = False) -> str | None:

@@ -95,11 +95,14 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         print_data_summary(report, cfg, console, len(splits.test))
     if not train_set or not val_set:
         raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
-    train_set, replay = training.with_replay(cfg, tokenizer, train_set)  # general text mixed in (replay.ratio)
+    with _progress(console) as progress:  # general data mixed in (replay.ratio); instructions answered by the base
+        if cfg.replay.ratio > 0:
+            model.to(runtime.device())  # the base may answer the replayed instructions: on the training device
+        train_set, replay = training.with_replay(cfg, tokenizer, train_set, model, progress)
     if replay:
-        console.print(f"replay: {replay['rows']:,} row{'' if replay['rows'] == 1 else 's'} of {replay['data']} ({replay['achieved_ratio_' + replay['by']]:.1%} "
-                      f"of the training {replay['by']})" + ("; " + replay["note"] if replay.get("note") else ""),
-                      highlight=False)
+        console.print(f"replay: {replay['rows']:,} row{'' if replay['rows'] == 1 else 's'} of {replay['data']} "
+                      f"({replay['kind']}; {replay['achieved_ratio_' + replay['by']]:.1%} of the training {replay['by']})"
+                      + ("; " + replay["note"] if replay.get("note") else ""), highlight=False)
 
     if resume:
         save_config(cfg, run_dir / "config.yaml")

@@ -2,9 +2,10 @@
 
 Used by the forgetting check (``eval.general``), replay (``replay.data``) and EWC's Fisher
 estimate (``anchor.fisher_data``). ``general`` names the set shipped in the package
-(``resources/general/``: 30 Wikipedia articles and 32 everyday instructions); the articles are
-split so that what is scored is never what is trained on: the first ``EVAL_ARTICLES`` are
-scored, the rest are replayed. Any other value is a file of the user's own general text, read
+(``resources/general/``: 30 Wikipedia articles and 128 everyday instructions); both are split so
+that what is scored is never what is trained on: the first ``EVAL_ARTICLES`` articles and
+``EVAL_INSTRUCTIONS`` instructions are scored, the rest are replayed (``replay.data: general`` /
+``instructions``). Any other value is a file of the user's own general text, read
 by tunesmith's data readers (a text file: one text per line; JSONL/JSON/CSV/Parquet: the
 ``text`` column, or the only column).
 """
@@ -19,6 +20,7 @@ from tunesmith.config import GENERAL
 from tunesmith.data.formats import DataError, read_table
 
 EVAL_ARTICLES = 8  # articles 1-8 of the shipped set are scored; 9-30 are for training (replay, Fisher)
+EVAL_INSTRUCTIONS = 16  # instructions 1-16 are scored (eval.general_instructions at most); 17-128 are for replay
 
 
 def _shipped(name: str) -> Path:
@@ -32,7 +34,7 @@ def articles() -> list[str]:
 
 
 def instructions() -> list[str]:
-    """The shipped general instructions (32)."""
+    """The shipped general instructions (128), in file order."""
     lines = _shipped("instructions.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["instruction"] for line in lines if line.strip()]
 
@@ -48,6 +50,16 @@ def train_texts(spec: str) -> list[str]:
     """General texts to train on (replay) or estimate a Fisher from: the shipped articles not
     scored by ``eval_texts(GENERAL)``, or a user's file (all of it)."""
     return articles()[EVAL_ARTICLES:] if spec == GENERAL else read_texts(spec)
+
+
+def eval_instructions(count: int) -> list[str]:
+    """The first ``count`` (at most ``EVAL_INSTRUCTIONS``) shipped instructions: the scored ones."""
+    return instructions()[: min(count, EVAL_INSTRUCTIONS)]
+
+
+def train_instructions() -> list[str]:
+    """The shipped instructions never scored by the forgetting check (112): for replay."""
+    return instructions()[EVAL_INSTRUCTIONS:]
 
 
 def read_texts(path: str) -> list[str]:

@@ -1,8 +1,17 @@
-"""Replay: general text mixed into the training list, so the model keeps practising what it knew.
+"""Replay: general data mixed into the training list, so the model keeps practising what it knew.
 
-Replay rows are plain language modelling (every token after a window's first is a target), cut
-into windows of ``train.max_seq_len`` tokens by the raw-text encoder (``render.encode_text``),
-and marked ``kind="replay"``. ``mix`` chooses how many go into the training list so that the
+Two kinds of replay rows, both marked ``kind="replay"``:
+
+* **text** (``replay.data: general`` or a file of general text): plain language modelling (every
+  token after a window's first is a target), cut into windows of ``train.max_seq_len`` tokens by
+  the raw-text encoder (``render.encode_text``);
+* **conversations** (``replay.data: instructions`` or a file of instructions / chats): each
+  conversation with a reply, the reply's tokens (and end of turn) the targets, rendered like task
+  rows. With ``replay.replies: base`` the reply is the base model's own greedy answer
+  (``replies.cached_replies``): the run keeps rehearsing how the base answered everyday requests,
+  which is what a narrow task makes a chat model forget first (answers collapse to a word).
+
+``mix`` chooses how many go into the training list so that the
 replay share of one epoch is ``replay.ratio``:
 
 * by ``examples``: r / (n + r) = ratio, so r = round(ratio * n / (1 - ratio)) rows for n task rows;
@@ -23,8 +32,9 @@ from typing import Any
 
 import torch
 
-from tunesmith.data.formats import Example
-from tunesmith.data.render import IGNORE, Encoded, encode_text
+from tunesmith.data.formats import DataError, Example, read_table
+from tunesmith.data.layouts import detect_layout, rows_to_examples
+from tunesmith.data.render import IGNORE, Encoded, encode, encode_text
 
 
 def replay_rows(tokenizer: Any, texts: list[str], max_seq_len: int) -> list[Encoded]:
@@ -36,6 +46,55 @@ def replay_rows(tokenizer: Any, texts: list[str], max_seq_len: int) -> list[Enco
         windows = encode_text(tokenizer, Example(messages=[], text=text, source=f"replay:{i + 1}"), max_seq_len)
         out += [dataclasses.replace(w, kind="replay") for w in windows if w.n_targets]
     return out
+
+
+PROMPT_COLUMNS = ("instruction", "prompt", "question", "query")  # a one-column file of these: instructions alone
+
+
+def conversation_rows(tokenizer: Any, conversations: list[Example], max_seq_len: int) -> list[Encoded]:
+    """Each conversation (ending with an assistant reply) encoded like a task row, every assistant
+    turn a target (``render.encode``), marked ``kind="replay"``; rows left with no target are dropped."""
+    out = []
+    for ex in conversations:
+        row = encode(tokenizer, ex, max_seq_len)
+        if row.n_targets:
+            out.append(dataclasses.replace(row, kind="replay"))
+    return out
+
+
+def with_replies(conversations: list[Example], replies: list[str]) -> list[Example]:
+    """Each conversation up to its last assistant turn (the whole of it when there is none), then
+    ``replies[i]`` as the assistant's answer."""
+    out = []
+    for ex, reply in zip(conversations, replies, strict=True):
+        last = max((i for i, m in enumerate(ex.messages) if m["role"] == "assistant"), default=len(ex.messages))
+        out.append(dataclasses.replace(ex, messages=ex.messages[:last] + [{"role": "assistant", "content": reply}]))
+    return out
+
+
+def read_replay_file(path: str) -> tuple[list[str] | None, list[Example] | None]:
+    """A user's replay file: ``(texts, None)`` for general text (a text file, or a table with a
+    ``text`` column or a single column), ``(None, conversations)`` for instructions or chats (any
+    layout tunesmith reads: instruction/input/output, messages, prompt/completion, ...). Raises
+    DataError naming the file when it is neither."""
+    table = read_table(path)
+    prompts = [c for c in table.columns if c.lower() in PROMPT_COLUMNS]
+    if len(table.columns) == 1 and prompts:  # instructions alone: the base model writes the replies
+        asked = [str(r.values.get(prompts[0]) or "").strip() for r in table.rows]
+        return None, [Example([{"role": "user", "content": q}], source=f"{path}:{i + 1}") for i, q in enumerate(asked) if q]
+    if table.format == "text" or "text" in table.columns or len(table.columns) == 1:
+        from tunesmith.data.general import read_texts
+
+        return read_texts(path), None
+    try:
+        layout = detect_layout(table, None, None, "instruction")
+    except DataError as e:
+        raise DataError(f"{path}: replay data must be general text (a 'text' column) or instructions/conversations; "
+                        f"{e}") from None
+    conversations = [ex for ex in rows_to_examples(table, layout) if ex.messages]
+    if not conversations:
+        raise DataError(f"{path}: no conversation to replay")
+    return None, conversations
 
 
 def mix(task: list[Encoded], pool: list[Encoded], ratio: float, by: str, seed: int) -> tuple[list[Encoded], dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Keeping what the model knew, on the training side: replay, distillation and weight anchoring.
 
-* Replay (``replay.*``, ``data/replay.py``): general text mixed into the training list.
+* Replay (``replay.*``, ``data/replay.py``): general text, or instructions answered by the base
+  model, mixed into the training list.
 * Distillation (``distill.*``, ``losses.py``): loss += weight * KL per distilled token, between a
   teacher's and the student's next-token distributions, at the positions ``distill.on`` names.
 * Anchoring (``anchor.*``, ``anchoring.py``): loss += strength / 2 * sum F (w - w0)^2.
@@ -29,11 +30,15 @@ from typing import Any
 import torch
 
 from tunesmith import runtime
-from tunesmith.config import Config, load_config
-from tunesmith.data.general import train_texts
+from rich.progress import Progress
+
+from tunesmith.config import GENERAL, INSTRUCTIONS, Config, load_config
+from tunesmith.data.formats import DataError, Example
+from tunesmith.data.general import EVAL_INSTRUCTIONS, train_instructions, train_texts
 from tunesmith.data.render import IGNORE, Encoded, pack
-from tunesmith.data.replay import mix, replay_rows
+from tunesmith.data.replay import conversation_rows, mix, read_replay_file, replay_rows, with_replies
 from tunesmith.models import ModelError, load_model
+from tunesmith.replies import cached_replies
 from tunesmith.train import TaskLoss, _decoder_inputs, _HeadCrossEntropy, _plain_head, _unwrap, target_loss_sum
 from tunesmith.training.anchoring import Anchor, estimate_fisher, load_fisher, save_fisher
 from tunesmith.training.losses import head_kl_sum
@@ -168,14 +173,47 @@ def _ce_sum(h: torch.Tensor, head: torch.Tensor, y: torch.Tensor, chunk: int = 5
 # ---------------------------------------------------------------- building from a config
 
 
-def with_replay(cfg: Config, tokenizer: Any, train_set: list[Encoded]) -> tuple[list[Encoded], dict[str, Any]]:
-    """The training list with ``replay.ratio`` of general text mixed in (``data/replay.py``), and
-    its summary ({} when replay is off). Raises DataError when the general text cannot be read."""
-    if cfg.replay.ratio <= 0:
+def with_replay(cfg: Config, tokenizer: Any, train_set: list[Encoded], base: torch.nn.Module | None = None,
+                progress: Progress | None = None) -> tuple[list[Encoded], dict[str, Any]]:
+    """The training list with ``replay.ratio`` of general data mixed in (``data/replay.py``), and
+    its summary ({} when replay is off).
+
+    General text becomes language-modelling windows; instructions (``replay.data: instructions``
+    or a file of them) become conversations answered by ``base`` (``replay.replies: base``: call
+    before training changes it; greedy, cached by its weights) or by the file's own replies
+    (``data``). Raises DataError when the data cannot be read, or holds no reply that
+    ``replies: data`` could use; ValueError when base replies are wanted and ``base`` is None."""
+    r = cfg.replay
+    if r.ratio <= 0:
         return train_set, {}
-    pool = replay_rows(tokenizer, train_texts(cfg.replay.data), cfg.train.max_seq_len)
-    mixed, summary = mix(train_set, pool, cfg.replay.ratio, cfg.replay.by, cfg.train.seed)
-    return mixed, summary | {"data": cfg.replay.data}
+    if r.data == INSTRUCTIONS:
+        texts, conversations = None, [Example([{"role": "user", "content": q}], source=f"instruction {i + 1}")
+                                      for i, q in enumerate(train_instructions(), start=EVAL_INSTRUCTIONS)]
+    elif r.data == GENERAL:
+        texts, conversations = train_texts(GENERAL), None
+    else:
+        texts, conversations = read_replay_file(r.data)
+    if conversations is None:
+        pool = replay_rows(tokenizer, texts or [], cfg.train.max_seq_len)
+        kind = "text"
+    else:
+        if r.replies == "data":
+            if not any(m["role"] == "assistant" for ex in conversations for m in ex.messages):
+                raise DataError(f"{r.data}: replay.replies: data, but the file has no replies (use replay.replies: base)")
+            answered = conversations
+        else:
+            if base is None:
+                raise ValueError("replay.replies: base needs the base model")
+            was = base.training
+            bf16 = runtime.use_bf16(cfg.train.precision, next(base.parameters()).device)
+            replies = cached_replies(base, tokenizer, conversations, r.max_new_tokens, cfg.eval.batch_size, bf16,
+                                     cfg.train.max_seq_len, progress)
+            base.train(was)
+            answered = with_replies(conversations, replies)
+        pool = conversation_rows(tokenizer, answered, cfg.train.max_seq_len)
+        kind = f"conversations, replies by the {'base model' if r.replies == 'base' else 'data'}"
+    mixed, summary = mix(train_set, pool, r.ratio, r.by, cfg.train.seed)
+    return mixed, summary | {"data": r.data, "kind": kind}
 
 
 def build(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: Path, resume: bool,
