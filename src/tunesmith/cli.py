@@ -16,13 +16,18 @@ from tunesmith.data import DataError
 from tunesmith.deploy.errors import ExportError, ServeError
 from tunesmith.models import ModelError
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
+from tunesmith.checkpoint import CheckpointError
 from tunesmith.train import NonFiniteLossError
 
 DEMO_CONFIG = "sst2.yaml"
+EXIT_RESUMABLE = 75  # training stopped by SIGTERM/SIGINT (or until_step) with a checkpoint: rerun with --resume
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a language model on your data and prove it got better.")
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a language model on your data and prove it got better.",
+                                     epilog="exit codes: 0 done; 2 bad input (config, data, model, checkpoint); "
+                                            f"{EXIT_RESUMABLE} training stopped by SIGTERM/Ctrl-C with a checkpoint "
+                                            "(continue with --resume); 130 interrupted at once (a second Ctrl-C)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("train", help="fine-tune as a config says, then evaluate against the base model")
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                            allow_changes=args.allow_changes)
             if run.eval:
                 console.print(f"report: {run.dir / 'report.html'}")
+            if run.train.get("interrupted"):
+                return EXIT_RESUMABLE
         elif args.verb == "prepare":
             prepared = prepare_data(load_config(args.config, args.overrides + skip), console=console)
             where = prepared.files["train"].parent if not isinstance(prepared, dict) else next(iter(prepared.values())).files["train"].parent.parent
@@ -139,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
             console.print(f"report: {run.dir / 'report.html'}")
-    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError, ServeError) as e:
+    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError, ServeError,
+            CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,15 +36,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_dir(path: Path, fill: Callable[[Path], None]) -> None:
-    """Build a folder in a temporary sibling with ``fill(tmp)``, then rename it into place.
+    """Build a folder in a temporary sibling with ``fill(tmp)``, fsync its files, then rename it
+    into place (and fsync the parent folder, so the rename itself survives a power cut).
 
-    An existing folder at ``path`` is replaced only once the new one is complete.
+    An existing folder at ``path`` is replaced only once the new one is complete: it is first
+    renamed to ``.<name>.old``; a crash between the two renames leaves that copy, which
+    ``recover_dir`` (called here and by readers) renames back. Any error (a full disk) removes the
+    temporary folder and leaves ``path`` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         fill(tmp)
+        fsync_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -53,9 +59,44 @@ def atomic_dir(path: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(path: Path) -> None:
+    """Undo a replacement ``atomic_dir`` was killed in the middle of: ``path`` missing but its
+    ``.<name>.old`` copy complete."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then each folder (their entries)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: the rename is all we can do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,15 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
 from transformers import get_cosine_schedule_with_warmup
 
 from tunesmith import flops, runtime
 from tunesmith.config import TrainConfig
 from tunesmith.data.render import IGNORE, Encoded, collate, collate_packed
-from tunesmith.io import append_jsonl, atomic_dir, atomic_write_jsonl, read_jsonl
+from tunesmith.checkpoint import (CHECKPOINTS, latest_checkpoint, load_best, load_checkpoint, load_trainable,  # noqa: F401
+                                  save_best, save_checkpoint)
+from tunesmith.io import append_jsonl, atomic_write_jsonl, read_jsonl
 
-CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
 
@@ -275,8 +276,11 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
              "target_tokens": 0, "train_seconds": 0.0}
+    progress = _progress(show_progress)
+    warn = lambda message: progress.console.print(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
     if resume:
-        state = load_checkpoint(run_dir, params, optimizer, scheduler)
+        state = load_checkpoint(run_dir, params, optimizer, scheduler, warn=warn)
+        state.pop("checkpoint")
         _apply_hyperparameters(optimizer, scheduler, cfg)  # a resume allowed to change them really changes them
         _truncate_metrics(run_dir / METRICS, state["step"])
     elif (run_dir / METRICS).exists():
@@ -285,10 +289,9 @@ def train(
     model.train()
     runtime.reset_peak_memory(dev)
     stopped_early = interrupted = False
-    progress = _progress(show_progress)
     task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
     window_tokens, window_start = 0, time.perf_counter()
-    with progress:
+    with progress, _StopRequests() as stop:
         while state["step"] < total_steps and not stopped_early:
             step_rng = runtime.rng_state()  # a Ctrl-C mid-step checkpoints this, so resume redoes the step exactly
             try:
@@ -319,9 +322,9 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now; the step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
-                save_checkpoint(run_dir, params, optimizer, scheduler, state, step_rng, cfg.keep_checkpoints)
+                save_checkpoint(run_dir, params, optimizer, scheduler, state, step_rng, cfg.keep_checkpoints, warn)
                 interrupted = True
                 break
             state["step"] += 1
@@ -348,21 +351,23 @@ def train(
                 best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
                 if best:
                     state.update(best_val_loss=val_loss, best_step=step)
-                    save_best(run_dir, params, step, val_loss)
+                    save_best(run_dir, params, step, val_loss, warn)
                 stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
                 append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
                                                  "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
                 progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
                 window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
-            stop_here = until_step is not None and until_step <= step < total_steps
+            stop_here = (until_step is not None and until_step <= step < total_steps) or (stop.signal and step < total_steps)
             if evaluate_now or stop_here or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints)
+                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints, warn)
             if stop_here:
+                if stop.signal:
+                    warn(f"{stop.signal}: stopped after step {step} with a checkpoint")
                 interrupted = True
                 break
 
     if not interrupted and state["best_step"] is not None:
-        load_trainable(run_dir / CHECKPOINTS / "best", params)  # the model ends at its best validation loss
+        load_best(run_dir, params)  # the model ends at its best validation loss
     return TrainResult(
         steps=state["step"], total_steps=total_steps, best_step=state["best_step"],
         best_val_loss=state["best_val_loss"], stopped_early=stopped_early, interrupted=interrupted,
@@ -459,76 +464,38 @@ def _token_budget_batches(chunk: list[int], lengths: list[int], max_examples: in
     return out + ([current] if current else [])
 
 
+class _StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or torchrun's stop) while training: the first
+    lets the current step (and its evaluation) finish, then the loop checkpoints and returns
+    ``interrupted``; a second Ctrl-C interrupts at once (KeyboardInterrupt: the step is redone on
+    resume). Handlers are installed only in the main thread and restored on exit."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         disable=not enabled,
     )
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], rng: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-N/`` atomically and prune all but the newest ``keep``."""
-    root = run_dir / CHECKPOINTS
-    out = root / f"step-{state['step']}"
-
-    def fill(tmp: Path) -> None:
-        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-
-    atomic_dir(out, fill)
-    for old in sorted(_step_dirs(root), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def save_best(run_dir: Path, params: dict[str, torch.nn.Parameter], step: int, val_loss: float) -> None:
-    def fill(tmp: Path) -> None:
-        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
-
-    atomic_dir(run_dir / CHECKPOINTS / "best", fill)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    dirs = _step_dirs(Path(run_dir) / CHECKPOINTS)
-    return max(dirs, key=lambda p: int(p.name.split("-")[1])) if dirs else None
-
-
-def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from the newest checkpoint; return loop state."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (looked in {CHECKPOINTS}/)")
-    load_trainable(ckpt, params)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    runtime.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-    return json.loads((ckpt / "state.json").read_text())
-
-
-def load_trainable(ckpt: Path, params: dict[str, torch.nn.Parameter]) -> None:
-    saved = load_file(str(ckpt / "trainable.safetensors"))
-    missing = set(params) - set(saved)
-    if missing:
-        raise ValueError(f"{ckpt}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(saved[n])
-
-
-def _step_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,202 @@
+"""Checkpoints that survive a kill -9, a full disk and a flipped byte.
+
+A checkpoint is ``checkpoints/step-N/`` in the run folder: the trainable weights
+(``trainable.safetensors``), the optimizer and scheduler states, the RNG states of every process
+(``rng.pt``), the loop state (``state.json``: step, early stopping, counters) and
+``manifest.json``, written last, with each file's size and SHA-256. It is built in a temporary
+sibling folder, fsynced and renamed into place (``io.atomic_dir``), so a kill at any moment
+leaves either the whole checkpoint or none. The newest ``keep`` are kept; older ones are deleted
+only after a new one is complete.
+
+At resume the newest checkpoint is checked against its manifest; a truncated, altered or
+unreadable one is skipped for the one before, and the run says which and why. A checkpoint that
+cannot be written (a full disk, a quota) leaves the previous one untouched; training goes on and
+says so, and the next save tries again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith import runtime
+from tunesmith.io import atomic_dir, recover_dir
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+BEST = "best"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: every candidate was missing, damaged or unreadable (the message lists each)."""
+
+
+def save_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any], rng: dict[str, Any] | list[dict[str, Any]], keep: int,
+                    warn: Callable[[str], None] | None = None) -> Path | None:
+    """Write ``checkpoints/step-N/`` atomically with its manifest and prune all but the newest
+    ``keep``. ``rng``: this process's RNG states, or a list of every process's (rank order).
+
+    Returns the folder, or None when it could not be written (OSError: a full disk, no
+    permission): then ``warn`` is told (raised when ``warn`` is None) and nothing older is removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    out = root / f"step-{state['step']}"
+
+    def fill(tmp: Path) -> None:
+        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        write_manifest(tmp, {"step": state["step"]})
+
+    try:
+        atomic_dir(out, fill)
+    except OSError as e:
+        if warn is None:
+            raise
+        previous = latest_checkpoint(run_dir)
+        warn(f"checkpoint {out.name} could not be written ({e.strerror or e}); "
+             + (f"the previous one, {previous.name}, is intact" if previous else "there is no earlier checkpoint")
+             + "; training goes on and the next save tries again")
+        return None
+    for old in sorted(_step_dirs(root), key=_step_of)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_best(run_dir: Path, params: dict[str, torch.nn.Parameter], step: int, val_loss: float,
+              warn: Callable[[str], None] | None = None) -> bool:
+    """Write ``checkpoints/best/`` (weights of the best validation loss so far) atomically.
+    Returns False (after ``warn``) when it could not be written; the earlier best stays."""
+    def fill(tmp: Path) -> None:
+        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+        write_manifest(tmp, {"step": step})
+
+    try:
+        atomic_dir(Path(run_dir) / CHECKPOINTS / BEST, fill)
+    except OSError as e:
+        if warn is None:
+            raise
+        warn(f"the best model (step {step}) could not be written ({e.strerror or e}); the earlier best is kept")
+        return False
+    return True
+
+
+def write_manifest(folder: Path, extra: dict[str, Any]) -> None:
+    """``manifest.json``: every other file's size in bytes and SHA-256, plus ``extra``."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, **extra, "files": files}, indent=2))
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (each damaged file, joined by "; "), or None when
+    every file matches its manifest. A folder written before manifests existed is accepted as it is."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None if (folder / "state.json").is_file() else "no manifest.json and no state.json"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"manifest.json unreadable ({e})"
+    problems = []
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif (size := path.stat().st_size) != want["bytes"]:
+            problems.append(f"{name} has {size:,} bytes, the manifest says {want['bytes']:,} (truncated?)")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{name} does not match its SHA-256 in the manifest (altered on disk)")
+    return "; ".join(problems) or None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``step-N`` folder (not checked; see ``load_checkpoint``), or None."""
+    dirs = _step_dirs(Path(run_dir) / CHECKPOINTS)
+    return max(dirs, key=_step_of) if dirs else None
+
+
+def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    scheduler: Any, rank: int = 0, warn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this process's RNG from the newest good
+    checkpoint; return its loop state (``state.json``, with ``checkpoint``: the folder used).
+
+    A damaged checkpoint (see ``verify``) or one that fails to load is skipped for the one
+    before it, and ``warn`` names both. Raises FileNotFoundError when there is no checkpoint and
+    CheckpointError when none is usable."""
+    root = Path(run_dir) / CHECKPOINTS
+    candidates = sorted(_step_dirs(root), key=_step_of, reverse=True)
+    if not candidates:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (looked in {CHECKPOINTS}/)")
+    problems = []
+    for i, ckpt in enumerate(candidates):
+        problem = verify(ckpt)
+        if problem is None:
+            try:
+                load_trainable(ckpt, params)
+                optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+                scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+                rng = torch.load(ckpt / "rng.pt", weights_only=False)
+                state = json.loads((ckpt / "state.json").read_text())
+            except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
+                problem = f"it failed to load ({type(e).__name__}: {str(e)[:200]})"
+            else:
+                if isinstance(rng, list):  # one per process: this rank's, or rank 0's for a new rank
+                    rng = rng[rank] if rank < len(rng) else rng[0]
+                runtime.set_rng_state(rng)
+                return state | {"checkpoint": str(ckpt)}
+        problems.append(f"{ckpt.name}: {problem}")
+        following = candidates[i + 1].name if i + 1 < len(candidates) else None
+        warn(f"checkpoint {ckpt} is damaged: {problem}; "
+             + (f"resuming from the one before it, {following}" if following else "no earlier checkpoint is left"))
+    raise CheckpointError(f"{run_dir}: no usable checkpoint: " + "; ".join(problems)
+                          + ". Start the run again without --resume")
+
+
+def load_best(run_dir: Path, params: dict[str, torch.nn.Parameter]) -> None:
+    """Load ``checkpoints/best/`` into ``params`` (after checking it). Raises CheckpointError when damaged."""
+    folder = Path(run_dir) / CHECKPOINTS / BEST
+    recover_dir(folder)
+    problem = verify(folder) if folder.is_dir() else "it is missing"
+    if problem:
+        raise CheckpointError(f"{folder}: {problem}")
+    load_trainable(folder, params)
+
+
+def load_trainable(ckpt: Path, params: dict[str, torch.nn.Parameter]) -> None:
+    """Copy ``trainable.safetensors`` of ``ckpt`` into ``params``. ValueError when a tensor is missing."""
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    missing = set(params) - set(saved)
+    if missing:
+        raise ValueError(f"{ckpt}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]

@@ -1,0 +1,198 @@
+"""Checkpoints that survive a kill, a full disk and damage on disk; SIGTERM stops cleanly; resume is exact."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import examples, make_model
+from tunesmith import checkpoint as ckpt_mod
+from tunesmith import train as train_mod
+from tunesmith.config import Config, TrainConfig
+from tunesmith.data import encode_all
+from tunesmith.io import atomic_dir, recover_dir
+from tunesmith.methods import lora
+from tunesmith.train import train
+
+LABELS = {"0": "negative", "1": "positive"}
+
+
+@pytest.fixture
+def data(tokenizer, sst_files):
+    exs = examples(sst_files["train"], "classification", labels=LABELS, system_prompt="Classify the sentiment.")
+    return (encode_all(tokenizer, exs, 128)[0] * 2)[:40]  # batch 4: an epoch is exactly 10 steps
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**({"max_steps": 10, "batch_size": 4, "lr": 5e-3, "warmup_steps": 2, "eval_every": 100,
+                           "save_every": 2, "keep_checkpoints": 3, "precision": "fp32", "seed": 0} | kw))
+
+
+def fresh(tokenizer):
+    c = Config(method="lora")
+    c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, 0.1  # dropout on: the RNG must be restored too
+    c.train.precision = "fp32"
+    return lora.prepare(make_model(len(tokenizer)), c)
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def losses(result):
+    return [r["loss"] for r in result.history if r["type"] == "train"]
+
+
+@pytest.fixture
+def straight(tokenizer, data, tmp_path):
+    model = fresh(tokenizer)
+    result = train(model, data, data[:4], cfg(), tmp_path / "straight", tokenizer.pad_token_id, show_progress=False)
+    return weights(model), losses(result)
+
+
+def assert_same(model, result, straight):
+    want, want_losses = straight
+    got = weights(model)
+    assert all(torch.equal(got[n], want[n]) for n in want)  # bit-identical
+    assert losses(result) == want_losses and result.steps == 10
+
+
+def test_checkpoints_carry_a_manifest_that_finds_damage(tokenizer, data, tmp_path):
+    train(fresh(tokenizer), data, data[:4], cfg(max_steps=2), tmp_path, tokenizer.pad_token_id, show_progress=False)
+    folder = tmp_path / "checkpoints" / "step-2"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+    assert ckpt_mod.verify(folder) is None
+    raw = bytearray((folder / "optimizer.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit
+    (folder / "optimizer.pt").write_bytes(bytes(raw))
+    assert "optimizer.pt does not match its SHA-256" in ckpt_mod.verify(folder)
+    (folder / "trainable.safetensors").write_bytes((folder / "trainable.safetensors").read_bytes()[:100])
+    (folder / "scheduler.pt").unlink()
+    assert ckpt_mod.verify(folder).split("; ") == [  # every damaged file, in the manifest's order
+        "optimizer.pt does not match its SHA-256 in the manifest (altered on disk)", "scheduler.pt is missing",
+        f"trainable.safetensors has 100 bytes, the manifest says {manifest['files']['trainable.safetensors']['bytes']:,} (truncated?)"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "unreadable manifest"])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tokenizer, data, tmp_path, straight, damage, capsys):
+    run = tmp_path / "run"
+    first = train(fresh(tokenizer), data, data[:4], cfg(), run, tokenizer.pad_token_id, until_step=6, show_progress=False)
+    assert first.interrupted
+    newest = run / "checkpoints" / "step-6"
+    target = newest / "trainable.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif damage == "flip":
+        raw = bytearray(target.read_bytes())
+        raw[-10] ^= 0xFF
+        target.write_bytes(bytes(raw))
+    else:
+        (newest / "manifest.json").write_text("{not json")
+    model = fresh(tokenizer)
+    result = train(model, data, data[:4], cfg(), run, tokenizer.pad_token_id, resume=True, show_progress=True)
+    said = squash(capsys.readouterr().out)  # the console wraps long lines
+    assert squash(f"checkpoint {newest} is damaged") in said and squash("resuming from the one before it, step-4") in said
+    assert_same(model, result, straight)  # redone from step 4: the same run
+
+
+def test_no_usable_checkpoint_is_a_clear_error(tokenizer, data, tmp_path):
+    train(fresh(tokenizer), data, data[:4], cfg(), tmp_path, tokenizer.pad_token_id, until_step=2, show_progress=False)
+    (tmp_path / "checkpoints" / "step-2" / "rng.pt").write_bytes(b"")
+    with pytest.raises(ckpt_mod.CheckpointError, match="no usable checkpoint: step-2: rng.pt has 0 bytes"):
+        train(fresh(tokenizer), data, data[:4], cfg(), tmp_path, tokenizer.pad_token_id, resume=True, show_progress=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_the_run_resumable(tokenizer, data, tmp_path, straight,
+                                                                        monkeypatch, capsys):
+    real = ckpt_mod.save_file
+    calls = {"n": 0}
+
+    def disk_full(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # step-2 and step-4 are written; from step-6 on the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", disk_full)
+    run = tmp_path / "run"
+    result = train(fresh(tokenizer), data, data[:4], cfg(), run, tokenizer.pad_token_id, until_step=8, show_progress=True)
+    said = squash(capsys.readouterr().out)
+    assert squash("checkpoint step-6 could not be written (No space left on device); the previous one, step-4, is intact") in said
+    assert result.interrupted and result.steps == 8
+    folders = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert folders == ["step-2", "step-4"]  # nothing half-written, nothing older pruned
+    assert ckpt_mod.verify(run / "checkpoints" / "step-4") is None
+    monkeypatch.setattr(ckpt_mod, "save_file", real)  # space again: resume from step 4
+    model = fresh(tokenizer)
+    assert_same(model, train(model, data, data[:4], cfg(), run, tokenizer.pad_token_id, resume=True, show_progress=False),
+                straight)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_after_the_step_and_resume_is_exact(tokenizer, data, tmp_path, straight, monkeypatch, sig):
+    real = train_mod.target_loss_sum
+    calls = {"n": 0}
+
+    def signalled(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5's forward pass
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "target_loss_sum", signalled)
+    run = tmp_path / "run"
+    result = train(fresh(tokenizer), data, data[:4], cfg(save_every=0), run, tokenizer.pad_token_id, show_progress=False)
+    assert result.interrupted and result.steps == 5  # the step in flight finished, then it stopped
+    assert ckpt_mod.verify(run / "checkpoints" / "step-5") is None
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(train_mod, "target_loss_sum", real)
+    model = fresh(tokenizer)
+    assert_same(model, train(model, data, data[:4], cfg(save_every=0), run, tokenizer.pad_token_id, resume=True,
+                             show_progress=False), straight)
+
+
+def test_a_replacement_killed_between_its_renames_is_recovered(tmp_path):
+    target = tmp_path / "best"
+    atomic_dir(target, lambda d: (d / "x").write_text("first"))
+    os.replace(target, tmp_path / ".best.old")  # as if killed after the first rename of a replacement
+    recover_dir(target)
+    assert (target / "x").read_text() == "first"
+
+    def fails(d: Path) -> None:
+        (d / "x").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_dir(target, fails)
+    assert (target / "x").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_the_cli_exit_code_says_interrupted_and_resumable(tmp_path, tiny_model_dir, sst_files, monkeypatch):
+    from test_cli import write_config
+    from tunesmith.cli import EXIT_RESUMABLE, main
+
+    real = train_mod.target_loss_sum
+    calls = {"n": 0}
+
+    def signalled(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "target_loss_sum", signalled)
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    assert main(["train", str(path)]) == EXIT_RESUMABLE == 75
+    monkeypatch.setattr(train_mod, "target_loss_sum", real)
+    assert main(["train", str(path), "--resume"]) == 0
