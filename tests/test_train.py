@@ -300,3 +300,34 @@ def test_a_nan_validation_loss_is_never_best(tiny_model, tokenizer, encoded, tmp
         train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4, eval_every=2), tmp_path,
               tokenizer.pad_token_id, show_progress=False)
     assert json.loads((tmp_path / "checkpoints" / "best" / "state.json").read_text()) == {"step": 2, "val_loss": 0.9}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, encoded, tmp_path):
+    from conftest import make_model
+
+    results = {}
+    for on in (False, True):
+        model = lora_model(make_model(len(tokenizer)), dropout=0.0)
+        train(model, encoded, encoded[:4], cfg(max_steps=3, batch_size=4, gradient_checkpointing=on),
+              tmp_path / str(on), tokenizer.pad_token_id, show_progress=False)
+        results[on] = params_of(model)
+        assert model.get_base_model().is_activation_checkpointing == on
+    for n in results[False]:
+        torch.testing.assert_close(results[True][n], results[False][n], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_names_the_settings_that_fit(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
+    model = lora_model(tiny_model)
+
+    def too_big(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_mod, "target_loss_sum", too_big)
+    with pytest.raises(train_mod.OutOfMemoryError) as e:
+        train(model, encoded, encoded[:4], cfg(max_steps=3, batch_size=8, grad_accum=2), tmp_path, tokenizer.pad_token_id,
+              show_progress=False)
+    msg = str(e.value)
+    assert msg.startswith("step 1 did not fit in memory (micro-batch of 8 examples, the longest ")
+    assert "Tried to allocate 20.00 GiB" in msg
+    assert "--set train.batch_size=4 --set train.grad_accum=4 (the same 16 examples per step" in msg
+    assert "train.batch_tokens=" in msg and "train.gradient_checkpointing=true" in msg and "Start again" in msg

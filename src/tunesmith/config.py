@@ -181,6 +181,7 @@ class TrainConfig:
     batch_tokens: int = 0  # at most this many (padded) tokens per micro-batch, splitting steps of long examples; 0 = no cap
     group_by_length: bool = True  # batch examples of similar length together (less padding)
     packing: bool = False  # pack each micro-batch's examples into rows of max_seq_len, no padding
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~30% slower steps
     lr: float = 2.0e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0

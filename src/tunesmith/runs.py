@@ -209,8 +209,8 @@ def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
 
 # Settings a resumed run may change freely: they decide when to evaluate and save, and how to
 # evaluate at the end, not what is trained.
-RESUME_SAFE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.num_threads", "output_dir",
-               "eval.", "prompt.")
+RESUME_SAFE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.num_threads",
+               "train.gradient_checkpointing", "output_dir", "eval.", "prompt.")
 # Settings that decide what the checkpoint's tensors are: resuming under other values is meaningless.
 RESUME_REFUSED = ("model", "task", "method", "classifier", "lora.r", "lora.alpha", "lora.target_modules", "data.labels")
 

@@ -31,6 +31,12 @@ from tunesmith.io import append_jsonl, atomic_write_jsonl, read_jsonl
 METRICS = "metrics.jsonl"
 
 
+class OutOfMemoryError(RuntimeError):
+    """A training step did not fit in memory; the message names the step, the micro-batch and the
+    settings that would use less (smaller micro-batch at the same step size, a token budget,
+    gradient checkpointing, shorter rows)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """A training or validation loss (or the gradient norm) became NaN or infinite; the message
     names the step, the likely causes and the last good checkpoint."""
@@ -286,6 +292,12 @@ def train(
     elif (run_dir / METRICS).exists():
         (run_dir / METRICS).unlink()
 
+    if cfg.gradient_checkpointing:  # activations recomputed in backward; non-reentrant: frozen inputs are fine
+        inner = _unwrap(model)
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     runtime.reset_peak_memory(dev)
     stopped_early = interrupted = False
@@ -322,6 +334,12 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not _is_oom(e):
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                rows = [len(train_data[i].input_ids) for mb in micro for i in mb] if "micro" in locals() else [0]
+                raise OutOfMemoryError(_out_of_memory(run_dir, state["step"] + 1, cfg, max(rows), e)) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; the step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
                 save_checkpoint(run_dir, params, optimizer, scheduler, state, step_rng, cfg.keep_checkpoints, warn)
@@ -415,6 +433,34 @@ def _non_finite(run_dir: Path, step: int, what: str, value: float, grad_norm: fl
     where = (f"the last good checkpoint is {last} (continue from it with --resume --allow-changes and a smaller "
              "--set train.lr=...)" if last else "no checkpoint was written before it; start again with a smaller train.lr")
     return f"step {step}: the {what} is {value}{norm}; training stopped. Likely causes: {causes}. {where}"
+
+
+def _is_oom(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError saying so)."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _out_of_memory(run_dir: Path, step: int, cfg: TrainConfig, longest: int, error: BaseException) -> str:
+    """The message for a step that did not fit: the settings that would, the step size kept."""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    fixes = []
+    if cfg.batch_size > 1:
+        half = cfg.batch_size // 2
+        fixes.append(f"--set train.batch_size={half} --set train.grad_accum={cfg.grad_accum * cfg.batch_size // half} "
+                     f"(the same {cfg.batch_size * cfg.grad_accum} examples per step, half the memory for activations)")
+    budget = max(longest, 64) * max(cfg.batch_size // 2, 1)
+    if not cfg.batch_tokens or cfg.batch_tokens > budget:
+        fixes.append(f"--set train.batch_tokens={budget} (caps the padded tokens per micro-batch; long examples go alone)")
+    if not cfg.gradient_checkpointing:
+        fixes.append("--set train.gradient_checkpointing=true (recomputes activations in backward: far less memory, "
+                     "about 30% slower)")
+    fixes.append(f"--set train.max_seq_len={max(cfg.max_seq_len // 2, 16)} (shorter rows; longer examples are cut)")
+    last = latest_checkpoint(run_dir)
+    where = (f"Continue from {last.name} with --resume --allow-changes and one of them" if last
+             else "Start again with one of them")
+    return (f"step {step} did not fit in memory (micro-batch of {cfg.batch_size} examples, the longest {longest} "
+            f"tokens; {first}). Settings that use less memory: " + "; ".join(fixes) + f". {where}.")
 
 
 def _fused_adamw(dev: torch.device) -> bool | None:
