@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue even though optimisation settings (lr, batch, schedule, steps) changed")
+    p.add_argument("--until-step", type=int, default=None, metavar="N",
+                   help="stop after optimizer step N with a checkpoint (exit 75; continue later with --resume)")
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="train on N processes of this machine (torchrun; DDP): one per GPU, or CPU shares (gloo)")
+    p.add_argument("--nnodes", type=int, default=1, help="with --nproc: machines taking part (run the same command on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="with --nnodes > 1: this machine's number, 0 .. nnodes-1")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nnodes > 1: node 0's address and a free port, the same on every node")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad records instead of stopping")
 
     p = verbs.add_parser("prepare", help="read, clean, de-duplicate, redact, label and split the data; write a report")
@@ -103,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         skip = ["data.skip_bad_rows=true"] if getattr(args, "skip_bad_rows", False) else []
         if args.verb == "train":
             cfg = load_config(args.config, args.overrides + skip)
+            if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the processes; each runs this verb again
+                return _launch(args, cfg, argv if argv is not None else sys.argv[1:])
             run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=console,
-                           allow_changes=args.allow_changes)
+                           allow_changes=args.allow_changes, until_step=args.until_step)
             if run.eval:
                 console.print(f"report: {run.dir / 'report.html'}")
             if run.train.get("interrupted"):
@@ -194,6 +205,36 @@ def _output_filter(args: argparse.Namespace) -> object:
         return OutputFilter(kinds, rules, action=args.block_action)
     except (OSError, ValueError) as e:
         raise RunError(f"serve output filter: {e}") from None
+
+
+def _launch(args: argparse.Namespace, cfg: object, argv: list[str]) -> int:
+    """``train --nproc N``: torchrun starts N processes running ``train`` without the launch flags.
+    torchrun reports any non-zero worker exit as a failure; a run that stopped resumable (its
+    train_result.json says interrupted) still exits with EXIT_RESUMABLE."""
+    import json
+
+    from tunesmith.distributed import launch
+
+    rest, skip_next = [], False
+    for a in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"):
+            skip_next = "=" not in a
+            continue
+        rest.append(a)
+    started = time.time()
+    try:
+        code = launch(rest, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    result = Path(cfg.run_dir) / "train_result.json"  # type: ignore[attr-defined]
+    fresh = result.is_file() and result.stat().st_mtime >= started
+    if code != 0 and fresh and json.loads(result.read_text()).get("interrupted"):
+        return EXIT_RESUMABLE
+    return code
 
 
 def _sizes(text: str) -> list[int]:

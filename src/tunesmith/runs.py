@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tunesmith import forgetting, methods, runtime, training
+from tunesmith import distributed, forgetting, methods, runtime, training
 from tunesmith import metrics as M
 from tunesmith.api import ApiModel
 from tunesmith.config import Config, ConfigError, diff, load_config, save_config, task_config
@@ -63,53 +63,63 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     """
     console = console or Console()
     run_dir = cfg.run_dir
-    resumed_at = _open_run_dir(cfg, resume, overwrite, allow_changes, console)
+    w = distributed.init()  # several processes under torchrun: process 0 writes, the others follow
+    if not w.main:
+        console = Console(quiet=True)
+    with distributed.main_first():
+        # process 0 checks the folder and prepares the data; the others (torchrun) then reuse them
+        resumed_at = _open_run_dir(cfg, resume, overwrite, allow_changes, console) if w.main else None
 
-    console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
-    head = uses_head(cfg)
-    if head:
-        model, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed)
-    else:
-        overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
-        model, tokenizer = load_model(cfg.model, **overrides)
-    if head and cfg.method == "prompt":
-        raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
-    if head and (cfg.replay.ratio > 0 or cfg.distill.weight > 0 or cfg.anchor.method == "ewc"):
-        raise RunError(f"{cfg.model} classifies with a head: replay, distillation and EWC work on next-token "
-                       "predictions (use anchor.method: l2sp, or classifier: lm)")
-    if cfg.method == "lora":  # a typo in the layer names is found before any data work
-        methods.lora.check_target_modules(model, cfg.lora.target_modules)
-    ready_tokenizer(tokenizer, cfg, console)
-    if cfg.tasks:  # several tasks: each prepared into data/<name>/, validated apart, trained on one mixed list
-        train_set, val_set, report = multitask_data(cfg, tokenizer, console)
-        atomic_write_json(run_dir / "data_report.json", report)
-    else:
-        splits = load_splits(cfg, run_dir / "data", tokenizer)
-        console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
-        for note in splits.notes:
-            console.print(f"  {note}", highlight=False)
-        train_set, train_stats = encode(cfg, tokenizer, splits.train, head)
-        val_set, val_stats = encode(cfg, tokenizer, splits.validation, head)
-        report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
-        atomic_write_json(run_dir / "data_report.json", report)
-        print_data_summary(report, cfg, console, len(splits.test))
-    if not train_set or not val_set:
-        raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
-    with _progress(console) as progress:  # general data mixed in (replay.ratio); instructions answered by the base
-        if cfg.replay.ratio > 0:
-            model.to(runtime.device())  # the base may answer the replayed instructions: on the training device
-        train_set, replay = training.with_replay(cfg, tokenizer, train_set, model, progress)
+        console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
+        head = uses_head(cfg)
+        if head:
+            model, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed)
+        else:
+            overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
+            model, tokenizer = load_model(cfg.model, **overrides)
+        if head and cfg.method == "prompt":
+            raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
+        if head and (cfg.replay.ratio > 0 or cfg.distill.weight > 0 or cfg.anchor.method == "ewc"):
+            raise RunError(f"{cfg.model} classifies with a head: replay, distillation and EWC work on next-token "
+                           "predictions (use anchor.method: l2sp, or classifier: lm)")
+        if cfg.method == "lora":  # a typo in the layer names is found before any data work
+            methods.lora.check_target_modules(model, cfg.lora.target_modules)
+        ready_tokenizer(tokenizer, cfg, console)
+        if cfg.tasks:  # several tasks: each prepared into data/<name>/, validated apart, trained on one mixed list
+            train_set, val_set, report = multitask_data(cfg, tokenizer, console)
+            if w.main:
+                atomic_write_json(run_dir / "data_report.json", report)
+        else:
+            splits = load_splits(cfg, run_dir / "data", tokenizer)
+            console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
+            for note in splits.notes:
+                console.print(f"  {note}", highlight=False)
+            train_set, train_stats = encode(cfg, tokenizer, splits.train, head)
+            val_set, val_stats = encode(cfg, tokenizer, splits.validation, head)
+            report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
+            if w.main:
+                atomic_write_json(run_dir / "data_report.json", report)
+            print_data_summary(report, cfg, console, len(splits.test))
+        if not train_set or not val_set:
+            raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
+        with _progress(console) as progress:  # general data mixed in (replay.ratio); instructions answered by the base
+            if cfg.replay.ratio > 0:
+                model.to(runtime.device())  # the base may answer the replayed instructions: on the training device
+            train_set, replay = training.with_replay(cfg, tokenizer, train_set, model, progress)
     if replay:
         console.print(f"replay: {replay['rows']:,} row{'' if replay['rows'] == 1 else 's'} of {replay['data']} "
                       f"({replay['kind']}; {replay['achieved_ratio_' + replay['by']]:.1%} of the training {replay['by']})"
                       + ("; " + replay["note"] if replay.get("note") else ""), highlight=False)
 
-    if resume:
+    if resume and w.main:
         save_config(cfg, run_dir / "config.yaml")
     runtime.seed_everything(cfg.train.seed)  # adapters are initialised at random: the same seed, the same run
     model = methods.prepare(model, cfg).to(runtime.device())
     trainable, total = methods.count_parameters(model)
     if cfg.method == "prompt":  # nothing to train: write the prompt, then evaluate it like any tuned model
+        distributed.shutdown()
+        if not w.main:
+            return Run(run_dir, cfg, {}, {})
         console.print(f"[bold]method[/bold] prompt: {cfg.prompt.shots}-shot ({cfg.prompt.selection}), no training")
         methods.prompt.save(cfg, splits.train, run_dir)
         summary = {"steps": 0, "train_seconds": 0.0, "trainable_parameters": 0, "total_parameters": total}
@@ -122,10 +132,15 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     train_cfg = cfg.train
     if cfg.method == "full" and cfg.full.lr is not None:
         train_cfg = dataclasses.replace(cfg.train, lr=cfg.full.lr)
-    objective, mitigations = training.build(cfg, model, tokenizer, run_dir, resume, tokenizer.pad_token_id)
+    with distributed.main_first():  # EWC's Fisher: estimated and saved by process 0, read by the others
+        objective, mitigations = training.build(cfg, model, tokenizer, run_dir, resume or not w.main,
+                                                tokenizer.pad_token_id)
     mitigations = ({"replay": replay} if replay else {}) | mitigations
     result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume,
                    until_step=until_step, objective=objective)
+    distributed.shutdown()  # the rest (saving, evaluating) is process 0's alone
+    if not w.main:
+        return Run(run_dir, cfg, result_dict(result), {})
     if resumed_at is not None and resumed_at >= result.total_steps:
         console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it again")
     summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}

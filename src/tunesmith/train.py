@@ -8,6 +8,7 @@ The LM head runs only at target positions, so the (B, T, V) logits tensor is nev
 from __future__ import annotations
 
 import json
+import contextlib
 import math
 import signal
 import threading
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
-from tunesmith import flops, runtime
+from tunesmith import distributed, flops, runtime
 from tunesmith.config import TrainConfig
 from tunesmith.data.render import IGNORE, Encoded, collate, collate_packed
 from tunesmith.checkpoint import (CHECKPOINTS, latest_checkpoint, load_best, load_checkpoint, load_trainable,  # noqa: F401
@@ -282,14 +283,17 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
              "target_tokens": 0, "train_seconds": 0.0}
-    progress = _progress(show_progress)
+    w = distributed.world()  # several processes (torchrun): each takes its share of every step; process 0 writes
+    ddp = _data_parallel(model, objective, dev) if w.distributed else None
+    progress = _progress(show_progress and w.main)
     warn = lambda message: progress.console.print(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
     if resume:
-        state = load_checkpoint(run_dir, params, optimizer, scheduler, warn=warn)
+        state = load_checkpoint(run_dir, params, optimizer, scheduler, rank=w.rank, warn=warn)
         state.pop("checkpoint")
         _apply_hyperparameters(optimizer, scheduler, cfg)  # a resume allowed to change them really changes them
-        _truncate_metrics(run_dir / METRICS, state["step"])
-    elif (run_dir / METRICS).exists():
+        if w.main:
+            _truncate_metrics(run_dir / METRICS, state["step"])
+    elif (run_dir / METRICS).exists() and w.main:
         (run_dir / METRICS).unlink()
 
     if cfg.gradient_checkpointing:  # activations recomputed in backward; non-reentrant: frozen inputs are fine
@@ -314,18 +318,30 @@ def train(
                 n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
                 objective.begin_step([train_data[i] for mb in micro for i in mb])
                 step_loss = 0.0
-                for mb in micro:
+                mine = micro[w.rank :: w.size]  # this process's micro-batches (all of them in a single process)
+                for k, mb in enumerate(mine or micro[:1]):  # none left for this process: a pass that adds 0
                     examples = [train_data[i] for i in mb]
                     rows = collate_packed(examples, pad_id, cfg.max_seq_len) if cfg.packing else collate(examples, pad_id)
                     batch = {k: v.to(dev) for k, v in rows.items()}
-                    with runtime.autocast(dev, bf16):
-                        loss = objective.loss(model, batch, examples, n_targets)  # normalised over the whole step
-                    loss.backward()
+                    synced = ddp is None or k == len(mine or micro[:1]) - 1  # DDP sums gradients on the last pass
+                    with runtime.autocast(dev, bf16), (contextlib.nullcontext() if synced else ddp.no_sync()):
+                        if ddp is None:
+                            loss = objective.loss(model, batch, examples, n_targets)  # normalised over the whole step
+                        else:
+                            loss = ddp(batch, examples, n_targets, counted=bool(mine))
+                        # DDP averages gradients over the processes; the loss is already a share of the step's sum
+                        (loss * w.size if ddp is not None else loss).backward()
                     step_loss += float(loss.detach())
                     del loss, batch
                     if dev.type == "cpu":
                         runtime.trim_heap()  # keeps RSS near what is in use (glibc holds freed tensors' memory)
+                parts = objective.parts()
+                if ddp is not None:  # the step's loss and its parts over every process
+                    summed = [k for k in SUMMED_PARTS if k in parts]
+                    step_loss, *values = distributed.sum_floats([step_loss] + [parts[k] for k in summed])
+                    parts |= dict(zip(summed, values))
                 step_loss += objective.end_step()  # weight anchoring: its gradient goes straight into .grad
+                parts |= {k: v for k, v in objective.parts().items() if k not in SUMMED_PARTS}
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
                 if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):  # before the update: weights stay good
                     raise NonFiniteLossError(_non_finite(run_dir, state["step"] + 1, "training loss", step_loss,
@@ -342,7 +358,8 @@ def train(
                 raise OutOfMemoryError(_out_of_memory(run_dir, state["step"] + 1, cfg, max(rows), e)) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; the step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
-                save_checkpoint(run_dir, params, optimizer, scheduler, state, step_rng, cfg.keep_checkpoints, warn)
+                if w.main:  # no collective here: the other processes' RNG is not saved (they start from process 0's)
+                    save_checkpoint(run_dir, params, optimizer, scheduler, state, [step_rng], cfg.keep_checkpoints, warn)
                 interrupted = True
                 break
             state["step"] += 1
@@ -355,35 +372,43 @@ def train(
             record = {"type": "train", "step": state["step"], "epoch": epoch + (pos + 1) / steps_per_epoch,
                       "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
                       "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s,
-                      "mfu": flops_per_token * tok_s / peak, "step_seconds": dt} | objective.parts()
-            append_jsonl(run_dir / METRICS, record)
+                      "mfu": flops_per_token * tok_s / peak, "step_seconds": dt} | parts
+            if w.main:
+                append_jsonl(run_dir / METRICS, record)
             progress.update(task, advance=1, info=f"loss {step_loss:.4f} | {tok_s:,.0f} tok/s | MFU {record['mfu']:.0%}")
 
             # ---- once in a while: evaluate, early-stop, checkpoint
             step = state["step"]
             evaluate_now = step % cfg.eval_every == 0 or step % steps_per_epoch == 0 or step == total_steps
-            if evaluate_now:
-                val_loss, task_losses = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16)
+            if evaluate_now:  # process 0 validates; every process gets its result (early stopping stays in step)
+                measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16) if w.main else None
+                val_loss, task_losses = distributed.broadcast(measured)
                 if not math.isfinite(val_loss):  # never "best", never the final model
                     raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))
                 best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
                 if best:
                     state.update(best_val_loss=val_loss, best_step=step)
-                    save_best(run_dir, params, step, val_loss, warn)
+                    if w.main:
+                        save_best(run_dir, params, step, val_loss, warn)
                 stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
-                append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
-                                                 "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
+                if w.main:
+                    append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
+                                                     "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
                 progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
                 window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
-            stop_here = (until_step is not None and until_step <= step < total_steps) or (stop.signal and step < total_steps)
+            signalled = distributed.any_true(stop.signal is not None) if w.distributed else stop.signal is not None
+            stop_here = (until_step is not None and until_step <= step < total_steps) or (signalled and step < total_steps)
             if evaluate_now or stop_here or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(run_dir, params, optimizer, scheduler, state, runtime.rng_state(), cfg.keep_checkpoints, warn)
+                rngs = distributed.gather(runtime.rng_state())  # every process's RNG, in rank order (on process 0)
+                if w.main:
+                    save_checkpoint(run_dir, params, optimizer, scheduler, state, rngs, cfg.keep_checkpoints, warn)
             if stop_here:
-                if stop.signal:
-                    warn(f"{stop.signal}: stopped after step {step} with a checkpoint")
+                if signalled:
+                    warn(f"{stop.signal or 'a stop signal'}: stopped after step {step} with a checkpoint")
                 interrupted = True
                 break
 
+    distributed.barrier()  # process 0's last writes (best, checkpoint) are complete for every process
     if not interrupted and state["best_step"] is not None:
         load_best(run_dir, params)  # the model ends at its best validation loss
     return TrainResult(
@@ -508,6 +533,33 @@ def _token_budget_batches(chunk: list[int], lengths: list[int], max_examples: in
             current = []
         current.append(i)
     return out + ([current] if current else [])
+
+
+SUMMED_PARTS = ("ce", "kl")  # loss parts accumulated over micro-batches: summed over the processes too
+
+
+class _StepLoss(torch.nn.Module):
+    """The objective's loss as a module, so DistributedDataParallel can wrap it: DDP's forward
+    prepares its gradient sync, then this runs the objective on the real model (whose fused
+    head loss calls the decoder and the head directly)."""
+
+    def __init__(self, model: torch.nn.Module, objective: TaskLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict[str, torch.Tensor], examples: list[Encoded], n_targets: int,
+                counted: bool = True) -> torch.Tensor:
+        if not counted:  # a process with no micro-batch this step: the same graph, contributing 0
+            return target_loss_sum(self.model, batch)[0] * 0.0
+        return self.objective.loss(self.model, batch, examples, n_targets)
+
+
+def _data_parallel(model: torch.nn.Module, objective: TaskLoss, dev: torch.device) -> torch.nn.Module:
+    """The loss wrapped in DistributedDataParallel (process group already joined)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(_StepLoss(model, objective), device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 class _StopRequests:

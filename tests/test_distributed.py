@@ -1,0 +1,73 @@
+"""Two CPU processes (torchrun, gloo, DDP) train as one process does on the same global steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from test_cli import write_config
+from tunesmith.cli import EXIT_RESUMABLE, main
+
+pytestmark = pytest.mark.slow
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}  # reached on this machine: max abs diff 1.3e-7 (LoRA), 1.1e-7 (full), 4 AdamW steps
+
+
+def _config(tmp_path: Path, tiny_model_dir: Path, sst_files, method: str) -> Path:
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["method"] = method
+    cfg["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}  # no dropout: the processes' random streams differ
+    cfg["train"] |= {"max_steps": 4, "batch_size": 2, "grad_accum": 3, "eval_every": 2, "lr": 1e-3}  # 3 micro-batches: 2 + 1
+    cfg["eval"] = {"compare_with_base": False, "latency_examples": 0, "max_new_tokens": 2, "general": "none"}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _weights(run: Path, method: str) -> dict[str, torch.Tensor]:
+    if method == "lora":
+        return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(next((run / "model").glob("*.safetensors"))))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_reproduce_one(tmp_path, tiny_model_dir, sst_files, method):
+    path = _config(tmp_path, tiny_model_dir, sst_files, method)
+    assert main(["train", str(path), "--set", "name=one"]) == 0
+    assert main(["train", str(path), "--set", "name=two", "--nproc", "2"]) == 0
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    a, b = _weights(one, method), _weights(two, method)
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], **TOL)
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    assert len(_losses(two)) == 4  # process 0 alone logs
+    assert json.loads((two / "eval.json").read_text())["test_examples"] == 6  # and evaluates
+    assert (two / "checkpoints" / "step-4" / "manifest.json").is_file()
+    rng = torch.load(two / "checkpoints" / "step-4" / "rng.pt", weights_only=False)
+    assert len(rng) == 2  # every process's random state
+
+
+def test_resume_at_another_world_size(tmp_path, tiny_model_dir, sst_files):
+    path = _config(tmp_path, tiny_model_dir, sst_files, "lora")
+    assert main(["train", str(path), "--set", "name=one"]) == 0
+    # 2 processes, stopped after step 2, resumed on 1; and the reverse
+    assert main(["train", str(path), "--set", "name=two-one", "--nproc", "2", "--until-step", "2"]) == EXIT_RESUMABLE
+    assert main(["train", str(path), "--set", "name=two-one", "--resume"]) == 0
+    assert main(["train", str(path), "--set", "name=one-two", "--until-step", "2"]) == EXIT_RESUMABLE
+    assert main(["train", str(path), "--set", "name=one-two", "--resume", "--nproc", "2"]) == 0
+    want = _weights(tmp_path / "runs" / "one", "lora")
+    for name in ("two-one", "one-two"):
+        got = _weights(tmp_path / "runs" / name, "lora")
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], **TOL)
+        assert _losses(tmp_path / "runs" / name) == pytest.approx(_losses(tmp_path / "runs" / "one"), rel=1e-5)
