@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/forgetting.py
 	$(PY) benchmarks/multitask.py
+	$(PY) benchmarks/crash_soak.py
 
 clean:
 	rm -rf runs .pytest_cache
