@@ -559,7 +559,8 @@ def _data_parallel(model: torch.nn.Module, objective: TaskLoss, dev: torch.devic
     """The loss wrapped in DistributedDataParallel (process group already joined)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(_StepLoss(model, objective), device_ids=[dev.index] if dev.type == "cuda" else None)
+    return DistributedDataParallel(_StepLoss(model, objective), device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   broadcast_buffers=False)  # buffers (rotary tables) are the same everywhere
 
 
 class _StopRequests:

@@ -136,8 +136,8 @@ def mix(task: list[Encoded], pool: list[Encoded], ratio: float, by: str, seed: i
         "achieved_ratio_tokens": sum(e.n_targets for e in chosen) / max(sum(e.n_targets for e in mixed), 1),
     }
     if repeated:
-        summary["note"] = (f"the general text has {len(pool)} windows and {len(chosen)} replay rows were needed: "
-                           "windows repeat (each pass in a new seeded order)")
+        summary["note"] = (f"the replay data gives {len(pool)} rows and {len(chosen)} were needed: "
+                           "rows repeat (each pass in a new seeded order)")
     return mixed, summary
 
 
