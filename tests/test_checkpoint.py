@@ -196,3 +196,23 @@ def test_the_cli_exit_code_says_interrupted_and_resumable(tmp_path, tiny_model_d
     assert main(["train", str(path)]) == EXIT_RESUMABLE == 75
     monkeypatch.setattr(train_mod, "target_loss_sum", real)
     assert main(["train", str(path), "--resume"]) == 0
+
+
+def test_files_and_folders_written_atomically_get_the_usual_modes(tmp_path):
+    from tunesmith.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import tunesmith.io as io_mod
+
+        importlib.reload(io_mod)  # the umask is read at import
+        io_mod.atomic_write_text(tmp_path / "a.json", "{}")
+        io_mod.atomic_dir(tmp_path / "d", lambda d: (d / "x").write_text("1"))
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    finally:
+        os.umask(old)
+        importlib.reload(io_mod)
+    assert atomic_write_text  # the public name used elsewhere

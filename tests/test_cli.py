@@ -59,7 +59,11 @@ def test_train_then_eval(tmp_path, tiny_model_dir, sst_files, capsys):
     # evaluation settings can change for one evaluation; anything else is refused, naming it
     assert main(["eval", str(run), "--set", "eval.general=none", "--set", "eval.bootstrap_resamples=100"]) == 0
     once = json.loads((run / "eval.json").read_text())
-    assert once["eval_overrides"] == ["eval.general=none", "eval.bootstrap_resamples=100"] and once.get("forgetting") is None
+    assert once["eval_overrides"] == ["eval.general=none", "eval.bootstrap_resamples=100"]
+    assert once["forgetting"]["note"].startswith("measured by an earlier evaluation")  # not wiped
+    assert once["forgetting"]["tuned"] == ev["forgetting"]["tuned"]
+    assert main(["eval", str(run), "--set", "data.max_test_examples=3"]) == 0  # how much of the test split: allowed
+    assert json.loads((run / "eval.json").read_text())["test_examples"] == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["general"] == "general"  # the run's config unchanged
     assert main(["eval", str(run), "--set", "train.lr=1"]) == 2
     err = capsys.readouterr().err

@@ -71,3 +71,29 @@ def test_resume_at_another_world_size(tmp_path, tiny_model_dir, sst_files):
         for n in want:
             torch.testing.assert_close(got[n], want[n], **TOL)
         assert _losses(tmp_path / "runs" / name) == pytest.approx(_losses(tmp_path / "runs" / "one"), rel=1e-5)
+
+
+def test_sigterm_to_the_launcher_stops_every_process_resumably(tmp_path, tiny_model_dir, sst_files):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = _config(tmp_path, tiny_model_dir, sst_files, "lora")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"] |= {"max_steps": 400, "eval_every": 1000}
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "runs" / "tiny" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler would
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_RESUMABLE, out[-3000:]
+    assert "stopped after step" in out and out.count("stopped after step") == 1  # process 0 alone says it
+    result = json.loads((tmp_path / "runs" / "tiny" / "train_result.json").read_text())
+    assert result["interrupted"] and result["steps"] < 400
+    assert not os.path.exists(tmp_path / "runs" / "tiny" / "adapter")  # stopped, not finished

@@ -377,3 +377,10 @@ def test_config_checks_instruction_replay():
     c.replay.replies, c.replay.max_new_tokens = "teacher", 0
     problems = validate(c)
     assert any("'teacher' is not one of base, data" in p for p in problems) and any("max_new_tokens" in p for p in problems)
+
+
+def test_replay_by_examples_says_when_it_dominates_the_tokens(encoded, pool):
+    mixed, summary = mix(encoded, pool, 0.1, "examples", seed=0)  # text windows of 64 tokens next to one-word labels
+    assert summary["achieved_ratio_tokens"] > 0.3
+    assert f"{summary['achieved_ratio_tokens']:.0%} of the trained target tokens are replay for 10% of the rows" in summary["note"]
+    assert "note" not in mix(encoded, pool, 0.1, "tokens", seed=0)[1]

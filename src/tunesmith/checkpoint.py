@@ -126,6 +126,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(dirs, key=_step_of) if dirs else None
 
 
+def newest_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``step-N`` folder that matches its manifest (what ``load_checkpoint`` will use,
+    unless a file fails to load), or None."""
+    for ckpt in sorted(_step_dirs(Path(run_dir) / CHECKPOINTS), key=_step_of, reverse=True):
+        if verify(ckpt) is None:
+            return ckpt
+    return None
+
+
 def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     scheduler: Any, rank: int = 0, warn: Callable[[str], None] = print) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this process's RNG from the newest good
@@ -160,7 +169,7 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimi
         warn(f"checkpoint {ckpt} is damaged: {problem}; "
              + (f"resuming from the one before it, {following}" if following else "no earlier checkpoint is left"))
     raise CheckpointError(f"{run_dir}: no usable checkpoint: " + "; ".join(problems)
-                          + ". Start the run again without --resume")
+                          + ". Start the run again: tunesmith train CONFIG --overwrite (the prepared data is kept)")
 
 
 def load_best(run_dir: Path, params: dict[str, torch.nn.Parameter]) -> None:

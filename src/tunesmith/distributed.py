@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -129,7 +130,9 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
     """Run ``tunesmith <argv>`` under torchrun with ``nproc`` processes on this node (of
     ``nnodes``); return torchrun's exit code. One node: ``--standalone``; several: a c10d
     rendezvous at ``rdzv_endpoint`` (host:port of node 0), the same command on every node with
-    its own ``node_rank``. Raises ValueError when several nodes have no endpoint."""
+    its own ``node_rank``. SIGTERM sent to this process is passed on to torchrun (which passes it
+    to the workers: they finish the step, checkpoint and exit), and this waits for them; Ctrl-C
+    reaches them all from the terminal, and this waits too. Raises ValueError when several nodes have no endpoint."""
     if nnodes > 1 and not rdzv_endpoint:
         raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, the same on every node)")
     run = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
@@ -141,5 +144,26 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:  # split the cores, do not oversubscribe
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     command = run + ["-m", "tunesmith", *argv]
-    return subprocess.call(command, env=env)
+    proc = subprocess.Popen(command, env=env)
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:  # a stop for the launcher is a stop for the run
+        forwarded.append(signum)
+        if signum == signal.SIGINT:  # Ctrl-C reaches the whole terminal group (torchrun, workers) by itself
+            return
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # a handler raced the wait: keep waiting for the checkpoint
+                continue
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 

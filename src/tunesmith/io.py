@@ -17,6 +17,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -49,6 +50,7 @@ def atomic_dir(path: Path, fill: Callable[[Path], None]) -> None:
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode mkdir would give
         fill(tmp)
         fsync_tree(tmp)
         if path.exists():
@@ -124,3 +126,22 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:  # a line cut by a kill: everything before it stands
                 break
     return out
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: setting it later from a thread would race other file creations
+
+
+def _umask() -> int:
+    """The process's umask (as it was when tunesmith was imported)."""
+    return _UMASK
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file here (0o666 less the umask)."""
+    return 0o666 & ~_UMASK

@@ -33,6 +33,7 @@ from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, re
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
+from tunesmith.checkpoint import newest_good_checkpoint
 from tunesmith.train import latest_checkpoint, result_dict, train
 
 
@@ -142,7 +143,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     if not w.main:
         return Run(run_dir, cfg, result_dict(result), {})
     if resumed_at is not None and resumed_at >= result.total_steps:
-        console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it again")
+        console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it")
     summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
     summary |= {"mitigations": mitigations} if mitigations else {}
     atomic_write_json(run_dir / "train_result.json", summary)
@@ -207,8 +208,9 @@ def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         if latest_checkpoint(run_dir) is None:
             raise RunError(f"{run_dir}: no checkpoint to resume from; start the run without --resume")
         changed = check_resume(run_dir, cfg, allow_changes)
-        step = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["step"]
-        console.print(f"resuming from {latest_checkpoint(run_dir)} (step {step})"
+        good = newest_good_checkpoint(run_dir)  # a damaged newest one is skipped (training says so)
+        step = json.loads((good / "state.json").read_text())["step"] if good else None
+        console.print((f"resuming from {good} (step {step})" if good else "resuming: no checkpoint passes its check")
                       + (f" with changed settings: {changed}" if changed else ""), highlight=False)
     if needs_chat_template(cfg):  # a base model without a template stops here, before any data work
         ready_tokenizer(load_tokenizer(cfg.model), cfg)
@@ -386,6 +388,10 @@ def _print_prepared(prepared: Any, console: Console, title: str = "") -> None:
         console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
 
 
+# What `tunesmith eval --set` may change: how to evaluate, and how much of the test split to use.
+EVAL_OVERRIDABLE = ("eval.", "data.max_test_examples")
+
+
 def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from: Path | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a finished run's tuned model (and its base) on the test split; write eval.json,
@@ -402,17 +408,20 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     average of their headline metrics (``macro``); predictions go to ``predictions/<task>.jsonl``.
     A run started from another run (``model: runs/X``) is also tested on that run's tasks
     (``eval.previous_tasks``): a ``previous_tasks`` block with the earlier run's own score and the drop.
-    ``overrides``: ``eval.KEY=VALUE`` settings for this evaluation only (config.yaml is not changed;
-    eval.json records them as ``eval_overrides``). Raises RunError for a key outside ``eval.``.
+    ``overrides``: ``eval.KEY=VALUE`` (or ``data.max_test_examples=N``) settings for this evaluation
+    only (config.yaml is not changed; eval.json records them as ``eval_overrides``); with
+    ``eval.general=none`` the run's earlier forgetting block is kept. Raises RunError for any other key.
     """
     console = console or Console()
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir}: not a run folder (no config.yaml)")
     overrides = list(overrides or [])
-    if outside := [o for o in overrides if not o.strip().startswith("eval.")]:
-        raise RunError(f"tunesmith eval --set takes evaluation settings only (eval.KEY=VALUE); not {', '.join(outside)}: "
-                       "other settings would no longer describe how the run was trained (train again with --set)")
+    if outside := [o for o in overrides if not o.strip().startswith(EVAL_OVERRIDABLE)]:
+        raise RunError(f"tunesmith eval --set takes evaluation settings only ({', '.join(EVAL_OVERRIDABLE)}); not "
+                       f"{', '.join(outside)}: other settings would no longer describe how the run was trained "
+                       "(train again with --set)")
+    earlier_forgetting = (load_json(run_dir / "eval.json") or {}).get("forgetting") if overrides else None
     cfg = load_config(run_dir / "config.yaml", overrides)
     artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
     if not artifact.is_dir():
@@ -469,6 +478,9 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
                 console.print(forgetting.summary_line(results["forgetting"]), highlight=False)
     for job in every:
         _compare_task(job)
+    if results.get("forgetting") is None and earlier_forgetting and str(cfg.eval.general).lower() == "none":
+        # eval.general=none for this evaluation only: the run's earlier forgetting measurement stays
+        results["forgetting"] = earlier_forgetting | {"note": "measured by an earlier evaluation (eval.general: none now)"}
     if cfg.tasks:
         results["tasks"] = {name: job.results for name, job in jobs.items()}
         results |= macro_average(results["tasks"])

@@ -286,7 +286,8 @@ def train(
     w = distributed.world()  # several processes (torchrun): each takes its share of every step; process 0 writes
     ddp = _data_parallel(model, objective, dev) if w.distributed else None
     progress = _progress(show_progress and w.main)
-    warn = lambda message: progress.console.print(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
+    say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
+    warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
     if resume:
         state = load_checkpoint(run_dir, params, optimizer, scheduler, rank=w.rank, warn=warn)
         state.pop("checkpoint")
@@ -394,7 +395,7 @@ def train(
                 if w.main:
                     append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
                                                      "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
-                progress.console.print(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
+                say(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
                 window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
             signalled = distributed.any_true(stop.signal is not None) if w.distributed else stop.signal is not None
             stop_here = (until_step is not None and until_step <= step < total_steps) or (signalled and step < total_steps)
@@ -559,8 +560,7 @@ def _data_parallel(model: torch.nn.Module, objective: TaskLoss, dev: torch.devic
     """The loss wrapped in DistributedDataParallel (process group already joined)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(_StepLoss(model, objective), device_ids=[dev.index] if dev.type == "cuda" else None,
-                                   broadcast_buffers=False)  # buffers (rotary tables) are the same everywhere
+    return DistributedDataParallel(_StepLoss(model, objective), device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 class _StopRequests:

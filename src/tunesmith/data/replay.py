@@ -135,9 +135,16 @@ def mix(task: list[Encoded], pool: list[Encoded], ratio: float, by: str, seed: i
         "achieved_ratio_examples": len(chosen) / max(len(mixed), 1),
         "achieved_ratio_tokens": sum(e.n_targets for e in chosen) / max(sum(e.n_targets for e in mixed), 1),
     }
+    notes = []
     if repeated:
-        summary["note"] = (f"the replay data gives {len(pool)} rows and {len(chosen)} were needed: "
-                           "rows repeat (each pass in a new seeded order)")
+        notes.append(f"the replay data gives {len(pool)} rows and {len(chosen)} were needed: "
+                     "rows repeat (each pass in a new seeded order)")
+    tokens_share = summary["achieved_ratio_tokens"]
+    if by == "examples" and tokens_share > max(2 * ratio, ratio + 0.2):  # e.g. long replies next to one-word labels
+        notes.append(f"the replay rows are much longer than the task's: {tokens_share:.0%} of the trained target "
+                     f"tokens are replay for {ratio:.0%} of the rows (replay.by: tokens sets the token share instead)")
+    if notes:
+        summary["note"] = "; ".join(notes)
     return mixed, summary
 
 

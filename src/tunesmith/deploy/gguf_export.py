@@ -32,6 +32,7 @@ import torch
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import ChatFormat, chat_format
 from tunesmith.deploy import errors
+from tunesmith.io import default_file_mode
 
 Q = gguf.GGMLQuantizationType
 DTYPES = {  # dtype -> (general.file_type, the type of 2-D weights)
@@ -89,6 +90,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, dtype: 
     config = model.config
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, default_file_mode())  # mkstemp makes 0600
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
