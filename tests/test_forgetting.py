@@ -166,8 +166,10 @@ def test_a_mistyped_run_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch
 
     (tmp_path / "runs" / "sst2-lora").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelError, match="runs/sst2-lroa .*runs/ holds: sst2-lora"):
+    with pytest.raises(ModelError, match="runs/sst2-lroa .*runs/ holds similar: sst2-lora"):
         resolve_model("runs/sst2-lroa")
+    with pytest.raises(ModelError, match=f"{tmp_path}/runs/ holds similar: sst2-lora"):  # absolute: its own folder, not /
+        resolve_model(str(tmp_path / "runs" / "sst2-lroa"))
 
 
 def test_the_scored_text_does_not_depend_on_max_seq_len(tmp_path, tokenizer):

@@ -7,6 +7,7 @@ seconds instead of the ~20-30 s the dequantization costs.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -82,10 +83,13 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource("folder", str(path), path.name)
     if path.exists():
         raise ModelError(f"{spec}: expected a model folder, a .gguf file, a hub id or 'default'")
-    first = Path(spec).parts[0] if Path(spec).parts else ""
-    if "/" in spec and first and Path(first).is_dir():  # e.g. runs/typo: a local folder holds it, not the hub
-        found = sorted(p.name for p in Path(first).iterdir() if p.is_dir())[:10]
-        raise ModelError(f"model not found: {spec} (no such folder; {first}/ holds: {', '.join(found) or 'nothing'})")
+    parent = next((a for a in path.parents if a.is_dir()), None) if "/" in spec else None
+    if parent is not None and parent != Path(".") and parent.parent != parent:  # e.g. runs/typo: a local folder holds it
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir())
+        close = difflib.get_close_matches(path.relative_to(parent).parts[0], names, n=3)
+        shown = close or names[:10]
+        raise ModelError(f"model not found: {spec} (no such folder; {parent}/ holds"
+                         f"{' similar' if close else ''}: {', '.join(shown) or 'nothing'})")
     if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
         raise ModelError(f"model not found: {spec} (no such folder or file)")
     return ModelSource("hub", spec, spec)

@@ -510,7 +510,13 @@ def _write_evaluation(run_dir: Path, results: dict[str, Any], main: _TaskEval, t
     if tasks and "macro" in results:
         print_macro(results, console)
     for name, job in earlier.items():
-        print_table(job.results, console, f" (earlier task {name})")
+        print_table(job.results, console, f" (earlier task {name}; base = the model this run started from)")
+        prev = results.get("previous_tasks", {}).get(name, {})
+        then, drop = (prev.get("earlier") or {}).get("tuned"), prev.get("drop")
+        if then is not None and drop is not None:
+            console.print(f"earlier task {name}: {job.results['metric']} {then:.4f} when its run ended, "
+                          f"{job.results['tuned'][job.results['metric']]:.4f} now: "
+                          + (f"{drop:.4f} forgotten" if drop > 0 else "nothing forgotten"), highlight=False)
     for job in (list(tasks.values()) or [main]) + list(earlier.values()):
         for w in job.results.get("warnings", []):
             console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
