@@ -188,7 +188,9 @@ def test_continual_run_tests_the_earlier_task(tmp_path, finished_runs, sst_files
         "lora": {"r": 4, "alpha": 8},
         "train": {"max_steps": 3, "batch_size": 4, "lr": 5e-2, "precision": "fp32"},
         "eval": {"max_new_tokens": 4, "latency_examples": 0, "bootstrap_resamples": 100, "general": "none"}})
-    run = finetune(load_config(path))
+    console = Console(record=True, width=200)
+    run = finetune(load_config(path), console=console)
+    assert "earlier task alpha-lora: rougeL " in console.export_text()  # then and now, on the console too
     merged = list((tmp_path / "home" / "runs").iterdir())  # the earlier adapter merged once, cached
     assert len(merged) == 1 and (merged[0] / "config.json").is_file() and (merged[0] / "tunesmith_source.json").is_file()
     ev = json.loads((run.dir / "eval.json").read_text())
