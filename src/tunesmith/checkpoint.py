@@ -50,7 +50,7 @@ def save_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimi
     out = root / f"step-{state['step']}"
 
     def fill(tmp: Path) -> None:
-        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        _save_trainable(params, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
@@ -77,7 +77,7 @@ def save_best(run_dir: Path, params: dict[str, torch.nn.Parameter], step: int, v
     """Write ``checkpoints/best/`` (weights of the best validation loss so far) atomically.
     Returns False (after ``warn``) when it could not be written; the earlier best stays."""
     def fill(tmp: Path) -> None:
-        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        _save_trainable(params, tmp)
         (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
         write_manifest(tmp, {"step": step})
 
@@ -191,6 +191,11 @@ def load_trainable(ckpt: Path, params: dict[str, torch.nn.Parameter]) -> None:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
+
+
+def _save_trainable(params: dict[str, torch.nn.Parameter], folder: Path) -> None:
+    """The trainable tensors as ``folder/trainable.safetensors`` (what ``load_trainable`` reads)."""
+    save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(folder / "trainable.safetensors"))
 
 
 def _sha256(path: Path) -> str:

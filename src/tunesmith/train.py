@@ -311,6 +311,7 @@ def train(
     with progress, _StopRequests() as stop:
         while state["step"] < total_steps and not stopped_early:
             step_rng = runtime.rng_state()  # a Ctrl-C mid-step checkpoints this, so resume redoes the step exactly
+            micro: list[list[int]] = []  # this step's micro-batches (an out-of-memory message names their rows)
             try:
                 # ---- once in a while: nothing; the step first
                 t0 = time.perf_counter()
@@ -355,8 +356,8 @@ def train(
                 if not _is_oom(e):
                     raise
                 optimizer.zero_grad(set_to_none=True)
-                rows = [len(train_data[i].input_ids) for mb in micro for i in mb] if "micro" in locals() else [0]
-                raise OutOfMemoryError(_out_of_memory(run_dir, state["step"] + 1, cfg, max(rows), e)) from None
+                rows = [len(train_data[i].input_ids) for mb in micro for i in mb]
+                raise OutOfMemoryError(_out_of_memory(run_dir, state["step"] + 1, cfg, max(rows, default=0), e)) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; the step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
                 if w.main:  # no collective here: the other processes' RNG is not saved (they start from process 0's)
