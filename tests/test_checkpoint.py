@@ -35,6 +35,7 @@ def cfg(**kw) -> TrainConfig:
 
 
 def fresh(tokenizer):
+    torch.manual_seed(0)  # the adapters' random init: the same whatever ran before in this process
     c = Config(method="lora")
     c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, 0.1  # dropout on: the RNG must be restored too
     c.train.precision = "fp32"
@@ -216,3 +217,36 @@ def test_files_and_folders_written_atomically_get_the_usual_modes(tmp_path):
         os.umask(old)
         importlib.reload(io_mod)
     assert atomic_write_text  # the public name used elsewhere
+
+
+def test_fsdp_checkpoints_use_distributed_checkpoint_and_resume_exactly(tokenizer, data, tmp_path, straight, capsys):
+    """train.strategy: fsdp writes weights and optimizer state with Distributed Checkpoint (dcp/, in
+    the manifest), which loads at any number of processes: here one. A flipped byte in a shard is found."""
+    run = tmp_path / "run"
+    first = train(fresh(tokenizer), data, data[:4], cfg(strategy="fsdp"), run, tokenizer.pad_token_id, until_step=6,
+                  show_progress=False)
+    assert first.interrupted
+    newest = run / "checkpoints" / "step-6"
+    files = json.loads((newest / "manifest.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "scheduler.pt", "rng.pt", "state.json"} <= set(files)
+    assert "trainable.safetensors" not in files and "optimizer.pt" not in files
+    shard = newest / "dcp" / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    model = fresh(tokenizer)
+    result = train(model, data, data[:4], cfg(strategy="fsdp"), run, tokenizer.pad_token_id, resume=True)
+    said = squash(capsys.readouterr().out)
+    assert squash("dcp/__0_0.distcp does not match its SHA-256") in said and squash("the one before it, step-4") in said
+    assert_same(model, result, straight)  # the same run as the plain one, bit for bit
+    assert not list((run / "checkpoints").glob(".*"))  # no staging folder left behind
+
+
+def test_a_sharded_run_refuses_whole_weight_checkpoints_clearly(tokenizer, data, tmp_path):
+    train(fresh(tokenizer), data, data[:4], cfg(), tmp_path, tokenizer.pad_token_id, until_step=2, show_progress=False)
+    model = fresh(tokenizer)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ckpt_mod.CheckpointError, match="train.strategy: ddp.*--set train.strategy=ddp"):
+        ckpt_mod.load_checkpoint(tmp_path, params, opt, sched, model=model, sharded=True)

@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo, DDP) train as one process does on the same global steps."""
+"""Two CPU processes (torchrun, gloo; DDP and FSDP2) train as one process does on the same global steps."""
 
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_processes_reproduce_one(tmp_path, tiny_model_dir, sst_files, method):
+def test_two_processes_reproduce_one(tmp_path, tiny_model_dir, sst_files, method, strategy):
     path = _config(tmp_path, tiny_model_dir, sst_files, method)
     assert main(["train", str(path), "--set", "name=one"]) == 0
-    assert main(["train", str(path), "--set", "name=two", "--nproc", "2"]) == 0
+    assert main(["train", str(path), "--set", "name=two", "--nproc", "2", "--set", f"train.strategy={strategy}"]) == 0
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     a, b = _weights(one, method), _weights(two, method)
     assert a.keys() == b.keys()
@@ -55,11 +56,19 @@ def test_two_processes_reproduce_one(tmp_path, tiny_model_dir, sst_files, method
     assert (two / "checkpoints" / "step-4" / "manifest.json").is_file()
     rng = torch.load(two / "checkpoints" / "step-4" / "rng.pt", weights_only=False)
     assert len(rng) == 2  # every process's random state
+    shards = sorted(p.name for p in (two / "checkpoints" / "step-4" / "dcp").glob("*")) if strategy == "fsdp" else []
+    assert shards == ([".metadata", "__0_0.distcp", "__1_0.distcp"] if strategy == "fsdp" else [])  # a file per process
+    manifest = json.loads((two / "checkpoints" / "step-4" / "manifest.json").read_text())["files"]
+    assert all(f"dcp/{name}" in manifest for name in shards)
 
 
-def test_resume_at_another_world_size(tmp_path, tiny_model_dir, sst_files):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_at_another_world_size(tmp_path, tiny_model_dir, sst_files, strategy):
     path = _config(tmp_path, tiny_model_dir, sst_files, "lora")
     assert main(["train", str(path), "--set", "name=one"]) == 0
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"]["strategy"] = strategy  # fsdp: sharded checkpoints (Distributed Checkpoint), even on one process
+    path.write_text(yaml.safe_dump(cfg))
     # 2 processes, stopped after step 2, resumed on 1; and the reverse
     assert main(["train", str(path), "--set", "name=two-one", "--nproc", "2", "--until-step", "2"]) == EXIT_RESUMABLE
     assert main(["train", str(path), "--set", "name=two-one", "--resume"]) == 0

@@ -8,6 +8,11 @@ sibling folder, fsynced and renamed into place (``io.atomic_dir``), so a kill at
 leaves either the whole checkpoint or none. The newest ``keep`` are kept; older ones are deleted
 only after a new one is complete.
 
+Under ``train.strategy: fsdp`` the weights and optimizer state are sharded across the processes;
+they are written with PyTorch Distributed Checkpoint instead (``dcp/``: one file per process and
+a ``.metadata`` index, in the same manifest), which loads at any number of processes, one
+included, and the best model is gathered whole into ``best/trainable.safetensors``.
+
 At resume the newest checkpoint is checked against its manifest; a truncated, altered or
 unreadable one is skipped for the one before, and the run says which and why. A checkpoint that
 cannot be written (a full disk, a quota) leaves the previous one untouched; training goes on and
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +32,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith import runtime
+from tunesmith import distributed, runtime
 from tunesmith.io import atomic_dir, recover_dir
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 BEST = "best"
+SHARDS = "dcp"  # the Distributed Checkpoint subfolder of an FSDP run's checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -40,18 +47,35 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], rng: dict[str, Any] | list[dict[str, Any]], keep: int,
-                    warn: Callable[[str], None] | None = None) -> Path | None:
+                    warn: Callable[[str], None] | None = None, model: torch.nn.Module | None = None,
+                    main: bool = True) -> Path | None:
     """Write ``checkpoints/step-N/`` atomically with its manifest and prune all but the newest
     ``keep``. ``rng``: this process's RNG states, or a list of every process's (rank order).
 
-    Returns the folder, or None when it could not be written (OSError: a full disk, no
-    permission): then ``warn`` is told (raised when ``warn`` is None) and nothing older is removed."""
+    ``model`` given (``train.strategy: fsdp``): the weights and optimizer state go into ``dcp/``
+    with Distributed Checkpoint, which every process must call (each writes its shard); only the
+    ``main`` process writes the rest and renames the folder into place. Otherwise process 0 alone calls.
+
+    Returns the folder (None on other processes), or None when it could not be written (OSError:
+    a full disk, no permission): then ``warn`` is told (raised when ``warn`` is None) and nothing
+    older is removed."""
     root = Path(run_dir) / CHECKPOINTS
     out = root / f"step-{state['step']}"
+    staging = root / f".{out.name}.{SHARDS}"  # every process's shard is written here first
+    error: BaseException | None = None
+    if model is not None:
+        error = _save_shards(staging, model, optimizer, main)
+        if not main:
+            return None
 
     def fill(tmp: Path) -> None:
-        _save_trainable(params, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if error is not None:
+            raise error
+        if model is not None:
+            os.replace(staging, tmp / SHARDS)
+        else:
+            _save_trainable(_whole(params), tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -60,6 +84,7 @@ def save_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimi
     try:
         atomic_dir(out, fill)
     except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
         if warn is None:
             raise
         previous = latest_checkpoint(run_dir)
@@ -72,12 +97,57 @@ def save_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimi
     return out
 
 
+def _save_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: bool) -> OSError | None:
+    """Every process writes its shard of the trainable weights and optimizer state into ``folder``
+    (Distributed Checkpoint; process 0 also the ``.metadata`` index). A collective. Returns the
+    error (as an OSError, the same on every process) instead of raising, so that all go on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if main:
+        shutil.rmtree(folder, ignore_errors=True)  # a killed save's leftovers
+        folder.mkdir(parents=True)
+    distributed.barrier()
+    try:
+        weights, optim = get_state_dict(model, optimizer, options=_dcp_options())
+        dcp.save({"model": weights, "optim": optim}, checkpoint_id=str(folder))
+        return None
+    except Exception as e:  # noqa: BLE001  (dcp raises CheckpointException, wrapping each process's OSError)
+        if not isinstance(e, OSError) and "CheckpointException" not in type(e).__name__:
+            raise
+        return e if isinstance(e, OSError) else OSError(str(e).splitlines()[0][:300])
+
+
+def _dcp_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)  # trainable tensors only (LoRA: the adapters)
+
+
+def _whole(params: dict[str, torch.nn.Parameter], model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The trainable tensors whole, on the CPU. Under FSDP (``model`` given) they are gathered from
+    every process: a collective that every process must call; process 0 gets them, the others {}."""
+    if model is None:
+        return {n: p.detach().contiguous().cpu() for n, p in params.items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+    return {n: full[n].contiguous() for n in params if n in full}
+
+
 def save_best(run_dir: Path, params: dict[str, torch.nn.Parameter], step: int, val_loss: float,
-              warn: Callable[[str], None] | None = None) -> bool:
+              warn: Callable[[str], None] | None = None, model: torch.nn.Module | None = None,
+              main: bool = True) -> bool:
     """Write ``checkpoints/best/`` (weights of the best validation loss so far) atomically.
+    ``model`` given (FSDP): every process calls, the weights are gathered whole and ``main`` writes.
     Returns False (after ``warn``) when it could not be written; the earlier best stays."""
+    tensors = _whole(params, model)
+    if not main:
+        return True
+
     def fill(tmp: Path) -> None:
-        _save_trainable(params, tmp)
+        _save_trainable(tensors, tmp)
         (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
         write_manifest(tmp, {"step": step})
 
@@ -92,9 +162,10 @@ def save_best(run_dir: Path, params: dict[str, torch.nn.Parameter], step: int, v
 
 
 def write_manifest(folder: Path, extra: dict[str, Any]) -> None:
-    """``manifest.json``: every other file's size in bytes and SHA-256, plus ``extra``."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """``manifest.json``: every other file's size in bytes and SHA-256 (by path relative to
+    ``folder``, subfolders included), plus ``extra``."""
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"format": 1, **extra, "files": files}, indent=2))
 
 
@@ -136,9 +207,15 @@ def newest_good_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    scheduler: Any, rank: int = 0, warn: Callable[[str], None] = print) -> dict[str, Any]:
+                    scheduler: Any, rank: int = 0, warn: Callable[[str], None] = print,
+                    model: torch.nn.Module | None = None, sharded: bool = False) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this process's RNG from the newest good
     checkpoint; return its loop state (``state.json``, with ``checkpoint``: the folder used).
+
+    A checkpoint written under FSDP (``dcp/``) is read with Distributed Checkpoint into ``model``
+    (needed then), at whatever number of processes this run has: a collective when distributed.
+    ``sharded``: this run's parameters are FSDP shards, which cannot take a checkpoint of whole
+    weights (written by ``train.strategy: ddp``): CheckpointError says so.
 
     A damaged checkpoint (see ``verify``) or one that fails to load is skipped for the one
     before it, and ``warn`` names both. Raises FileNotFoundError when there is no checkpoint and
@@ -150,10 +227,18 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimi
     problems = []
     for i, ckpt in enumerate(candidates):
         problem = verify(ckpt)
+        if problem is None and sharded and not (ckpt / SHARDS).is_dir():
+            raise CheckpointError(f"{ckpt} holds whole weights (written with train.strategy: ddp or one process); "
+                                  "this run shards them (train.strategy: fsdp). Resume with --set train.strategy=ddp")
         if problem is None:
             try:
-                load_trainable(ckpt, params)
-                optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+                if (ckpt / SHARDS).is_dir():
+                    if model is None:
+                        raise ValueError("a sharded (dcp/) checkpoint needs the model to load into")
+                    _load_shards(ckpt / SHARDS, model, optimizer)
+                else:
+                    load_trainable(ckpt, params)
+                    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
                 scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
                 rng = torch.load(ckpt / "rng.pt", weights_only=False)
                 state = json.loads((ckpt / "state.json").read_text())
@@ -172,14 +257,32 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimi
                           + ". Start the run again: tunesmith train CONFIG --overwrite (the prepared data is kept)")
 
 
-def load_best(run_dir: Path, params: dict[str, torch.nn.Parameter]) -> None:
-    """Load ``checkpoints/best/`` into ``params`` (after checking it). Raises CheckpointError when damaged."""
+def _load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read a Distributed Checkpoint of trainable weights and optimizer state into ``model`` and
+    ``optimizer``, resharded to this run's processes (one process: whole tensors)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=_dcp_options())
+    dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim, options=_dcp_options())
+
+
+def load_best(run_dir: Path, params: dict[str, torch.nn.Parameter], model: torch.nn.Module | None = None) -> None:
+    """Load ``checkpoints/best/`` into ``params`` (after checking it); under FSDP (``model``
+    given: every process calls) each process keeps its shard. Raises CheckpointError when damaged."""
     folder = Path(run_dir) / CHECKPOINTS / BEST
     recover_dir(folder)
     problem = verify(folder) if folder.is_dir() else "it is missing"
     if problem:
         raise CheckpointError(f"{folder}: {problem}")
-    load_trainable(folder, params)
+    if model is None:
+        load_trainable(folder, params)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, load_file(str(folder / "trainable.safetensors")),
+                         options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_trainable(ckpt: Path, params: dict[str, torch.nn.Parameter]) -> None:
@@ -193,9 +296,9 @@ def load_trainable(ckpt: Path, params: dict[str, torch.nn.Parameter]) -> None:
             p.copy_(saved[n])
 
 
-def _save_trainable(params: dict[str, torch.nn.Parameter], folder: Path) -> None:
-    """The trainable tensors as ``folder/trainable.safetensors`` (what ``load_trainable`` reads)."""
-    save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(folder / "trainable.safetensors"))
+def _save_trainable(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """The trainable tensors (whole, on the CPU) as ``folder/trainable.safetensors`` (what ``load_trainable`` reads)."""
+    save_file(tensors, str(folder / "trainable.safetensors"))
 
 
 def _sha256(path: Path) -> str:

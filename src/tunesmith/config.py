@@ -29,6 +29,7 @@ CHAT_TEMPLATES = ("chatml", "alpaca")  # named templates (data.chat_template); t
 ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
 METHODS = ("lora", "full", "prompt")
 PRECISIONS = ("auto", "bf16", "fp32")
+STRATEGIES = ("ddp", "fsdp")  # train.strategy under torchrun: DistributedDataParallel | FSDP2 fully_shard
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
 GENERAL = "general"  # the shipped general set (Wikipedia text, general instructions): eval.general, replay.data
@@ -195,6 +196,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it, else fp32
     num_threads: int | None = None
+    strategy: str = "ddp"  # several processes (torchrun): ddp (a whole copy each) | fsdp (FSDP2: parameters, gradients and optimizer state sharded)
 
 
 @dataclass
@@ -468,6 +470,7 @@ def validate(cfg: Config) -> list[str]:
     check(t.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     check(t.early_stopping.patience >= 0, "train.early_stopping.patience: must be >= 0")
     check(t.early_stopping.min_delta >= 0, "train.early_stopping.min_delta: must be >= 0")
+    check(t.strategy in STRATEGIES, f"train.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     check(t.precision in PRECISIONS, f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
     check(cfg.classifier in ("auto", "lm", "head"), f"classifier: {cfg.classifier!r} is not one of auto, lm, head")
     check(cfg.classifier != "head" or cfg.task == "classification", "classifier: head needs task: classification")
@@ -541,6 +544,9 @@ def _validate_forgetting(cfg: Config) -> list[str]:
     check(not (d.weight > 0 and d.on == "prompts" and cfg.task == "text"), "distill.on: prompts distils the prompt "
           "tokens of task rows, but task text has none (every token is a target); use replay or both")
     check(not (a.method != "none" and not trains), "anchor.method: method prompt trains nothing to anchor")
+    for key, on in (("distill.weight", d.weight > 0), ("anchor.method", a.method != "none")):
+        check(not (on and cfg.train.strategy == "fsdp"), f"{key}: not available with train.strategy: fsdp yet (the teacher "
+              "and anchor read whole weights); use train.strategy: ddp")
     check(not (r.ratio > 0 and not trains), "replay.ratio: method prompt trains nothing to replay into")
     names = [t.name for t in cfg.tasks]
     for i, t in enumerate(cfg.tasks):

@@ -33,7 +33,7 @@ from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, re
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
-from tunesmith.checkpoint import newest_good_checkpoint
+from tunesmith.checkpoint import load_best, newest_good_checkpoint
 from tunesmith.train import latest_checkpoint, result_dict, train
 
 
@@ -73,11 +73,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
 
         console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
         head = uses_head(cfg)
-        if head:
-            model, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed)
-        else:
-            overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
-            model, tokenizer = load_model(cfg.model, **overrides)
+        model, tokenizer = _load_base(cfg)
         if head and cfg.method == "prompt":
             raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
         if head and (cfg.replay.ratio > 0 or cfg.distill.weight > 0 or cfg.anchor.method == "ewc"):
@@ -115,7 +111,10 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     if resume and w.main:
         save_config(cfg, run_dir / "config.yaml")
     runtime.seed_everything(cfg.train.seed)  # adapters are initialised at random: the same seed, the same run
-    model = methods.prepare(model, cfg).to(runtime.device())
+    model = methods.prepare(model, cfg)
+    sharded = w.distributed and cfg.train.strategy == "fsdp"
+    if not sharded:  # FSDP moves each process's shards to its device itself (the whole model never goes there)
+        model = model.to(runtime.device())
     trainable, total = methods.count_parameters(model)
     if cfg.method == "prompt":  # nothing to train: write the prompt, then evaluate it like any tuned model
         distributed.shutdown()
@@ -151,10 +150,30 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         console.print(f"[yellow]stopped at step {result.steps}/{result.total_steps}; continue with: "
                       f"tunesmith train {run_dir / 'config.yaml'} --resume[/yellow]")
         return Run(run_dir, cfg, summary, {})
+    if sharded:  # the trained model is in shards: process 0 builds it whole again with the best weights
+        del model
+        model = _whole_model(cfg, run_dir)
     methods.save_final(model, tokenizer, cfg, run_dir)
     del model
     evaluation = evaluate_run(run_dir, console=console, base_from=base_from)
     return Run(run_dir, cfg, summary, evaluation)
+
+
+def _load_base(cfg: Config) -> tuple[torch.nn.Module, Any]:
+    """The base model (a classifier with a head when ``uses_head``) and its tokenizer."""
+    if uses_head(cfg):
+        return load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed)
+    overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
+    return load_model(cfg.model, **overrides)
+
+
+def _whole_model(cfg: Config, run_dir: Path) -> torch.nn.Module:
+    """After FSDP training: the base model prepared for ``cfg.method`` again, on the CPU, with the
+    best trainable weights (``checkpoints/best``, written whole) loaded into it."""
+    runtime.seed_everything(cfg.train.seed)
+    model = methods.prepare(_load_base(cfg)[0], cfg)
+    load_best(run_dir, {n: p for n, p in model.named_parameters() if p.requires_grad})
+    return model
 
 
 def multitask_data(cfg: Config, tokenizer: Any, console: Console) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:

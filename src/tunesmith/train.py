@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +185,15 @@ def _plain_head(model: torch.nn.Module) -> bool:
     return not scaled and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
+LossSum = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: list[Encoded], batch_size: int, pad_id: int, bf16: bool = False) -> float:
-    """Mean loss per target token over ``data`` (model left in its previous mode)."""
+def evaluate_loss(model: torch.nn.Module, data: list[Encoded], batch_size: int, pad_id: int, bf16: bool = False,
+                  loss_sum: LossSum | None = None) -> float:
+    """Mean loss per target token over ``data`` (model left in its previous mode).
+    ``loss_sum``: how a batch's summed loss and target count are computed (default
+    ``target_loss_sum(model, batch)``; under FSDP, through the sharded root module)."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -194,20 +201,20 @@ def evaluate_loss(model: torch.nn.Module, data: list[Encoded], batch_size: int, 
     for i in range(0, len(data), batch_size):
         batch = {k: v.to(dev) for k, v in collate(data[i : i + batch_size], pad_id).items()}
         with runtime.autocast(dev, bf16):
-            loss, n = target_loss_sum(model, batch)
+            loss, n = loss_sum(batch) if loss_sum else target_loss_sum(model, batch)
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
 
 
 def validation_loss(model: torch.nn.Module, data: list[Encoded] | dict[str, list[Encoded]], batch_size: int,
-                    pad_id: int, bf16: bool = False) -> tuple[float, dict[str, Any]]:
+                    pad_id: int, bf16: bool = False, loss_sum: LossSum | None = None) -> tuple[float, dict[str, Any]]:
     """The validation loss, and for several tasks (``data`` a dict name -> rows) their losses as
     ``{"task_val_loss": {name: loss}}`` with the loss their macro average (each task counts once,
     whatever its size); ``{}`` for one task."""
     if not isinstance(data, dict):
-        return evaluate_loss(model, data, batch_size, pad_id, bf16), {}
-    losses = {name: evaluate_loss(model, rows, batch_size, pad_id, bf16) for name, rows in data.items()}
+        return evaluate_loss(model, data, batch_size, pad_id, bf16, loss_sum), {}
+    losses = {name: evaluate_loss(model, rows, batch_size, pad_id, bf16, loss_sum) for name, rows in data.items()}
     return sum(losses.values()) / len(losses), {"task_val_loss": losses}
 
 
@@ -259,19 +266,25 @@ def train(
     objective = objective or TaskLoss()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dev = next(model.parameters()).device
-    bf16 = runtime.use_bf16(cfg.precision, dev)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     runtime.seed_everything(cfg.seed)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    w = distributed.world()  # several processes (torchrun): each takes its share of every step; process 0 writes
+    sharded = w.distributed and cfg.strategy == "fsdp"  # FSDP2: each process holds a shard of every parameter
+    shards = model if cfg.strategy == "fsdp" else None  # checkpoints in Distributed Checkpoint's format (dcp/)
+    root = None  # the loss module that DDP or FSDP wraps (several processes)
+    if w.distributed:
+        root = _fully_sharded(model, objective, w) if sharded else _data_parallel(model, objective)
+    dev = next(model.parameters()).device
+    bf16 = runtime.use_bf16(cfg.precision, dev)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # under FSDP: DTensor shards
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
         ],
         lr=cfg.lr,
-        fused=_fused_adamw(dev),  # one kernel over all tensors: ~7x faster steps on CPU than foreach, no temporaries
+        fused=None if sharded else _fused_adamw(dev),  # one kernel over all tensors: ~7x faster on CPU than foreach
     )
     lengths = [len(e.input_ids) for e in train_data]
     share = sum(e.n_targets for e in train_data) / max(sum(lengths), 1)
@@ -283,13 +296,12 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
              "target_tokens": 0, "train_seconds": 0.0}
-    w = distributed.world()  # several processes (torchrun): each takes its share of every step; process 0 writes
-    ddp = _data_parallel(model, objective, dev) if w.distributed else None
     progress = _progress(show_progress and w.main)
     say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
     if resume:
-        state = load_checkpoint(run_dir, params, optimizer, scheduler, rank=w.rank, warn=warn)
+        state = load_checkpoint(run_dir, params, optimizer, scheduler, rank=w.rank, warn=warn, model=model,
+                                sharded=sharded)
         state.pop("checkpoint")
         _apply_hyperparameters(optimizer, scheduler, cfg)  # a resume allowed to change them really changes them
         if w.main:
@@ -321,30 +333,36 @@ def train(
                 objective.begin_step([train_data[i] for mb in micro for i in mb])
                 step_loss = 0.0
                 mine = micro[w.rank :: w.size]  # this process's micro-batches (all of them in a single process)
-                for k, mb in enumerate(mine or micro[:1]):  # none left for this process: a pass that adds 0
+                # every process makes as many passes as the busiest one under FSDP (each forward gathers
+                # parameters from all), at least one under DDP; a pass beyond its share adds 0
+                passes = -(-len(micro) // w.size) if sharded else max(len(mine), 1)
+                for k in range(passes):
+                    mb = mine[k] if k < len(mine) else micro[0]
                     examples = [train_data[i] for i in mb]
                     rows = collate_packed(examples, pad_id, cfg.max_seq_len) if cfg.packing else collate(examples, pad_id)
                     batch = {k: v.to(dev) for k, v in rows.items()}
-                    synced = ddp is None or k == len(mine or micro[:1]) - 1  # DDP sums gradients on the last pass
-                    with runtime.autocast(dev, bf16), (contextlib.nullcontext() if synced else ddp.no_sync()):
-                        if ddp is None:
+                    synced = root is None or k == passes - 1  # gradients are summed on the last pass
+                    with runtime.autocast(dev, bf16), _no_sync(root, synced):
+                        if root is None:
                             loss = objective.loss(model, batch, examples, n_targets)  # normalised over the whole step
                         else:
-                            loss = ddp(batch, examples, n_targets, counted=bool(mine))
-                        # DDP averages gradients over the processes; the loss is already a share of the step's sum
-                        (loss * w.size if ddp is not None else loss).backward()
+                            loss = root(batch, examples, n_targets, counted=k < len(mine))
+                        # DDP and FSDP average gradients over the processes; the loss is already a share of the step's sum
+                        (loss * w.size if root is not None else loss).backward()
                     step_loss += float(loss.detach())
                     del loss, batch
                     if dev.type == "cpu":
                         runtime.trim_heap()  # keeps RSS near what is in use (glibc holds freed tensors' memory)
                 parts = objective.parts()
-                if ddp is not None:  # the step's loss and its parts over every process
+                if root is not None:  # the step's loss and its parts over every process
                     summed = [k for k in SUMMED_PARTS if k in parts]
                     step_loss, *values = distributed.sum_floats([step_loss] + [parts[k] for k in summed])
                     parts |= dict(zip(summed, values))
                 step_loss += objective.end_step()  # weight anchoring: its gradient goes straight into .grad
                 parts |= {k: v for k, v in objective.parts().items() if k not in SUMMED_PARTS}
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm over every process's shards
+                    grad_norm = grad_norm.full_tensor()
                 if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):  # before the update: weights stay good
                     raise NonFiniteLossError(_non_finite(run_dir, state["step"] + 1, "training loss", step_loss,
                                                          float(grad_norm), cfg))
@@ -360,8 +378,11 @@ def train(
                 raise OutOfMemoryError(_out_of_memory(run_dir, state["step"] + 1, cfg, max(rows, default=0), e)) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; the step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
-                if w.main:  # no collective here: the other processes' RNG is not saved (they start from process 0's)
-                    save_checkpoint(run_dir, params, optimizer, scheduler, state, [step_rng], cfg.keep_checkpoints, warn)
+                if sharded:  # a sharded checkpoint needs every process, which may not be listening now
+                    warn("stopped at once: no checkpoint of this step (sharded run); the last one is kept")
+                elif w.main:  # no collective here: the other processes' RNG is not saved (they start from process 0's)
+                    save_checkpoint(run_dir, params, optimizer, scheduler, state, [step_rng], cfg.keep_checkpoints, warn,
+                                    model=shards)
                 interrupted = True
                 break
             state["step"] += 1
@@ -383,15 +404,19 @@ def train(
             step = state["step"]
             evaluate_now = step % cfg.eval_every == 0 or step % steps_per_epoch == 0 or step == total_steps
             if evaluate_now:  # process 0 validates; every process gets its result (early stopping stays in step)
-                measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16) if w.main else None
+                if sharded:  # every process takes part in each forward (its shards are needed)
+                    measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16,
+                                               loss_sum=lambda b: root(b, evaluate=True))
+                else:
+                    measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16) if w.main else None
                 val_loss, task_losses = distributed.broadcast(measured)
                 if not math.isfinite(val_loss):  # never "best", never the final model
                     raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))
                 best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
                 if best:
                     state.update(best_val_loss=val_loss, best_step=step)
-                    if w.main:
-                        save_best(run_dir, params, step, val_loss, warn)
+                    if w.main or sharded:  # sharded: the weights are gathered whole to process 0
+                        save_best(run_dir, params, step, val_loss, warn, model=model if sharded else None, main=w.main)
                 stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
                 if w.main:
                     append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
@@ -402,8 +427,9 @@ def train(
             stop_here = (until_step is not None and until_step <= step < total_steps) or (signalled and step < total_steps)
             if evaluate_now or stop_here or (cfg.save_every and step % cfg.save_every == 0):
                 rngs = distributed.gather(runtime.rng_state())  # every process's RNG, in rank order (on process 0)
-                if w.main:
-                    save_checkpoint(run_dir, params, optimizer, scheduler, state, rngs, cfg.keep_checkpoints, warn)
+                if w.main or sharded:  # sharded: every process writes its shard
+                    save_checkpoint(run_dir, params, optimizer, scheduler, state, rngs, cfg.keep_checkpoints, warn,
+                                    model=shards, main=w.main)
             if stop_here:
                 if signalled:
                     warn(f"{stop.signal or 'a stop signal'}: stopped after step {step} with a checkpoint")
@@ -412,7 +438,7 @@ def train(
 
     distributed.barrier()  # process 0's last writes (best, checkpoint) are complete for every process
     if not interrupted and state["best_step"] is not None:
-        load_best(run_dir, params)  # the model ends at its best validation loss
+        load_best(run_dir, params, model=model if sharded else None)  # the model ends at its best validation loss
     return TrainResult(
         steps=state["step"], total_steps=total_steps, best_step=state["best_step"],
         best_val_loss=state["best_val_loss"], stopped_early=stopped_early, interrupted=interrupted,
@@ -550,18 +576,60 @@ class _StepLoss(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor], examples: list[Encoded], n_targets: int,
-                counted: bool = True) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], examples: list[Encoded] | None = None, n_targets: int = 0,
+                counted: bool = True, evaluate: bool = False) -> Any:
+        if evaluate:  # validation: the summed loss and its target count (FSDP: through the root's hooks)
+            return target_loss_sum(self.model, batch)
         if not counted:  # a process with no micro-batch this step: the same graph, contributing 0
             return target_loss_sum(self.model, batch)[0] * 0.0
         return self.objective.loss(self.model, batch, examples, n_targets)
 
 
-def _data_parallel(model: torch.nn.Module, objective: TaskLoss, dev: torch.device) -> torch.nn.Module:
+def _data_parallel(model: torch.nn.Module, objective: TaskLoss) -> torch.nn.Module:
     """The loss wrapped in DistributedDataParallel (process group already joined)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    dev = next(model.parameters()).device
     return DistributedDataParallel(_StepLoss(model, objective), device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _fully_sharded(model: torch.nn.Module, objective: TaskLoss, w: distributed.World) -> torch.nn.Module:
+    """The loss module with FSDP2 (``fully_shard``): each transformer block (the model's
+    ``_no_split_modules``, as transformers and Accelerate shard) is its own group, gathered just
+    before it runs and freed after; the rest (embeddings, final norm, head) belongs to the root,
+    the loss module, so the fused head loss sees whole weights inside its forward. Parameters
+    become DTensor shards (in place: same names) and move to this process's device. LoRA works
+    as is: FSDP2 shards frozen and trainable tensors alike."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (w.size,))
+    blocks = set(getattr(_unwrap(model), "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    root = _StepLoss(model, objective)
+    fully_shard(root, mesh=mesh)
+    return root
+
+
+def _no_sync(root: torch.nn.Module | None, synced: bool) -> contextlib.AbstractContextManager[Any]:
+    """Gradients of a micro-batch that is not the step's last stay local (no all-reduce or
+    reduce-scatter): DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``."""
+    if root is None or synced:
+        return contextlib.nullcontext()
+    if hasattr(root, "no_sync"):
+        return root.no_sync()
+    return _fsdp_no_sync(root)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(root: Any) -> Any:
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
 
 
 class _StopRequests:
