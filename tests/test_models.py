@@ -31,8 +31,19 @@ def test_resolution_errors_are_clear(tmp_path, monkeypatch):
 def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(ModelError, match="could not fetch"):
+    with pytest.raises(ModelError, match="cannot be reached to fetch it as a model id \\(HF_HUB_OFFLINE is set\\)"):
         load_model("nobody-here/no-such-model")
+
+
+def test_a_path_that_looks_like_a_hub_id_fails_fast_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    """`model: runs/x` run from a folder without runs/: one short connection attempt, not the
+    download client's ~30 s of retries, and the message says where it looked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_unreachable", lambda timeout=3.0: "huggingface.co: Name or service not known")
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("went to the hub"))
+    with pytest.raises(ModelError, match=f"runs/x is not a local folder or file \\(looked from {tmp_path}\\)"):
+        load_model("runs/x")
 
 
 def test_default_model_is_installed():

@@ -175,6 +175,10 @@ def model_folder(spec: str) -> str:
     if source.kind == "run":
         return str(run_model_folder(Path(source.location)))
     if source.kind == "hub":
+        if not _hub_cached(source.location) and (reason := _hub_unreachable()):
+            raise ModelError(f"model not found: {spec} is not a local folder or file (looked from {Path.cwd()}), and "
+                             f"the Hugging Face hub cannot be reached to fetch it as a model id ({reason}). Use a "
+                             "local folder (a path relative to where you run tunesmith), a .gguf file or 'default'")
         try:
             AutoConfig.from_pretrained(source.location)
         except OSError as e:
@@ -183,6 +187,34 @@ def model_folder(spec: str) -> str:
                 f"model id?). Use a local folder, a .gguf file or 'default'. Cause: {e}"
             ) from e
     return source.location
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub model's config is in the local Hugging Face cache (loadable offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001  (an id the cache cannot hold: not cached)
+        return False
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, no route, no name), or None.
+    One TCP connection with a short timeout, instead of the download client's retries (~30 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
 
 
 def is_run_folder(path: Path) -> bool:
