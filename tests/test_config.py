@@ -126,3 +126,15 @@ def test_yes_and_no_label_keys_stay_text(tmp_path):
     assert cfg.data.labels == {"yes": "spam", "no": "ham"} and cfg.data.delimiter == ","
     with pytest.raises(ConfigError, match="eval.compare_with_base: expected bool, got 'yes'"):
         load_config(write(tmp_path, "data: {train: x}\neval: {compare_with_base: yes}\n"))
+
+
+def test_problems_from_command_line_overrides_say_so(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: t.jsonl\ntrain:\n  epochs: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.lr=abc", "train.bach_size=3"])
+    problems = e.value.problems
+    assert "train.lr: expected float, got 'abc' (from --set train.lr=abc)" in problems
+    assert any(p.startswith("train.bach_size: unknown key; did you mean 'train.batch_size'?")
+               and p.endswith("(from --set train.bach_size=3)") for p in problems)
+    assert any(p.startswith("train.epochs") and "--set" not in p for p in problems)  # the file's own problem

@@ -335,13 +335,20 @@ def load_config(
     cfg = _build(Config, raw, "", problems)
     problems += validate(cfg)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(_blame_overrides(problems, overrides or []), source)
     typed = {item.partition("=")[0].strip() for item in overrides or []}
     _resolve_data_paths(cfg, base, typed)
     problems = _general_files(cfg)  # found now, not after training
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _blame_overrides(problems: list[str], overrides: list[str]) -> list[str]:
+    """Each problem about a key given on the command line says so: ``... (from --set KEY=VALUE)``,
+    so that an error is not looked for in the file."""
+    given = {item.partition("=")[0].strip(): item for item in overrides if "=" in item}
+    return [f"{p} (from --set {given[k]})" if (k := p.partition(":")[0].strip()) in given else p for p in problems]
 
 
 def _general_files(cfg: Config) -> list[str]:
