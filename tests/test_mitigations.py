@@ -384,3 +384,19 @@ def test_replay_by_examples_says_when_it_dominates_the_tokens(encoded, pool):
     assert summary["achieved_ratio_tokens"] > 0.3
     assert f"{summary['achieved_ratio_tokens']:.0%} of the trained target tokens are replay for 10% of the rows" in summary["note"]
     assert "note" not in mix(encoded, pool, 0.1, "tokens", seed=0)[1]
+
+
+def test_a_replay_file_without_replies_fails_before_the_data_is_prepared(tiny_model_dir, tmp_path):
+    from tunesmith import finetune, load_config
+    from tunesmith.data.formats import DataError
+
+    rows = [{"instruction": f"Say hello {i}", "output": f"hello {i} !"} for i in range(16)]
+    (tmp_path / "inst.json").write_text(json.dumps(rows))
+    (tmp_path / "asks.jsonl").write_text("".join(json.dumps({"instruction": f"Tell me {i}"}) + "\n" for i in range(4)))
+    cfg = {"name": "r", "model": str(tiny_model_dir), "task": "instruction", "method": "lora",
+           "output_dir": str(tmp_path / "runs"), "data": {"train": str(tmp_path / "inst.json")},
+           "replay": {"ratio": 0.2, "data": str(tmp_path / "asks.jsonl"), "replies": "data"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(DataError, match="asks.jsonl.*no replies"):
+        finetune(load_config(tmp_path / "c.yaml"))
+    assert not (tmp_path / "runs" / "r" / "data").exists()  # nothing prepared before the check

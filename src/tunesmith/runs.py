@@ -70,6 +70,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     with distributed.main_first():
         # process 0 checks the folder and prepares the data; the others (torchrun) then reuse them
         resumed_at = _open_run_dir(cfg, resume, overwrite, allow_changes, console) if w.main else None
+        if cfg.replay.ratio > 0 and w.main:
+            training.replay_source(cfg)  # a replay file that cannot serve fails now, not after preparing the data
 
         console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
         head = uses_head(cfg)

@@ -173,6 +173,24 @@ def _ce_sum(h: torch.Tensor, head: torch.Tensor, y: torch.Tensor, chunk: int = 5
 # ---------------------------------------------------------------- building from a config
 
 
+def replay_source(cfg: Config) -> tuple[list[str] | None, list[Example] | None]:
+    """What ``replay.data`` holds: ``(texts, None)`` for general text, ``(None, conversations)`` for
+    instructions or chats. Cheap (no model): runs call it before preparing data, so a bad replay
+    file fails first. Raises DataError when the file cannot be read, or holds no reply that
+    ``replay.replies: data`` could use."""
+    r = cfg.replay
+    if r.data == INSTRUCTIONS:
+        return None, [Example([{"role": "user", "content": q}], source=f"instruction {i + 1}")
+                      for i, q in enumerate(train_instructions(), start=EVAL_INSTRUCTIONS)]
+    if r.data == GENERAL:
+        return train_texts(GENERAL), None
+    texts, conversations = read_replay_file(r.data)
+    if conversations is not None and r.replies == "data" and not any(
+            m["role"] == "assistant" for ex in conversations for m in ex.messages):
+        raise DataError(f"{r.data}: replay.replies: data, but the file has no replies (use replay.replies: base)")
+    return texts, conversations
+
+
 def with_replay(cfg: Config, tokenizer: Any, train_set: list[Encoded], base: torch.nn.Module | None = None,
                 progress: Progress | None = None) -> tuple[list[Encoded], dict[str, Any]]:
     """The training list with ``replay.ratio`` of general data mixed in (``data/replay.py``), and
@@ -186,20 +204,12 @@ def with_replay(cfg: Config, tokenizer: Any, train_set: list[Encoded], base: tor
     r = cfg.replay
     if r.ratio <= 0:
         return train_set, {}
-    if r.data == INSTRUCTIONS:
-        texts, conversations = None, [Example([{"role": "user", "content": q}], source=f"instruction {i + 1}")
-                                      for i, q in enumerate(train_instructions(), start=EVAL_INSTRUCTIONS)]
-    elif r.data == GENERAL:
-        texts, conversations = train_texts(GENERAL), None
-    else:
-        texts, conversations = read_replay_file(r.data)
+    texts, conversations = replay_source(cfg)
     if conversations is None:
         pool = replay_rows(tokenizer, texts or [], cfg.train.max_seq_len)
         kind = "text"
     else:
         if r.replies == "data":
-            if not any(m["role"] == "assistant" for ex in conversations for m in ex.messages):
-                raise DataError(f"{r.data}: replay.replies: data, but the file has no replies (use replay.replies: base)")
             answered = conversations
         else:
             if base is None:
