@@ -165,6 +165,26 @@ def test_replay_ratio_holds_over_an_epoch(encoded, pool, by):
     assert mix(encoded, pool, 0.3, by, seed=4)[0] != mixed
 
 
+def test_length_grouping_spreads_replay_rows_over_the_steps():
+    """Replay rows longer than the task rows used to fill whole steps (some all replay, others none):
+    each step now gets its share of each kind, and still one epoch visits every row once."""
+    from tunesmith.data.render import Encoded
+
+    task = [Encoded(list(range(5 + i % 4)), [1] * (5 + i % 4)) for i in range(90)]
+    replay = [Encoded(list(range(60 + i % 9)), [1] * (60 + i % 9), kind="replay") for i in range(30)]
+    rows = task + replay  # 25% replay, all longer than every task row
+    lengths = [len(e.input_ids) for e in rows]
+    cfg = tcfg(batch_size=4, grad_accum=2)  # 8 per step: 2 replay rows each
+    groups = [e.kind for e in rows]
+    steps = [[i for mb in train_mod._step_batches(lengths, cfg, 0, pos, groups) for i in mb] for pos in range(15)]
+    assert sorted(i for st in steps for i in st) == list(range(120))
+    assert [sum(rows[i].kind == "replay" for i in st) for st in steps] == [2] * 15
+    old = [[i for mb in train_mod._step_batches(lengths, cfg, 0, pos) for i in mb] for pos in range(15)]
+    assert max(sum(rows[i].kind == "replay" for i in st) for st in old) == 8  # without groups: all-replay steps
+    for st in steps:  # micro-batches still hold rows of similar lengths: the step's longest first
+        assert [lengths[i] for i in st] == sorted((lengths[i] for i in st), reverse=True)
+
+
 def test_replay_repeats_windows_when_the_general_text_is_short(encoded, pool):
     mixed, summary = mix(encoded, pool[:2], 0.5, "examples", seed=0)
     assert summary["rows"] == len(encoded) and summary["repeated"] and "repeat" in summary["note"]
@@ -285,6 +305,8 @@ def test_finetune_with_replay_distillation_and_anchoring(tiny_model_dir, tmp_pat
     assert any(x["kl"] > 0 for x in steps)
     result = json.loads((run.dir / "train_result.json").read_text())["mitigations"]
     assert result["replay"]["rows"] > 0 and abs(result["replay"]["achieved_ratio_tokens"] - 0.25) < 0.01
+    trained = sum(x["replay_target_tokens"] for x in steps) / sum(x["target_tokens"] for x in steps)
+    assert 0 < trained < 1 and result["replay"]["trained_ratio_tokens"] == pytest.approx(trained)  # what 3 steps saw
     assert result["distill"]["teacher"].startswith("base") and result["anchor"]["method"] == "l2sp"
 
 

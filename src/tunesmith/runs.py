@@ -146,6 +146,10 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     if resumed_at is not None and resumed_at >= result.total_steps:
         console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it")
     summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
+    if "replay" in mitigations:  # the share the steps really trained (the plan above is for whole epochs)
+        steps = [r for r in result.history if r.get("type") == "train" and "replay_target_tokens" in r]
+        trained = sum(r["target_tokens"] for r in steps)
+        mitigations["replay"]["trained_ratio_tokens"] = sum(r["replay_target_tokens"] for r in steps) / max(trained, 1)
     summary |= {"mitigations": mitigations} if mitigations else {}
     atomic_write_json(run_dir / "train_result.json", summary)
     if result.interrupted:

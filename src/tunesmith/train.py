@@ -287,6 +287,9 @@ def train(
         fused=None if sharded else _fused_adamw(dev),  # one kernel over all tensors: ~7x faster on CPU than foreach
     )
     lengths = [len(e.input_ids) for e in train_data]
+    groups = [(e.kind, e.task) for e in train_data]  # replay vs task rows, and each task: spread over the steps
+    groups = groups if len(set(groups)) > 1 else None
+    replaying = any(e.kind == "replay" for e in train_data)
     share = sum(e.n_targets for e in train_data) / max(sum(lengths), 1)
     flops_per_token = flops.flops_per_token(model, sum(lengths) / max(len(lengths), 1), share)
     peak = flops.matmul_peak(dev.type, bf16)  # MFU is against what this machine's matmul reaches
@@ -328,7 +331,7 @@ def train(
                 # ---- once in a while: nothing; the step first
                 t0 = time.perf_counter()
                 epoch, pos = divmod(state["step"], steps_per_epoch)
-                micro = _step_batches(lengths, cfg, epoch, pos)
+                micro = _step_batches(lengths, cfg, epoch, pos, groups)
                 n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
                 objective.begin_step([train_data[i] for mb in micro for i in mb])
                 step_loss = 0.0
@@ -396,6 +399,9 @@ def train(
                       "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
                       "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s,
                       "mfu": flops_per_token * tok_s / peak, "step_seconds": dt} | parts
+            if replaying:  # what this step really trained on of the replay rows (target tokens)
+                record["replay_target_tokens"] = sum(train_data[i].n_targets for mb in micro for i in mb
+                                                     if train_data[i].kind == "replay")
             if w.main:
                 append_jsonl(run_dir / METRICS, record)
             progress.update(task, advance=1, info=f"loss {step_loss:.4f} | {tok_s:,.0f} tok/s | MFU {record['mfu']:.0%}")
@@ -521,7 +527,8 @@ def _fused_adamw(dev: torch.device) -> bool | None:
     return True if dev.type in ("cpu", "cuda") else None
 
 
-def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int) -> list[list[int]]:
+def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int,
+                  groups: list[Any] | None = None) -> list[list[int]]:
     """Example indices of each micro-batch of optimizer step ``pos`` in ``epoch``.
 
     The order of an epoch is a permutation seeded by (seed, epoch), so a run's data position
@@ -529,6 +536,11 @@ def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int) ->
     64 steps is sorted by length, cut into steps, and the steps shuffled again: batches hold
     examples of similar length (little padding) without a short-to-long curriculum. Which
     examples form a step does not depend on how the step is split into micro-batches.
+
+    ``groups`` (one key per example, e.g. task rows vs replay rows, or each task of a multi-task
+    run): sorting by length would put a group of longer rows into the same steps (some steps all
+    replay, others none). Instead each group is sorted by length apart and spread over the
+    window's steps in proportion (every step gets its share of each group, of similar lengths).
     """
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
@@ -537,10 +549,21 @@ def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int) ->
         window = per_step * 64
         w0 = (pos * per_step) // window * window  # the window holding this step
         chunk = sorted(order[w0 : w0 + window], key=lambda i: -lengths[i])
+        if groups is not None:  # rank within its group, as a fraction: groups interleave in proportion
+            rank: dict[Any, int] = {}
+            size = {k: sum(1 for i in chunk if groups[i] == k) for k in {groups[i] for i in chunk}}
+            place = {}
+            for i in chunk:
+                k = groups[i]
+                place[i] = (rank.get(k, 0) + 0.5) / size[k]
+                rank[k] = rank.get(k, 0) + 1
+            chunk = sorted(chunk, key=lambda i: place[i])
         steps = [chunk[i : i + per_step] for i in range(0, len(chunk), per_step)]
         g_window = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + w0)
         shuffle = torch.randperm(len(steps), generator=g_window).tolist()
         chunk = steps[shuffle[pos - w0 // per_step]]
+        if groups is not None:  # micro-batches of similar lengths within the step
+            chunk = sorted(chunk, key=lambda i: -lengths[i])
     else:
         chunk = order[pos * per_step : (pos + 1) * per_step]
     if cfg.batch_tokens:
