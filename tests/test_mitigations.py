@@ -422,3 +422,12 @@ def test_a_replay_file_without_replies_fails_before_the_data_is_prepared(tiny_mo
     with pytest.raises(DataError, match="asks.jsonl.*no replies"):
         finetune(load_config(tmp_path / "c.yaml"))
     assert not (tmp_path / "runs" / "r" / "data").exists()  # nothing prepared before the check
+
+
+def test_the_report_lists_mitigations_key_by_key_not_as_json():
+    from tunesmith.report import _kv_table
+
+    html_table = _kv_table({"steps": 3, "mitigations": {"replay": {"rows": 12, "kind": "text", "achieved_ratio_tokens": 0.25}}})
+    assert "<td>mitigations.replay.rows</td><td>12</td>" in html_table
+    assert "<td>mitigations.replay.achieved_ratio_tokens</td><td>0.25</td>" in html_table
+    assert "{" not in html_table

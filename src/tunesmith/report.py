@@ -434,8 +434,18 @@ def _direction(metric: str, delta: str) -> str:
 
 
 def _kv_table(d: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items())
+    """A two-column table; nested mappings (e.g. ``mitigations``) become one row per leaf, with
+    dotted keys (``mitigations.replay.rows``), instead of raw JSON."""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in _flat(d))
     return f"<table>{rows}</table>"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _flat(v, key + ".") if isinstance(v, dict) and v else [(key, v)]
+    return out
 
 
 def _fmt(v: Any) -> str:

@@ -215,7 +215,7 @@ def multitask_data(cfg: Config, tokenizer: Any, console: Console) -> tuple[list[
     mixed, mixing = mix(train_rows, {t.name: t.weight for t in cfg.tasks}, cfg.mixing.by, cfg.mixing.temperature,
                         cfg.train.seed)
     console.print("mixing (" + cfg.mixing.by + "): " + ", ".join(
-        f"{n} {m['share']:.1%} ({m['drawn']:,} of {m['rows']:,} rows, x{m['repeats']:.2f})"
+        f"{n} {m['share']:.1%} ({m['drawn']:,} rows drawn from its {m['rows']:,}, each x{m['repeats']:.2f} on average)"
         for n, m in mixing["tasks"].items()), highlight=False)
     return mixed, val_rows, {"tasks": reports, "mixing": mixing}
 
@@ -359,7 +359,7 @@ def print_data_summary(report: dict[str, Any], cfg: Config, console: Console, te
         if st.get("dropped_no_target"):
             parts.append(f"{st['dropped_no_target']} were dropped (no answer token left)")
         if parts:
-            console.print(f"[yellow]{split}: of {st['examples']:,} examples longer than max_seq_len="
+            console.print(f"[yellow]{split} ({st['examples']:,} examples): of those longer than max_seq_len="
                           f"{cfg.train.max_seq_len}, {'; '.join(parts)}[/yellow]", highlight=False)
         if st.get("texts_in_windows"):
             console.print(f"  {split}: {st['texts_in_windows']} texts longer than max_seq_len={cfg.train.max_seq_len} "
