@@ -116,6 +116,22 @@ def test_macro_average_is_the_mean_of_the_headline_metrics():
     assert out["macro"]["change"] == pytest.approx(0.3) and out["macro"]["metrics"] == {"a": "accuracy", "b": "f1"}
 
 
+@pytest.mark.parametrize("metrics", [("accuracy", "f1"), ("accuracy", "perplexity"), ("f1", "f1")])
+def test_the_macro_table_warns_when_it_mixes_metrics(metrics):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from tunesmith.runs import print_macro
+
+    tasks = {n: {"metric": m, "base": {m: 0.5}, "tuned": {m: 0.6}} for n, m in zip("ab", metrics)}
+    out = StringIO()
+    print_macro({"tasks": tasks, "macro": {"base": 0.5, "tuned": 0.6}}, Console(file=out, width=400))
+    said = out.getvalue()
+    assert ("mixes different metrics" in said) == (metrics[0] != metrics[1])
+    assert ("their mean means nothing" in said) == ("perplexity" in metrics)
+
+
 # ---------------------------------------------------------------- end to end
 
 

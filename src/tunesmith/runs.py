@@ -736,6 +736,13 @@ def print_macro(results: dict[str, Any], console: Console) -> None:
     macro = results["macro"]
     table.add_row(*row("[bold]macro[/bold]", "mean", macro.get("base"), macro.get("tuned")))
     console.print(table)
+    metrics = sorted({r["metric"] for r in results.get("tasks", {}).values()})
+    if len(metrics) > 1:
+        mixed = len({m in M.LOWER_IS_BETTER for m in metrics}) > 1
+        console.print(f"[yellow]note: the macro average mixes different metrics ({', '.join(metrics)}): a summary, "
+                      "not a measurement; judge each task by its own row and the interval in its table above"
+                      + (". Some of these are better lower and some higher: their mean means nothing" if mixed else "")
+                      + "[/yellow]", highlight=False)
 
 
 def _disagreements(test: list[Example], base: list[str], tuned: list[str], cfg: Config, limit: int = 12) -> list[dict[str, str]]:
