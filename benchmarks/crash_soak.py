@@ -10,8 +10,12 @@ two processes (gradients are summed in another order). Where each kill landed is
 what it left on disk: before the first checkpoint, mid-step, mid-evaluation (the step's train
 line written, its eval line not), or mid-checkpoint-write (a temporary checkpoint folder left).
 
-    python benchmarks/crash_soak.py                       # 20 single-process runs + 6 two-process runs
-    python benchmarks/crash_soak.py --runs 3 --runs-ddp 0 --max-minutes 5      # quick
+    python benchmarks/crash_soak.py       # 20 single-process runs + 4 two-process DDP + 3 two-process FSDP2
+    python benchmarks/crash_soak.py --runs 3 --runs-ddp 0 --runs-fsdp 0 --max-minutes 5      # quick
+
+A third of the kills (``--at-checkpoint``) wait for a checkpoint to be being written (its
+temporary folder, or FSDP's shard staging folder, appears) and kill a few milliseconds later, so
+that "mid-checkpoint-write" is really exercised rather than left to chance.
 
 Writes benchmarks/results/crash_soak.{json,md}. Local only (it kills processes): not a test.
 """
@@ -70,10 +74,36 @@ def write_config(folder: Path, model: Path, steps: int) -> Path:
     return path
 
 
-def command(config: Path, name: str, nproc: int, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "tunesmith", "train", str(config), "--set", f"name={name}"]
+def command(config: Path, name: str, nproc: int, resume: bool, strategy: str = "ddp") -> list[str]:
+    cmd = [sys.executable, "-m", "tunesmith", "train", str(config), "--set", f"name={name}",
+           "--set", f"train.strategy={strategy}"]
     cmd += ["--resume"] if resume else ["--overwrite"]
     return cmd + (["--nproc", str(nproc)] if nproc > 1 else [])
+
+
+def writing(run: Path) -> bool:
+    """A checkpoint is being written: its temporary folder (or FSDP's shard staging folder) exists."""
+    ckpts = run / "checkpoints"
+    try:
+        return any(p.name.endswith((".tmp", ".dcp")) for p in ckpts.iterdir())
+    except OSError:
+        return False
+
+
+def killed_at_checkpoint(cmd: list[str], run: Path, timeout: float, log: Path, rng: random.Random) -> int | None:
+    """Start ``cmd``; SIGKILL its process group 0-20 ms after a checkpoint write is seen to begin
+    (or after ``timeout`` s); the exit code if it ended first."""
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        end = time.perf_counter() + timeout
+        while proc.poll() is None:
+            if writing(run) or time.perf_counter() > end:
+                time.sleep(rng.uniform(0.0, 0.02))
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return None
+            time.sleep(0.002)
+        return proc.returncode
 
 
 def run_to_end(cmd: list[str], log: Path) -> tuple[int, float]:
@@ -98,7 +128,7 @@ def killed_after(cmd: list[str], delay: float, log: Path) -> int | None:
 def where(run: Path) -> str:
     """What a kill interrupted, from what it left on disk."""
     ckpts = run / "checkpoints"
-    if ckpts.is_dir() and any(p.name.endswith(".tmp") for p in ckpts.iterdir()):
+    if ckpts.is_dir() and any(p.name.endswith((".tmp", ".dcp", ".old")) for p in ckpts.iterdir()):
         return "mid-checkpoint-write"
     if not ckpts.is_dir() or not any(p.name.startswith("step-") for p in ckpts.iterdir()):
         return "before the first checkpoint"
@@ -129,10 +159,11 @@ def compare(ref: Path, run: Path) -> dict[str, Any]:
             "steps_logged": len(s1), "steps_expected": len(s0)}
 
 
-def soak(config: Path, folder: Path, nproc: int, runs: int, rekill: float, deadline: float, rng: random.Random) -> dict[str, Any]:
-    tag = "ddp" if nproc > 1 else "single"
+def soak(config: Path, folder: Path, nproc: int, runs: int, rekill: float, deadline: float, rng: random.Random,
+         strategy: str = "ddp", at_checkpoint: float = 1 / 3) -> dict[str, Any]:
+    tag = "single" if nproc == 1 else strategy
     log = folder / f"{tag}.log"
-    code, ref_seconds = run_to_end(command(config, f"ref-{tag}", nproc, False), log)
+    code, ref_seconds = run_to_end(command(config, f"ref-{tag}", nproc, False, strategy), log)
     if code != 0:
         raise SystemExit(f"the uninterrupted {tag} run failed (exit {code}); see {log}")
     ref = folder / "runs" / f"ref-{tag}"
@@ -145,11 +176,14 @@ def soak(config: Path, folder: Path, nproc: int, runs: int, rekill: float, deadl
         kills, places, starts = 0, [], 0
         resume = False
         while True:
-            cmd = command(config, name, nproc, resume)
+            cmd = command(config, name, nproc, resume, strategy)
             starts += 1
             if kills == 0 or (rng.random() < rekill and kills < 4):
                 t0 = time.perf_counter()
-                code = killed_after(cmd, rng.uniform(0.5, 0.9 * ref_seconds), log)
+                if rng.random() < at_checkpoint:
+                    code = killed_at_checkpoint(cmd, run, 0.9 * ref_seconds, log, rng)
+                else:
+                    code = killed_after(cmd, rng.uniform(0.5, 0.9 * ref_seconds), log)
                 if code is None:
                     kills += 1
                     places.append(where(run))
@@ -169,13 +203,15 @@ def soak(config: Path, folder: Path, nproc: int, runs: int, rekill: float, deadl
             resume = True
         results.append({"run": name, "kills": kills, "where": places, "starts": starts} | compare(ref, run))
         print(json.dumps(results[-1]), flush=True)
-    return {"processes": nproc, "reference_seconds": round(ref_seconds, 1), "runs": results}
+    return {"processes": nproc, "strategy": strategy, "reference_seconds": round(ref_seconds, 1), "runs": results}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=20, help="single-process soak runs")
-    p.add_argument("--runs-ddp", type=int, default=6, help="two-process soak runs (torchrun, gloo)")
+    p.add_argument("--runs-ddp", type=int, default=4, help="two-process DDP soak runs (torchrun, gloo)")
+    p.add_argument("--runs-fsdp", type=int, default=3, help="two-process FSDP2 soak runs (sharded checkpoints)")
+    p.add_argument("--at-checkpoint", type=float, default=1 / 3, help="share of kills aimed at a checkpoint write")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rekill", type=float, default=0.4, help="chance that a resumed start is killed again")
     p.add_argument("--tolerance", type=float, default=1e-5, help="two processes: max abs weight difference allowed")
@@ -193,14 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         build_model(folder / "model")
         config = write_config(folder, folder / "model", args.steps)
         doc: dict[str, Any] = {"machine": machine(), "settings": vars(args)}
-        doc["single"] = soak(config, folder, 1, args.runs, args.rekill, deadline, rng)
-        if args.runs_ddp:
-            doc["ddp"] = soak(config, folder, 2, args.runs_ddp, args.rekill, deadline, rng)
+        start = time.time()  # the time is shared: single-process runs until 60% of it, DDP until 80%, FSDP2 the rest
+        share = {"single": 0.6 if args.runs_ddp or args.runs_fsdp else 1.0, "ddp": 0.8 if args.runs_fsdp else 1.0, "fsdp": 1.0}
+        until = {k: start + (deadline - start) * v for k, v in share.items()}
+        doc["single"] = soak(config, folder, 1, args.runs, args.rekill, until["single"], rng, at_checkpoint=args.at_checkpoint)
+        for strategy, n in (("ddp", args.runs_ddp), ("fsdp", args.runs_fsdp)):
+            if n:
+                doc[strategy] = soak(config, folder, 2, n, args.rekill, until[strategy], rng, strategy, args.at_checkpoint)
     single = doc["single"]["runs"]
     verdict = {"single_bit_identical": f"{sum(r['bit_identical'] and r['metrics_equal'] for r in single)}/{len(single)}"}
-    if "ddp" in doc:
-        ddp = doc["ddp"]["runs"]
-        verdict["ddp_within_tolerance"] = f"{sum(r['max_abs_diff'] <= args.tolerance for r in ddp)}/{len(ddp)}"
+    for strategy in ("ddp", "fsdp"):
+        if strategy in doc:
+            done = doc[strategy]["runs"]
+            verdict[f"{strategy}_within_tolerance"] = f"{sum(r['max_abs_diff'] <= args.tolerance for r in done)}/{len(done)}"
     doc["verdict"] = verdict
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,9 +257,10 @@ def markdown(doc: dict[str, Any]) -> str:
              f"Verdict: {json.dumps(doc['verdict'])}", "",
              "| run | processes | kills | where the kills landed | starts | bit-identical | max abs weight diff | metrics log equal |",
              "|---|---|---|---|---|---|---|---|"]
-    for part in ("single", "ddp"):
+    for part in ("single", "ddp", "fsdp"):
         for r in doc.get(part, {}).get("runs", []):
-            lines.append(f"| {r['run']} | {doc[part]['processes']} | {r['kills']} | {', '.join(r['where'])} | {r['starts']} | "
+            procs = f"{doc[part]['processes']}" + (f" ({part})" if part != "single" else "")
+            lines.append(f"| {r['run']} | {procs} | {r['kills']} | {', '.join(r['where'])} | {r['starts']} | "
                          f"{'yes' if r['bit_identical'] else 'no'} | {r['max_abs_diff']:.1e} | "
                          + ("yes |" if r["metrics_equal"] else f"no (max diff {r['metrics_max_diff']:.1e}) |"))
     return "\n".join(lines)

@@ -250,3 +250,19 @@ def test_a_sharded_run_refuses_whole_weight_checkpoints_clearly(tokenizer, data,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(ckpt_mod.CheckpointError, match="train.strategy: ddp.*--set train.strategy=ddp"):
         ckpt_mod.load_checkpoint(tmp_path, params, opt, sched, model=model, sharded=True)
+
+
+def test_verify_hashes_an_untouched_checkpoint_once_per_process(tmp_path, monkeypatch):
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    (folder / "state.json").write_text('{"step": 1}')
+    (folder / "w.bin").write_bytes(b"x" * 1000)
+    ckpt_mod.write_manifest(folder, {"step": 1})
+    for p in folder.iterdir():
+        os.utime(p, ns=(10**18, 10**18))  # written long ago (a fresh file is hashed every time, as git does)
+    assert ckpt_mod.verify(folder) is None
+    monkeypatch.setattr(ckpt_mod, "_sha256", lambda path: pytest.fail("hashed twice"))
+    assert ckpt_mod.verify(folder) is None  # the resume's second look is free
+    (folder / "w.bin").write_bytes(b"y" * 999)  # changed: looked at again
+    monkeypatch.undo()
+    assert "w.bin has 999 bytes" in ckpt_mod.verify(folder)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,9 @@ def verify(folder: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
         return f"manifest.json unreadable ({e})"
+    key = (str(folder), tuple((n, *_stamp(folder / n)) for n in files))  # the files as they are now
+    if key in _VERIFIED:  # checked in this process and untouched since: a resume does not hash them twice
+        return _VERIFIED[key]
     problems = []
     for name, want in files.items():
         path = folder / name
@@ -188,7 +192,21 @@ def verify(folder: Path) -> str | None:
             problems.append(f"{name} has {size:,} bytes, the manifest says {want['bytes']:,} (truncated?)")
         elif _sha256(path) != want["sha256"]:
             problems.append(f"{name} does not match its SHA-256 in the manifest (altered on disk)")
-    return "; ".join(problems) or None
+    answer = "; ".join(problems) or None
+    if all(mtime < time.time_ns() - 2_000_000_000 for _, _, mtime in key[1]):  # as git does: a file changed within
+        _VERIFIED[key] = answer  # the timestamp granularity of its last check could change again unseen
+    return answer
+
+
+_VERIFIED: dict[tuple[Any, ...], str | None] = {}  # verify's answers by folder and its files' (size, mtime)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
