@@ -174,7 +174,7 @@ def markdown(doc: dict[str, Any]) -> str:
     if "continual_sst2_drop_points" in t:
         c = runs["continual"]
         lines.append(f"- Continual SST-2 -> TREC: SST-2 accuracy {_pct(c['sst2_earlier']['tuned'])} after SST-2 training, "
-                     f"{_pct(c['tasks']['sst2']['accuracy'])} after TREC: a drop of {t['continual_sst2_drop_points']:+.1f} "
+                     f"{_pct(c['tasks']['sst2']['accuracy'])} after TREC: a drop of {t['continual_sst2_drop_points']:.1f} "
                      "points (measured by the continual run's own evaluation, eval.json previous_tasks)")
     if "joint" in runs:
         mix = runs["joint"]["mixing"]
