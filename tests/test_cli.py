@@ -184,6 +184,11 @@ def test_resume_checks_the_config_before_writing_anything(tmp_path, tiny_model_d
     assert main(["train", str(path), "--resume", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=1"]) == 2
     err = capsys.readouterr().err
     assert "change the optimisation: train.lr: 0.01 -> 0.001; train.warmup_steps: 0 -> 1" in err and "--allow-changes" in err
+    # whole-weight checkpoints cannot feed sharded training: refused before anything is written, saying why
+    assert main(["train", str(path), "--resume", "--allow-changes", "--set", "train.strategy=fsdp"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot resume with train.strategy: fsdp: its checkpoint step-2 holds whole weights" in err
+    assert "--allow-changes" not in err
     # settings that only decide when to evaluate or save are accepted silently; nothing was rewritten so far
     assert (run.dir / "config.yaml").read_text() == saved
     # the printed resume command still works after refused attempts

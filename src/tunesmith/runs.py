@@ -270,6 +270,13 @@ def check_resume(run_dir: Path, cfg: Config, allow_changes: bool) -> str:
     except ConfigError as e:
         raise RunError(f"{run_dir}/config.yaml: the saved config cannot be read, so the run cannot be resumed ({e})") from None
     changes = {k: v for k, v in diff(saved, cfg).items() if k != "name" and not k.startswith(RESUME_SAFE)}
+    if "train.strategy" in changes:  # what matters is the checkpoints' format: sharded (dcp/) ones load anywhere
+        newest = newest_good_checkpoint(run_dir)
+        if cfg.train.strategy == "fsdp" and newest is not None and not (newest / "dcp").is_dir():
+            raise RunError(f"{run_dir}: cannot resume with train.strategy: fsdp: its checkpoint {newest.name} holds whole "
+                           f"weights (written with train.strategy: {saved.train.strategy}), which sharded training "
+                           f"cannot load. Resume with train.strategy: {saved.train.strategy}, or start a new run")
+        del changes["train.strategy"]  # to ddp (or to fsdp before any checkpoint): the result is the same run
     report = load_json(run_dir / "data" / "data_report.json")
     if report.get("content_hash") and report["content_hash"] != content_hash(cfg) and not any(
             k.startswith("data.") for k in changes):  # same settings, other bytes: the files were edited
