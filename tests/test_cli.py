@@ -242,3 +242,27 @@ def test_perplexity_shares_the_loss_p_value_and_small_test_sets_are_warned_about
     assert "only 6 test examples" in " ".join(capsys.readouterr().out.split())
     assert "only 6 test examples" in (tmp_path / "runs" / "tiny" / "report.html").read_text()
     assert yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())["data"]["skip_bad_rows"] is True
+
+
+def test_two_trainings_never_write_one_run_folder(tmp_path, tiny_model_dir, sst_files, capsys):
+    """A run folder is locked while a process trains in it (e.g. workers left going by a killed
+    launcher): a second train or resume there is refused, naming the holder; free again after."""
+    import subprocess
+    import sys
+
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    lock = tmp_path / "runs" / ".tiny.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True) if lock.parent.mkdir(parents=True, exist_ok=True) is None else None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", str(path)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"another tunesmith process (pid {holder.pid}) is training in this run folder" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", str(path)]) == 0  # the lock died with its holder

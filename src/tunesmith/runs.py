@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -62,6 +64,50 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     Raises RunError (folder in use, nothing to resume, refused changes), ConfigError, DataError,
     ModelError, and ``train.NonFiniteLossError`` when the loss diverges.
     """
+    with run_lock(cfg.run_dir) if distributed.world().main else contextlib.nullcontext():
+        return _finetune(cfg, resume, overwrite, until_step, console, base_from, allow_changes)
+
+
+def run_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``<output_dir>/.<name>.lock`` (an exclusive ``flock``) while a run trains in ``run_dir``.
+    Raises RunError naming the holder's process id when another process holds it: two trainings
+    (say a resume next to a run left going by a killed launcher) never write one folder."""
+    return _RunLock(Path(run_dir))
+
+
+class _RunLock:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        path = self.run_dir.parent / f".{self.run_dir.name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"{self.run_dir}: another tunesmith process (pid {holder}) is training in this run folder; "
+                           f"wait for it to end or stop it first (kill -TERM {holder}: it checkpoints and exits)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None, console: Console | None,
+              base_from: Path | None, allow_changes: bool) -> Run:
     console = console or Console()
     run_dir = cfg.run_dir
     w = distributed.init()  # several processes under torchrun: process 0 writes, the others follow
