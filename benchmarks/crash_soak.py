@@ -99,7 +99,7 @@ def killed_at_checkpoint(cmd: list[str], run: Path, timeout: float, log: Path, r
         while proc.poll() is None:
             if writing(run) or time.perf_counter() > end:
                 time.sleep(rng.uniform(0.0, 0.02))
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait()
                 return None
             time.sleep(0.002)
@@ -113,6 +113,31 @@ def run_to_end(cmd: list[str], log: Path) -> tuple[int, float]:
     return code, time.perf_counter() - t0
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (torchrun runs in a session of its own, so a
+    process-group kill of the launcher would leave it and its workers)."""
+    def children(p: int) -> list[int]:
+        out = []
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+        return out
+
+    todo, found = [pid], []
+    while todo:  # collect the whole tree first, then kill it at once
+        p = todo.pop()
+        found.append(p)
+        todo += children(p)
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def killed_after(cmd: list[str], delay: float, log: Path) -> int | None:
     """Start ``cmd``, SIGKILL its whole process group after ``delay`` s; the exit code if it ended first."""
     with open(log, "a") as out:
@@ -120,7 +145,7 @@ def killed_after(cmd: list[str], delay: float, log: Path) -> int | None:
         try:
             return proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
             return None
 

@@ -106,3 +106,23 @@ def test_sigterm_to_the_launcher_stops_every_process_resumably(tmp_path, tiny_mo
     result = json.loads((tmp_path / "runs" / "tiny" / "train_result.json").read_text())
     assert result["interrupted"] and result["steps"] < 400
     assert not os.path.exists(tmp_path / "runs" / "tiny" / "adapter")  # stopped, not finished
+
+
+def test_planned_stops_and_refusals_under_the_launcher_are_not_crashes(tmp_path, tiny_model_dir, sst_files):
+    """`--nproc`: a resumable stop exits 75 and a refused resume 2, without torchrun's failure
+    traceback; process 0 alone prints the error; the continue hint keeps --nproc."""
+    import subprocess
+    import sys
+
+    path = _config(tmp_path, tiny_model_dir, sst_files, "lora")
+    cmd = [sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", "2"]
+    out = subprocess.run(cmd + ["--until-step", "2"], capture_output=True, text=True, timeout=300)
+    said = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == EXIT_RESUMABLE, said[-2000:]
+    assert "ChildFailedError" not in said and "FAILED" not in said
+    assert "--resume --nproc 2" in said
+    result = json.loads((tmp_path / "runs" / "tiny" / "train_result.json").read_text())
+    assert result["processes"] == 2 and result["strategy"] == "ddp"
+    out = subprocess.run(cmd + ["--resume", "--set", "lora.r=8"], capture_output=True, text=True, timeout=300)
+    said = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 2 and said.count("cannot resume") == 1 and "ChildFailedError" not in said, said[-2000:]

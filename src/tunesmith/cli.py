@@ -106,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     args = parser.parse_args(argv)
+    from tunesmith import distributed
+
+    return distributed.report_exit(_run(args, argv))  # under `--nproc`: planned exits are not crashes for torchrun
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Carry out the parsed command; its exit code."""
+    from tunesmith import distributed
+
     console = Console()
     _quiet_libraries()
     try:
@@ -158,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             run = finetune(cfg, overwrite=True, console=console)
             console.print(f"report: {run.dir / 'report.html'}")
     except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError, ServeError,
-            CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            CheckpointError, distributed.MainFailed) as e:
+        if distributed.world().main:  # the same files give every process the same error: process 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -232,8 +242,8 @@ def _launch(args: argparse.Namespace, cfg: object, argv: list[str]) -> int:
         raise RunError(str(e)) from None
     result = Path(cfg.run_dir) / "train_result.json"  # type: ignore[attr-defined]
     fresh = result.is_file() and result.stat().st_mtime >= started
-    if code != 0 and fresh and json.loads(result.read_text()).get("interrupted"):
-        return EXIT_RESUMABLE
+    if code not in (0, 2, EXIT_RESUMABLE) and fresh and json.loads(result.read_text()).get("interrupted"):
+        return EXIT_RESUMABLE  # workers killed after their checkpoint (e.g. torchrun's own grace period)
     return code
 
 

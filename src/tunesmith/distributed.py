@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +56,43 @@ def init() -> World:
     process to its GPU. Idempotent; a single process does nothing."""
     w = world()
     if w.distributed and not dist.is_initialized():
+        _stop_with_parent()  # torchrun killed (kill -9): this worker stops too (SIGTERM: checkpoint, exit)
         if torch.cuda.is_available():
             torch.cuda.set_device(w.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return w
+
+
+EXIT_FILE = "TUNESMITH_EXIT_FILE"  # set by ``launch``: process 0 writes the exit code the launcher returns
+
+
+def under_launcher() -> bool:
+    """This process is a worker started by ``tunesmith train --nproc`` (not by torchrun directly)."""
+    return bool(os.environ.get(EXIT_FILE)) and "WORLD_SIZE" in os.environ
+
+
+def report_exit(code: int) -> int:
+    """A worker's exit code under the launcher: process 0 writes the run's real code (2: refused,
+    75: stopped resumable) for the launcher to return, and every worker exits 0 for a planned
+    stop, so torchrun does not report it as a crash with a traceback. Elsewhere ``code`` as is."""
+    if not under_launcher():
+        return code
+    if world().main:
+        with open(os.environ[EXIT_FILE], "w") as f:
+            f.write(str(code))
+    return 0 if code in (0, 2, 75) else code
+
+
+def _stop_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def shutdown() -> None:
@@ -72,18 +106,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+class MainFailed(RuntimeError):
+    """Raised on the other processes when process 0 failed inside ``main_first`` (it reports the
+    error itself; the others stop quietly instead of waiting for it or crashing on a closed link)."""
+
+
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
     """Process 0 runs the block first (it may write: prepared data, caches); the others run it
-    after, and find what it wrote."""
+    after, and find what it wrote. If process 0 fails in the block, the others raise MainFailed."""
     w = world()
     if w.distributed and not w.main:
-        barrier()
+        failed = broadcast(None)  # process 0's outcome: None, or its error
+        if failed:
+            raise MainFailed(f"process 0 stopped: {failed}")
     try:
         yield
-    finally:
+    except BaseException as e:
         if w.distributed and w.main:
-            barrier()
+            broadcast(f"{type(e).__name__}: {e}")
+        raise
+    else:
+        if w.distributed and w.main:
+            broadcast(None)
 
 
 def sum_floats(values: list[float]) -> list[float]:
@@ -128,11 +173,12 @@ def _device() -> torch.device:
 
 def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None) -> int:
     """Run ``tunesmith <argv>`` under torchrun with ``nproc`` processes on this node (of
-    ``nnodes``); return torchrun's exit code. One node: ``--standalone``; several: a c10d
-    rendezvous at ``rdzv_endpoint`` (host:port of node 0), the same command on every node with
-    its own ``node_rank``. SIGTERM sent to this process is passed on to torchrun (which passes it
-    to the workers: they finish the step, checkpoint and exit), and this waits for them; Ctrl-C
-    reaches them all from the terminal, and this waits too. Raises ValueError when several nodes have no endpoint."""
+    ``nnodes``); return the run's exit code (what process 0 reported: 0, 2 refused, 75 stopped
+    resumable; else torchrun's). One node: ``--standalone``; several: a c10d rendezvous at
+    ``rdzv_endpoint`` (host:port of node 0), the same command on every node with its own
+    ``node_rank``. SIGTERM or Ctrl-C sent to this process is passed to the workers themselves
+    (the first: they finish the step, checkpoint and exit; a second Ctrl-C: at once), and this
+    waits for them. Raises ValueError when several nodes have no endpoint."""
     if nnodes > 1 and not rdzv_endpoint:
         raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, the same on every node)")
     run = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
@@ -143,27 +189,49 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
     env = dict(os.environ)
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:  # split the cores, do not oversubscribe
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    fd, exit_file = tempfile.mkstemp(prefix="tunesmith-exit-")
+    os.close(fd)
+    env[EXIT_FILE] = exit_file
     command = run + ["-m", "tunesmith", *argv]
-    proc = subprocess.Popen(command, env=env)
-    forwarded: list[int] = []
+    # torchrun in its own session: a Ctrl-C in the terminal reaches this launcher only, which passes
+    # it to the workers themselves (torchrun would give them 30 s, then kill them mid-checkpoint);
+    # and if this launcher is killed (kill -9), Linux sends torchrun SIGTERM, which stops the workers
+    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_stop_with_parent)
 
     def forward(signum: int, frame: Any) -> None:  # a stop for the launcher is a stop for the run
-        forwarded.append(signum)
-        if signum == signal.SIGINT:  # Ctrl-C reaches the whole terminal group (torchrun, workers) by itself
-            return
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        for pid in _workers(proc.pid) or [proc.pid]:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
             try:
-                return proc.wait()
+                code = proc.wait()
+                break
             except KeyboardInterrupt:  # a handler raced the wait: keep waiting for the checkpoint
                 continue
+        try:
+            told = open(exit_file).read().strip()
+        except OSError:
+            told = ""
+        return int(told) if code == 0 and told.isdigit() else code
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        with contextlib.suppress(OSError):
+            os.unlink(exit_file)
 
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes torchrun (``pid``) started: its children, from /proc (Linux)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+    return out

@@ -174,7 +174,8 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         atomic_write_json(run_dir / "train_result.json", summary)
         del model
         return Run(run_dir, cfg, summary, evaluate_run(run_dir, console=console, base_from=base_from))
-    console.print(f"[bold]method[/bold] {cfg.method}: {trainable:,} trainable of {total:,} parameters "
+    console.print(f"[bold]method[/bold] {cfg.method}" + (f" on {w.size} processes ({cfg.train.strategy})" if w.distributed else "")
+                  + f": {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%); {len(train_set)} train / "
                   f"{sum(map(len, val_set.values())) if isinstance(val_set, dict) else len(val_set)} validation examples")
     train_cfg = cfg.train
@@ -191,7 +192,8 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         return Run(run_dir, cfg, result_dict(result), {})
     if resumed_at is not None and resumed_at >= result.total_steps:
         console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it")
-    summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total}
+    summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total,
+                                     "processes": w.size, "strategy": cfg.train.strategy if w.distributed else "none"}
     if "replay" in mitigations:  # the share the steps really trained (the plan above is for whole epochs)
         steps = [r for r in result.history if r.get("type") == "train" and "replay_target_tokens" in r]
         trained = sum(r["target_tokens"] for r in steps)
@@ -199,8 +201,11 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
     summary |= {"mitigations": mitigations} if mitigations else {}
     atomic_write_json(run_dir / "train_result.json", summary)
     if result.interrupted:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
+        again = f" --nproc {per_node}" + (f" --nnodes {w.size // per_node} and each machine's --node-rank, "
+                                          "--rdzv-endpoint" if per_node < w.size else "")
         console.print(f"[yellow]stopped at step {result.steps}/{result.total_steps}; continue with: "
-                      f"tunesmith train {run_dir / 'config.yaml'} --resume[/yellow]")
+                      f"tunesmith train {run_dir / 'config.yaml'} --resume{again if w.distributed else ''}[/yellow]")
         return Run(run_dir, cfg, summary, {})
     if sharded:  # the trained model is in shards: process 0 builds it whole again with the best weights
         del model
