@@ -126,3 +126,32 @@ def test_planned_stops_and_refusals_under_the_launcher_are_not_crashes(tmp_path,
     out = subprocess.run(cmd + ["--resume", "--set", "lora.r=8"], capture_output=True, text=True, timeout=300)
     said = " ".join((out.stdout + out.stderr).split())
     assert out.returncode == 2 and said.count("cannot resume") == 1 and "ChildFailedError" not in said, said[-2000:]
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_failure_inside_main_first_stops_every_process(tmp_path, who):
+    """Whichever process fails in a main-first section (process 0 preparing data, or a follower
+    reading it), all stop promptly; process 0 names the failure; nobody waits for a collective."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "mf.py"
+    script.write_text(
+        "import sys\n"
+        "from tunesmith import distributed\n"
+        "w = distributed.init()\n"
+        "try:\n"
+        "    with distributed.main_first():\n"
+        f"        if w.rank == {who}:\n"
+        "            raise ValueError('bad rows in data.jsonl')\n"
+        "except distributed.MainFailed as e:\n"
+        "    print(f'rank {w.rank}: MainFailed: {e}', flush=True)\n"
+        "except ValueError as e:\n"
+        "    print(f'rank {w.rank}: own error: {e}', flush=True)\n"
+        "distributed.shutdown()\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    other = 1 - who
+    assert f"rank {who}: own error: bad rows in data.jsonl" in out.stdout
+    assert f"rank {other}: MainFailed: process {who}" in out.stdout and "bad rows in data.jsonl" in out.stdout

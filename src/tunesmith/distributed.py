@@ -107,28 +107,54 @@ def barrier() -> None:
 
 
 class MainFailed(RuntimeError):
-    """Raised on the other processes when process 0 failed inside ``main_first`` (it reports the
-    error itself; the others stop quietly instead of waiting for it or crashing on a closed link)."""
+    """Raised on the processes that did not fail when another one failed inside ``main_first``
+    (the one that failed raises its own error; process 0 prints what failed where). They stop
+    instead of waiting for it in the next collective or crashing on a closed link."""
 
 
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
     """Process 0 runs the block first (it may write: prepared data, caches); the others run it
-    after, and find what it wrote. If process 0 fails in the block, the others raise MainFailed."""
+    after, and find what it wrote. If any process fails in the block, all stop: the others raise
+    MainFailed naming the first failure."""
     w = world()
-    if w.distributed and not w.main:
+    if not w.distributed:
+        yield
+        return
+    if not w.main:
         failed = broadcast(None)  # process 0's outcome: None, or its error
         if failed:
             raise MainFailed(f"process 0 stopped: {failed}")
+    error: BaseException | None = None
     try:
         yield
     except BaseException as e:
-        if w.distributed and w.main:
-            broadcast(f"{type(e).__name__}: {e}")
-        raise
-    else:
-        if w.distributed and w.main:
-            broadcast(None)
+        error = e
+    if w.main:
+        broadcast(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+    else:  # the followers' outcomes, for everyone: one failure stops them all
+        outcomes = all_gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = next((f"process {r}: {o}" for r, o in enumerate(outcomes) if o), None)
+        if failed:
+            raise MainFailed(f"{failed}")
+        return
+    outcomes = all_gather(None)  # process 0 (after its block succeeded) learns the followers' outcomes
+    failed = next((f"process {r}: {o}" for r, o in enumerate(outcomes) if o), None)
+    if failed:
+        raise MainFailed(f"{failed}")
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's ``obj`` in rank order, on every process (pickled)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def sum_floats(values: list[float]) -> list[float]:
