@@ -108,6 +108,10 @@ def test_compare_three_methods_end_to_end(tmp_path, tiny_model_dir, sst_files, c
         small = [json.loads(x) for x in (tmp_path / "runs" / f"tiny-{method}-n3" / "data" / "train.jsonl").read_text().splitlines()]
         assert len(small) == total  # the prepared split is shared; the cap is applied when loading
     assert json.loads((tmp_path / "runs" / "tiny-lora-n3" / "data_report.json").read_text())["encoded"]["train"]["kept"] == 3
+    assert set(doc["learning_fit"]) == {"prompt", "lora", "full"} and len(doc["learning_fit_words"]) == 3
+    for words in doc["learning_fit_words"]:  # three sizes: a saturating curve, in words (or why not)
+        assert "doubling the training data" in words or "no learning-curve fit" in words
+        assert words in out
     assert rows["lora"]["peak_rss_mib"] > 0 and rows["lora"]["gap"] is not None
     assert doc["verdict"].startswith(f"{doc['best']} scores best")
     def max_lr(method):

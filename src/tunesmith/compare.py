@@ -24,6 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tunesmith import learning_curve
 from tunesmith import metrics as M
 from tunesmith.config import Config, ConfigError, load_config
 from tunesmith.io import atomic_write_json, atomic_write_text, read_jsonl
@@ -202,8 +203,11 @@ def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPL
         if points:
             learning[r.method] = points + [_point(r, None)]
             r.data_needs = r.data_needs or r.train_examples
+    fits = {m: learning_curve.fit(points, metric in M.LOWER_IS_BETTER) for m, points in learning.items()}
     return {"task": task, "metric": best.metric, "test_examples": n, "best": best.method,
-            "methods": [asdict(r) for r in results], "learning_curve": learning, "verdict": verdict(results, best)}
+            "methods": [asdict(r) for r in results], "learning_curve": learning, "learning_fit": fits,
+            "learning_fit_words": [learning_curve.in_words(f, metric, m) for m, f in fits.items()],
+            "verdict": verdict(results, best)}
 
 
 def _point(r: MethodResult, p_vs_all_data: float | None) -> dict[str, Any]:
@@ -304,7 +308,7 @@ def markdown(doc: dict[str, Any]) -> str:
     learning = learning_table(doc)
     if learning:
         lines += ["", f"Test {doc['metric']} by training-set size (p: against the same method on all the data)", "",
-                  *_md(*learning)]
+                  *_md(*learning), "", *doc.get("learning_fit_words", [])]
     return "\n".join(lines + ["", doc["verdict"]])
 
 

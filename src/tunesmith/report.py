@@ -336,7 +336,8 @@ def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
     base = next((r["base_value"] for r in rows if r["base_value"] is not None), None)
     for title, png in (("Loss curves", compare_curves_png(rows)), (f"Test {metric}", metric_bars_png(rows, metric)),
                        ("Cost and quality", cost_quality_png(rows, metric)),
-                       ("Data needs", learning_curve_png(curves, metric, base) if curves else None)):
+                       ("Data needs", learning_curve_png(curves, metric, base, doc.get("learning_fit"))
+                        if curves else None)):
         if png is not None:
             parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                          f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
@@ -344,6 +345,7 @@ def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
     if learning:
         parts.append(f"<p>Test {html.escape(metric)} by training-set size, with the paired bootstrap p-value against "
                      "the same method trained on all the data (same recipe and steps).</p>" + _html_table(*learning))
+        parts += [f"<p>{html.escape(words)}</p>" for words in doc.get("learning_fit_words", [])]
     out = Path(out_dir) / "compare.html"
     atomic_write_text(out, _PAGE.format(title="method comparison", body="\n".join(parts)))
     return out
@@ -355,13 +357,24 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
-def learning_curve_png(curves: dict[str, list[dict[str, Any]]], metric: str, base: float | None) -> bytes:
-    """Test metric against training examples (log scale) per method, with 95% intervals."""
+def learning_curve_png(curves: dict[str, list[dict[str, Any]]], metric: str, base: float | None,
+                       fits: dict[str, Any] | None = None) -> bytes:
+    """Test metric against training examples (log scale) per method, with 95% intervals; where a
+    saturating curve was fitted (``learning_curve.fit``), it is drawn dashed out to twice the data."""
+    import numpy as np
+
+    from tunesmith import learning_curve
+
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for method, points in curves.items():
         xs, ys = [p["train_examples"] for p in points], [p["value"] for p in points]
         err = [[p["value"] - p["low"] for p in points], [p["high"] - p["value"] for p in points]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, linewidth=1.6, label=method, color=COLORS.get(method))
+        fitted = (fits or {}).get(method)
+        if fitted:
+            grid = np.geomspace(min(xs), 2 * fitted["n"], 60)
+            ax.plot(grid, learning_curve.curve(fitted, grid), linestyle=":", linewidth=1.4, color=COLORS.get(method),
+                    label=f"{method} fit (x2 data: {fitted['gain']:+.3f})")
     if base is not None:
         ax.axhline(base, color="#444", linestyle="--", linewidth=1, label=f"base model {base:.3f}")
     ax.set_xscale("log")
