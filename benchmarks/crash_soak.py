@@ -116,15 +116,7 @@ def run_to_end(cmd: list[str], log: Path) -> tuple[int, float]:
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and every process below it (torchrun runs in a session of its own, so a
     process-group kill of the launcher would leave it and its workers)."""
-    def children(p: int) -> list[int]:
-        out = []
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    out += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-        return out
+    from tunesmith.distributed import children
 
     todo, found = [pid], []
     while todo:  # collect the whole tree first, then kill it at once

@@ -193,7 +193,8 @@ def verify(folder: Path) -> str | None:
         elif _sha256(path) != want["sha256"]:
             problems.append(f"{name} does not match its SHA-256 in the manifest (altered on disk)")
     answer = "; ".join(problems) or None
-    if all(mtime < time.time_ns() - 2_000_000_000 for _, _, mtime in key[1]):  # as git does: a file changed within
+    settled = time.time_ns() - 2_000_000_000
+    if all(mtime < settled for _, _, mtime in key[1]):  # as git does: a file changed within
         _VERIFIED[key] = answer  # the timestamp granularity of its last check could change again unseen
     return answer
 

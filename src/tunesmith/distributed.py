@@ -130,22 +130,17 @@ def main_first() -> Iterator[None]:
         yield
     except BaseException as e:
         error = e
+    mine = None if error is None else f"{type(error).__name__}: {error}"
     if w.main:
-        broadcast(None if error is None else f"{type(error).__name__}: {error}")
-        if error is not None:
+        broadcast(mine)  # the followers wait for this before running the block
+        if error is not None:  # the followers stop at the broadcast above: no gathering
             raise error
-    else:  # the followers' outcomes, for everyone: one failure stops them all
-        outcomes = all_gather(None if error is None else f"{type(error).__name__}: {error}")
-        if error is not None:
-            raise error
-        failed = next((f"process {r}: {o}" for r, o in enumerate(outcomes) if o), None)
-        if failed:
-            raise MainFailed(f"{failed}")
-        return
-    outcomes = all_gather(None)  # process 0 (after its block succeeded) learns the followers' outcomes
+    outcomes = all_gather(mine)  # the followers' outcomes, for everyone: one failure stops them all
+    if error is not None:
+        raise error
     failed = next((f"process {r}: {o}" for r, o in enumerate(outcomes) if o), None)
     if failed:
-        raise MainFailed(f"{failed}")
+        raise MainFailed(failed)
 
 
 def all_gather(obj: Any) -> list[Any]:
@@ -225,7 +220,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
     proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_stop_with_parent)
 
     def forward(signum: int, frame: Any) -> None:  # a stop for the launcher is a stop for the run
-        for pid in _workers(proc.pid) or [proc.pid]:
+        for pid in children(proc.pid) or [proc.pid]:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -251,8 +246,8 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
             os.unlink(exit_file)
 
 
-def _workers(pid: int) -> list[int]:
-    """The worker processes torchrun (``pid``) started: its children, from /proc (Linux)."""
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (torchrun's: the workers), from /proc (Linux; [] elsewhere)."""
     out: list[int] = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, re
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
-from tunesmith.checkpoint import load_best, newest_good_checkpoint
+from tunesmith.checkpoint import SHARDS, load_best, newest_good_checkpoint
 from tunesmith.train import latest_checkpoint, result_dict, train
 
 
@@ -68,42 +69,29 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
         return _finetune(cfg, resume, overwrite, until_step, console, base_from, allow_changes)
 
 
-def run_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``<output_dir>/.<name>.lock`` (an exclusive ``flock``) while a run trains in ``run_dir``.
     Raises RunError naming the holder's process id when another process holds it: two trainings
     (say a resume next to a run left going by a killed launcher) never write one folder."""
-    return _RunLock(Path(run_dir))
+    import fcntl
 
-
-class _RunLock:
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.fd: int | None = None
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        path = self.run_dir.parent / f".{self.run_dir.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    run_dir = Path(run_dir)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunError(f"{self.run_dir}: another tunesmith process (pid {holder}) is training in this run folder; "
+            raise RunError(f"{run_dir}: another tunesmith process (pid {holder}) is training in this run folder; "
                            f"wait for it to end or stop it first (kill -TERM {holder}: it checkpoints and exits)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
-
-    def __exit__(self, *exc: object) -> None:
-        import fcntl
-
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None, console: Console | None,
@@ -323,7 +311,7 @@ def check_resume(run_dir: Path, cfg: Config, allow_changes: bool) -> str:
     changes = {k: v for k, v in diff(saved, cfg).items() if k != "name" and not k.startswith(RESUME_SAFE)}
     if "train.strategy" in changes:  # what matters is the checkpoints' format: sharded (dcp/) ones load anywhere
         newest = newest_good_checkpoint(run_dir)
-        if cfg.train.strategy == "fsdp" and newest is not None and not (newest / "dcp").is_dir():
+        if cfg.train.strategy == "fsdp" and newest is not None and not (newest / SHARDS).is_dir():
             raise RunError(f"{run_dir}: cannot resume with train.strategy: fsdp: its checkpoint {newest.name} holds whole "
                            f"weights (written with train.strategy: {saved.train.strategy}), which sharded training "
                            f"cannot load. Resume with train.strategy: {saved.train.strategy}, or start a new run")
