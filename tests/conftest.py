@@ -53,6 +53,21 @@ def make_model(vocab_size: int, seed: int = 0, **overrides: object) -> LlamaForC
     return LlamaForCausalLM(config)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run index of this test session (never the user's): $TUNESMITH_INDEX, inherited by subprocesses."""
+    import os
+
+    path = tmp_path_factory.mktemp("index") / "runs.sqlite"
+    old = os.environ.get("TUNESMITH_INDEX")
+    os.environ["TUNESMITH_INDEX"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("TUNESMITH_INDEX", None)
+    else:
+        os.environ["TUNESMITH_INDEX"] = old
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -102,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bad-rows", action="store_true", help="leave out rows with no usable prompt (listed) instead of stopping")
     _decoding_options(p)
 
+    p = verbs.add_parser("runs", help="list every run made on this machine (the run index), or compare two")
+    p.add_argument("--method", default=None, help="only runs of this method (lora, full, prompt)")
+    p.add_argument("--status", default=None, help="only runs in this state: evaluated, trained, training, interrupted, stopped")
+    p.add_argument("--name", default=None, help="only runs whose name contains this")
+    p.add_argument("--since", default=None, metavar="DATE", help="only runs started on or after this date (YYYY-MM-DD, UTC)")
+    p.add_argument("--sort", default="date", help="date (newest first), metric (best first), name, time or cost")
+    p.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None, help="two runs (names or folders): what differs")
+    p.add_argument("--rebuild", nargs="*", metavar="DIR", default=None,
+                   help="build the index again from the run folders under DIRs (default: the indexed runs' folders and ./runs)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -162,6 +173,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['bad_rows']} bad rows skipped, "
                           f"{done['rows']} rows: "
                           f"{args.output}", highlight=False)
+        elif args.verb == "runs":
+            _runs(args, console)
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
@@ -175,6 +188,32 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _runs(args: argparse.Namespace, console: Console) -> None:
+    import json
+
+    from tunesmith.runs import index, listing
+
+    if args.rebuild is not None:
+        n = index.rebuild(args.rebuild or None)
+        console.print(f"rebuilt {index.index_path()}: {n} run{'' if n == 1 else 's'}", highlight=False)
+    if args.diff:
+        try:
+            a, b = (index.find(ref) for ref in args.diff)
+        except KeyError as e:
+            raise RunError(e.args[0]) from None
+        listing.print_diff(a, b, index.diff_runs(a, b), console)
+        return
+    try:
+        rows = index.list_runs(method=args.method, since=args.since, sort=args.sort, status=args.status, name=args.name)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k not in ("config", "results")} for r in rows], indent=1))
+    else:
+        listing.print_runs(rows, console)
+        console.print(f"index: {index.index_path()}", highlight=False)
 
 
 def _decoding_options(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, re
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
+from tunesmith.runs import index
 from tunesmith.checkpoint import SHARDS, load_best, newest_good_checkpoint
 from tunesmith.train import latest_checkpoint, result_dict, train
 
@@ -65,8 +67,13 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     Raises RunError (folder in use, nothing to resume, refused changes), ConfigError, DataError,
     ModelError, and ``train.NonFiniteLossError`` when the loss diverges.
     """
-    with run_lock(cfg.run_dir) if distributed.world().main else contextlib.nullcontext():
-        return _finetune(cfg, resume, overwrite, until_step, console, base_from, allow_changes)
+    main = distributed.world().main
+    try:
+        with run_lock(cfg.run_dir) if main else contextlib.nullcontext():
+            return _finetune(cfg, resume, overwrite, until_step, console, base_from, allow_changes)
+    finally:
+        if main:  # finished, stopped or failed: the index says which (after the lock is released)
+            index.record(cfg.run_dir)
 
 
 @contextlib.contextmanager
@@ -285,6 +292,8 @@ def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "run.json", {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    index.record(run_dir)  # listed (as training) from the start
     return step
 
 
@@ -574,6 +583,7 @@ def _write_evaluation(run_dir: Path, results: dict[str, Any], main: _TaskEval, t
         atomic_write_jsonl(run_dir / "predictions" / f"{name}.jsonl",
                            [prediction_row(ex, i, job.evals) for i, ex in enumerate(job.splits.test)])
     write_report(run_dir)
+    index.record(run_dir)
     if not tasks:
         print_table(results, console)
     for name, job in tasks.items():
