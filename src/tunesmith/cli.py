@@ -102,6 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bad-rows", action="store_true", help="leave out rows with no usable prompt (listed) instead of stopping")
     _decoding_options(p)
 
+    p = verbs.add_parser("estimate", help="before training: parameters, tokens, FLOPs, peak memory, time and cost of a run")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device-tflops", type=float, default=None, metavar="X",
+                   help="predict time for a device sustaining X TFLOP/s in training, instead of timing this machine")
+    p.add_argument("--price-per-hour", type=float, default=None, metavar="P", help="cost of an hour of the device")
+    p.add_argument("--calibrate-seconds", type=float, default=None, metavar="S",
+                   help="seconds of real training steps to time here (default: estimate.calibrate_seconds, 20)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+    p = verbs.add_parser("search", help="search hyperparameters (Optuna) over the config's search: block; resumable")
+    p.add_argument("config", help="YAML config file with a search: block")
+    p.add_argument("--trials", type=int, default=None, metavar="N", help="trials in all (default: search.trials)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     p = verbs.add_parser("runs", help="list every run made on this machine (the run index), or compare two")
     p.add_argument("--method", default=None, help="only runs of this method (lora, full, prompt)")
     p.add_argument("--status", default=None, help="only runs in this state: evaluated, trained, training, interrupted, stopped")
@@ -173,6 +188,31 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['bad_rows']} bad rows skipped, "
                           f"{done['rows']} rows: "
                           f"{args.output}", highlight=False)
+        elif args.verb == "estimate":
+            import json
+
+            from tunesmith.runs import estimate
+
+            cfg = load_config(args.config, args.overrides)
+            est = estimate.estimate(cfg, console=console, calibrate_seconds=args.calibrate_seconds,
+                                    device_tflops=args.device_tflops, price_per_hour=args.price_per_hour)
+            if args.json:
+                print(json.dumps(est, indent=1))
+            else:
+                for line in estimate.describe(est):
+                    console.print(line, highlight=False)
+                console.print(f"saved {cfg.run_dir / estimate.FILE}: `tunesmith train` prints it and records it against the actual run",
+                              highlight=False)
+        elif args.verb == "search":
+            from tunesmith.runs import search as S
+
+            try:
+                summary = S.search(args.config, args.overrides, trials=args.trials, console=console)
+            except S.SearchStopped as e:
+                console.print(f"[yellow]{e}; continue with: tunesmith search {args.config} (it resumes)[/yellow]")
+                return EXIT_RESUMABLE
+            S.print_summary(summary, console)
+            console.print(f"plots: {Path(summary['study']).parent / 'search.html'}", highlight=False)
         elif args.verb == "runs":
             _runs(args, console)
         elif args.verb == "demo":

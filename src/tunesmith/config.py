@@ -269,6 +269,45 @@ class MixingConfig:
 
 
 @dataclass
+class EstimateConfig:
+    """What a run will cost (``tunesmith estimate``; ``train`` prints it at start)."""
+
+    price_per_hour: float = 0.0  # what an hour of this machine costs (any currency); 0 = no cost shown
+    device_tflops: float | None = None  # a device's sustained training TFLOP/s: predict time from it instead of calibrating
+    calibrate_seconds: float = 20.0  # tunesmith estimate: seconds of real training steps timed on this machine
+
+
+@dataclass
+class SearchParam:
+    """One searched setting: a range (``low``..``high``, ``log`` scale, integer keys in ``step``s) or ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # sample on a log scale (learning rates, weight decay)
+    step: float | None = None  # a grid within the range (integers: 1 unless given)
+    choices: list[float] | None = None  # instead of a range: one of these values
+
+
+@dataclass
+class SearchConfig:
+    """``tunesmith search``: Optuna's TPE sampler over ``params``; trials are ordinary runs."""
+
+    trials: int = 12  # trials to run in all (a resumed search counts the ones done)
+    params: dict[str, SearchParam] = field(default_factory=dict)  # dotted config key -> its range, e.g. train.lr
+    pruner: str = "median"  # median (stop a trial whose validation loss is worse than the median so far) | none
+    startup_trials: int = 2  # trials that are never pruned (the median needs a few to compare with)
+    seed: int = 0  # the sampler's seed: the same search picks the same settings
+
+
+@dataclass
+class MlflowConfig:
+    """Where ``report_to: [mlflow]`` writes (``runs.trackers``)."""
+
+    tracking_uri: str | None = None  # default: sqlite:///<output_dir>/mlflow.db (artifacts in <output_dir>/mlartifacts)
+    experiment: str = "tunesmith"
+
+
+@dataclass
 class Config:
     """One run: a base model, data, a method and how to train and evaluate."""
 
@@ -289,6 +328,10 @@ class Config:
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     tasks: list[TaskConfig] = field(default_factory=list)  # several tasks trained together (then data/task per task)
     mixing: MixingConfig = field(default_factory=MixingConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    report_to: list[str] = field(default_factory=list)  # trackers to write the run to: tensorboard, mlflow
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -581,6 +624,55 @@ def _validate_forgetting(cfg: Config) -> list[str]:
     check(cfg.mixing.by in ("weight", "temperature", "size"),
           f"mixing.by: {cfg.mixing.by!r} is not one of weight, temperature, size")
     check(cfg.mixing.temperature > 0, "mixing.temperature: must be > 0")
+    p += _search_problems(cfg)
+    for name in cfg.report_to:
+        if name not in ("tensorboard", "mlflow"):
+            close = difflib.get_close_matches(name, ["tensorboard", "mlflow"], n=1, cutoff=0.5)
+            p.append(f"report_to: {name!r} is not a tracker" + (f"; did you mean '{close[0]}'?" if close else
+                                                                   " (tensorboard, mlflow)"))
+    check(cfg.estimate.price_per_hour >= 0, "estimate.price_per_hour: must be >= 0")
+    check(cfg.estimate.device_tflops is None or cfg.estimate.device_tflops > 0, "estimate.device_tflops: must be > 0")
+    check(cfg.estimate.calibrate_seconds >= 0, "estimate.calibrate_seconds: must be >= 0 (0: no calibration run)")
+    return p
+
+
+def _search_problems(cfg: Config) -> list[str]:
+    """Every problem of the ``search:`` block: unknown or non-numeric keys (with the closest valid
+    one), empty or reversed ranges, log scales through zero."""
+    p: list[str] = []
+    s = cfg.search
+    if s.trials < 1:
+        p.append("search.trials: must be at least 1")
+    if s.pruner not in ("median", "none"):
+        p.append(f"search.pruner: {s.pruner!r} is not one of median, none")
+    if s.startup_trials < 0:
+        p.append("search.startup_trials: must be >= 0")
+    keys = {k: v for k, v in flatten(cfg).items() if not k.startswith("search.")}
+    numeric = [k for k, v in keys.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))]
+    for key, spec in s.params.items():
+        where = f"search.params.{key}"
+        if key not in keys:
+            close = difflib.get_close_matches(key, numeric, n=1, cutoff=0.5)
+            p.append(f"{where}: no such setting" + (f"; did you mean '{close[0]}'?" if close else ""))
+            continue
+        if key not in numeric:
+            p.append(f"{where}: only numeric settings can be searched ({key} is {keys[key]!r})")
+            continue
+        if spec.choices is not None:
+            if not spec.choices:
+                p.append(f"{where}.choices: give at least one value")
+            if spec.low is not None or spec.high is not None:
+                p.append(f"{where}: give either choices or low/high, not both")
+            continue
+        if spec.low is None or spec.high is None:
+            p.append(f"{where}: give low and high (or choices)")
+            continue
+        if spec.low >= spec.high:
+            p.append(f"{where}: low ({spec.low:g}) must be below high ({spec.high:g})")
+        if spec.log and spec.low <= 0:
+            p.append(f"{where}: a log scale needs low > 0 (got {spec.low:g})")
+        if spec.log and spec.step is not None:
+            p.append(f"{where}: give either log or step, not both")
     return p
 
 
@@ -682,6 +774,11 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         inner = _dataclass_in(typ)
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value, f"{prefix}{key}.", problems)
+        elif inner is not None and typing.get_origin(typ) is dict:  # a mapping of sections, e.g. search.params
+            if not isinstance(value, dict):
+                problems.append(f"{prefix}{key}: expected a mapping, got {value!r}")
+                continue
+            kwargs[key] = {str(k): _build(inner, v, f"{prefix}{key}.{k}.", problems) for k, v in value.items()}
         elif inner is not None and typing.get_origin(typ) is list:  # a list of sections, e.g. tasks:
             if not isinstance(value, list):
                 problems.append(f"{prefix}{key}: expected a list of mappings, got {value!r}")

@@ -55,6 +55,7 @@ class TrainResult:
     train_seconds: float
     target_tokens: int
     peak_memory_mib: dict[str, float] = field(default_factory=dict)  # rss (process), gpu (allocator)
+    pruned: bool = False  # ended by ``on_validation`` (a search's pruner), not by early stopping
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -252,11 +253,18 @@ def train(
     until_step: int | None = None,
     show_progress: bool = True,
     objective: TaskLoss | None = None,
+    until_seconds: float | None = None,
+    min_steps: int = 1,
+    on_validation: Callable[[int, float], bool] | None = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad; write metrics and checkpoints.
 
     ``resume`` continues exactly from the newest checkpoint in ``run_dir``. ``until_step``
-    stops (with a checkpoint) after that many optimizer steps, as an interruption would.
+    stops (with a checkpoint) after that many optimizer steps, as an interruption would;
+    ``until_seconds`` likewise after the first step (at least ``min_steps``) at which this many
+    seconds of steps have passed (``runs.estimate`` calibrates with it).
+    ``on_validation(step, val_loss)`` is called after each validation; returning True ends the run
+    there as early stopping would (``pruned`` in the result: a hyperparameter search's pruner).
     On return the model holds the weights of the best validation loss seen.
     ``val_data`` as a dict (task name -> rows, a multi-task run): each task's loss is logged and
     the validation loss (best checkpoint, early stopping) is their macro average.
@@ -320,7 +328,7 @@ def train(
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     runtime.reset_peak_memory(dev)
-    stopped_early = interrupted = False
+    stopped_early = interrupted = pruned = False
     task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
     window_tokens, window_start = 0, time.perf_counter()
     with progress, _StopRequests() as stop:
@@ -424,13 +432,16 @@ def train(
                     if w.main or sharded:  # sharded: the weights are gathered whole to process 0
                         save_best(run_dir, params, step, val_loss, warn, model=model if sharded else None, main=w.main)
                 stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
+                if on_validation is not None and on_validation(step, val_loss) and step < total_steps:
+                    stopped_early = pruned = True
                 if w.main:
                     append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
                                                      "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
                 say(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
                 window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
             signalled = distributed.any_true(stop.signal is not None) if w.distributed else stop.signal is not None
-            stop_here = (until_step is not None and until_step <= step < total_steps) or (signalled and step < total_steps)
+            out_of_time = until_seconds is not None and state["train_seconds"] >= until_seconds and step >= min_steps
+            stop_here = ((until_step is not None and until_step <= step) or signalled or out_of_time) and step < total_steps
             if evaluate_now or stop_here or (cfg.save_every and step % cfg.save_every == 0):
                 rngs = distributed.gather(runtime.rng_state())  # every process's RNG, in rank order (on process 0)
                 if w.main or sharded:  # sharded: every process writes its shard
@@ -449,7 +460,7 @@ def train(
         steps=state["step"], total_steps=total_steps, best_step=state["best_step"],
         best_val_loss=state["best_val_loss"], stopped_early=stopped_early, interrupted=interrupted,
         train_seconds=state["train_seconds"], target_tokens=state["target_tokens"],
-        peak_memory_mib=runtime.peak_memory_mib(dev), history=read_jsonl(run_dir / METRICS),
+        peak_memory_mib=runtime.peak_memory_mib(dev), pruned=pruned, history=read_jsonl(run_dir / METRICS),
     )
 
 

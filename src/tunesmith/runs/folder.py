@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, re
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
 from tunesmith.report import load_json, metrics_table, write_report
-from tunesmith.runs import index
+from tunesmith.runs import estimate, index, trackers
 from tunesmith.checkpoint import SHARDS, load_best, newest_good_checkpoint
 from tunesmith.train import latest_checkpoint, result_dict, train
 
@@ -57,7 +57,8 @@ class Run:
 
 
 def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_step: int | None = None,
-             console: Console | None = None, base_from: Path | None = None, allow_changes: bool = False) -> Run:
+             console: Console | None = None, base_from: Path | None = None, allow_changes: bool = False,
+             evaluate: bool = True, on_validation: Callable[[int, float], bool] | None = None) -> Run:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``, then evaluate against the base.
 
     ``resume`` continues from the newest checkpoint, after comparing ``cfg`` with the run's saved
@@ -66,14 +67,18 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
     model results are reused instead of evaluating the base again (see ``evaluate_run``).
     Raises RunError (folder in use, nothing to resume, refused changes), ConfigError, DataError,
     ModelError, and ``train.NonFiniteLossError`` when the loss diverges.
+    ``evaluate=False`` stops after saving the trained model (no test split: a search's trials);
+    ``on_validation`` goes to ``train`` (a search's pruner).
     """
     main = distributed.world().main
     try:
         with run_lock(cfg.run_dir) if main else contextlib.nullcontext():
-            return _finetune(cfg, resume, overwrite, until_step, console, base_from, allow_changes)
+            return _finetune(cfg, resume, overwrite, until_step, console, base_from, allow_changes, evaluate, on_validation)
     finally:
         if main:  # finished, stopped or failed: the index says which (after the lock is released)
             index.record(cfg.run_dir)
+            if cfg.report_to and cfg.run_dir.is_dir():
+                trackers.sync(cfg.run_dir)
 
 
 @contextlib.contextmanager
@@ -102,7 +107,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None, console: Console | None,
-              base_from: Path | None, allow_changes: bool) -> Run:
+              base_from: Path | None, allow_changes: bool, evaluate: bool = True,
+              on_validation: Callable[[int, float], bool] | None = None) -> Run:
     console = console or Console()
     run_dir = cfg.run_dir
     w = distributed.init()  # several processes under torchrun: process 0 writes, the others follow
@@ -173,6 +179,10 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
                   + f": {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%); {len(train_set)} train / "
                   f"{sum(map(len, val_set.values())) if isinstance(val_set, dict) else len(val_set)} validation examples")
+    predicted = None
+    if w.main and not w.distributed:  # what the run will cost (time from `tunesmith estimate` when it ran for this config)
+        predicted = _predict(cfg, model, train_set, val_set, tokenizer.pad_token_id, console)
+    started = time.perf_counter()
     train_cfg = cfg.train
     if cfg.method == "full" and cfg.full.lr is not None:
         train_cfg = dataclasses.replace(cfg.train, lr=cfg.full.lr)
@@ -181,7 +191,7 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
                                                 tokenizer.pad_token_id)
     mitigations = ({"replay": replay} if replay else {}) | mitigations
     result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume,
-                   until_step=until_step, objective=objective)
+                   until_step=until_step, objective=objective, on_validation=on_validation)
     distributed.shutdown()  # the rest (saving, evaluating) is process 0's alone
     if not w.main:
         return Run(run_dir, cfg, result_dict(result), {})
@@ -194,6 +204,9 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         trained = sum(r["target_tokens"] for r in steps)
         mitigations["replay"]["trained_ratio_tokens"] = sum(r["replay_target_tokens"] for r in steps) / max(trained, 1)
     summary |= {"mitigations": mitigations} if mitigations else {}
+    if predicted is not None:
+        summary["estimate"] = estimate.against_actual(predicted, summary, time.perf_counter() - started)
+        _print_against(summary["estimate"], console)
     atomic_write_json(run_dir / "train_result.json", summary)
     if result.interrupted:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
@@ -207,8 +220,41 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         model = _whole_model(cfg, run_dir)
     methods.save_final(model, tokenizer, cfg, run_dir)
     del model
+    if not evaluate:
+        return Run(run_dir, cfg, summary, {})
     evaluation = evaluate_run(run_dir, console=console, base_from=base_from)
     return Run(run_dir, cfg, summary, evaluation)
+
+
+def _predict(cfg: Config, model: torch.nn.Module, train_set: list[Any], val_set: Any, pad_id: int,
+             console: Console) -> dict[str, Any] | None:
+    """The estimate printed at the start of training: computed now (no calibration run), with the
+    time of the run folder's ``estimate.json`` when it was made for this config. Never fails the run."""
+    try:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / estimate.MIB
+        est = estimate.estimate_for(cfg, model, train_set, val_set, pad_id, estimate.rss_mib() - weights)
+        saved = estimate.saved_for(cfg)
+        if saved and saved.get("time"):
+            est["time"], est["cost"] = saved["time"], saved.get("cost")
+    except Exception as e:  # noqa: BLE001 - an estimate is advice: the run goes on without it
+        console.print(f"[yellow]no estimate: {type(e).__name__}: {e}[/yellow]", highlight=False)
+        return None
+    console.print("[bold]estimate[/bold] " + "\n  ".join(estimate.describe(est)), highlight=False)
+    return est
+
+
+def _print_against(row: dict[str, Any], console: Console) -> None:
+    """Predicted against actual time and memory, one line."""
+    parts = []
+    if row.get("actual_seconds") is not None and row.get("predicted_seconds") is not None:
+        parts.append(f"time {estimate._hms(row['predicted_seconds'])} predicted, {estimate._hms(row['actual_seconds'])} "
+                     f"taken ({row['error_seconds']:+.0%})")
+    if row.get("actual_peak_mib") and row.get("predicted_peak_mib"):
+        parts.append(f"peak memory {row['predicted_peak_mib']:,.0f} MiB predicted, {row['actual_peak_mib']:,.0f} MiB used "
+                     f"({row['error_peak_mib']:+.0%})")
+    if parts:
+        console.print("estimate vs actual: " + "; ".join(parts) + (f" ({row['note']})" if row.get("note") else ""),
+                      highlight=False)
 
 
 def _load_base(cfg: Config) -> tuple[torch.nn.Module, Any]:
@@ -300,7 +346,8 @@ def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
 # Settings a resumed run may change freely: they decide when to evaluate and save, and how to
 # evaluate at the end, not what is trained.
 RESUME_SAFE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.num_threads",
-               "train.gradient_checkpointing", "output_dir", "eval.", "prompt.")
+               "train.gradient_checkpointing", "output_dir", "eval.", "prompt.", "estimate.",
+               "search.", "report_to", "mlflow.")
 # Settings that decide what the checkpoint's tensors are: resuming under other values is meaningless.
 RESUME_REFUSED = ("model", "task", "method", "classifier", "lora.r", "lora.alpha", "lora.target_modules", "data.labels")
 
@@ -584,6 +631,7 @@ def _write_evaluation(run_dir: Path, results: dict[str, Any], main: _TaskEval, t
                            [prediction_row(ex, i, job.evals) for i, ex in enumerate(job.splits.test)])
     write_report(run_dir)
     index.record(run_dir)
+    trackers.sync(run_dir)
     if not tasks:
         print_table(results, console)
     for name, job in tasks.items():

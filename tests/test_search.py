@@ -1,0 +1,110 @@
+"""Hyperparameter search: Optuna over the config's search block, on the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tunesmith.cli import main
+from tunesmith.config import ConfigError, load_config
+from tunesmith.runs import search as S
+
+
+def search_config(tmp_path: Path, model_dir: Path, sst_files, trials: int = 6) -> Path:
+    from test_cli import write_config
+
+    path = write_config(tmp_path, model_dir, sst_files, max_steps=8, eval_every=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["search"] = {"trials": trials, "startup_trials": 2, "seed": 1,
+                     "params": {"train.lr": {"low": 1e-5, "high": 0.3, "log": True}, "lora.r": {"choices": [2, 4, 8]}}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _study(path: Path):
+    cfg = load_config(path)
+    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{S.search_dir(cfg) / 'study.sqlite'}")
+
+
+@pytest.mark.slow
+def test_search_prunes_resumes_after_a_kill_and_its_best_config_reproduces(tmp_path, tiny_model_dir, sst_files, capsys):
+    path = search_config(tmp_path, tiny_model_dir, sst_files)
+    cfg = load_config(path)
+    folder = S.search_dir(cfg)
+    # a search killed (SIGKILL) while a trial trains, after that trial's first checkpoint
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "search", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    victim = folder / "trials" / "tiny-trial-3" / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        if victim.is_dir() and any(p.name.startswith("step-") for p in victim.iterdir()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    states = {t.number: t.state for t in _study(path).get_trials()}
+    assert states.get(3) == optuna.trial.TrialState.RUNNING, states  # killed inside trial 3
+    assert main(["search", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming trial 3" in out and "test split, once" in out.replace("\n", " ")
+    trials = _study(path).get_trials()
+    assert [t.number for t in trials] == list(range(6))  # none lost, none repeated
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials), [t.state for t in trials]
+    steps = [json.loads(line)["step"] for line in (folder / "trials" / "tiny-trial-3" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # the resumed trial continued, no step twice
+    summary = json.loads((folder / "search.json").read_text())
+    best = summary["best"]
+    assert best["value"] == min(t.value for t in trials if t.value is not None)
+    assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 6 and best["test"]["metric"] == "accuracy"
+    assert (Path(best["run_dir"]) / "eval.json").is_file()  # the best trial, and only it, met the test split
+    assert sum((folder / "trials" / f"tiny-trial-{n}" / "eval.json").exists() for n in range(6)) == 1
+    html = (folder / "search.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2 and "trials.csv" not in html
+    assert len((folder / "trials.csv").read_text().splitlines()) == 7
+    # the best config is an ordinary config whose run gives the trial's validation loss again
+    best_cfg = load_config(best["config"])
+    assert best_cfg.name == "tiny-best" and best_cfg.train.lr == pytest.approx(best["params"]["train.lr"])
+    assert main(["train", best["config"]]) == 0
+    again = json.loads((best_cfg.run_dir / "train_result.json").read_text())["best_val_loss"]
+    assert again == pytest.approx(best["value"], rel=1e-6)
+
+
+def test_search_config_problems_are_listed_at_once(tmp_path, tiny_model_dir, sst_files, capsys):
+    path = search_config(tmp_path, tiny_model_dir, sst_files)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["search"]["params"] = {"train.lrr": {"low": 1e-5, "high": 1e-3}, "lora.r": {"low": 8, "high": 4},
+                               "train.weight_decay": {"low": 0, "high": 0.1, "log": True}}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'train.lr'" in err and "low (8) must be below high (4)" in err and "log scale needs low > 0" in err
+    cfg["search"]["params"] = {}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="name at least one setting"):
+        S.search(path)
+
+
+def test_trials_get_integer_and_log_values(tmp_path, tiny_model_dir, sst_files):
+    path = search_config(tmp_path, tiny_model_dir, sst_files)
+    raw = yaml.safe_load(path.read_text())
+    raw["search"]["params"]["lora.r"] = {"low": 2, "high": 16}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        t = study.ask()
+        r = S._suggest(t, "lora.r", cfg.search.params["lora.r"], 16)
+        lr = S._suggest(t, "train.lr", cfg.search.params["train.lr"], 1e-3)
+        assert isinstance(r, int) and 2 <= r <= 16 and 1e-5 <= lr <= 0.3
+        tcfg = S.trial_config(path, [], t.params, cfg, t.number)
+        assert tcfg.lora.r == r and tcfg.train.lr == pytest.approx(lr) and tcfg.name == f"tiny-trial-{t.number}"
+        study.tell(t, 0.0)
