@@ -56,6 +56,7 @@ def test_search_prunes_resumes_after_a_kill_and_its_best_config_reproduces(tmp_p
     assert "resuming trial 3" in out and "test split, once" in out.replace("\n", " ")
     trials = _study(path).get_trials()
     assert [t.number for t in trials] == list(range(6))  # none lost, none repeated
+    assert trials[0].params == {"train.lr": cfg.train.lr, "lora.r": 4}  # trial 0: the config as written
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials), [t.state for t in trials]
     steps = [json.loads(line)["step"] for line in (folder / "trials" / "tiny-trial-3" / "metrics.jsonl").read_text().splitlines()

@@ -297,6 +297,7 @@ class SearchConfig:
     pruner: str = "median"  # median (stop a trial whose validation loss is worse than the median so far) | none
     startup_trials: int = 2  # trials that are never pruned (the median needs a few to compare with)
     seed: int = 0  # the sampler's seed: the same search picks the same settings
+    include_config: bool = True  # trial 0 runs the config's own values (when inside the ranges): the baseline to beat
 
 
 @dataclass

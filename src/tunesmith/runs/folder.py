@@ -236,6 +236,10 @@ def _predict(cfg: Config, model: torch.nn.Module, train_set: list[Any], val_set:
         saved = estimate.saved_for(cfg)
         if saved and saved.get("time"):
             est["time"], est["cost"] = saved["time"], saved.get("cost")
+        if saved and (saved.get("memory_mib") or {}).get("activation_factor"):  # measured by its calibration run
+            estimate.scale_activations(est["memory_mib"], saved["memory_mib"]["activation_factor"],
+                                       saved["memory_mib"].get("validation"), saved["memory_mib"].get("held", 0.0))
+            est["advice"] = estimate.advice(est["memory_mib"], cfg, est.get("machine_memory_mib"))
     except Exception as e:  # noqa: BLE001 - an estimate is advice: the run goes on without it
         console.print(f"[yellow]no estimate: {type(e).__name__}: {e}[/yellow]", highlight=False)
         return None
