@@ -52,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/forgetting.py
 	$(PY) benchmarks/multitask.py
 	$(PY) benchmarks/crash_soak.py
+	$(PY) benchmarks/estimate.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -130,7 +130,8 @@ def test_eval_of_a_non_run_folder(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("verb", ["train", "prepare", "eval", "compare", "demo", "export", "generate", "serve"])
+@pytest.mark.parametrize("verb", ["train", "prepare", "eval", "compare", "demo", "export", "generate", "serve",
+                                  "estimate", "search", "runs"])
 def test_help(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
