@@ -145,3 +145,13 @@ def _umask() -> int:
 def default_file_mode() -> int:
     """The mode ``open()`` gives a new file here (0o666 less the umask)."""
     return 0o666 & ~_UMASK
+
+
+def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{dotted.key: leaf}`` (lists and other values are leaves)."""
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= flatten_dict(v, f"{prefix}{k}.")
+    return out
