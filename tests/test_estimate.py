@@ -76,8 +76,10 @@ def test_advice_names_settings_that_fit(tokenizer):
     tips = E.advice(mem, cfg, limit_mib=700.0)
     assert any("gradient_checkpointing=true" in t for t in tips)
     assert any("batch_size=2 train.grad_accum=4" in t for t in tips)  # 8 -> 2 rows: 500 + 200 MiB
-    assert any("method=lora" in t for t in tips)
+    assert not any("method=lora" in t for t in tips)  # 1,000 MiB without gradients and optimizer: still too much
+    assert any("method=lora" in t and "1,000 MiB" in t for t in E.advice(mem, cfg, limit_mib=1100.0))
     assert E.advice(mem, cfg, limit_mib=2000.0) == []
+    assert "none of" in E.advice(mem, cfg, limit_mib=400.0)[0]  # nothing alone fits: said so, not a list of misfits
 
 
 def test_estimate_then_train_records_predicted_against_actual(tmp_path, tiny_model_dir, sst_files, capsys):
@@ -98,8 +100,13 @@ def test_estimate_then_train_records_predicted_against_actual(tmp_path, tiny_mod
     assert got["predicted_seconds"] == pytest.approx(saved["time"]["seconds"]) and got["actual_seconds"] > 0
     assert got["actual_peak_mib"] > 0 and abs(got["error_peak_mib"]) < 0.5
     assert "estimate.predicted_seconds" in (cfg.run_dir / "report.html").read_text()
-    # a device's throughput instead of this machine's
-    assert main(["estimate", str(path), "--device-tflops", "100", "--json"]) == 0
+    # a device's throughput and memory instead of this machine's: a prediction for that device, not for a run here
+    assert main(["estimate", str(path), "--device-tflops", "100", "--device-memory-gib", "0.001", "--json"]) == 0
     out = capsys.readouterr().out
     doc = json.loads(out[out.index("{"):] if out.startswith("{") else out[out.index("\n{") + 1:])
     assert doc["time"]["source"] == "device 100 TFLOP/s" and doc["time"]["tokens_per_s"] == pytest.approx(1e14 / doc["flops_per_token"])
+    assert doc["machine_memory_mib"] == pytest.approx(1.024) and doc["advice"]
+    assert main(["train", str(path), "--overwrite"]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "time: not predicted" in out and (cfg.run_dir / "estimate.json").is_file()  # kept by --overwrite, not used
+    assert "predicted_seconds" not in json.loads((cfg.run_dir / "train_result.json").read_text())["estimate"]

@@ -124,3 +124,9 @@ def test_training_lists_the_run_and_the_cli_shows_it(tmp_path, tiny_model_dir, s
     assert [r for r in index.list_runs() if r["name"].startswith("indexed-")] == [r for r in before if r["name"].startswith("indexed-")]
     assert main(["runs", "--since", "last week"]) == 2
     assert "not a date" in capsys.readouterr().err
+    assert main(["runs", "--method", "qlora"]) == 2
+    assert "unknown method 'qlora'" in capsys.readouterr().err
+    assert main(["runs", "--since", "2999-01-01"]) == 0
+    assert "no run matches" in capsys.readouterr().out.replace("\n", " ")
+    assert main(["runs", "--diff", "indexed-a", "indexed-b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["method"] == ["lora", "full"]

@@ -57,6 +57,7 @@ def test_search_prunes_resumes_after_a_kill_and_its_best_config_reproduces(tmp_p
     trials = _study(path).get_trials()
     assert [t.number for t in trials] == list(range(6))  # none lost, none repeated
     assert trials[0].params == {"train.lr": cfg.train.lr, "lora.r": 4}  # trial 0: the config as written
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # the resumed search drew new settings
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials), [t.state for t in trials]
     steps = [json.loads(line)["step"] for line in (folder / "trials" / "tiny-trial-3" / "metrics.jsonl").read_text().splitlines()
@@ -74,6 +75,7 @@ def test_search_prunes_resumes_after_a_kill_and_its_best_config_reproduces(tmp_p
     # the best config is an ordinary config whose run gives the trial's validation loss again
     best_cfg = load_config(best["config"])
     assert best_cfg.name == "tiny-best" and best_cfg.train.lr == pytest.approx(best["params"]["train.lr"])
+    assert best_cfg.search.params == {}  # training it does not start another search
     assert main(["train", best["config"]]) == 0
     again = json.loads((best_cfg.run_dir / "train_result.json").read_text())["best_val_loss"]
     assert again == pytest.approx(best["value"], rel=1e-6)
@@ -83,11 +85,13 @@ def test_search_config_problems_are_listed_at_once(tmp_path, tiny_model_dir, sst
     path = search_config(tmp_path, tiny_model_dir, sst_files)
     cfg = yaml.safe_load(path.read_text())
     cfg["search"]["params"] = {"train.lrr": {"low": 1e-5, "high": 1e-3}, "lora.r": {"low": 8, "high": 4},
+                               "train.batch_size": {"low": 2.5, "high": 8},
                                "train.weight_decay": {"low": 0, "high": 0.1, "log": True}}
     path.write_text(yaml.safe_dump(cfg))
     assert main(["search", str(path)]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'train.lr'" in err and "low (8) must be below high (4)" in err and "log scale needs low > 0" in err
+    assert "train.batch_size is a whole number" in err
     cfg["search"]["params"] = {}
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="name at least one setting"):

@@ -37,7 +37,7 @@ def test_a_run_reaches_tensorboard_and_mlflow_with_the_values_of_metrics_jsonl(t
     client = MlflowClient(state["tracking_uri"])
     got = client.get_run(state["run_id"])
     assert got.data.params["train.lr"] == str(raw["train"].get("lr", load_config(path).train.lr))
-    assert got.data.params["lora.r"] == "4" and got.info.run_name == "tiny"
+    assert got.data.params["lora.r"] == "4" and got.info.run_name == "tiny" and got.info.status == "FINISHED"
     history = client.get_metric_history(state["run_id"], "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(s, pytest.approx(v)) for s, v in train]
     assert got.data.metrics["test/tuned.accuracy"] == pytest.approx(ev["tuned"]["accuracy"])
@@ -54,6 +54,7 @@ def test_a_run_reaches_tensorboard_and_mlflow_with_the_values_of_metrics_jsonl(t
 def test_unknown_trackers_are_named_with_the_closest(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'tensorboard'"):
         load_config(data={"data": {"train": str(tmp_path)}, "report_to": ["tensorbord"]})
+    assert load_config(data={"data": {"train": str(tmp_path)}, "report_to": "mlflow"}).report_to == ["mlflow"]
 
 
 def test_a_failing_tracker_warns_and_never_fails(tmp_path):

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-tflops", type=float, default=None, metavar="X",
                    help="predict time for a device sustaining X TFLOP/s in training, instead of timing this machine")
     p.add_argument("--price-per-hour", type=float, default=None, metavar="P", help="cost of an hour of the device")
+    p.add_argument("--device-memory-gib", type=float, default=None, metavar="G",
+                   help="check the peak memory against this device's memory instead of this machine's")
     p.add_argument("--calibrate-seconds", type=float, default=None, metavar="S",
                    help="seconds of real training steps to time here (default: estimate.calibrate_seconds, 20)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default=None, help="only runs of this method (lora, full, prompt)")
     p.add_argument("--status", default=None, help="only runs in this state: evaluated, trained, training, interrupted, stopped")
     p.add_argument("--name", default=None, help="only runs whose name contains this")
-    p.add_argument("--since", default=None, metavar="DATE", help="only runs started on or after this date (YYYY-MM-DD, UTC)")
+    p.add_argument("--since", default=None, metavar="DATE",
+                   help="only runs started on or after this date (YYYY-MM-DD or YYYY-MM-DDTHH:MM, UTC)")
     p.add_argument("--sort", default="date", help="date (newest first), metric (best first), name, time or cost")
     p.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None, help="two runs (names or folders): what differs")
     p.add_argument("--rebuild", nargs="*", metavar="DIR", default=None,
@@ -195,7 +198,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             est = estimate.estimate(cfg, console=console, calibrate_seconds=args.calibrate_seconds,
-                                    device_tflops=args.device_tflops, price_per_hour=args.price_per_hour)
+                                    device_tflops=args.device_tflops, price_per_hour=args.price_per_hour,
+                                    device_memory_gib=args.device_memory_gib)
             if args.json:
                 print(json.dumps(est, indent=1))
             else:
@@ -209,7 +213,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             try:
                 summary = S.search(args.config, args.overrides, trials=args.trials, console=console)
             except S.SearchStopped as e:
-                console.print(f"[yellow]{e}; continue with: tunesmith search {args.config} (it resumes)[/yellow]")
+                again = "".join(f" --set {o}" for o in args.overrides) + (f" --trials {args.trials}" if args.trials else "")
+                console.print(f"[yellow]{e}; continue the search with: tunesmith search {args.config}{again}[/yellow]",
+                              highlight=False)
                 return EXIT_RESUMABLE
             S.print_summary(summary, console)
             console.print(f"plots: {Path(summary['study']).parent / 'search.html'}", highlight=False)
@@ -243,7 +249,11 @@ def _runs(args: argparse.Namespace, console: Console) -> None:
             a, b = (index.find(ref) for ref in args.diff)
         except KeyError as e:
             raise RunError(e.args[0]) from None
-        listing.print_diff(a, b, index.diff_runs(a, b), console)
+        differences = index.diff_runs(a, b)
+        if args.json:
+            print(json.dumps({"a": a["path"], "b": b["path"], **differences}, indent=1, default=str))
+        else:
+            listing.print_diff(a, b, differences, console)
         return
     try:
         rows = index.list_runs(method=args.method, since=args.since, sort=args.sort, status=args.status, name=args.name)
@@ -251,6 +261,8 @@ def _runs(args: argparse.Namespace, console: Console) -> None:
         raise RunError(str(e)) from None
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k not in ("config", "results")} for r in rows], indent=1))
+    elif not rows and (args.method or args.since or args.status or args.name):
+        console.print(f"no run matches ({index.count()} runs in the index {index.index_path()})", highlight=False)
     else:
         listing.print_runs(rows, console)
         console.print(f"index: {index.index_path()}", highlight=False)

@@ -275,6 +275,7 @@ class EstimateConfig:
     price_per_hour: float = 0.0  # what an hour of this machine costs (any currency); 0 = no cost shown
     device_tflops: float | None = None  # a device's sustained training TFLOP/s: predict time from it instead of calibrating
     calibrate_seconds: float = 20.0  # tunesmith estimate: seconds of real training steps timed on this machine
+    device_memory_gib: float | None = None  # check the predicted peak against this device's memory (with device_tflops)
 
 
 @dataclass
@@ -374,6 +375,8 @@ def load_config(
             continue
         _set_dotted(raw, key.strip(), _override_value(value))
     base = Path(path).parent if path is not None else Path.cwd()
+    if isinstance(raw.get("report_to"), str):  # report_to: tensorboard means [tensorboard]
+        raw["report_to"] = [raw["report_to"]]
     if isinstance(raw.get("tasks"), list):
         raw["tasks"] = [_task_from_file(entry, i, base, problems) for i, entry in enumerate(raw["tasks"])]
     cfg = _build(Config, raw, "", problems)
@@ -633,6 +636,8 @@ def _validate_forgetting(cfg: Config) -> list[str]:
                                                                    " (tensorboard, mlflow)"))
     check(cfg.estimate.price_per_hour >= 0, "estimate.price_per_hour: must be >= 0")
     check(cfg.estimate.device_tflops is None or cfg.estimate.device_tflops > 0, "estimate.device_tflops: must be > 0")
+    check(cfg.estimate.device_memory_gib is None or cfg.estimate.device_memory_gib > 0,
+          "estimate.device_memory_gib: must be > 0")
     check(cfg.estimate.calibrate_seconds >= 0, "estimate.calibrate_seconds: must be >= 0 (0: no calibration run)")
     return p
 
@@ -674,6 +679,9 @@ def _search_problems(cfg: Config) -> list[str]:
             p.append(f"{where}: a log scale needs low > 0 (got {spec.low:g})")
         if spec.log and spec.step is not None:
             p.append(f"{where}: give either log or step, not both")
+        current = keys[key]
+        if isinstance(current, int) and not float(spec.low).is_integer() or isinstance(current, int) and not float(spec.high).is_integer():
+            p.append(f"{where}: {key} is a whole number: low and high must be whole numbers (got {spec.low:g}, {spec.high:g})")
     return p
 
 

@@ -234,7 +234,7 @@ def _predict(cfg: Config, model: torch.nn.Module, train_set: list[Any], val_set:
         weights = sum(p.numel() * p.element_size() for p in model.parameters()) / estimate.MIB
         est = estimate.estimate_for(cfg, model, train_set, val_set, pad_id, estimate.rss_mib() - weights)
         saved = estimate.saved_for(cfg)
-        if saved and saved.get("time"):
+        if saved and (saved.get("time") or {}).get("source") == "calibration":  # timed here; not a device's figure
             est["time"], est["cost"] = saved["time"], saved.get("cost")
         if saved and (saved.get("memory_mib") or {}).get("activation_factor"):  # measured by its calibration run
             estimate.scale_activations(est["memory_mib"], saved["memory_mib"]["activation_factor"],
@@ -337,7 +337,7 @@ def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         ready_tokenizer(load_tokenizer(cfg.model), cfg)
     if overwrite and not resume and run_dir.exists():
         for child in run_dir.iterdir():  # prepared data stays: it is reused when still up to date
-            if child.name != "data":
+            if child.name not in ("data", estimate.FILE):  # an estimate made for this config stays (it is checked)
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
