@@ -144,7 +144,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Carry out the parsed command; its exit code."""
     from tunesmith import distributed
 
-    console = Console()
+    # a terminal: its own width; a log file or pipe: wide lines rather than rich's default 80 columns,
+    # which cut messages mid-phrase and table headers to a few letters (COLUMNS still decides)
+    console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=140)
     _quiet_libraries()
     try:
         skip = ["data.skip_bad_rows=true"] if getattr(args, "skip_bad_rows", False) else []
