@@ -180,7 +180,7 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
                   f"({100 * trainable / total:.2f}%); {len(train_set)} train / "
                   f"{sum(map(len, val_set.values())) if isinstance(val_set, dict) else len(val_set)} validation examples")
     predicted = None
-    if w.main and not w.distributed:  # what the run will cost (time from `tunesmith estimate` when it ran for this config)
+    if w.main and not w.distributed and not resume:  # what the run will cost (a resumed run: only part of it)
         predicted = _predict(cfg, model, train_set, val_set, tokenizer.pad_token_id, console)
     started = time.perf_counter()
     train_cfg = cfg.train
