@@ -28,6 +28,7 @@ TRUNCATION_SIDES = ("middle", "left", "right")
 CHAT_TEMPLATES = ("chatml", "alpaca")  # named templates (data.chat_template); the Jinja lives in data/render.py
 ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
 METHODS = ("lora", "full", "prompt")
+TRACKERS = ("tensorboard", "mlflow")  # report_to (runs.trackers writes them)
 PRECISIONS = ("auto", "bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp")  # train.strategy under torchrun: DistributedDataParallel | FSDP2 fully_shard
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "label_text", "text", "folder", "hf")
@@ -630,10 +631,10 @@ def _validate_forgetting(cfg: Config) -> list[str]:
     check(cfg.mixing.temperature > 0, "mixing.temperature: must be > 0")
     p += _search_problems(cfg)
     for name in cfg.report_to:
-        if name not in ("tensorboard", "mlflow"):
-            close = difflib.get_close_matches(name, ["tensorboard", "mlflow"], n=1, cutoff=0.5)
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
             p.append(f"report_to: {name!r} is not a tracker" + (f"; did you mean '{close[0]}'?" if close else
-                                                                   " (tensorboard, mlflow)"))
+                                                                   f" ({', '.join(TRACKERS)})"))
     check(cfg.estimate.price_per_hour >= 0, "estimate.price_per_hour: must be >= 0")
     check(cfg.estimate.device_tflops is None or cfg.estimate.device_tflops > 0, "estimate.device_tflops: must be > 0")
     check(cfg.estimate.device_memory_gib is None or cfg.estimate.device_memory_gib > 0,

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from tunesmith.config import METHODS
 from tunesmith.io import flatten_dict
 
 COLUMNS = ("path", "name", "created", "updated", "status", "model", "method", "task", "data", "metric", "value",
@@ -280,7 +281,6 @@ def count(path: Path | None = None) -> int:
 
 
 STATUSES = ("evaluated", "trained", "training", "interrupted", "stopped", "deleted")
-METHODS = ("lora", "full", "prompt")
 
 
 def find(ref: str, path: Path | None = None) -> dict[str, Any]:

@@ -30,9 +30,6 @@ import yaml
 
 from tunesmith.io import atomic_write_json, flatten_dict, read_jsonl
 
-TRACKERS = ("tensorboard", "mlflow")
-
-
 def _numbers(d: dict[str, Any], prefix: str) -> dict[str, float]:
     """The finite numbers of a nested dict as ``{prefix/dotted.key: value}`` (lists and text left out)."""
     return {f"{prefix}/{k}": float(v) for k, v in flatten_dict(d).items()
