@@ -17,6 +17,7 @@ from tunesmith.data import DataError
 from tunesmith.deploy.errors import ExportError, ServeError
 from tunesmith.models import ModelError
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
+from tunesmith.studies import StudyError
 from tunesmith.checkpoint import CheckpointError
 from tunesmith.train import NonFiniteLossError
 
@@ -131,6 +132,45 @@ def main(argv: list[str] | None = None) -> int:
                    help="build the index again from the run folders under DIRs (default: the indexed runs' folders and ./runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
+    p = verbs.add_parser("study", help="blind rating studies of outputs: create, invite, serve, judge, report, export")
+    acts = p.add_subparsers(dest="action", required=True)
+    q = acts.add_parser("create", help="a study of the runs' test outputs (and the base model's, an API model's)")
+    q.add_argument("runs", nargs="*", help="finished run folders (their predictions.jsonl are the outputs shown)")
+    q.add_argument("--base", action="store_true", help="include the base model's outputs (from the runs' evaluation)")
+    q.add_argument("--api", metavar="MODEL", help="include a prompted API model's answers (asked once, here)")
+    q.add_argument("--api-base-url", metavar="URL", help="its OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding its key")
+    q.add_argument("--examples", type=int, default=30, help="test prompts to rate (drawn at random; default 30)")
+    q.add_argument("--criteria", default="relevance,engagement,quality", help="comma-separated names scored 1-5")
+    q.add_argument("--rubric", help="YAML file: criteria with their question and anchor wording (see docs)")
+    q.add_argument("--ratings-per-pair", type=int, default=3, help="human ratings wanted per pair (default 3)")
+    q.add_argument("--raters", default="", help="comma-separated rater names to invite now")
+    q.add_argument("--name", help="study name (default: from the runs); the folder is studies/NAME")
+    q.add_argument("--out", help="study folder (default studies/NAME)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--overwrite", action="store_true", help="replace an existing study folder's study (ratings included)")
+    q = acts.add_parser("invite", help="add raters; print their personal links")
+    q.add_argument("study")
+    q.add_argument("names", nargs="*", help="rater names (none: list the existing raters' links)")
+    q.add_argument("--url", default="http://127.0.0.1:8080", help="the address raters will open")
+    q = acts.add_parser("serve", help="the raters' web app (each rater opens their invite link)")
+    q.add_argument("study")
+    q.add_argument("--host", default="127.0.0.1", help="0.0.0.0 lets colleagues on your network in (every page needs a token)")
+    q.add_argument("--port", type=int, default=8080)
+    q = acts.add_parser("judge", help="an LLM judge rates every pair in both orders (OpenAI-compatible endpoint)")
+    q.add_argument("study")
+    q.add_argument("--base-url", required=True, help="the endpoint, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    q.add_argument("--model", required=True, help="the endpoint's model name")
+    q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    q.add_argument("--max-concurrency", type=int, default=4)
+    q = acts.add_parser("report", help="results: win rates, scores, agreement, position bias, metrics and judge vs people")
+    q.add_argument("study")
+    q = acts.add_parser("export", help="preference pairs (prompt, chosen, rejected) for preference tuning")
+    q.add_argument("study")
+    q.add_argument("--format", default="preference", choices=["preference"])
+    q.add_argument("--source", default="human", choices=["human", "judge"], help="whose preferences (default: the people's majority)")
+    q.add_argument("--out", help="JSONL file (default STUDY/preferences.jsonl)")
+
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -223,11 +263,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             console.print(f"plots: {Path(summary['study']).parent / 'search.html'}", highlight=False)
         elif args.verb == "runs":
             _runs(args, console)
+        elif args.verb == "study":
+            _study(args, console)
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
             console.print(f"report: {run.dir / 'report.html'}")
-    except (ApiError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError, ServeError,
+    except (ApiError, StudyError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError, ServeError,
             CheckpointError, distributed.MainFailed) as e:
         if distributed.world().main:  # the same files give every process the same error: process 0 says it
             print(f"error: {e}", file=sys.stderr)
@@ -268,6 +310,76 @@ def _runs(args: argparse.Namespace, console: Console) -> None:
     else:
         listing.print_runs(rows, console)
         console.print(f"index: {index.index_path()}", highlight=False)
+
+
+def _study(args: argparse.Namespace, console: Console) -> None:
+    """``tunesmith study <action>``."""
+    from tunesmith import studies
+    from tunesmith.config import ApiConfig
+
+    if args.action == "create":
+        name = args.name or (("-vs-".join(Path(r).name for r in args.runs[:2]) or "study") + ("-base" if args.base else ""))
+        api = ApiConfig(base_url=args.api_base_url, model=args.api, api_key_env=args.api_key_env) if args.api else None
+        if args.api and not args.api_base_url:
+            raise StudyError("--api needs --api-base-url (the endpoint answering as that model)")
+        if args.examples < 1:
+            raise StudyError("--examples must be at least 1")
+        out = studies.create_study(args.runs, args.out or Path("studies") / name, base=args.base, api=api,
+                                   examples=args.examples, criteria=studies.criteria_from(args.criteria, args.rubric),
+                                   ratings_per_pair=args.ratings_per_pair, raters=_names(args.raters), seed=args.seed,
+                                   overwrite=args.overwrite)
+        study, items = studies.load_study(out)
+        console.print(f"study {out}: {len(items)} prompts, systems {', '.join(study['systems'])}, "
+                      f"{study['ratings_per_pair']} ratings wanted per pair", highlight=False)
+        _print_links(out, "http://127.0.0.1:8080", console)
+    elif args.action == "invite":
+        if args.names:
+            studies.invite(args.study, args.names)
+        _print_links(Path(args.study), args.url, console)
+    elif args.action == "serve":
+        import uvicorn
+
+        from tunesmith.studies.web import create_study_app
+
+        app = create_study_app(args.study)
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        _print_links(Path(args.study), f"http://{shown}:{args.port}", console)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    elif args.action == "judge":
+        from tunesmith.studies.judge import judge_study
+
+        counts = judge_study(args.study, ApiConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                                                   max_concurrency=args.max_concurrency), console=console)
+        console.print(f"judge {args.model}: {counts['judged']} verdicts ({counts['asked']} asked, {counts['cached']} from the cache), "
+                      f"{counts['unreadable']} unreadable, {counts['failed']} failed", highlight=False)
+    elif args.action == "report":
+        from tunesmith.studies.report import verdicts, write_study_report
+
+        path, doc = write_study_report(args.study)
+        for line in verdicts(doc) or ["no ratings yet"]:
+            console.print(line, highlight=False)
+        console.print(f"report: {path}", highlight=False)
+    elif args.action == "export":
+        from tunesmith.studies.export import export_preferences
+
+        out = Path(args.out or Path(args.study) / "preferences.jsonl")
+        n = export_preferences(args.study, out, source=args.source)
+        console.print(f"{n} preference pairs ({args.source}): {out}", highlight=False)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _print_links(study_dir: Path, url: str, console: Console) -> None:
+    from tunesmith.studies import store
+
+    with store.connect(study_dir) as con:
+        people = store.raters(con, "human")
+    if not people:
+        console.print(f"no raters yet: tunesmith study invite {study_dir} NAME ...", highlight=False)
+    for r in people:
+        console.print(f"  {r['name']}: {url.rstrip('/')}/r/{r['token']}", highlight=False, soft_wrap=True)
 
 
 def _decoding_options(p: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ def loss_curve_png(history: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("loss per target token")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def token_histogram_png(splits: dict[str, Any]) -> bytes | None:
@@ -52,10 +52,10 @@ def token_histogram_png(splits: dict[str, Any]) -> bytes | None:
     ax.set_xlabel("tokens per example (text fields)")
     ax.set_ylabel("examples")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
-def _png(fig: Any) -> bytes:
+def png(fig: Any) -> bytes:
     """Render a matplotlib figure to PNG bytes and free it."""
     fig.tight_layout()
     buf = io.BytesIO()
@@ -86,9 +86,9 @@ def data_section(data: dict[str, Any]) -> str:
                        + "".join(f"<td>{st['labels'].get(lab, 0)} ({100 * st['labels'].get(lab, 0) / max(st['rows'], 1):.1f}%)</td>" for lab in labels)
                        + "</tr>" for name, st in splits.items())
         parts.append(f"<h3>Labels per split</h3><table><tr><th>split</th><th>rows</th>{head}</tr>{rows}</table>")
-    png = token_histogram_png(splits)
-    if png:
-        parts.append(f"<img alt='Token lengths per split' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    image = token_histogram_png(splits)
+    if image:
+        parts.append(f"<img alt='Token lengths per split' src='data:image/png;base64,{base64.b64encode(image).decode()}'>")
     for st in steps:
         for kind, pairs in (st.get("examples") or {}).items() if isinstance(st.get("examples"), dict) else []:
             items = "".join(f"<li><s>{html.escape(str(a)[:160])}</s> &rarr; {html.escape(str(b)[:160])}</li>" for a, b in pairs[:3])
@@ -183,7 +183,7 @@ def write_report(run_dir: Path) -> Path:
         parts.append("</table>")
     parts.append(f"<h2>Resolved config</h2><pre>{html.escape(config)}</pre>")
     out = run_dir / "report.html"
-    atomic_write_text(out, _PAGE.format(title=html.escape(run_dir.name), body="\n".join(parts)))
+    atomic_write_text(out, PAGE.format(title=html.escape(run_dir.name), body="\n".join(parts)))
     return out
 
 
@@ -296,8 +296,8 @@ def per_class_section(evaluation: dict[str, Any]) -> str:
         vals = "".join(f"<td>{or_dash(side.get(k), '.3f')}</td>" for side in sides for k in ("precision", "recall", "f1"))
         rows.append(f"<tr><td>{html.escape(words.get(label, label))}</td><td>{t['support']}</td>{vals}</tr>")
     out = (f"<h2>Per class</h2><table><tr><th>class</th><th>test examples</th>{cells}</tr>{''.join(rows)}</table>")
-    png = confusion_png({side: e["confusion"] for side, e in (("base", base), ("tuned", tuned)) if "confusion" in e}, words)
-    return out + f"<img alt='Confusion matrices' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+    image = confusion_png({side: e["confusion"] for side, e in (("base", base), ("tuned", tuned)) if "confusion" in e}, words)
+    return out + f"<img alt='Confusion matrices' src='data:image/png;base64,{base64.b64encode(image).decode()}'>"
 
 
 def confusion_png(matrices: dict[str, dict[str, Any]], words: dict[str, str]) -> bytes:
@@ -316,7 +316,7 @@ def confusion_png(matrices: dict[str, dict[str, Any]], words: dict[str, str]) ->
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"Confusion matrix: {side}")
-    return _png(fig)
+    return png(fig)
 
 
 def or_dash(v: float | None, spec: str) -> str:
@@ -331,7 +331,7 @@ def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
 
     metric, rows = doc["metric"], doc["methods"]
     parts = [f"<h1>tunesmith: methods compared on {doc['test_examples']} test examples</h1>",
-             f"<p class='verdict'>{html.escape(doc['verdict'])}</p>", _html_table(*table(doc))]
+             f"<p class='verdict'>{html.escape(doc['verdict'])}</p>", html_table(*table(doc))]
     curves = doc.get("learning_curve") or {}
     base = next((r["base_value"] for r in rows if r["base_value"] is not None), None)
     for title, png in (("Loss curves", compare_curves_png(rows)), (f"Test {metric}", metric_bars_png(rows, metric)),
@@ -344,14 +344,14 @@ def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
     learning = learning_table(doc)
     if learning:
         parts.append(f"<p>Test {html.escape(metric)} by training-set size, with the paired bootstrap p-value against "
-                     "the same method trained on all the data (same recipe and steps).</p>" + _html_table(*learning))
+                     "the same method trained on all the data (same recipe and steps).</p>" + html_table(*learning))
         parts += [f"<p>{html.escape(words)}</p>" for words in doc.get("learning_fit_words", [])]
     out = Path(out_dir) / "compare.html"
-    atomic_write_text(out, _PAGE.format(title="method comparison", body="\n".join(parts)))
+    atomic_write_text(out, PAGE.format(title="method comparison", body="\n".join(parts)))
     return out
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
@@ -383,7 +383,7 @@ def learning_curve_png(curves: dict[str, list[dict[str, Any]]], metric: str, bas
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 COLORS = {"prompt": "#8172b3", "lora": "#4c72b0", "full": "#dd8452"}
@@ -405,7 +405,7 @@ def compare_curves_png(rows: list[dict[str, Any]]) -> bytes | None:
     ax.set_ylabel("loss per target token")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def metric_bars_png(rows: list[dict[str, Any]], metric: str) -> bytes:
@@ -422,7 +422,7 @@ def metric_bars_png(rows: list[dict[str, Any]], metric: str) -> bytes:
     ax.set_title(f"Test {metric} by method (95% bootstrap interval)")
     ax.set_ylabel(metric)
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def cost_quality_png(rows: list[dict[str, Any]], metric: str) -> bytes:
@@ -436,7 +436,7 @@ def cost_quality_png(rows: list[dict[str, Any]], metric: str) -> bytes:
     ax.set_xlabel("training time (s)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def _direction(metric: str, delta: str) -> str:
@@ -470,7 +470,7 @@ def load_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-_PAGE = """<!doctype html>
+PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tunesmith: {title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }}

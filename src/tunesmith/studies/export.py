@@ -1,0 +1,58 @@
+"""Preference data out of a study: the pairs the people (or the judge) decided, as chosen/rejected.
+
+The layout is the conversational preference format of TRL's ``DPOTrainer`` (``prompt``: the messages
+before the answer; ``chosen`` and ``rejected``: one assistant message each), one JSON object per line,
+with the systems and the vote counts kept alongside for filtering. Ties and split votes are left out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tunesmith.io import atomic_write_jsonl
+from tunesmith.studies import store
+from tunesmith.studies.create import StudyError, load_study
+from tunesmith.studies.stats import majority
+
+SOURCES = ("human", "judge")
+
+
+def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int = 1) -> list[dict[str, Any]]:
+    """One row per pair whose ``source`` raters (human: the majority of the people's preferences;
+    judge: the judge's verdicts, both orders) prefer one answer, with at least ``min_votes`` votes.
+    Raises StudyError for an unknown source."""
+    if source not in SOURCES:
+        raise StudyError(f"--source: expected one of {', '.join(SOURCES)}, got {source!r}")
+    study_dir = Path(study_dir)
+    _, items = load_study(study_dir)
+    by_id = {it["id"]: it for it in items}
+    with store.connect(study_dir) as con:
+        ratings = [r for r in store.all_ratings(con) if r["kind"] == source]
+    votes: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in ratings:
+        votes[r["pair"]].append(r)
+    rows = []
+    for pid, rs in sorted(votes.items()):
+        winner = majority([r["preference"] for r in rs])
+        if winner == "tie" or len(rs) < min_votes:
+            continue
+        r0 = rs[0]
+        loser = r0["b"] if winner == r0["a"] else r0["a"]
+        item = by_id[r0["item"]]
+        rows.append({"prompt": item["messages"],
+                     "chosen": [{"role": "assistant", "content": item["outputs"][winner]}],
+                     "rejected": [{"role": "assistant", "content": item["outputs"][loser]}],
+                     "chosen_system": winner, "rejected_system": loser, "item": item["id"],
+                     "votes": {"chosen": sum(r["preference"] == winner for r in rs),
+                               "rejected": sum(r["preference"] == loser for r in rs),
+                               "tie": sum(r["preference"] == "tie" for r in rs)}})
+    return rows
+
+
+def export_preferences(study_dir: str | Path, out: str | Path, source: str = "human", min_votes: int = 1) -> int:
+    """Write ``preference_rows`` to the JSONL file ``out`` (atomically); returns the number of rows."""
+    rows = preference_rows(study_dir, source, min_votes)
+    atomic_write_jsonl(Path(out), rows)
+    return len(rows)
