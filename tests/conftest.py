@@ -143,3 +143,26 @@ def finished_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
         path.write_text(yaml.safe_dump(cfg))
         out[name] = finetune(load_config(path)).dir
     return out
+
+
+@pytest.fixture(scope="session")
+def gen_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Two finished tiny LoRA instruction runs (``one``, ``two``) on the same 8 test prompts, with
+    base and tuned predictions (the outputs a rating study shows). Tests must not modify them."""
+    from tunesmith import finetune, load_config
+
+    root = tmp_path_factory.mktemp("study-runs")
+    rows = [{"instruction": f"Greet person {i}", "input": "", "output": f"hello person {i} !"} for i in range(40)]
+    (root / "inst.json").write_text(json.dumps(rows))
+    out = {}
+    for name, lr in [("one", 5e-2), ("two", 1e-2)]:
+        cfg = {"name": name, "model": str(tiny_model_dir), "task": "instruction", "method": "lora",
+               "output_dir": str(root / "runs"),
+               "data": {"train": str(root / "inst.json"), "validation_size": 4, "prepare": {"test_size": 8}},
+               "lora": {"r": 4, "alpha": 8},
+               "train": {"max_steps": 2, "batch_size": 4, "lr": lr, "precision": "fp32"},
+               "eval": {"max_new_tokens": 4, "latency_examples": 0}}
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out[name] = finetune(load_config(path)).dir
+    return out

@@ -171,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--source", default="human", choices=["human", "judge"], help="whose preferences (default: the people's majority)")
     q.add_argument("--out", help="JSONL file (default STUDY/preferences.jsonl)")
 
+    p = verbs.add_parser("ui", help="the local dashboard: runs, reports, live training, chat playground, rating studies")
+    p.add_argument("--runs", action="append", default=[], metavar="DIR", help="folder(s) of run folders (default: ./runs; "
+                   "runs in the run index are listed too)")
+    p.add_argument("--studies", action="append", default=[], metavar="DIR", help="folder(s) of studies (default: ./studies)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=os.environ.get("TUNESMITH_UI_TOKEN"), help="required to bind beyond 127.0.0.1 "
+                   "(default $TUNESMITH_UI_TOKEN)")
+
     p = verbs.add_parser("demo", help="LoRA on SST-2 with the embedded model: base vs tuned, with a report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -265,6 +274,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             _runs(args, console)
         elif args.verb == "study":
             _study(args, console)
+        elif args.verb == "ui":
+            from tunesmith.web import serve_ui
+
+            serve_ui(args.runs or ["runs"], args.studies or ["studies"], host=args.host, port=args.port, token=args.token)
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)

@@ -118,7 +118,7 @@ def _error_response(request: Request, status: int, message: str, param: str | No
     return JSONResponse(body, status_code=status)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(request: Request, e: APIError) -> JSONResponse:
         return _error_response(request, e.status, e.message, e.param, e.code)
@@ -608,7 +608,7 @@ def create_app(groups: Sequence[ServedGroup], settings: ServeSettings | None = N
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving, app.state.metrics = serving, serving.metrics
-    _install_error_handlers(app)
+    install_error_handlers(app)
     _add_routes(app, serving)
     app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        metrics=serving.metrics)

@@ -18,7 +18,7 @@ def write_study_report(study_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     study_dir = Path(study_dir)
     doc = analyze(study_dir)
     atomic_write_json(study_dir / "report.json", doc)
-    atomic_write_text(study_dir / "report.html", PAGE.format(title=html.escape(doc["study"]), body=_body(doc)))
+    atomic_write_text(study_dir / "report.html", PAGE.format(title=html.escape(doc["study"]), body=body(doc)))
     return study_dir / "report.html", doc
 
 
@@ -47,7 +47,7 @@ def verdicts(doc: dict[str, Any]) -> list[str]:
     return out
 
 
-def _body(doc: dict[str, Any]) -> str:
+def body(doc: dict[str, Any]) -> str:
     parts = [f"<h1>Rating study: {html.escape(doc['study'])}</h1>",
              f"<p>{doc['items']} prompts, systems: {', '.join(html.escape(s) for s in doc['systems'])}; "
              f"{doc['human_ratings']} ratings by {len(doc['human_raters'])} human rater(s) "

@@ -1,0 +1,247 @@
+"""``tunesmith ui``: the local dashboard. Runs (from the run folders and the run index), each run's
+report, two reports compared, a training run's curves updating while it trains, a chat playground
+(base vs a run, streamed by the serving code) and the rating studies' results.
+
+Read-only toward runs: no route writes, moves or deletes anything in a run folder (the study pages
+compute their report in memory). Bound to 127.0.0.1 unless a token is set; with a token every page
+needs it once (``?token=...``, then a cookie).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import html
+import ipaddress
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+
+from tunesmith.deploy import protocol as P
+from tunesmith.deploy.server import APIError, error_body, install_error_handlers
+from tunesmith.io import read_jsonl
+from tunesmith.runs import index
+from tunesmith.web import pages
+from tunesmith.web.playground import Playground
+
+COOKIE = "tunesmith_ui"
+
+
+def run_id(path: str | Path) -> str:
+    """A run's id in the dashboard's addresses: a short hash of its absolute path."""
+    return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+
+
+class Sources:
+    """Where the dashboard finds runs (folders under ``run_roots``, plus the run index when it
+    exists) and studies (folders under ``study_roots`` holding a study.json)."""
+
+    def __init__(self, run_roots: list[Path], study_roots: list[Path], use_index: bool = True) -> None:
+        self.run_roots, self.study_roots, self.use_index = run_roots, study_roots, use_index
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        if self.use_index and index.index_path().is_file():
+            for r in index.list_runs():
+                rows[str(Path(r["path"]).resolve())] = r
+        for d in index.find_run_folders([r for r in self.run_roots if r.is_dir()]):
+            row = index.row_from_folder(d)
+            if row:
+                rows[str(Path(row["path"]).resolve())] = row
+        out = [dict(r, id=run_id(p), exists=Path(p).is_dir()) for p, r in rows.items()]
+        return sorted(out, key=lambda r: str(r.get("created") or ""), reverse=True)
+
+    def run(self, rid: str) -> dict[str, Any] | None:
+        return next((r for r in self.runs() if r["id"] == rid and r["exists"]), None)
+
+    def studies(self) -> list[Path]:
+        found = []
+        for root in self.study_roots:
+            if (root / "study.json").is_file():
+                found.append(root)
+            elif root.is_dir():
+                found += sorted(p.parent for p in root.glob("*/study.json"))
+        return found
+
+    def study(self, name: str) -> Path | None:
+        return next((s for s in self.studies() if s.name == name), None)
+
+
+def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | None = None, token: str | None = None,
+                  use_index: bool = True) -> FastAPI:
+    """The dashboard app over the run folders under ``run_roots`` (and the run index) and the
+    studies under ``study_roots``. ``token``: required once per browser when set."""
+    src = Sources([Path(r) for r in run_roots], [Path(s) for s in (study_roots or [])], use_index)
+    playground = Playground()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(playground.close)
+
+    app = FastAPI(title="tunesmith ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    app.state.playground = playground
+
+    if token:
+        @app.middleware("http")
+        async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            given = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
+            if not secrets.compare_digest(given, token):
+                return HTMLResponse(pages.page("Not allowed", "<h1>A token is needed</h1><p>Open the address "
+                                               "`tunesmith ui` printed (it ends in ?token=...).</p>"), status_code=403)
+            response = await call_next(request)
+            if request.query_params.get("token"):
+                response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+            return response
+
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    @app.get("/", response_class=HTMLResponse)
+    def home() -> HTMLResponse:
+        return HTMLResponse(pages.runs_page(src.runs(), [(s.name, _study_summary(s)) for s in src.studies()]))
+
+    @app.get("/runs/{rid}", response_class=HTMLResponse)
+    def run_page(rid: str) -> HTMLResponse:
+        row = src.run(rid)
+        if row is None:
+            return _missing("run", rid)
+        return HTMLResponse(pages.run_page(row, [r for r in src.runs() if r["exists"] and r["id"] != rid]))
+
+    @app.get("/runs/{rid}/report", response_model=None)
+    def run_report(rid: str) -> Response:
+        row = src.run(rid)
+        if row is None or not (Path(row["path"]) / "report.html").is_file():
+            return _missing("report of run", rid)
+        return FileResponse(Path(row["path"]) / "report.html", media_type="text/html")
+
+    @app.get("/api/runs/{rid}/metrics")
+    def run_metrics(rid: str, after: int = 0) -> JSONResponse:
+        """The run's metrics.jsonl rows from line ``after`` on, its status and planned steps."""
+        row = src.run(rid)
+        if row is None:
+            return JSONResponse({"error": f"no run {rid}"}, status_code=404)
+        d = Path(row["path"])
+        rows = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+        fresh = index.row_from_folder(d) or row
+        return JSONResponse({"rows": rows[after:], "next": len(rows), "status": fresh["status"],
+                             "max_steps": _planned_steps(d)})
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare(a: str, b: str) -> HTMLResponse:
+        ra, rb = src.run(a), src.run(b)
+        if ra is None or rb is None:
+            return _missing("run", a if ra is None else b)
+        return HTMLResponse(pages.compare_page(ra, rb, index.diff_runs(ra, rb)))
+
+    @app.get("/playground", response_class=HTMLResponse)
+    def playground_page(run: str | None = None) -> HTMLResponse:
+        chat_runs = [r for r in src.runs() if r["exists"] and _can_chat(r)]
+        return HTMLResponse(pages.playground_page(chat_runs, run))
+
+    @app.post("/api/playground/{rid}/models")
+    async def playground_models(rid: str) -> JSONResponse:
+        row = src.run(rid)
+        if row is None:
+            raise APIError(404, f"no run {rid}", "run")
+        try:
+            _, base, tuned = await asyncio.to_thread(playground.load, Path(row["path"]))
+        except Exception as e:  # noqa: BLE001 - any loading failure is the user's to read
+            raise APIError(400, f"cannot chat with {row['name']}: {e}", "run") from None
+        return JSONResponse({"base": base, "tuned": tuned})
+
+    @app.post("/api/playground/{rid}/chat/completions", response_model=None)
+    async def playground_chat(rid: str, request: Request) -> Response:
+        row = src.run(rid)
+        if row is None:
+            raise APIError(404, f"no run {rid}", "run")
+        try:
+            req = P.ChatCompletionRequest.model_validate(await request.json())
+        except (ValidationError, ValueError) as e:
+            return JSONResponse(error_body(400, f"invalid request: {e}"), status_code=400)
+        serving, _, _ = await asyncio.to_thread(playground.load, Path(row["path"]))
+        return await serving.chat(req, request)
+
+    @app.get("/studies/{name}", response_class=HTMLResponse)
+    def study_page(name: str) -> HTMLResponse:
+        folder = src.study(name)
+        if folder is None:
+            return _missing("study", name)
+        from tunesmith.studies.analysis import analyze
+        from tunesmith.studies.report import body
+
+        return HTMLResponse(pages.page(f"study {name}", pages.nav() + body(analyze(folder))))
+
+    return app
+
+
+def _study_summary(folder: Path) -> dict[str, Any]:
+    from tunesmith.studies import store
+    from tunesmith.studies.create import load_study
+
+    study, items = load_study(folder)
+    with store.connect(folder) as con:
+        n_pairs = con.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+        human = con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater WHERE x.kind = 'human'").fetchone()[0]
+    return {"systems": list(study["systems"]), "items": len(items), "wanted": n_pairs * study["ratings_per_pair"],
+            "ratings": human}
+
+
+def _can_chat(row: dict[str, Any]) -> bool:
+    return row.get("method") in ("lora", "full") and row.get("task") in ("instruction", "chat", "text") \
+        and row.get("status") in ("trained", "evaluated", "stopped")
+
+
+def _planned_steps(run_dir: Path) -> int | None:
+    est = run_dir / "estimate.json"
+    if est.is_file():
+        try:
+            doc = json.loads(est.read_text(encoding="utf-8"))
+            steps = doc.get("steps") or (doc.get("plan") or {}).get("steps")
+            if isinstance(steps, int):
+                return steps
+        except ValueError:
+            pass
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    steps = (cfg.get("train") or {}).get("max_steps")
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
+def _missing(what: str, name: str) -> HTMLResponse:
+    return HTMLResponse(pages.page("Not found", pages.nav() + f"<h1>No {html.escape(what)} {html.escape(name)}</h1>"
+                                   "<p><a href='/'>All runs</a></p>"), status_code=404)
+
+
+def serve_ui(run_roots: list[str | Path], study_roots: list[str | Path], host: str = "127.0.0.1", port: int = 8765,
+             token: str | None = None) -> None:
+    """Serve the dashboard until Ctrl-C. Raises ServeError when ``host`` is not this machine and no
+    token is set."""
+    import uvicorn
+
+    from tunesmith.deploy.errors import ServeError
+
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not token:
+        raise ServeError(f"refusing to show the dashboard on {host} without a token: anyone who can reach it could "
+                         "read your runs and use the playground. Pass --token (or stay on 127.0.0.1)")
+    app = create_ui_app(run_roots, study_roots, token)
+    print(f"tunesmith ui: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+          + (f"?token={token}" if token else ""), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
