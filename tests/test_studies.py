@@ -340,6 +340,18 @@ def test_web_app_tokens_refusals_and_saving(tmp_path):
             [row] = store.all_ratings(con)
         assert row["rater_name"] == "ann" and row["preference"] == row["left"]
         assert row["scores"][row["left"]] == {c: 4 for c in CRITERIA} and row["scores"][row["right"]] == {c: 2 for c in CRITERIA}
+        # the rater changes that answer: the form comes back filled in, the change replaces the rating
+        page = requests.get(url + f"/r/{tokens['ann']}").text
+        assert "Change your previous answer" in page and "How to rate" not in page  # fake_study has no instructions
+        again = requests.get(url + f"/r/{tokens['ann']}?revise={form['assignment']}").text
+        assert "changing your answer 1 of 1" in again and again.count(" checked") == 2 * len(CRITERIA) + 1
+        assert requests.get(url + f"/r/{tokens['bob']}?revise={form['assignment']}").status_code == 403
+        changed = dict(form_for(again, 1, 5, "right"), revise="1", comment="on second thought")
+        assert requests.post(url + f"/r/{tokens['ann']}", data=changed).status_code == 200
+        with store.connect(study) as con:
+            [row] = store.all_ratings(con)
+        assert row["preference"] == row["right"] and row["scores"][row["right"]] == {c: 5 for c in CRITERIA}
+        assert row["comment"] == "on second thought"
 
 
 def test_killed_server_loses_no_submitted_rating(tmp_path):
@@ -440,3 +452,16 @@ def test_judge_reply_parsing():
                      ('{"A": {"q": 3}, "B": {"q": 1}, "preference": "C"}', "preference"), ("{broken", "not valid JSON")]:
         with pytest.raises(ValueError, match=why):
             parse(bad, ["q"])
+
+
+def test_a_later_unreadable_judge_answer_replaces_its_verdict(tmp_path):
+    study = fake_study(tmp_path / "s", n=1, k=1)
+    with store.connect(study) as con:
+        store.add_rater(con, "judge:m", kind="judge")
+        judge = store.raters(con, "judge")[0]["id"]
+        store.save_judgement(con, judge, 1, "base", "tuned", {"base": {"q": 4}, "tuned": {"q": 2}}, "base")
+        assert len(store.all_ratings(con)) == 1
+        store.save_judge_failure(con, judge, 1, "base", "not json", "no JSON object in the reply")
+        assert store.all_ratings(con) == []  # the latest answer counts
+        store.save_judgement(con, judge, 1, "base", "tuned", {"base": {"q": 4}, "tuned": {"q": 2}}, "base")
+        assert con.execute("SELECT COUNT(*) FROM judge_failures").fetchone()[0] == 0

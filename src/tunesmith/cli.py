@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--criteria", default="relevance,engagement,quality", help="comma-separated names scored 1-5")
     q.add_argument("--rubric", help="YAML file: criteria with their question and anchor wording (see docs)")
     q.add_argument("--ratings-per-pair", type=int, default=3, help="human ratings wanted per pair (default 3)")
+    q.add_argument("--instructions", help="guidance shown to raters above every pair: text, or @FILE (default: a general guide)")
     q.add_argument("--raters", default="", help="comma-separated rater names to invite now")
     q.add_argument("--name", help="study name (default: from the runs); the folder is studies/NAME")
     q.add_argument("--out", help="study folder (default studies/NAME)")
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--base-url", required=True, help="the endpoint, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
     q.add_argument("--model", required=True, help="the endpoint's model name")
     q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    q.add_argument("--max-concurrency", type=int, default=4)
+    q.add_argument("--max-concurrency", type=int, default=4, help="requests in flight")
+    q.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer (a local CPU model is slow)")
     q = acts.add_parser("report", help="results: win rates, scores, agreement, position bias, metrics and judge vs people")
     q.add_argument("study")
     q = acts.add_parser("export", help="preference pairs (prompt, chosen, rejected) for preference tuning")
@@ -340,7 +342,7 @@ def _study(args: argparse.Namespace, console: Console) -> None:
         out = studies.create_study(args.runs, args.out or Path("studies") / name, base=args.base, api=api,
                                    examples=args.examples, criteria=studies.criteria_from(args.criteria, args.rubric),
                                    ratings_per_pair=args.ratings_per_pair, raters=_names(args.raters), seed=args.seed,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, instructions=_text_or_file(args.instructions))
         study, items = studies.load_study(out)
         console.print(f"study {out}: {len(items)} prompts, systems {', '.join(study['systems'])}, "
                       f"{study['ratings_per_pair']} ratings wanted per pair", highlight=False)
@@ -362,7 +364,8 @@ def _study(args: argparse.Namespace, console: Console) -> None:
         from tunesmith.studies.judge import judge_study
 
         counts = judge_study(args.study, ApiConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                                                   max_concurrency=args.max_concurrency), console=console)
+                                                   max_concurrency=args.max_concurrency, timeout_s=args.timeout),
+                                  console=console)
         console.print(f"judge {args.model}: {counts['judged']} verdicts ({counts['asked']} asked, {counts['cached']} from the cache), "
                       f"{counts['unreadable']} unreadable, {counts['failed']} failed", highlight=False)
     elif args.action == "report":
@@ -378,6 +381,16 @@ def _study(args: argparse.Namespace, console: Console) -> None:
         out = Path(args.out or Path(args.study) / "preferences.jsonl")
         n = export_preferences(args.study, out, source=args.source)
         console.print(f"{n} preference pairs ({args.source}): {out}", highlight=False)
+
+
+def _text_or_file(value: str | None) -> str | None:
+    """``@path``: the file's text (a clear error when it cannot be read); anything else as it is."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise StudyError(f"--instructions {value}: {e.strerror or e}") from None
 
 
 def _names(text: str) -> list[str]:

@@ -33,11 +33,18 @@ ITEMS = "items.jsonl"
 DEFAULT_CRITERIA = ("relevance", "engagement", "quality")
 DEFAULT_ANCHORS = {1: "very poor", 2: "poor", 3: "acceptable", 4: "good", 5: "excellent"}
 QUESTIONS = {"relevance": "Does it answer what was asked, using the input?",
-             "engagement": "Would a reader want to read it; is it clear and well written?",
-             "quality": "Overall, how good is this answer?",
+             "engagement": "Would a reader want to read it? Is it interesting, not dull or repetitive?",
+             "quality": "Overall, how good is this answer (correct, clear, well written)?",
              "accuracy": "Is everything it says correct and supported by the input?",
              "fluency": "Is it fluent, grammatical language?",
              "helpfulness": "How much does it help the person who asked?"}
+DEFAULT_INSTRUCTIONS = (
+    "Read the request, then both answers. Score each answer on its own against each criterion, then say which "
+    "you prefer overall (tie when neither is better). You do not know which system wrote which answer, and the "
+    "sides are shuffled. Answers may stop mid-sentence where the systems hit their length limit: judge what is "
+    "there. An answer that repeats or copies the request without doing what was asked scores low on relevance. "
+    "A wrong fact counts against quality even when the text reads well. After saving you can still change your "
+    "previous answer.")
 
 
 class StudyError(ValueError):
@@ -94,11 +101,13 @@ def criteria_from(names: str | list[str] | None, rubric: str | Path | None = Non
 
 def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False, api: ApiConfig | None = None,
                  examples: int = 30, criteria: list[Criterion] | None = None, ratings_per_pair: int = 3,
-                 raters: list[str] | None = None, seed: int = 0, overwrite: bool = False) -> Path:
+                 raters: list[str] | None = None, seed: int = 0, overwrite: bool = False,
+                 instructions: str | None = None) -> Path:
     """Make the study folder ``out`` comparing the tuned outputs of ``runs`` (and the base model's
     when ``base``, and the answers of the API model ``api``) on ``examples`` test prompts drawn at
     random (``seed``) from the runs' shared test split. ``raters`` get invite tokens now (more can
-    be added later with ``invite``). Returns the folder.
+    be added later with ``invite``). ``instructions``: shown to raters above every pair (default:
+    ``DEFAULT_INSTRUCTIONS``). Returns the folder.
 
     Raises StudyError: fewer than two systems, a run that is not a finished generation run, runs
     evaluated on different test prompts, an existing folder without ``overwrite``.
@@ -156,6 +165,7 @@ def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False,
     atomic_write_jsonl(out / ITEMS, items)
     atomic_write_json(out / STUDY, {
         "name": out.name, "created": store.now(), "task": first["task"], "ratings_per_pair": ratings_per_pair,
+        "instructions": DEFAULT_INSTRUCTIONS if instructions is None else instructions,
         "criteria": [{"name": c.name, "question": c.question, "anchors": {str(k): v for k, v in sorted(c.anchors.items())}}
                      for c in criteria],
         "systems": {s: {k: v for k, v in d.items() if k != "outputs"} for s, d in systems.items()},

@@ -45,7 +45,10 @@ def messages(study: dict[str, Any], item: dict[str, Any], first: str, second: st
     text) and answer B = ``second``."""
     request = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in item["messages"])
     names = [c["name"] for c in study["criteria"]]
-    shape = json.dumps({"A": {n: 3 for n in names}, "B": {n: 3 for n in names}, "preference": "A"})
+    # placeholders, not a valid example: a model that only copies the shape gives an unreadable
+    # answer instead of a verdict that looks real
+    scores = ", ".join(f'"{n}": <1-5>' for n in names)
+    shape = f'{{"A": {{{scores}}}, "B": {{{scores}}}, "preference": "<A, B or tie>"}}'
     user = (f"Score each answer from 1 to 5 on these criteria:\n{rubric(study)}\n\n"
             f"Then say which answer you prefer overall: \"A\", \"B\" or \"tie\".\n\n"
             f"=== Request ===\n{request}\n\n=== Answer A ===\n{first}\n\n=== Answer B ===\n{second}\n\n"

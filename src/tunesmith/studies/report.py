@@ -34,6 +34,10 @@ def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _p_is(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def verdicts(doc: dict[str, Any]) -> list[str]:
     """One sentence per compared pair of systems: who won, by how much, how sure."""
     out = []
@@ -41,8 +45,8 @@ def verdicts(doc: dict[str, Any]) -> list[str]:
         if not w["n"]:
             continue
         lead, other, rate = (w["a"], w["b"], w["rate"]) if w["rate"] >= 0.5 else (w["b"], w["a"], 1 - w["rate"])
-        sure = ("a clear difference (sign test p = " + _p(w["p_sign"]) + ")") if w["p_sign"] < 0.05 else \
-            ("not a clear difference (sign test p = " + _p(w["p_sign"]) + "; more ratings would tell)")
+        sure = f"a clear difference (sign test {_p_is(w['p_sign'])})" if w["p_sign"] < 0.05 else \
+            f"not a clear difference (sign test {_p_is(w['p_sign'])}; more ratings would tell)"
         out.append(f"{lead} was preferred over {other} in {rate:.0%} of {w['n']} ratings (ties count half): {sure}.")
     return out
 
@@ -94,11 +98,16 @@ def body(doc: dict[str, Any]) -> str:
     for j, d in doc["judges_detail"].items():
         parts.append(f"<h2>LLM judge {html.escape(j)}</h2><p>{d['judgements']} verdicts on {d['pairs']} pairs, each asked "
                      f"in both orders; {d['inconsistent_orders']} pairs changed verdict when the order was swapped "
-                     f"(counted as ties); {d['unreadable']} answers could not be read (not counted). The first answer "
-                     f"won {_f(d['position_bias']['rate'], '.0%')} of its decisive verdicts.</p>")
-        parts.append(html_table(["A", "B", "A wins", "ties", "B wins", "A's win rate [95% CI]", "sign test p"],
-                                [[w["a"], w["b"], str(w["wins"]), str(w["ties"]), str(w["losses"]), _ci(w, "rate"),
-                                  _p(w["p_sign"])] for w in d["pairwise"]]))
+                     f"(counted as ties); {d['unreadable']} answers could not be read (not counted)."
+                     + (f" The first answer won {_f(d['position_bias']['rate'], '.0%')} of its decisive verdicts."
+                        if d["position_bias"]["decisive"] else "") + "</p>")
+        if d["pairwise"]:
+            parts.append(html_table(["A", "B", "A wins", "ties", "B wins", "A's win rate [95% CI]", "sign test p"],
+                                    [[w["a"], w["b"], str(w["wins"]), str(w["ties"]), str(w["losses"]), _ci(w, "rate"),
+                                      _p(w["p_sign"])] for w in d["pairwise"]]))
+        if not d["pairs"]:
+            parts.append("<p class='warning'>No readable verdict: this judge cannot be compared with the people. "
+                         "A small model rarely answers in the JSON asked for; use a stronger judge.</p>")
         if d["unreadable_examples"]:
             parts.append(html_table(["unreadable answer", "why"], [[u["reply"], u["problem"]] for u in d["unreadable_examples"]]))
     if doc["comments"]:

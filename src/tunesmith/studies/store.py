@@ -201,13 +201,28 @@ def progress(con: sqlite3.Connection, rater: int, k: int) -> tuple[int, int]:
     return int(done), int(done + left)
 
 
+def assignment_of(con: sqlite3.Connection, rater: int, assignment: int) -> Assignment | None:
+    """Rater ``rater``'s assignment ``assignment`` (None when it is not theirs)."""
+    row = con.execute("SELECT a.id, a.pair, a.left, a.rater, p.item, p.a, p.b FROM assignments a JOIN pairs p ON p.id = a.pair "
+                      "WHERE a.id = ?", (assignment,)).fetchone()
+    return _assignment(row) if row is not None and row["rater"] == rater else None
+
+
+def answered(con: sqlite3.Connection, rater: int) -> list[tuple[int, dict[str, Any]]]:
+    """Rater ``rater``'s answered assignments in the order answered: (assignment id, rating)."""
+    rows = con.execute("SELECT a.id AS assignment, r.* FROM ratings r JOIN assignments a ON a.rater = r.rater AND a.pair = r.pair "
+                       "WHERE r.rater = ? ORDER BY r.id", (rater,)).fetchall()
+    return [(int(r["assignment"]), dict(r) | {"scores": json.loads(r["scores"])}) for r in rows]
+
+
 def save_rating(con: sqlite3.Connection, rater: int, assignment: int, scores: dict[str, dict[str, int]],
-                preference: str, comment: str, criteria: list[str]) -> None:
-    """Record rater ``rater``'s answer to their assignment ``assignment``.
+                preference: str, comment: str, criteria: list[str], revise: bool = False) -> None:
+    """Record rater ``rater``'s answer to their assignment ``assignment``; with ``revise``, replace
+    their earlier answer to it (a rater correcting a slip).
 
     ``scores``: {"left"|"right": {criterion: 1..5}}; ``preference``: left, right or tie. Raises
-    RatingRefused: 403 when the assignment is not this rater's, 409 when it is already answered,
-    400 for a missing or out-of-range score or preference.
+    RatingRefused: 403 when the assignment is not this rater's, 409 when it is already answered
+    (and not ``revise``), 400 for a missing or out-of-range score or preference.
     """
     problems = [f"{side}.{c}: a score from 1 to 5 is needed" for side in ("left", "right") for c in criteria
                 if not isinstance(scores.get(side, {}).get(c), int) or not 1 <= scores[side][c] <= 5]
@@ -221,10 +236,14 @@ def save_rating(con: sqlite3.Connection, rater: int, assignment: int, scores: di
         if row is None or row["rater"] != rater:
             raise RatingRefused("this pair was not assigned to you", 403)
         right = row["b"] if row["left"] == row["a"] else row["a"]
-        if con.execute("SELECT 1 FROM ratings WHERE rater = ? AND pair = ?", (rater, row["pair"])).fetchone():
-            raise RatingRefused("you have already rated this pair", 409)
         by_system = {row["left"]: {c: scores["left"][c] for c in criteria}, right: {c: scores["right"][c] for c in criteria}}
         winner = {"left": row["left"], "right": right, "tie": "tie"}[preference]
+        if con.execute("SELECT 1 FROM ratings WHERE rater = ? AND pair = ?", (rater, row["pair"])).fetchone():
+            if not revise:
+                raise RatingRefused("you have already rated this pair", 409)
+            con.execute("UPDATE ratings SET scores = ?, preference = ?, comment = ?, created = ? WHERE rater = ? AND pair = ?",
+                        (json.dumps(by_system), winner, comment.strip(), now(), rater, row["pair"]))
+            return
         con.execute("INSERT INTO ratings (rater, pair, left, right, scores, preference, comment, created) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (rater, row["pair"], row["left"], right, json.dumps(by_system), winner, comment.strip(), now()))
@@ -240,8 +259,10 @@ def save_judgement(con: sqlite3.Connection, rater: int, pair: int, left: str, ri
 
 
 def save_judge_failure(con: sqlite3.Connection, rater: int, pair: int, left: str, reply: str, problem: str) -> None:
-    """Record a judge answer that could not be read (kept for the report; never a rating)."""
+    """Record a judge answer that could not be read (kept for the report; never a rating). It
+    replaces any earlier verdict of this judge on this pair and order: the latest answer counts."""
     with transaction(con):
+        con.execute("DELETE FROM ratings WHERE rater = ? AND pair = ? AND left = ?", (rater, pair, left))
         con.execute("INSERT OR REPLACE INTO judge_failures (rater, pair, left, reply, problem, created) "
                     "VALUES (?, ?, ?, ?, ?, ?)", (rater, pair, left, reply[:2000], problem, now()))
 

@@ -37,22 +37,36 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
                      "(it ends in /r/ and a code).</p>", 403)
 
     @app.get(prefix + "/r/{token}", response_class=HTMLResponse)
-    def rate(token: str) -> HTMLResponse:
+    def rate(token: str, revise: int | None = None) -> HTMLResponse:
         with store.connect(study_dir) as con:
             rater = store.rater_by_token(con, token)
             if rater is None:
                 return _forbidden()
+            history = store.answered(con, rater["id"])
+            if revise is not None:  # the rater goes back to one of their answers
+                earlier = dict(history)
+                a = store.assignment_of(con, rater["id"], revise)
+                if a is None or revise not in earlier:
+                    return _page("Refused", "<h1>Not one of your answers</h1>"
+                                 f"<p><a href='{prefix}/r/{html.escape(token)}'>Back to your ratings</a></p>", 403)
+                ids = [i for i, _ in history]
+                before = ids[ids.index(revise) - 1] if ids.index(revise) > 0 else None
+                return _page("Change", _form(study, by_id[a.item], a, ids.index(revise), len(history), rater["name"], prefix, token,
+                                             earlier[revise], before))
             a = store.next_assignment(con, rater["id"], k)
             done, total = store.progress(con, rater["id"], k)
+        last = history[-1][0] if history else None
+        back = (f"<p><a href='{prefix}/r/{html.escape(token)}?revise={last}'>Change your previous answer</a></p>"
+                if last is not None else "")
         if a is None and total > done:
             return _page("Please wait", f"<h1>Nothing to rate right now, {html.escape(rater['name'])}</h1>"
                          f"<p>You rated {done}. The pairs still open are being rated by others at this moment; "
-                         "reload this page in a few minutes.</p>")
+                         "reload this page in a few minutes.</p>" + back)
         if a is None:
             return _page("Thank you", f"<h1>All done, {html.escape(rater['name'])}: thank you!</h1>"
                          f"<p>You rated {done} pair{'' if done == 1 else 's'}. Nothing is left for you in this study; "
-                         "you can close this page.</p>")
-        return _page("Rate", _form(study, by_id[a.item], a, done, total, rater["name"]))
+                         "you can close this page.</p>" + back)
+        return _page("Rate", _form(study, by_id[a.item], a, done, total, rater["name"], prefix, token, None, last))
 
     @app.post(prefix + "/r/{token}", response_class=HTMLResponse)
     async def submit(token: str, request: Request) -> Any:
@@ -71,7 +85,7 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
             scores = {side: {c: _int(form.get(f"{side}.{c}")) for c in criteria} for side in ("left", "right")}
             try:
                 store.save_rating(con, rater["id"], assignment, scores, form.get("preference", ""),  # type: ignore[arg-type]
-                                  form.get("comment", ""), criteria)
+                                  form.get("comment", ""), criteria, revise=form.get("revise") == "1")
             except store.RatingRefused as e:
                 if e.status == 409:  # the same form sent twice (back button, double click): it is saved
                     return RedirectResponse(f"{prefix}/r/{token}", status_code=303)
@@ -107,33 +121,48 @@ def _turns(messages: list[dict[str, str]]) -> str:
                    for m in shown)
 
 
-def _scale(side: str, criterion: dict[str, Any]) -> str:
+def _scale(side: str, criterion: dict[str, Any], chosen: int | None) -> str:
     name = criterion["name"]
     anchors = criterion.get("anchors") or {}
     options = "".join(
-        f"<label class='point'><input type='radio' name='{side}.{name}' value='{p}' required>"
+        f"<label class='point'><input type='radio' name='{side}.{name}' value='{p}' required{' checked' if p == chosen else ''}>"
         f"<span>{p}</span><small>{html.escape(anchors.get(str(p), ''))}</small></label>" for p in range(1, 6))
     question = f"<small class='q'>{html.escape(criterion.get('question') or '')}</small>" if criterion.get("question") else ""
     return f"<fieldset><legend>{html.escape(name)}</legend>{question}<div class='scale'>{options}</div></fieldset>"
 
 
-def _form(study: dict[str, Any], item: dict[str, Any], a: store.Assignment, done: int, total: int, rater: str) -> str:
+def _form(study: dict[str, Any], item: dict[str, Any], a: store.Assignment, done: int, total: int, rater: str,
+          prefix: str, token: str, earlier: dict[str, Any] | None, before: int | None) -> str:
+    """The rating form for assignment ``a``; ``earlier``: the rater's answer to it (revising), whose
+    values are filled in; ``before``: the assignment answered just before (for the back link)."""
+    scores = (earlier or {}).get("scores") or {}
     answers = []
     for side, letter in (("left", "A"), ("right", "B")):
-        output = item["outputs"][a.left if side == "left" else a.right]
-        scales = "".join(_scale(side, c) for c in study["criteria"])
+        system = a.left if side == "left" else a.right
+        output = item["outputs"][system]
+        scales = "".join(_scale(side, c, scores.get(system, {}).get(c["name"])) for c in study["criteria"])
         answers.append(f"<section class='answer' id='{side}'><h2>Answer {letter}</h2>"
                        f"<div class='text output'>{html.escape(output) or '<i>(empty answer)</i>'}</div>{scales}</section>")
-    return (f"<p class='progress'>{html.escape(rater)}: pair {done + 1} of {total}</p>"
+    pref = {a.left: "left", a.right: "right", "tie": "tie"}.get((earlier or {}).get("preference", ""), "")
+    choice = "".join(f"<label class='point'><input type='radio' name='preference' value='{v}'"
+                     f"{' required' if v == 'left' else ''}{' checked' if v == pref else ''}><span>{t}</span></label>"
+                     for v, t in (("left", "A"), ("tie", "tie"), ("right", "B")))
+    link = f"{prefix}/r/{html.escape(token)}"
+    head = (f"<p class='progress'>Rater {html.escape(rater)} · changing your answer {done + 1} of {total} · "
+            f"<a href='{link}'>back to new pairs</a></p>" if earlier is not None
+            else f"<p class='progress'>Rater {html.escape(rater)} · pair {done + 1} of {total}</p>")
+    back = f"<a href='{link}?revise={before}'>Change your previous answer</a>" if before is not None else ""
+    guide = f"<details open class='guide'><summary>How to rate</summary><div class='text'>{html.escape(study.get('instructions') or '')}</div></details>" \
+        if study.get("instructions") else ""
+    return (f"{head}{guide}"
             f"<h1>Which answer is better?</h1><section class='prompt'><h2>The request</h2>{_turns(item['messages'])}</section>"
-            f"<form method='post'><input type='hidden' name='assignment' value='{a.id}'>"
-            f"<div class='pair'>{''.join(answers)}</div>"
-            "<fieldset class='pref'><legend>Overall, which do you prefer?</legend><div class='scale'>"
-            "<label class='point'><input type='radio' name='preference' value='left' required><span>A</span></label>"
-            "<label class='point'><input type='radio' name='preference' value='tie'><span>tie</span></label>"
-            "<label class='point'><input type='radio' name='preference' value='right'><span>B</span></label></div></fieldset>"
-            "<label class='comment'>Comment (optional)<textarea name='comment' rows='2' maxlength='4000'></textarea></label>"
-            "<button type='submit'>Save and next</button></form>")
+            f"<form method='post' action='{link}'><input type='hidden' name='assignment' value='{a.id}'>"
+            + ("<input type='hidden' name='revise' value='1'>" if earlier is not None else "")
+            + f"<div class='pair'>{''.join(answers)}</div>"
+            f"<fieldset class='pref'><legend>Overall, which do you prefer?</legend><div class='scale'>{choice}</div></fieldset>"
+            "<label class='comment'>Comment (optional)<textarea name='comment' rows='2' maxlength='4000'>"
+            f"{html.escape((earlier or {}).get('comment') or '')}</textarea></label>"
+            f"<button type='submit'>{'Save the change' if earlier is not None else 'Save and next'}</button> {back}</form>")
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
@@ -161,7 +190,7 @@ small.q {{ display: block; color: #555; }}
 .point input {{ margin: 0.2em; width: 1.2em; height: 1.2em; }}
 .comment textarea {{ width: 100%; box-sizing: border-box; }}
 button {{ font-size: 1.1em; padding: 0.5em 1.4em; margin: 0.8em 0; }}
-.progress {{ color: #555; }}
+.progress {{ color: #555; }} .guide {{ background: #f3f7ff; padding: 0.4em 0.8em; border-radius: 6px; margin: 0.5em 0; }}
 </style></head><body>
 {body}
 </body></html>
