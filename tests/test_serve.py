@@ -54,7 +54,7 @@ def running(app) -> Iterator[SimpleNamespace]:
         time.sleep(0.01)
     try:
         yield SimpleNamespace(port=port, server=server, thread=thread, app=app,
-                              url=f"http://127.0.0.1:{port}", serving=app.state.serving)
+                              url=f"http://127.0.0.1:{port}", serving=getattr(app.state, "serving", None))
     finally:
         server.should_exit = True
         thread.join(30)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import uvicorn
 import yaml
 from fastapi import FastAPI, Request
 
@@ -29,6 +28,8 @@ from tunesmith.studies.export import preference_rows
 from tunesmith.studies.judge import judge_study, parse
 from tunesmith.studies.report import write_study_report
 from tunesmith.studies.web import create_study_app
+
+from test_serve import running
 
 CRITERIA = ["relevance", "quality"]
 
@@ -292,21 +293,9 @@ def test_create_from_runs_uses_their_predictions(gen_runs, tmp_path, capsys):
 
 @contextlib.contextmanager
 def served(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    """``app`` on 127.0.0.1 (a free port) in a background thread: its base URL."""
+    with running(app) as server:
+        yield server.url
 
 
 def form_for(page: str, left: int, right: int, pref: str) -> dict[str, str]:
@@ -465,3 +454,16 @@ def test_a_later_unreadable_judge_answer_replaces_its_verdict(tmp_path):
         assert store.all_ratings(con) == []  # the latest answer counts
         store.save_judgement(con, judge, 1, "base", "tuned", {"base": {"q": 4}, "tuned": {"q": 2}}, "base")
         assert con.execute("SELECT COUNT(*) FROM judge_failures").fetchone()[0] == 0
+
+
+def test_create_with_an_api_model_asks_it_once(gen_runs, tmp_path):
+    with fake_judge(lambda text: f"api answer to: {text[:20]}") as (url, seen):
+        study = create_study([gen_runs["one"]], tmp_path / "st", api=ApiConfig(base_url=url, model="remote-x"),
+                             examples=3, criteria=criteria_from("quality"))
+        assert len(seen) == 3  # one request per chosen prompt, not per test example
+    items = read_jsonl(study / "items.jsonl")
+    assert json.loads((study / "study.json").read_text())["systems"]["api:remote-x"]["kind"] == "api"
+    for it in items:
+        assert it["outputs"]["api:remote-x"] == f"api answer to: {it['messages'][-1]['content'][:20]}"
+    with store.connect(study) as con:
+        assert {(p["a"], p["b"]) for p in store.pairs(con)} == {("api:remote-x", "one")}

@@ -9,7 +9,6 @@ judge; the judge is compared with the human majority of each pair.
 from __future__ import annotations
 
 from collections import defaultdict
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 

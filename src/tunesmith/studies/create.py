@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from tunesmith.api import ApiModel
-from tunesmith.config import ApiConfig, ConfigError, load_config
+from tunesmith.config import ApiConfig
 from tunesmith.data.formats import read_table
 from tunesmith.data.layouts import to_example
 from tunesmith.data.prepare import REPORT
@@ -179,12 +179,13 @@ def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False,
 
 def _run_outputs(run_dir: Path) -> dict[str, Any]:
     """A finished single-task generation run's test prompts, references and base/tuned outputs."""
-    if not (run_dir / "config.yaml").is_file():
-        raise StudyError(f"{run_dir}: not a run folder (no config.yaml)")
+    from tunesmith.deploy.loading import run_config
+    from tunesmith.runs import RunError
+
     try:
-        cfg = load_config(run_dir / "config.yaml")
-    except ConfigError as e:
-        raise StudyError(f"{run_dir}: {e}") from None
+        cfg = run_config(run_dir)
+    except RunError as e:
+        raise StudyError(str(e)) from None
     if cfg.tasks:
         raise StudyError(f"{run_dir}: a multi-task run; make the study from single-task runs")
     if cfg.task not in ("instruction", "chat"):
