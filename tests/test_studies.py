@@ -467,3 +467,26 @@ def test_create_with_an_api_model_asks_it_once(gen_runs, tmp_path):
         assert it["outputs"]["api:remote-x"] == f"api answer to: {it['messages'][-1]['content'][:20]}"
     with store.connect(study) as con:
         assert {(p["a"], p["b"]) for p in store.pairs(con)} == {("api:remote-x", "one")}
+
+
+def test_three_systems_get_bradley_terry_strengths_in_the_raters_order(tmp_path):
+    study = fake_study(tmp_path / "s", systems=("a", "b", "c"), n=6, k=2)
+    invite(study, ["ann", "bob"])
+    rank = {"a": 0, "b": 1, "c": 2}
+
+    def choose(n, item, left, right):  # c over b over a, except bob prefers a over b on item 0
+        better_left = rank[left] > rank[right]
+        if n == "bob" and item == 0 and {left, right} == {"a", "b"}:
+            better_left = not better_left
+        return {c: 3 for c in CRITERIA}, {c: 3 for c in CRITERIA}, "left" if better_left else "right"
+
+    rate_all(study, ["ann", "bob"], choose)
+    doc = analyze(study, resamples=100)
+    assert [(w["a"], w["b"]) for w in doc["pairwise"]] == [("a", "b"), ("a", "c"), ("b", "c")]
+    ab = doc["pairwise"][0]
+    assert (ab["wins"], ab["losses"]) == (1, 11)
+    bt = doc["bradley_terry"]
+    assert list(bt) == ["c", "b", "a"]  # strongest first
+    assert bt["c"]["unbeaten"] and bt["c"]["strength"] is None  # never lost: no finite estimate
+    assert bt["b"]["strength"] > bt["a"]["strength"] > 0
+    assert "unbeaten" in write_study_report(study)[0].read_text()

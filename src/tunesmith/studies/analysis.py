@@ -96,7 +96,11 @@ def _bt(rows: list[dict[str, Any]]) -> dict[str, Any]:
         wins[(r["a"], r["b"])] += o
         wins[(r["b"], r["a"])] += 1 - o
     strengths = S.bradley_terry(dict(wins))
-    return {s: {"strength": v, "beats_average": v / (v + 1)} for s, v in sorted(strengths.items(), key=lambda kv: -kv[1])}
+    lost = {s: sum(w for (_, j), w in wins.items() if j == s) for s in strengths}
+    # a system that never lost has no finite maximum-likelihood strength: say so instead of a huge number
+    return {s: {"strength": v if lost[s] > 0 else None, "beats_average": v / (v + 1) if lost[s] > 0 else None,
+                "unbeaten": lost[s] == 0}
+            for s, v in sorted(strengths.items(), key=lambda kv: -kv[1])}
 
 
 def _agreement(human: list[dict[str, Any]], criteria: list[str], systems: list[str]) -> dict[str, Any]:

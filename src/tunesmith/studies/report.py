@@ -67,7 +67,8 @@ def body(doc: dict[str, Any]) -> str:
         parts.append("<h2>Bradley-Terry strengths</h2><p>P(i beats j) = s_i / (s_i + s_j); "
                      "'beats average' is the chance of beating a system of strength 1.</p>")
         parts.append(html_table(["system", "strength", "beats average"],
-                                [[s, _f(v["strength"]), _f(v["beats_average"], ".0%")] for s, v in doc["bradley_terry"].items()]))
+                                [[s, "unbeaten (no finite estimate)" if v["unbeaten"] else _f(v["strength"]),
+                                  "-" if v["unbeaten"] else _f(v["beats_average"], ".0%")] for s, v in doc["bradley_terry"].items()]))
     crit = [*doc["criteria"], "overall"]
     parts.append("<h2>Mean scores (1-5)</h2>")
     parts.append(html_table(["system", *crit], [[s, *(_ci(doc["scores"][s][c], "mean") for c in crit)] for s in doc["systems"]]))
