@@ -103,6 +103,11 @@ def test_win_rate_sign_test_and_interval():
     assert w["rate"] == pytest.approx(9 / 12)
     assert w["p_sign"] == pytest.approx(2 * (1 + 10 + 45) / 1024)  # exact two-sided binomial, ties dropped
     assert w["low"] < w["rate"] < w["high"] and 0 <= w["low"] and w["high"] <= 1
+    # three raters per prompt: the sign test counts prompts (their majority), not ratings
+    clustered = S.win_rate([1.0, 1.0, 0.0] * 4 + [0.0, 0.0, 1.0], [i // 3 for i in range(15)], resamples=200)
+    assert (clustered["wins"], clustered["losses"]) == (9, 6)
+    assert (clustered["prompts_won"], clustered["prompts_lost"]) == (4, 1)
+    assert clustered["p_sign"] == pytest.approx(2 * (1 + 5) / 32)
     # all ratings of one item move together: one item -> no spread at all
     same = S.win_rate([1.0, 0.0], [7, 7], resamples=200)
     assert same["low"] == same["high"] == 0.5
@@ -113,7 +118,8 @@ def test_cohen_kappa_by_hand_and_majority():
     k = S.cohen_kappa(["x", "x", "y", "y"], ["x", "y", "y", "y"], resamples=200)
     assert k["kappa"] == pytest.approx(0.5) and k["agreement"] == 0.75 and k["n"] == 4
     assert S.majority(["a", "a", "b"]) == "a"
-    assert S.majority(["a", "b"]) == "tie" and S.majority([]) == "tie"
+    assert S.majority(["a", "b"]) is None and S.majority([]) is None  # a split vote is no majority
+    assert S.majority(["tie", "tie", "a"]) == "tie"  # the raters said: equal
     pb = S.position_bias([True] * 9 + [False])
     assert pb["rate"] == 0.9 and pb["p"] == pytest.approx(2 * 11 / 1024)
 
@@ -157,8 +163,8 @@ def test_refusals_and_a_reload_gets_the_same_pair(tmp_path):
         assert e.value.status == 403
         with pytest.raises(store.RatingRefused) as e:
             store.save_rating(con, ann, a.id, {"left": good, "right": {"relevance": 6}}, "maybe", "", CRITERIA)
-        assert e.value.status == 400 and "right.relevance" in str(e.value) and "right.quality" in str(e.value) \
-            and "preference" in str(e.value)
+        assert e.value.status == 400 and "Answer B, relevance" in str(e.value) and "Answer B, quality" in str(e.value) \
+            and "prefer" in str(e.value)
         store.save_rating(con, ann, a.id, {"left": good, "right": good}, "right", " fine ", CRITERIA)
         with pytest.raises(store.RatingRefused) as e:
             store.save_rating(con, ann, a.id, {"left": good, "right": good}, "left", "", CRITERIA)
@@ -238,6 +244,33 @@ def test_analysis_report_and_export(tmp_path):
     assert prefs[0]["votes"] == {"chosen": 2, "rejected": 1, "tie": 0} or prefs[0]["votes"]["chosen"] >= 2
 
 
+def test_unrated_pairs_and_split_votes_are_not_a_majority(tmp_path):
+    study = fake_study(tmp_path / "s", n=6, k=2)
+    invite(study, ["ann", "bob"])
+    with store.connect(study) as con:
+        ann, bob = (r["id"] for r in store.raters(con))
+        for i in range(3):  # ann rates 3 pairs, bob 2 of the same: one agreeing, one split
+            a = store.next_assignment(con, ann, 2)
+            store.save_rating(con, ann, a.id, {"left": {c: 4 for c in CRITERIA}, "right": {c: 2 for c in CRITERIA}},
+                              "left" if a.left == "tuned" else "right", "", CRITERIA)
+        rated = [r["pair"] for r in store.all_ratings(con)]
+        for pid, agree in zip(rated[:2], (True, False)):
+            s_id = con.execute("INSERT INTO assignments (rater, pair, left, created) VALUES (?, ?, 'base', ?)",
+                               (bob, pid, store.now())).lastrowid
+            store.save_rating(con, bob, s_id, {"left": {c: 2 for c in CRITERIA}, "right": {c: 4 for c in CRITERIA}},
+                              "right" if agree else "left", "", CRITERIA)
+    doc = analyze(study, resamples=100)
+    assert doc["pairs_with_majority"] == 2  # 3 rated pairs, one of them split 1-1; 3 pairs unrated
+    assert all(m["vs_majority"]["n"] == 2 for m in doc["metrics"].values())
+    path, _ = write_study_report(study)
+    json.loads((study / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+    with pytest.raises(StudyError, match="no judge verdicts"):
+        preference_rows(study, source="judge")
+    from tunesmith.studies.export import default_path
+
+    assert default_path(study, "judge") != default_path(study, "human")
+
+
 def test_criteria_and_rubric_errors(tmp_path):
     assert [c.name for c in criteria_from("relevance, quality")] == ["relevance", "quality"]
     rubric = tmp_path / "rubric.yaml"
@@ -251,6 +284,13 @@ def test_criteria_and_rubric_errors(tmp_path):
     assert tone.anchors[1] == "rude" and tone.anchors[3] == "acceptable"
     with pytest.raises(StudyError):
         criteria_from("bad name!")
+    with pytest.raises(StudyError, match="given twice"):
+        criteria_from("tone,Tone")
+    for bad, why in [({"t": {"anchors": ["rude", "ok"]}}, "mapping of points"), ({"t": "polite please"}, "expected a mapping"),
+                     ({"t": {"anchors": {5: None}}}, "a few words"), ({"my tone!": {}}, "not a name")]:
+        rubric.write_text(yaml.safe_dump({"criteria": bad}))
+        with pytest.raises(StudyError, match=why):
+            criteria_from(None, rubric)
 
 
 # ---------------------------------------------------------------- from real runs
@@ -324,7 +364,7 @@ def test_web_app_tokens_refusals_and_saving(tmp_path):
         assert requests.post(url + f"/r/{tokens['ann']}", data=bad).status_code == 400
         r = requests.post(url + f"/r/{tokens['ann']}", data=form, allow_redirects=False)
         assert r.status_code == 303
-        assert requests.post(url + f"/r/{tokens['ann']}", data=form).status_code == 200  # a resend: already saved
+        assert requests.post(url + f"/r/{tokens['ann']}", data=form).status_code == 200  # a resend: saved once
         with store.connect(study) as con:
             [row] = store.all_ratings(con)
         assert row["rater_name"] == "ann" and row["preference"] == row["left"]
@@ -490,3 +530,25 @@ def test_three_systems_get_bradley_terry_strengths_in_the_raters_order(tmp_path)
     assert bt["c"]["unbeaten"] and bt["c"]["strength"] is None  # never lost: no finite estimate
     assert bt["b"]["strength"] > bt["a"]["strength"] > 0
     assert "unbeaten" in write_study_report(study)[0].read_text()
+
+
+def test_a_judge_refused_at_once_stops_and_leaves_no_judge_behind(tmp_path):
+    study = fake_study(tmp_path / "s", n=4, k=1)
+    app = FastAPI()
+    calls = []
+
+    @app.post("/v1/chat/completions")
+    async def refuse(request: Request):
+        from fastapi.responses import JSONResponse
+
+        calls.append(1)
+        return JSONResponse({"error": {"message": "The model 'typo' does not exist"}}, status_code=404)
+
+    from tunesmith.api import ApiError
+
+    with served(app) as url:
+        with pytest.raises(ApiError, match="404"):
+            judge_study(study, ApiConfig(base_url=url + "/v1", model="typo", max_concurrency=1, max_retries=0))
+    assert len(calls) == 1  # the other 7 requests were not sent
+    with store.connect(study) as con:
+        assert store.raters(con, "judge") == []

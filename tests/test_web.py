@@ -40,7 +40,12 @@ def click_rating(browser, left: int, right: int, pref: str) -> dict:
             browser.find_element(By.CSS_SELECTOR, f"input[name='{side}.{c}'][value='{score}']").click()
     browser.find_element(By.CSS_SELECTOR, f"input[name='preference'][value='{pref}']").click()
     browser.find_element(By.NAME, "comment").send_keys(f"{pref} {left}/{right}")
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    form = browser.find_element(By.TAG_NAME, "form")
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, 30).until(EC.staleness_of(form))  # the answer is saved and the next page is here
     return {"assignment": int(assignment), "left": left, "right": right, "pref": pref}
 
 
@@ -77,10 +82,10 @@ def test_two_raters_rate_a_study_in_chromium(browser, gen_runs, tmp_path):  # no
                     browser.refresh()
                     assert browser.find_element(By.NAME, "assignment").get_attribute("value") == before
                 progress = browser.find_element(By.CLASS_NAME, "progress").text
-                assert who in progress and "of 4" in progress
+                assert f"Rater {who}" in progress and "of 4" in progress
+                assert "How to rate" in browser.page_source  # the study's guidance is on every page
                 clicks[who].append(click_rating(browser, *scores[turn % 3]))
                 turn += 1
-                wait_for(lambda: "/r/" in browser.current_url and browser.find_elements(By.TAG_NAME, "h1"), what="next page")
     with store.connect(study) as con:
         rows = store.all_ratings(con)
         assignments = {r["id"]: dict(r) for r in con.execute("SELECT * FROM assignments")}
@@ -128,13 +133,14 @@ def test_dashboard_in_chromium(browser, gen_runs, tmp_path):  # noqa: F811
             for (let i = 0; i < d.length; i += 4) if (d[i] < 235 || d[i + 1] < 235 || d[i + 2] < 235) n++; return n / (d.length / 4);""")
         assert ink > 0.003, f"the loss curves are blank ({ink:.2%})"
         # its report, and a comparison with the other run
+        run_url = browser.current_url
         browser.find_element(By.LINK_TEXT, "Full report").click()
-        assert "tunesmith run: one" in browser.find_element(By.TAG_NAME, "h1").text
+        wait_for(lambda: "tunesmith run: one" in browser.find_element(By.TAG_NAME, "h1").text, what="the report")
         images = browser.execute_script(IMAGES_JS)
         assert images and all(complete and ink > 0.01 for _, complete, _, _, ink in images)
-        browser.back()
+        browser.get(run_url)
         browser.find_element(By.CSS_SELECTOR, "form[action='/compare'] button").click()
-        assert "one vs two" in browser.find_element(By.TAG_NAME, "h1").text
+        wait_for(lambda: "one vs two" in browser.find_element(By.TAG_NAME, "h1").text, what="the comparison page")
         assert "lr" in browser.find_element(By.TAG_NAME, "table").text  # what differs between them
         assert len(browser.find_elements(By.TAG_NAME, "iframe")) == 2
         # the study's results, with a plot

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--api-base-url", metavar="URL", help="its OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding its key")
     q.add_argument("--examples", type=int, default=30, help="test prompts to rate (drawn at random; default 30)")
-    q.add_argument("--criteria", default="relevance,engagement,quality", help="comma-separated names scored 1-5")
+    q.add_argument("--criteria", help="comma-separated names scored 1-5 (default relevance,engagement,quality; "
+                   "with --rubric: the rubric's criteria)")
     q.add_argument("--rubric", help="YAML file: criteria with their question and anchor wording (see docs)")
     q.add_argument("--ratings-per-pair", type=int, default=3, help="human ratings wanted per pair (default 3)")
     q.add_argument("--instructions", help="guidance shown to raters above every pair: text, or @FILE (default: a general guide)")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("study")
     q.add_argument("--format", default="preference", choices=["preference"])
     q.add_argument("--source", default="human", choices=["human", "judge"], help="whose preferences (default: the people's majority)")
-    q.add_argument("--out", help="JSONL file (default STUDY/preferences.jsonl)")
+    q.add_argument("--out", help="JSONL file (default STUDY/preferences.jsonl; --source judge: STUDY/preferences-judge.jsonl)")
 
     p = verbs.add_parser("ui", help="the local dashboard: runs, reports, live training, chat playground, rating studies")
     p.add_argument("--runs", action="append", default=[], metavar="DIR", help="folder(s) of run folders (default: ./runs; "
@@ -334,18 +335,28 @@ def _study(args: argparse.Namespace, console: Console) -> None:
 
     if args.action == "create":
         name = args.name or (("-vs-".join(Path(r).name for r in args.runs[:2]) or "study") + ("-base" if args.base else ""))
+        if args.name and (Path(args.name).name != args.name or args.name in (".", "..")):
+            raise StudyError(f"--name {args.name!r}: a plain name, no folders (use --out DIR for another place)")
         api = ApiConfig(base_url=args.api_base_url, model=args.api, api_key_env=args.api_key_env) if args.api else None
         if args.api and not args.api_base_url:
             raise StudyError("--api needs --api-base-url (the endpoint answering as that model)")
         if args.examples < 1:
             raise StudyError("--examples must be at least 1")
         out = studies.create_study(args.runs, args.out or Path("studies") / name, base=args.base, api=api,
-                                   examples=args.examples, criteria=studies.criteria_from(args.criteria, args.rubric),
+                                   examples=args.examples, criteria=studies.criteria_from(
+                                       args.criteria if args.criteria or args.rubric else "relevance,engagement,quality", args.rubric),
                                    ratings_per_pair=args.ratings_per_pair, raters=_names(args.raters), seed=args.seed,
                                    overwrite=args.overwrite, instructions=_text_or_file(args.instructions))
         study, items = studies.load_study(out)
+        k = study["ratings_per_pair"]
         console.print(f"study {out}: {len(items)} prompts, systems {', '.join(study['systems'])}, "
-                      f"{study['ratings_per_pair']} ratings wanted per pair", highlight=False)
+                      f"{k} rating{'' if k == 1 else 's'} wanted per pair", highlight=False)
+        if len(items) < args.examples:
+            console.print(f"[yellow]note: the test split has only {len(items)} prompts (asked for {args.examples})[/yellow]",
+                          highlight=False)
+        if args.raters and len(_names(args.raters)) < k:
+            console.print(f"[yellow]note: {len(_names(args.raters))} rater(s) for {k} ratings per pair: invite more "
+                          f"(tunesmith study invite {out} NAME) or the pairs stay incomplete[/yellow]", highlight=False)
         _print_links(out, "http://127.0.0.1:8080", console)
     elif args.action == "invite":
         if args.names:
@@ -359,6 +370,11 @@ def _study(args: argparse.Namespace, console: Console) -> None:
         app = create_study_app(args.study)
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         _print_links(Path(args.study), f"http://{shown}:{args.port}", console)
+        if shown != args.host:
+            console.print(f"others reach this machine by its network address: tunesmith study invite {args.study} "
+                          f"--url http://ADDRESS:{args.port} prints their links with it", highlight=False)
+        console.print(f"serving the study on http://{shown}:{args.port}/ (Ctrl-C stops; every answer is already saved)",
+                      highlight=False)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     elif args.action == "judge":
         from tunesmith.studies.judge import judge_study
@@ -372,13 +388,13 @@ def _study(args: argparse.Namespace, console: Console) -> None:
         from tunesmith.studies.report import verdicts, write_study_report
 
         path, doc = write_study_report(args.study)
-        for line in verdicts(doc) or ["no ratings yet"]:
+        for line in verdicts(doc) or ["no human ratings yet" + (" (the judge's verdicts are in the report)" if doc["judges"] else "")]:
             console.print(line, highlight=False)
         console.print(f"report: {path}", highlight=False)
     elif args.action == "export":
-        from tunesmith.studies.export import export_preferences
+        from tunesmith.studies.export import default_path, export_preferences
 
-        out = Path(args.out or Path(args.study) / "preferences.jsonl")
+        out = Path(args.out) if args.out else default_path(args.study, args.source)
         n = export_preferences(args.study, out, source=args.source)
         console.print(f"{n} preference pairs ({args.source}): {out}", highlight=False)
 

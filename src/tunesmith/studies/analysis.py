@@ -43,7 +43,7 @@ def analyze(study_dir: str | Path, resamples: int = S.RESAMPLES) -> dict[str, An
     doc: dict[str, Any] = {
         "study": study["name"], "systems": systems, "criteria": criteria, "items": len(items),
         "pairs": len(pairs), "ratings_per_pair": k,
-        "pairs_complete": sum(1 for p in pairs if len(per_pair[p["id"]]) >= k),
+        "pairs_complete": sum(1 for p in pairs if len(per_pair.get(p["id"], [])) >= k),
         "human_raters": sorted({r["rater_name"] for r in human}),
         "invited_raters": [p["name"] for p in people if p["kind"] == "human"],
         "human_ratings": len(human),
@@ -54,12 +54,14 @@ def analyze(study_dir: str | Path, resamples: int = S.RESAMPLES) -> dict[str, An
     doc["bradley_terry"] = _bt(human) if len(systems) > 2 else None
     doc["agreement"] = _agreement(human, criteria, systems)
     doc["position_bias"] = S.position_bias([r["preference"] == r["left"] for r in human if r["preference"] != "tie"])
-    majority = {pid: S.majority([r["preference"] for r in rs]) for pid, rs in per_pair.items()}
+    # pairs with a human majority only: unrated pairs and split votes tell nothing to compare with
+    majority = {pid: v for pid, rs in per_pair.items() if rs and (v := S.majority([r["preference"] for r in rs])) is not None}
+    doc["pairs_with_majority"] = len(majority)
     pair_by_id = {p["id"]: p for p in pairs}
     doc["metrics"] = _metrics(items, pair_by_id, majority, human, systems, criteria, resamples)
     doc["judges_detail"] = {j: _judge(j, ratings, failures, majority, pair_by_id, resamples) for j in doc["judges"]}
-    doc["comments"] = [{"rater": r["rater_name"], "item": r["item"], "comment": r["comment"]}
-                       for r in human if r["comment"]]
+    doc["comments"] = [{"rater": r["rater_name"], "item": r["item"], "comment": r["comment"], "answer_a": r["left"],
+                        "answer_b": r["right"]} for r in human if r["comment"]]
     return doc
 
 
@@ -116,11 +118,13 @@ def _agreement(human: list[dict[str, Any]], criteria: list[str], systems: list[s
         units = sorted({u for _, u in cells})
         table = [[float(np.mean(cells[(who, u)])) if (who, u) in cells else np.nan for u in units] for who in raters]
         out[c] = S.krippendorff_alpha(table, "ordinal")
+        out[f"{c}_units"] = S.shared_units(table)
     codes = {name: i for i, name in enumerate(["tie", *systems])}
     pair_ids = sorted({r["pair"] for r in human})
     prefs = {(r["rater_name"], r["pair"]): codes[r["preference"]] for r in human}
-    out["preference"] = S.krippendorff_alpha(
-        [[prefs.get((who, p), np.nan) for p in pair_ids] for who in raters], "nominal")
+    table = [[prefs.get((who, p), np.nan) for p in pair_ids] for who in raters]
+    out["preference"] = S.krippendorff_alpha(table, "nominal")
+    out["preference_units"] = S.shared_units(table)
     return out
 
 

@@ -42,8 +42,8 @@ DEFAULT_INSTRUCTIONS = (
     "Read the request, then both answers. Score each answer on its own against each criterion, then say which "
     "you prefer overall (tie when neither is better). You do not know which system wrote which answer, and the "
     "sides are shuffled. Answers may stop mid-sentence where the systems hit their length limit: judge what is "
-    "there. An answer that repeats or copies the request without doing what was asked scores low on relevance. "
-    "A wrong fact counts against quality even when the text reads well. After saving you can still change your "
+    "there. An answer that repeats or copies the request without doing what was asked should score low. "
+    "A wrong fact counts against an answer even when the text reads well. After saving you can still change your "
     "previous answer.")
 
 
@@ -60,17 +60,29 @@ class Criterion:
     anchors: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_ANCHORS))
 
 
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
 def criteria_from(names: str | list[str] | None, rubric: str | Path | None = None) -> list[Criterion]:
     """Criteria from a comma-separated list of names and/or a rubric YAML file
-    ``{criteria: {name: {question: str, anchors: {1: str, ..., 5: str}}}}``. Raises StudyError naming
-    the file and key for a malformed rubric."""
+    ``{criteria: {name: {question: str, anchors: {1: str, ..., 5: str}}}}`` (the rubric's wording
+    wins for a name given both ways). Raises StudyError listing every problem, naming the file and
+    key: a name that is not a plain name, a name given twice (in any letter case), a criterion that
+    is not a mapping, unknown keys, anchors that are not a mapping of points 1-5 to words."""
     out: dict[str, Criterion] = {}
+    problems: list[str] = []
+
+    def add(name: str, criterion: Criterion, where: str) -> None:
+        if not NAME.fullmatch(name):
+            problems.append(f"{where}{name!r} is not a name (a letter, then letters, digits, - and _)")
+        elif name.lower() in {n.lower() for n in out}:
+            problems.append(f"{where}{name!r} is given twice")
+        else:
+            out[name] = criterion
+
     for n in (names.split(",") if isinstance(names, str) else names or []):
-        n = n.strip()
-        if n and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", n):
-            raise StudyError(f"--criteria: {n!r} is not a name (letters, digits, - and _)")
-        if n:
-            out[n] = Criterion(n, QUESTIONS.get(n, ""))
+        if n.strip():
+            add(n.strip(), Criterion(n.strip(), QUESTIONS.get(n.strip(), "")), "--criteria: ")
     if rubric:
         try:
             doc = yaml.safe_load(Path(rubric).read_text(encoding="utf-8")) or {}
@@ -79,21 +91,35 @@ def criteria_from(names: str | list[str] | None, rubric: str | Path | None = Non
         block = doc.get("criteria") if isinstance(doc, dict) else None
         if not isinstance(block, dict) or not block:
             raise StudyError(f"{rubric}: expected `criteria:` mapping each name to {{question, anchors}}")
-        problems = []
         for n, spec in block.items():
-            spec = spec or {}
-            if not isinstance(spec, dict) or set(spec) - {"question", "anchors"}:
-                problems.append(f"criteria.{n}: only `question` and `anchors` are allowed")
+            n, spec = str(n), {} if spec is None else spec
+            if not isinstance(spec, dict):
+                problems.append(f"criteria.{n}: expected a mapping with `question` and/or `anchors`, got {spec!r}")
+                continue
+            if set(spec) - {"question", "anchors"}:
+                problems.append(f"criteria.{n}: unknown key(s) {', '.join(sorted(map(str, set(spec) - {'question', 'anchors'})))}; "
+                                "only `question` and `anchors` are allowed")
                 continue
             anchors = dict(DEFAULT_ANCHORS)
-            for point, words in (spec.get("anchors") or {}).items():
+            given = spec.get("anchors") or {}
+            if not isinstance(given, dict):
+                problems.append(f"criteria.{n}.anchors: expected a mapping of points to words, e.g. {{1: poor, 5: great}}")
+                continue
+            for point, words in given.items():
                 if str(point) not in {"1", "2", "3", "4", "5"}:
                     problems.append(f"criteria.{n}.anchors.{point}: anchors are for the points 1 to 5")
+                elif not isinstance(words, (str, int, float)) or isinstance(words, bool) or not str(words).strip():
+                    problems.append(f"criteria.{n}.anchors.{point}: expected a few words, got {words!r}")
                 else:
-                    anchors[int(point)] = str(words)
-            out[str(n)] = Criterion(str(n), str(spec.get("question") or QUESTIONS.get(str(n), "")), anchors)
-        if problems:
-            raise StudyError(f"{rubric}: " + "; ".join(problems))
+                    anchors[int(point)] = str(words).strip()
+            question = spec.get("question")
+            if question is not None and not isinstance(question, str):
+                problems.append(f"criteria.{n}.question: expected text, got {question!r}")
+                continue
+            out.pop(n, None)
+            add(n, Criterion(n, str(question or QUESTIONS.get(n, "")), anchors), f"{rubric}: criteria.")
+    if problems:
+        raise StudyError((f"{rubric}: " if rubric else "") + "; ".join(problems))
     if not out:
         raise StudyError("a study needs at least one criterion (--criteria relevance,quality)")
     return list(out.values())

@@ -30,13 +30,16 @@ def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int
     by_id = {it["id"]: it for it in items}
     with store.connect(study_dir) as con:
         ratings = [r for r in store.all_ratings(con) if r["kind"] == source]
+    if not ratings:
+        raise StudyError(f"{study_dir}: no {'human ratings' if source == 'human' else 'judge verdicts'} yet: "
+                         "nothing to export")
     votes: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in ratings:
         votes[r["pair"]].append(r)
     rows = []
     for pid, rs in sorted(votes.items()):
         winner = majority([r["preference"] for r in rs])
-        if winner == "tie" or len(rs) < min_votes:
+        if winner is None or winner == "tie" or len(rs) < min_votes:
             continue
         r0 = rs[0]
         loser = r0["b"] if winner == r0["a"] else r0["a"]
@@ -51,8 +54,15 @@ def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int
     return rows
 
 
+def default_path(study_dir: str | Path, source: str = "human") -> Path:
+    """``STUDY/preferences.jsonl`` for the people's preferences, ``STUDY/preferences-judge.jsonl``
+    for the judge's (one never overwrites the other)."""
+    return Path(study_dir) / ("preferences.jsonl" if source == "human" else f"preferences-{source}.jsonl")
+
+
 def export_preferences(study_dir: str | Path, out: str | Path, source: str = "human", min_votes: int = 1) -> int:
-    """Write ``preference_rows`` to the JSONL file ``out`` (atomically); returns the number of rows."""
+    """Write ``preference_rows`` to the JSONL file ``out`` (atomically); returns the number of rows.
+    Raises StudyError when the study has no ratings from ``source`` (nothing is written then)."""
     rows = preference_rows(study_dir, source, min_votes)
     atomic_write_jsonl(Path(out), rows)
     return len(rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,14 @@ def cache_key(cfg: ApiConfig, msgs: list[dict[str, str]]) -> str:
 def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None = None,
                 max_tokens: int = 400) -> dict[str, int]:
     """Judge every pair of the study in both orders with the model ``cfg`` names; returns counts:
-    ``asked`` (calls made), ``cached`` (answers reused), ``judged``, ``unreadable``, ``failed``
-    (endpoint errors, not cached: a rerun asks again). Raises ApiError when the endpoint is unusable
-    (no base_url) and StudyError when the folder is not a study."""
+    ``asked`` (new answers received), ``cached`` (answers reused), ``judged`` (readable verdicts),
+    ``unreadable``, ``failed`` (requests that got no answer: not cached, a rerun asks again).
+
+    A refusal that asking again cannot fix (HTTP 4xx other than 429: a wrong model name, a bad key)
+    stops the run at once. Raises ApiError when the endpoint answered nothing at all (the message
+    has the first error), StudyError when the folder is not a study. The judge becomes a rater of
+    the study only once it has answered.
+    """
     study_dir = Path(study_dir)
     study, items = load_study(study_dir)
     by_id = {it["id"]: it for it in items}
@@ -107,10 +113,8 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
     model = ApiModel(cfg)
     name = f"judge:{cfg.model or 'model'}"
     counts = {"asked": 0, "cached": 0, "judged": 0, "unreadable": 0, "failed": 0}
+    jobs = []
     with store.connect(study_dir) as con:
-        store.add_rater(con, name, kind="judge")
-        rater = next(r["id"] for r in store.raters(con) if r["name"] == name)
-        jobs = []
         for p in store.pairs(con):
             item = by_id[p["item"]]
             for left, right in ((p["a"], p["b"]), (p["b"], p["a"])):
@@ -126,12 +130,19 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
                 replies[job[4]] = hit
                 counts["cached"] += 1
     errors: list[str] = []
+    stop = threading.Event()
 
     def ask(job: tuple[Any, ...]) -> None:
+        if stop.is_set():
+            errors.append("not asked (stopped after an earlier refusal)")
+            return
         try:
             reply = model.chat(job[3], max_tokens)
         except ApiError as e:
             errors.append(str(e))
+            status = re.search(r"HTTP (\d{3})", str(e))
+            if status and status.group(1).startswith("4") and status.group(1) != "429":
+                stop.set()  # asking the other pairs would get the same refusal
             return
         replies[job[4]] = reply
         with store.connect(study_dir) as c:
@@ -146,7 +157,11 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
             list(pool.map(ask, todo))
     counts["asked"] = len(todo) - len(errors)
     counts["failed"] = len(errors)
+    if not replies:
+        raise ApiError(f"the judge answered none of {len(jobs)} requests: {errors[0] if errors else 'nothing to judge'}")
     with store.connect(study_dir) as con:
+        store.add_rater(con, name, kind="judge")
+        rater = next(r["id"] for r in store.raters(con) if r["name"] == name)
         for p, left, right, _msgs, key in jobs:
             reply = replies.get(key)
             if reply is None:
@@ -161,6 +176,6 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
             store.save_judgement(con, rater, p["id"], left, right, {left: scores["A"], right: scores["B"]}, winner)
             counts["judged"] += 1
     if errors:
-        console.print(f"[yellow]{len(errors)} judge call(s) failed (not cached; run again to retry): {errors[0]}[/yellow]",
+        console.print(f"[yellow]{len(errors)} judge request(s) got no answer (not cached; run again to retry): {errors[0]}[/yellow]",
                       highlight=False)
     return counts

@@ -17,9 +17,20 @@ def write_study_report(study_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """Analyse the study and write ``report.json`` and ``report.html`` into its folder."""
     study_dir = Path(study_dir)
     doc = analyze(study_dir)
-    atomic_write_json(study_dir / "report.json", doc)
+    atomic_write_json(study_dir / "report.json", _no_nan(doc))
     atomic_write_text(study_dir / "report.html", PAGE.format(title=html.escape(doc["study"]), body=body(doc)))
     return study_dir / "report.html", doc
+
+
+def _no_nan(value: Any) -> Any:
+    """``value`` with every NaN as None: JSON has no NaN (Python writes it, other readers refuse it)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def _f(v: float | None, spec: str = ".2f") -> str:
@@ -47,7 +58,9 @@ def verdicts(doc: dict[str, Any]) -> list[str]:
         lead, other, rate = (w["a"], w["b"], w["rate"]) if w["rate"] >= 0.5 else (w["b"], w["a"], 1 - w["rate"])
         sure = f"a clear difference (sign test {_p_is(w['p_sign'])})" if w["p_sign"] < 0.05 else \
             f"not a clear difference (sign test {_p_is(w['p_sign'])}; more ratings would tell)"
-        out.append(f"{lead} was preferred over {other} in {rate:.0%} of {w['n']} ratings (ties count half): {sure}.")
+        prompts = f"; by prompt {max(w['prompts_won'], w['prompts_lost'])} to {min(w['prompts_won'], w['prompts_lost'])}"
+        out.append(f"{lead} was preferred over {other} in {rate:.0%} of {w['n']} rating{'' if w['n'] == 1 else 's'} "
+                   f"(ties count half{prompts}): {sure}.")
     return out
 
 
@@ -60,9 +73,10 @@ def body(doc: dict[str, Any]) -> str:
              + (f" LLM judge(s): {html.escape(', '.join(doc['judges']))} (reported apart from the people)." if doc["judges"] else "")
              + "</p>"]
     parts.append("<h2>Who won</h2>" + "".join(f"<p>{html.escape(v)}</p>" for v in verdicts(doc)))
-    parts.append(html_table(["A", "B", "A wins", "ties", "B wins", "A's win rate [95% CI]", "sign test p"],
-                            [[w["a"], w["b"], str(w["wins"]), str(w["ties"]), str(w["losses"]), _ci(w, "rate"), _p(w["p_sign"])]
-                             for w in doc["pairwise"]]))
+    parts.append("<p>Win rate: the first system's share of the ratings, ties counting half, with a 95% interval that "
+                 "resamples prompts. Sign test over prompts (a prompt is won when most of its ratings favour one "
+                 "system); with few prompts, read the interval rather than the point.</p>")
+    parts.append(_win_table(doc["pairwise"]))
     if doc.get("bradley_terry"):
         parts.append("<h2>Bradley-Terry strengths</h2><p>P(i beats j) = s_i / (s_i + s_j); "
                      "'beats average' is the chance of beating a system of strength 1.</p>")
@@ -78,14 +92,18 @@ def body(doc: dict[str, Any]) -> str:
     a = doc["agreement"]
     parts.append("<h2>Did the raters agree?</h2><p>Krippendorff's alpha (1 = perfect agreement, 0 = chance; "
                  "ordinal on the scores, nominal on the preference). Below 0.667 is usually read as unreliable.</p>")
-    parts.append(html_table(["measure", "alpha"], [[c, _f(a.get(c))] for c in [*doc["criteria"], "preference"]]))
+    parts.append(html_table(["measure", "alpha", "units rated by 2+ raters"],
+                            [[c, _f(a.get(c)) if a.get(c) is not None else "- (undefined: too few shared units or no variation)",
+                              str(a.get(f"{c}_units", 0))] for c in [*doc["criteria"], "preference"]]))
     pb = doc["position_bias"]
-    parts.append("<h2>Position bias</h2>"
-                 f"<p>The left answer won {pb['left_wins']} of {pb['decisive']} decisive preferences "
-                 f"({_f(pb['rate'], '.0%')}; binomial test of 50%: p = {_p(pb['p'])}). Positions were balanced "
-                 "by assignment, so a bias here does not favour any system.</p>")
+    parts.append("<h2>Position bias</h2>" + (
+        f"<p>The left answer won {pb['left_wins']} of {pb['decisive']} decisive preferences "
+        f"({_f(pb['rate'], '.0%')}; binomial test of 50%: p = {_p(pb['p'])}). Positions were balanced "
+        "by assignment, so a bias here does not favour any system.</p>" if pb["decisive"] else
+        "<p>No decisive human preference yet.</p>"))
     parts.append("<h2>Would the automatic metrics and the judge have told us the same?</h2>"
-                 "<p>For each pair with a human majority: does the metric's (or judge's) pick match it? "
+                 f"<p>For each of the {doc.get('pairs_with_majority', 0)} pairs with a human majority (unrated pairs and "
+                 "split votes left out): does the metric's (or judge's) pick match it? "
                  "Cohen's kappa corrects the agreement for chance; Spearman's rho relates each output's metric "
                  "to its mean human score.</p>")
     rows = []
@@ -103,9 +121,7 @@ def body(doc: dict[str, Any]) -> str:
                      + (f" The first answer won {_f(d['position_bias']['rate'], '.0%')} of its decisive verdicts."
                         if d["position_bias"]["decisive"] else "") + "</p>")
         if d["pairwise"]:
-            parts.append(html_table(["A", "B", "A wins", "ties", "B wins", "A's win rate [95% CI]", "sign test p"],
-                                    [[w["a"], w["b"], str(w["wins"]), str(w["ties"]), str(w["losses"]), _ci(w, "rate"),
-                                      _p(w["p_sign"])] for w in d["pairwise"]]))
+            parts.append(_win_table(d["pairwise"]))
         if not d["pairs"]:
             parts.append("<p class='warning'>No readable verdict: this judge cannot be compared with the people. "
                          "A small model rarely answers in the JSON asked for; use a stronger judge.</p>")
@@ -113,8 +129,16 @@ def body(doc: dict[str, Any]) -> str:
             parts.append(html_table(["unreadable answer", "why"], [[u["reply"], u["problem"]] for u in d["unreadable_examples"]]))
     if doc["comments"]:
         parts.append("<h2>Comments</h2>")
-        parts.append(html_table(["rater", "prompt", "comment"], [[c["rater"], str(c["item"]), c["comment"]] for c in doc["comments"]]))
+        parts.append(html_table(["rater", "prompt", "answer A was", "answer B was", "comment"],
+                                [[c["rater"], str(c["item"]), c.get("answer_a", "?"), c.get("answer_b", "?"), c["comment"]]
+                                 for c in doc["comments"]]))
     return "\n".join(parts)
+
+
+def _win_table(rows: list[dict[str, Any]]) -> str:
+    return html_table(["system", "vs", "wins", "ties", "losses", "win rate [95% CI]", "prompts won-lost", "sign test p"],
+                      [[w["a"], w["b"], str(w["wins"]), str(w["ties"]), str(w["losses"]), _ci(w, "rate"),
+                        f"{w['prompts_won']}-{w['prompts_lost']}", _p(w["p_sign"])] for w in rows])
 
 
 def _scores_png(doc: dict[str, Any]) -> bytes:

@@ -50,15 +50,22 @@ def mean_interval(values: Sequence[float], items: Sequence[int], resamples: int 
 
 def win_rate(outcomes: Sequence[float], items: Sequence[int], resamples: int = RESAMPLES) -> dict[str, Any]:
     """Win rate of one system over another from ``outcomes`` (1 win, 0.5 tie, 0 loss, one per rating):
-    rate with ties counted half, its interval, and the two-sided sign test (ties dropped; exact
-    binomial, ``scipy.stats.binomtest``) of "neither is preferred"."""
+    rate with ties counted half and its item-clustered interval, and the two-sided sign test (exact
+    binomial, ``scipy.stats.binomtest``) of "neither is preferred" over *prompts*: a prompt counts
+    as won when its ratings' mean outcome is above 1/2, lost below, and is left out at exactly 1/2.
+    Counting prompts, not ratings, keeps the test honest when several raters rate the same prompt
+    (their ratings are not independent), as the interval does."""
     from scipy.stats import binomtest
 
     arr = np.asarray(outcomes, dtype=float)
     wins, losses = int((arr == 1).sum()), int((arr == 0).sum())
     rate, low, high = clustered(lambda rows: float(arr[rows].mean()) if rows else float("nan"), items, resamples)
-    p = float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
+    keys, groups = _by_item(items)
+    means = [float(arr[groups[k]].mean()) for k in keys]
+    won, lost = sum(m > 0.5 for m in means), sum(m < 0.5 for m in means)
+    p = float(binomtest(won, won + lost).pvalue) if won + lost else 1.0
     return {"wins": wins, "losses": losses, "ties": int(len(arr) - wins - losses), "n": int(len(arr)),
+            "prompts": len(keys), "prompts_won": won, "prompts_lost": lost,
             "rate": rate, "low": low, "high": high, "p_sign": p}
 
 
@@ -103,7 +110,15 @@ def krippendorff_alpha(table: Sequence[Sequence[float]], level: str = "ordinal")
     values = data[~np.isnan(data)]
     if len(np.unique(values)) < 2:
         return None
-    return float(krippendorff.alpha(reliability_data=data, level_of_measurement=level))
+    with np.errstate(divide="ignore", invalid="ignore"):  # the package divides by zero on degenerate tables
+        value = float(krippendorff.alpha(reliability_data=data, level_of_measurement=level))
+    return None if math.isnan(value) else value
+
+
+def shared_units(table: Sequence[Sequence[float]]) -> int:
+    """How many units (columns) at least two raters rated: what an alpha is computed from."""
+    data = np.asarray(table, dtype=float)
+    return int((np.sum(~np.isnan(data), axis=0) >= 2).sum()) if data.ndim == 2 and data.size else 0
 
 
 def cohen_kappa(a: Sequence[str], b: Sequence[str], resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
@@ -128,11 +143,12 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str], resamples: int = RESAMPLES, 
             "agreement": sum(x == y for x, y in zip(a, b)) / n, "n": n}
 
 
-def majority(labels: Sequence[str]) -> str:
-    """The most frequent label; "tie" when the top two are equally frequent (or for no labels)."""
+def majority(labels: Sequence[str]) -> str | None:
+    """The most frequent label (which may be "tie": the raters said the answers are equal); None when
+    there is no majority: no labels, or the top two equally frequent (a split vote)."""
     counts = Counter(labels).most_common()
     if not counts or (len(counts) > 1 and counts[0][1] == counts[1][1]):
-        return "tie"
+        return None
     return counts[0][0]
 
 

@@ -224,10 +224,10 @@ def save_rating(con: sqlite3.Connection, rater: int, assignment: int, scores: di
     RatingRefused: 403 when the assignment is not this rater's, 409 when it is already answered
     (and not ``revise``), 400 for a missing or out-of-range score or preference.
     """
-    problems = [f"{side}.{c}: a score from 1 to 5 is needed" for side in ("left", "right") for c in criteria
+    problems = [f"Answer {'A' if side == 'left' else 'B'}, {c}: a score from 1 to 5 is needed" for side in ("left", "right") for c in criteria
                 if not isinstance(scores.get(side, {}).get(c), int) or not 1 <= scores[side][c] <= 5]
     if preference not in ("left", "right", "tie"):
-        problems.append("preference: choose left, right or tie")
+        problems.append("which do you prefer: choose A, B or tie")
     if problems:
         raise RatingRefused("; ".join(problems), 400)
     with transaction(con):

@@ -37,7 +37,7 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
                      "(it ends in /r/ and a code).</p>", 403)
 
     @app.get(prefix + "/r/{token}", response_class=HTMLResponse)
-    def rate(token: str, revise: int | None = None) -> HTMLResponse:
+    def rate(token: str, revise: str | None = None) -> HTMLResponse:
         with store.connect(study_dir) as con:
             rater = store.rater_by_token(con, token)
             if rater is None:
@@ -45,14 +45,15 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
             history = store.answered(con, rater["id"])
             if revise is not None:  # the rater goes back to one of their answers
                 earlier = dict(history)
-                a = store.assignment_of(con, rater["id"], revise)
-                if a is None or revise not in earlier:
+                number = _int(revise)
+                a = store.assignment_of(con, rater["id"], number) if number is not None else None
+                if a is None or number not in earlier:
                     return _page("Refused", "<h1>Not one of your answers</h1>"
                                  f"<p><a href='{prefix}/r/{html.escape(token)}'>Back to your ratings</a></p>", 403)
                 ids = [i for i, _ in history]
-                before = ids[ids.index(revise) - 1] if ids.index(revise) > 0 else None
-                return _page("Change", _form(study, by_id[a.item], a, ids.index(revise), len(history), rater["name"], prefix, token,
-                                             earlier[revise], before))
+                at = ids.index(a.id)
+                return _page("Change", _form(study, by_id[a.item], a, at, len(history), rater["name"], prefix, token,
+                                             earlier[a.id], ids[at - 1] if at > 0 else None))
             a = store.next_assignment(con, rater["id"], k)
             done, total = store.progress(con, rater["id"], k)
         last = history[-1][0] if history else None
@@ -84,11 +85,11 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
                 return _page("Refused", "<h1>Refused</h1><p>The form did not say which pair it rates.</p>", 400)
             scores = {side: {c: _int(form.get(f"{side}.{c}")) for c in criteria} for side in ("left", "right")}
             try:
+                # a rater's form for a pair they already answered (back button, double click, the change
+                # link) replaces that answer: the latest one they sent is what they mean
                 store.save_rating(con, rater["id"], assignment, scores, form.get("preference", ""),  # type: ignore[arg-type]
-                                  form.get("comment", ""), criteria, revise=form.get("revise") == "1")
+                                  form.get("comment", ""), criteria, revise=True)
             except store.RatingRefused as e:
-                if e.status == 409:  # the same form sent twice (back button, double click): it is saved
-                    return RedirectResponse(f"{prefix}/r/{token}", status_code=303)
                 return _page("Refused", f"<h1>Not saved</h1><p>{html.escape(str(e))}</p>"
                              f"<p><a href='{prefix}/r/{html.escape(token)}'>Back to your ratings</a></p>", e.status)
         return RedirectResponse(f"{prefix}/r/{token}", status_code=303)
@@ -114,6 +115,14 @@ def _forbidden() -> HTMLResponse:
 
 
 def _turns(messages: list[dict[str, str]]) -> str:
+    """The conversation the systems answered; the system prompt (what the systems were told to be)
+    is shown first, folded, since it matters for judging tone and helpfulness."""
+    system = "".join(f"<details class='system'><summary>What the systems were told (system prompt)</summary>"
+                     f"<div class='text'>{html.escape(m['content'])}</div></details>" for m in messages if m["role"] == "system")
+    return system + _shown(messages)
+
+
+def _shown(messages: list[dict[str, str]]) -> str:
     shown = [m for m in messages if m["role"] != "system"]
     if len(shown) == 1:
         return f"<div class='text'>{html.escape(shown[0]['content'])}</div>"

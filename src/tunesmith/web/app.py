@@ -28,6 +28,8 @@ from tunesmith.deploy import protocol as P
 from tunesmith.deploy.server import APIError, error_body, install_error_handlers
 from tunesmith.io import read_jsonl
 from tunesmith.runs import index
+from tunesmith.studies import store
+from tunesmith.studies.create import StudyError, load_study
 from tunesmith.web import pages
 from tunesmith.web.playground import Playground
 
@@ -110,6 +112,11 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
     def home() -> HTMLResponse:
         return HTMLResponse(pages.runs_page(src.runs(), [(s.name, _study_summary(s)) for s in src.studies()]))
 
+    @app.exception_handler(StudyError)
+    async def study_error(request: Request, e: StudyError) -> HTMLResponse:
+        return HTMLResponse(pages.page("Study", pages.nav() + f"<h1>This study cannot be read</h1><p>{html.escape(str(e))}</p>"),
+                            status_code=422)
+
     @app.get("/runs/{rid}", response_class=HTMLResponse)
     def run_page(rid: str) -> HTMLResponse:
         row = src.run(rid)
@@ -133,7 +140,7 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
         d = Path(row["path"])
         rows = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
         fresh = index.row_from_folder(d) or row
-        return JSONResponse({"rows": rows[after:], "next": len(rows), "status": fresh["status"],
+        return JSONResponse({"rows": rows[max(0, after):], "next": len(rows), "status": fresh["status"],
                              "max_steps": _planned_steps(d)})
 
     @app.get("/compare", response_class=HTMLResponse)
@@ -157,7 +164,11 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
             _, base, tuned = await asyncio.to_thread(playground.load, Path(row["path"]))
         except Exception as e:  # noqa: BLE001 - any loading failure is the user's to read
             raise APIError(400, f"cannot chat with {row['name']}: {e}", "run") from None
-        return JSONResponse({"base": base, "tuned": tuned})
+        from tunesmith.deploy.loading import run_config
+
+        system = run_config(Path(row["path"])).data.system_prompt
+        return JSONResponse({"base": base, "tuned": tuned, "system_prompt": system or "",
+                             "max_tokens": playground.settings.max_tokens})
 
     @app.post("/api/playground/{rid}/chat/completions", response_model=None)
     async def playground_chat(rid: str, request: Request) -> Response:
@@ -179,16 +190,22 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
         from tunesmith.studies.analysis import analyze
         from tunesmith.studies.report import body
 
+        if not (folder / store.DB).is_file():  # never create one: the dashboard only reads
+            raise StudyError(f"{folder}: no {store.DB}; not a complete study (make one with tunesmith study create)")
         return HTMLResponse(pages.page(f"study {name}", pages.nav() + body(analyze(folder))))
 
     return app
 
 
 def _study_summary(folder: Path) -> dict[str, Any]:
-    from tunesmith.studies import store
-    from tunesmith.studies.create import load_study
-
-    study, items = load_study(folder)
+    """What the list of studies shows; a study that cannot be read is listed with the reason."""
+    try:
+        study, items = load_study(folder)
+    except (StudyError, ValueError, OSError, KeyError) as e:
+        return {"systems": [], "items": 0, "wanted": 0, "ratings": 0, "problem": str(e)[:200]}
+    if not (folder / store.DB).is_file():
+        return {"systems": list(study.get("systems", [])), "items": len(items), "wanted": 0, "ratings": 0,
+                "problem": f"no {store.DB}"}
     with store.connect(folder) as con:
         n_pairs = con.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
         human = con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater WHERE x.kind = 'human'").fetchone()[0]

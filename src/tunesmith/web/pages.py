@@ -45,7 +45,8 @@ def runs_page(runs: list[dict[str, Any]], studies: list[tuple[str, dict[str, Any
              "<button type='submit'>Compare the two ticked runs</button></form>") if runs else \
         "<p>No runs found. Train one (<code>tunesmith train CONFIG</code>) or point the dashboard at a folder " \
         "(<code>tunesmith ui --runs DIR</code>).</p>"
-    study_rows = "".join(f"<tr><td><a href='/studies/{html.escape(n)}'>{html.escape(n)}</a></td>"
+    study_rows = "".join(f"<tr><td><a href='/studies/{html.escape(n)}'>{html.escape(n)}</a>"
+                         + (f" <small>({html.escape(s['problem'])})</small>" if s.get("problem") else "") + "</td>"
                          f"<td>{html.escape(', '.join(s['systems']))}</td><td>{s['items']}</td>"
                          f"<td>{s['ratings']} of {s['wanted']}</td></tr>" for n, s in studies)
     study_html = (f"<table><tr><th>study</th><th>systems</th><th>prompts</th><th>human ratings</th></tr>{study_rows}</table>"
@@ -91,8 +92,9 @@ def playground_page(runs: list[dict[str, Any]], chosen: str | None) -> str:
     body = (nav() + "<h1>Playground</h1><p>The base model and the run answer the same message side by side, "
             "streamed by the same code as <code>tunesmith serve</code> (greedy unless you set a temperature).</p>"
             f"<form id='chat'><label>Run <select id='run'>{options}</select></label> "
-            "<label>max tokens <input id='max' type='number' value='128' min='1' max='2048'></label> "
+            "<label>max tokens <input id='max' type='number' value='128' min='1' max='512'></label> "
             "<label>temperature <input id='temp' type='number' value='0' min='0' max='2' step='0.1'></label>"
+            "<label>System prompt (the run's, as in training; edit or clear it)<textarea id='system' rows='2'></textarea></label>"
             "<textarea id='msg' rows='3' placeholder='Your message' required></textarea>"
             "<button id='send' type='submit'>Send</button> <span id='state'></span></form>"
             "<div class='side'><section><h2 id='base-name'>base</h2><div class='answer' id='base-out'></div></section>"
@@ -161,6 +163,7 @@ async function load(rid) {
   document.getElementById('state').textContent = 'loading the models (first time only)...';
   const r = await fetch('/api/playground/' + rid + '/models', {method: 'POST'}); const d = await r.json();
   if (!r.ok) throw new Error(d.error ? d.error.message : r.statusText);
+  document.getElementById('system').value = d.system_prompt;
   return models[rid] = d;
 }
 async function stream(rid, model, messages, out) {
@@ -186,10 +189,11 @@ async function stream(rid, model, messages, out) {
 async function sendChat(ev) {
   ev.preventDefault();
   const rid = document.getElementById('run').value, btn = document.getElementById('send');
-  const messages = [{role: 'user', content: document.getElementById('msg').value}];
   btn.disabled = true;
   try {
     const m = await load(rid);
+    const system = document.getElementById('system').value.trim();
+    const messages = (system ? [{role: 'system', content: system}] : []).concat([{role: 'user', content: document.getElementById('msg').value}]);
     document.getElementById('base-name').textContent = m.base; document.getElementById('tuned-name').textContent = m.tuned;
     document.getElementById('state').textContent = 'answering...';
     await Promise.all([stream(rid, m.base, messages, document.getElementById('base-out')),
@@ -199,6 +203,7 @@ async function sendChat(ev) {
   btn.disabled = false;
 }
 document.getElementById('chat').addEventListener('submit', sendChat);
+document.getElementById('run').addEventListener('change', () => { document.getElementById('system').value = ''; });
 """
 
 PAGE = """<!doctype html>
