@@ -125,6 +125,8 @@ def test_dashboard_in_chromium(browser, gen_runs, tmp_path):  # noqa: F811
         browser.get(url + "/")
         text = browser.find_element(By.TAG_NAME, "body").text
         assert "one" in text and "two" in text and "greet" in text and "evaluated" in text
+        assert requests.get(url + "/runs/one").status_code == 200  # a unique name works as well as the id
+        assert requests.get(url + "/api/runs/one/metrics?after=-5").json()["rows"][0]["step"] == 1  # no negative paging
         # a run: its curves are drawn from metrics.jsonl
         browser.find_element(By.LINK_TEXT, "one").click()
         wait_for(lambda: int(browser.execute_script("return document.body.dataset.points || '0'")) > 0, what="curves")

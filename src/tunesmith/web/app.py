@@ -61,7 +61,11 @@ class Sources:
         return sorted(out, key=lambda r: str(r.get("created") or ""), reverse=True)
 
     def run(self, rid: str) -> dict[str, Any] | None:
-        return next((r for r in self.runs() if r["id"] == rid and r["exists"]), None)
+        """The run whose id is ``rid``, or whose name is (when only one run has that name)."""
+        runs = [r for r in self.runs() if r["exists"]]
+        by_id = next((r for r in runs if r["id"] == rid), None)
+        named = [r for r in runs if r.get("name") == rid]
+        return by_id or (named[0] if len(named) == 1 else None)
 
     def studies(self) -> list[Path]:
         found = []

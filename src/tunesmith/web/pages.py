@@ -74,7 +74,11 @@ def run_page(row: dict[str, Any], others: list[dict[str, Any]]) -> str:
 
 
 def compare_page(a: dict[str, Any], b: dict[str, Any], differences: dict[str, dict[str, tuple[Any, Any]]]) -> str:
-    rows = [[f"{section}: {key}", str(va), str(vb)] for section, d in differences.items() for key, (va, vb) in sorted(d.items())]
+    def shown(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    order = sorted(differences, key=lambda section: section != "results")  # results first, then the config
+    rows = [[f"{section}: {key}", shown(va), shown(vb)] for section in order for key, (va, vb) in sorted(differences[section].items())]
     frames = "".join(f"<iframe title='report {html.escape(str(r['name']))}' src='/runs/{r['id']}/report'></iframe>"
                      if r.get("status") == "evaluated" else f"<div class='noreport'>{html.escape(str(r['name']))}: no report yet</div>"
                      for r in (a, b))
