@@ -21,9 +21,14 @@ CRITERIA = ["relevance", "quality"]
 
 
 def wait_for(fn, timeout=60.0, what="condition"):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = fn()
+        try:
+            value = fn()
+        except (NoSuchElementException, StaleElementReferenceException):  # the page is changing under us
+            value = None
         if value:
             return value
         time.sleep(0.2)
