@@ -527,9 +527,15 @@ def test_three_systems_get_bradley_terry_strengths_in_the_raters_order(tmp_path)
     assert (ab["wins"], ab["losses"]) == (1, 11)
     bt = doc["bradley_terry"]
     assert list(bt) == ["c", "b", "a"]  # strongest first
-    assert bt["c"]["unbeaten"] and bt["c"]["strength"] is None  # never lost: no finite estimate
-    assert bt["b"]["strength"] > bt["a"]["strength"] > 0
-    assert "unbeaten" in write_study_report(study)[0].read_text()
+    assert bt["c"]["unbeaten"] and not bt["b"]["unbeaten"]
+    assert 1e3 > bt["c"]["strength"] > bt["b"]["strength"] > bt["a"]["strength"] > 0  # finite: the weak prior
+    # the prior is the fit of the counts plus half a win each way
+    from tunesmith.studies.analysis import PRIOR_WINS
+
+    counts = {("c", "a"): 12, ("c", "b"): 12, ("b", "a"): 11, ("a", "b"): 1}
+    expected = S.bradley_terry({(i, j): counts.get((i, j), 0) + PRIOR_WINS for i in "abc" for j in "abc" if i != j})
+    assert all(bt[x]["strength"] == pytest.approx(expected[x], rel=1e-6) for x in "abc")
+    assert "never lost" in write_study_report(study)[0].read_text()
 
 
 def test_a_judge_refused_at_once_stops_and_leaves_no_judge_behind(tmp_path):
@@ -552,3 +558,56 @@ def test_a_judge_refused_at_once_stops_and_leaves_no_judge_behind(tmp_path):
     assert len(calls) == 1  # the other 7 requests were not sent
     with store.connect(study) as con:
         assert store.raters(con, "judge") == []
+
+
+def test_a_stale_assignment_never_makes_a_pair_exceed_k(tmp_path):
+    study = fake_study(tmp_path / "s", n=2, k=1)
+    invite(study, ["ann", "bob"])
+    good = {c: 3 for c in CRITERIA}
+    with store.connect(study) as con:
+        ann, bob = (r["id"] for r in store.raters(con))
+        a = store.next_assignment(con, ann, 1)
+        con.execute("UPDATE assignments SET created = '2000-01-01T00:00:00+00:00' WHERE id = ?", (a.id,))  # ann went away
+        b = store.next_assignment(con, bob, 1)
+        assert b.pair == a.pair  # ann's hold expired: bob may take the pair
+        store.save_rating(con, bob, b.id, {"left": good, "right": good}, "tie", "", CRITERIA, k=1)
+        with pytest.raises(store.RatingRefused) as e:  # ann comes back and sends her old form
+            store.save_rating(con, ann, a.id, {"left": good, "right": good}, "left", "", CRITERIA, revise=True, k=1)
+        assert e.value.status == 409
+        again = store.next_assignment(con, ann, 1)
+        assert again is not None and again.pair != a.pair  # she gets the other pair, not the completed one
+        assert Counter(r["pair"] for r in store.all_ratings(con)) == {a.pair: 1}
+
+
+def test_odd_requests_get_pages_not_tracebacks(tmp_path):
+    study = fake_study(tmp_path / "s", n=2, k=1)
+    tokens = invite(study, ["ann"])
+    with served(create_study_app(study)) as url:
+        assert requests.get(url + "/r/%C3%A9").status_code == 403  # a non-ASCII token
+        assert requests.get(url + f"/r/{tokens['ann']}?revise=99999999999999999999").status_code == 403
+        assert requests.post(url + f"/r/{tokens['ann']}", data={"assignment": "99999999999999999999"}).status_code == 400
+        big = {"assignment": "1", "comment": "x" * 100_000}
+        assert requests.post(url + f"/r/{tokens['ann']}", data=big).status_code == 413
+        assert requests.post(url + "/r/wrong", data=big).status_code == 403  # the token is checked first
+
+
+def test_invite_refuses_a_folder_that_is_no_study(tmp_path, capsys):
+    assert main(["study", "invite", str(tmp_path), "ann"]) == 2
+    assert "not a study folder" in capsys.readouterr().err
+    assert not (tmp_path / store.DB).exists()
+
+
+def test_judge_export_picks_one_judge(tmp_path):
+    study = fake_study(tmp_path / "s", n=1, k=1)
+    with store.connect(study) as con:
+        for name, pref in (("judge:x", "base"), ("judge:y", "tuned")):
+            store.add_rater(con, name, kind="judge")
+            rid = next(r["id"] for r in store.raters(con, "judge") if r["name"] == name)
+            for left, right in (("base", "tuned"), ("tuned", "base")):
+                store.save_judgement(con, rid, 1, left, right, {"base": {"q": 3}, "tuned": {"q": 3}}, pref)
+    with pytest.raises(StudyError, match="several judges"):
+        preference_rows(study, source="judge")
+    [row] = preference_rows(study, source="judge", judge="judge:y")
+    assert row["chosen_system"] == "tuned" and row["votes"]["chosen"] == 2
+    with pytest.raises(StudyError, match="no such judge"):
+        preference_rows(study, source="judge", judge="judge:z")

@@ -205,6 +205,32 @@ def test_live_training_curves_update(browser, gen_runs, tmp_path):  # noqa: F811
         lock.close()
 
 
+def test_dashboard_refuses_other_hosts_and_sites_and_survives_a_broken_study(tmp_path):
+    from test_studies import fake_study
+
+    good = fake_study(tmp_path / "studies" / "good")
+    broken = tmp_path / "studies" / "broken"
+    broken.mkdir()
+    (broken / "study.json").write_text("{not json")
+    half = fake_study(tmp_path / "studies" / "half")
+    (half / store.DB).write_bytes(b"this is no sqlite file" * 100)
+    before = folder_state(tmp_path / "studies")
+    with served(create_ui_app([tmp_path / "runs"], [tmp_path / "studies"], use_index=False)) as url:
+        home = requests.get(url + "/")
+        assert home.status_code == 200 and "good" in home.text and "broken" in home.text and "half" in home.text
+        assert requests.get(url + "/studies/broken").status_code == 422
+        assert requests.get(url + "/studies/half").status_code == 422
+        assert requests.get(url + "/studies/good").status_code == 200
+        assert requests.get(url + "/", headers={"Host": "evil.example"}).status_code == 400  # DNS rebinding
+        r = requests.post(url + "/api/playground/x/models", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+    # read-only toward studies too: the files are unchanged (a WAL reader may add SQLite's empty
+    # -wal/-shm coordination files, which hold no data)
+    after = {p: v for p, v in folder_state(tmp_path / "studies").items() if not p.endswith(("-wal", "-shm"))}
+    assert after == before
+    assert good.is_dir()
+
+
 def test_token_and_bind(tmp_path):
     from tunesmith.deploy.errors import ServeError
     from tunesmith.web import serve_ui

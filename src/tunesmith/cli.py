@@ -166,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     q.add_argument("--max-concurrency", type=int, default=4, help="requests in flight")
     q.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer (a local CPU model is slow)")
+    q.add_argument("--max-tokens", type=int, default=400, help="longest answer asked for (a reasoning model needs more)")
     q = acts.add_parser("report", help="results: win rates, scores, agreement, position bias, metrics and judge vs people")
     q.add_argument("study")
     q = acts.add_parser("export", help="preference pairs (prompt, chosen, rejected) for preference tuning")
     q.add_argument("study")
     q.add_argument("--format", default="preference", choices=["preference"])
     q.add_argument("--source", default="human", choices=["human", "judge"], help="whose preferences (default: the people's majority)")
+    q.add_argument("--judge", help="with --source judge and several judges: which one (e.g. judge:gpt-4o)")
     q.add_argument("--out", help="JSONL file (default STUDY/preferences.jsonl; --source judge: STUDY/preferences-judge.jsonl)")
 
     p = verbs.add_parser("ui", help="the local dashboard: runs, reports, live training, chat playground, rating studies")
@@ -359,6 +361,7 @@ def _study(args: argparse.Namespace, console: Console) -> None:
                           f"(tunesmith study invite {out} NAME) or the pairs stay incomplete[/yellow]", highlight=False)
         _print_links(out, "http://127.0.0.1:8080", console)
     elif args.action == "invite":
+        studies.load_study(args.study)  # a clear error for a folder that is no study (and nothing created in it)
         if args.names:
             studies.invite(args.study, args.names)
         _print_links(Path(args.study), args.url, console)
@@ -381,7 +384,7 @@ def _study(args: argparse.Namespace, console: Console) -> None:
 
         counts = judge_study(args.study, ApiConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
                                                    max_concurrency=args.max_concurrency, timeout_s=args.timeout),
-                                  console=console)
+                                  console=console, max_tokens=args.max_tokens)
         console.print(f"judge {args.model}: {counts['judged']} verdicts ({counts['asked']} asked, {counts['cached']} from the cache), "
                       f"{counts['unreadable']} unreadable, {counts['failed']} failed", highlight=False)
     elif args.action == "report":
@@ -395,7 +398,7 @@ def _study(args: argparse.Namespace, console: Console) -> None:
         from tunesmith.studies.export import default_path, export_preferences
 
         out = Path(args.out) if args.out else default_path(args.study, args.source)
-        n = export_preferences(args.study, out, source=args.source)
+        n = export_preferences(args.study, out, source=args.source, judge=args.judge)
         console.print(f"{n} preference pairs ({args.source}): {out}", highlight=False)
 
 

@@ -20,16 +20,17 @@ from tunesmith.studies import store
 from tunesmith.studies.create import load_study
 
 AUTOMATIC = ("rougeL", "bleu", "chrf")
+PRIOR_WINS = 0.5  # Bradley-Terry: virtual wins each way between two compared systems
 
 
-def analyze(study_dir: str | Path, resamples: int = S.RESAMPLES) -> dict[str, Any]:
+def analyze(study_dir: str | Path, resamples: int = S.RESAMPLES, readonly: bool = False) -> dict[str, Any]:
     """Every statistic of the study in ``study_dir`` (see the module docstring). Raises StudyError
-    when the folder is not a study."""
+    when the folder is not a study. ``readonly``: the ratings file is only read (the dashboard)."""
     study_dir = Path(study_dir)
     study, items = load_study(study_dir)
     criteria = [c["name"] for c in study["criteria"]]
     systems = list(study["systems"])
-    with store.connect(study_dir) as con:
+    with store.connect(study_dir, readonly=readonly) as con:
         ratings = store.all_ratings(con)
         pairs = store.pairs(con)
         people = store.raters(con)
@@ -97,11 +98,18 @@ def _bt(rows: list[dict[str, Any]]) -> dict[str, Any]:
         o = _outcomes([r], r["a"])[0]
         wins[(r["a"], r["b"])] += o
         wins[(r["b"], r["a"])] += 1 - o
-    strengths = S.bradley_terry(dict(wins))
-    lost = {s: sum(w for (_, j), w in wins.items() if j == s) for s in strengths}
-    # a system that never lost has no finite maximum-likelihood strength: say so instead of a huge number
-    return {s: {"strength": v if lost[s] > 0 else None, "beats_average": v / (v + 1) if lost[s] > 0 else None,
-                "unbeaten": lost[s] == 0}
+    lost = defaultdict(float)
+    for (_, j), w in wins.items():
+        lost[j] += w
+    # a system that never lost (or a group that never lost to the rest) has no finite maximum-likelihood
+    # strength, and the others' strengths then depend on when the fit stops; half a virtual win each way
+    # between every two systems compared (a weak prior; Bradley-Terry with pseudo-counts) keeps every
+    # strength finite and leaves well-supported ones nearly unchanged
+    prior = dict(wins)
+    for i, j in list(wins):
+        prior[(i, j)] = prior.get((i, j), 0.0) + PRIOR_WINS
+    strengths = S.bradley_terry(prior)
+    return {s: {"strength": v, "beats_average": v / (v + 1), "unbeaten": lost[s] == 0}
             for s, v in sorted(strengths.items(), key=lambda kv: -kv[1])}
 
 

@@ -19,10 +19,12 @@ from tunesmith.studies.stats import majority
 SOURCES = ("human", "judge")
 
 
-def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int = 1) -> list[dict[str, Any]]:
+def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int = 1,
+                    judge: str | None = None) -> list[dict[str, Any]]:
     """One row per pair whose ``source`` raters (human: the majority of the people's preferences;
-    judge: the judge's verdicts, both orders) prefer one answer, with at least ``min_votes`` votes.
-    Raises StudyError for an unknown source."""
+    judge: the verdicts of one judge, both orders: ``judge`` names it when there are several) prefer
+    one answer, with at least ``min_votes`` votes. Raises StudyError for an unknown source, no
+    ratings from it, or several judges and none named."""
     if source not in SOURCES:
         raise StudyError(f"--source: expected one of {', '.join(SOURCES)}, got {source!r}")
     study_dir = Path(study_dir)
@@ -30,6 +32,14 @@ def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int
     by_id = {it["id"]: it for it in items}
     with store.connect(study_dir) as con:
         ratings = [r for r in store.all_ratings(con) if r["kind"] == source]
+    if source == "judge":
+        names = sorted({r["rater_name"] for r in ratings})
+        if judge is not None:
+            if judge not in names:
+                raise StudyError(f"--judge {judge!r}: no such judge in this study (judges: {', '.join(names) or 'none'})")
+            ratings = [r for r in ratings if r["rater_name"] == judge]
+        elif len(names) > 1:
+            raise StudyError(f"this study has several judges ({', '.join(names)}): choose one with --judge")
     if not ratings:
         raise StudyError(f"{study_dir}: no {'human ratings' if source == 'human' else 'judge verdicts'} yet: "
                          "nothing to export")
@@ -60,9 +70,10 @@ def default_path(study_dir: str | Path, source: str = "human") -> Path:
     return Path(study_dir) / ("preferences.jsonl" if source == "human" else f"preferences-{source}.jsonl")
 
 
-def export_preferences(study_dir: str | Path, out: str | Path, source: str = "human", min_votes: int = 1) -> int:
+def export_preferences(study_dir: str | Path, out: str | Path, source: str = "human", min_votes: int = 1,
+                       judge: str | None = None) -> int:
     """Write ``preference_rows`` to the JSONL file ``out`` (atomically); returns the number of rows.
     Raises StudyError when the study has no ratings from ``source`` (nothing is written then)."""
-    rows = preference_rows(study_dir, source, min_votes)
+    rows = preference_rows(study_dir, source, min_votes, judge)
     atomic_write_jsonl(Path(out), rows)
     return len(rows)

@@ -91,8 +91,9 @@ def parse(reply: str, criteria: list[str]) -> tuple[dict[str, dict[str, int]], s
     return scores, {"a": "A", "b": "B", "tie": "tie"}[pref]
 
 
-def cache_key(cfg: ApiConfig, msgs: list[dict[str, str]]) -> str:
-    return hashlib.sha256(json.dumps([cfg.base_url, cfg.model, msgs], sort_keys=True).encode()).hexdigest()
+def cache_key(cfg: ApiConfig, msgs: list[dict[str, str]], max_tokens: int) -> str:
+    """What decides a reply: the endpoint, the model, the messages and the length allowed."""
+    return hashlib.sha256(json.dumps([cfg.base_url, cfg.model, msgs, max_tokens], sort_keys=True).encode()).hexdigest()
 
 
 def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None = None,
@@ -119,7 +120,7 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
             item = by_id[p["item"]]
             for left, right in ((p["a"], p["b"]), (p["b"], p["a"])):
                 msgs = messages(study, item, item["outputs"][left], item["outputs"][right])
-                jobs.append((p, left, right, msgs, cache_key(cfg, msgs)))
+                jobs.append((p, left, right, msgs, cache_key(cfg, msgs, max_tokens)))
         replies: dict[str, str] = {}
         todo = []
         for job in jobs:
@@ -145,8 +146,9 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
                 stop.set()  # asking the other pairs would get the same refusal
             return
         replies[job[4]] = reply
-        with store.connect(study_dir) as c:
-            store.cache_reply(c, job[4], reply)
+        if reply.strip():  # an empty reply (e.g. the length ran out while the model was thinking) is asked again
+            with store.connect(study_dir) as c:
+                store.cache_reply(c, job[4], reply)
         progress.advance(task)
 
     console = console or Console()

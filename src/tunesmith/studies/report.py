@@ -79,10 +79,12 @@ def body(doc: dict[str, Any]) -> str:
     parts.append(_win_table(doc["pairwise"]))
     if doc.get("bradley_terry"):
         parts.append("<h2>Bradley-Terry strengths</h2><p>P(i beats j) = s_i / (s_i + s_j); "
-                     "'beats average' is the chance of beating a system of strength 1.</p>")
+                     "'beats average' is the chance of beating a system of strength 1. Fitted with half a virtual "
+                     "win each way between every two systems compared, so that a system that never lost still "
+                     "gets a finite strength.</p>")
         parts.append(html_table(["system", "strength", "beats average"],
-                                [[s, "unbeaten (no finite estimate)" if v["unbeaten"] else _f(v["strength"]),
-                                  "-" if v["unbeaten"] else _f(v["beats_average"], ".0%")] for s, v in doc["bradley_terry"].items()]))
+                                [[s, _f(v["strength"]) + (" (never lost)" if v["unbeaten"] else ""),
+                                  _f(v["beats_average"], ".0%")] for s, v in doc["bradley_terry"].items()]))
     crit = [*doc["criteria"], "overall"]
     parts.append("<h2>Mean scores (1-5)</h2>")
     parts.append(html_table(["system", *crit], [[s, *(_ci(doc["scores"][s][c], "mean") for c in crit)] for s in doc["systems"]]))

@@ -70,14 +70,20 @@ def now() -> str:
 
 
 @contextlib.contextmanager
-def connect(study_dir: Path) -> Iterator[sqlite3.Connection]:
-    """An open connection to the study's file (created with its tables on first use)."""
-    con = sqlite3.connect(Path(study_dir) / DB, timeout=30.0, isolation_level=None)
+def connect(study_dir: Path, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+    """An open connection to the study's file (created with its tables on first use). ``readonly``:
+    opened for reading only, never created or changed (raises sqlite3.Error when it is missing)."""
+    path = Path(study_dir) / DB
+    if readonly:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+    else:
+        con = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")  # an acknowledged answer is on disk, even if the machine stops
+        if not readonly:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")  # an acknowledged answer is on disk, even if the machine stops
+            con.executescript(_SCHEMA)
         con.execute("PRAGMA busy_timeout=30000")
-        con.executescript(_SCHEMA)
         con.row_factory = sqlite3.Row
         yield con
     finally:
@@ -131,7 +137,7 @@ def raters(con: sqlite3.Connection, kind: str | None = None) -> list[dict[str, A
 def rater_by_token(con: sqlite3.Connection, token: str) -> dict[str, Any] | None:
     """The human rater whose invite token this is (compared in constant time), or None."""
     for r in raters(con, "human"):
-        if secrets.compare_digest(str(r["token"]), token):
+        if secrets.compare_digest(str(r["token"]).encode(), token.encode()):  # bytes: any text compares
             return r
     return None
 
@@ -156,7 +162,13 @@ def next_assignment(con: sqlite3.Connection, rater: int, k: int) -> Assignment |
             "WHERE a.rater = ? AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.rater = a.rater AND r.pair = a.pair) "
             "ORDER BY a.id LIMIT 1", (rater,)).fetchone()
         if open_row:
-            return _assignment(open_row)
+            full = con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater "
+                               "WHERE r.pair = ? AND x.kind = 'human'", (open_row["pair"],)).fetchone()[0] >= k
+            if not full:  # still theirs: shown again, and its hold starts again
+                con.execute("UPDATE assignments SET created = ? WHERE id = ?", (now(), open_row["id"]))
+                return _assignment(open_row)
+            # others completed the pair while this rater was away: give them another
+            con.execute("DELETE FROM assignments WHERE id = ?", (open_row["id"],))
         held = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=HOLD_MINUTES)).isoformat(timespec="seconds")
         rows = con.execute(
             "SELECT p.id, p.item, p.a, p.b, "
@@ -216,13 +228,15 @@ def answered(con: sqlite3.Connection, rater: int) -> list[tuple[int, dict[str, A
 
 
 def save_rating(con: sqlite3.Connection, rater: int, assignment: int, scores: dict[str, dict[str, int]],
-                preference: str, comment: str, criteria: list[str], revise: bool = False) -> None:
+                preference: str, comment: str, criteria: list[str], revise: bool = False, k: int | None = None) -> None:
     """Record rater ``rater``'s answer to their assignment ``assignment``; with ``revise``, replace
     their earlier answer to it (a rater correcting a slip).
 
     ``scores``: {"left"|"right": {criterion: 1..5}}; ``preference``: left, right or tie. Raises
     RatingRefused: 403 when the assignment is not this rater's, 409 when it is already answered
-    (and not ``revise``), 400 for a missing or out-of-range score or preference.
+    (and not ``revise``) or, given ``k``, when the pair already has ``k`` human ratings (others
+    completed it while this rater's assignment went stale), 400 for a missing or out-of-range score
+    or preference.
     """
     problems = [f"Answer {'A' if side == 'left' else 'B'}, {c}: a score from 1 to 5 is needed" for side in ("left", "right") for c in criteria
                 if not isinstance(scores.get(side, {}).get(c), int) or not 1 <= scores[side][c] <= 5]
@@ -230,6 +244,7 @@ def save_rating(con: sqlite3.Connection, rater: int, assignment: int, scores: di
         problems.append("which do you prefer: choose A, B or tie")
     if problems:
         raise RatingRefused("; ".join(problems), 400)
+    stale = False
     with transaction(con):
         row = con.execute("SELECT a.rater, a.pair, a.left, p.a, p.b FROM assignments a JOIN pairs p ON p.id = a.pair "
                           "WHERE a.id = ?", (assignment,)).fetchone()
@@ -244,9 +259,16 @@ def save_rating(con: sqlite3.Connection, rater: int, assignment: int, scores: di
             con.execute("UPDATE ratings SET scores = ?, preference = ?, comment = ?, created = ? WHERE rater = ? AND pair = ?",
                         (json.dumps(by_system), winner, comment.strip(), now(), rater, row["pair"]))
             return
-        con.execute("INSERT INTO ratings (rater, pair, left, right, scores, preference, comment, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rater, row["pair"], row["left"], right, json.dumps(by_system), winner, comment.strip(), now()))
+        if k is not None and con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater "
+                                         "WHERE r.pair = ? AND x.kind = 'human'", (row["pair"],)).fetchone()[0] >= k:
+            con.execute("DELETE FROM assignments WHERE id = ?", (assignment,))
+            stale = True  # committed below, then refused (raising here would roll the delete back)
+        else:
+            con.execute("INSERT INTO ratings (rater, pair, left, right, scores, preference, comment, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rater, row["pair"], row["left"], right, json.dumps(by_system), winner, comment.strip(), now()))
+    if stale:
+        raise RatingRefused("others completed this pair while it waited for you; your next pair is ready", 409)
 
 
 def save_judgement(con: sqlite3.Connection, rater: int, pair: int, left: str, right: str,

@@ -71,25 +71,37 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
 
     @app.post(prefix + "/r/{token}", response_class=HTMLResponse)
     async def submit(token: str, request: Request) -> Any:
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
-            return _page("Too large", "<h1>That answer is too large</h1><p>Shorten the comment and send it again.</p>", 413)
+        with store.connect(study_dir) as con:  # who is asking, before reading what they send
+            if store.rater_by_token(con, token) is None:
+                return _forbidden()
+        too_large = _page("Too large", "<h1>That answer is too large</h1><p>Shorten the comment and send it again.</p>", 413)
+        if _int(request.headers.get("content-length")) is None and request.headers.get("content-length"):
+            return too_large
+        if (_int(request.headers.get("content-length")) or 0) > MAX_FORM_BYTES:
+            return too_large
+        body = b""
+        async for chunk in request.stream():  # capped, whatever the header said
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return too_large
         form = {key: values[-1] for key, values in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
         with store.connect(study_dir) as con:
             rater = store.rater_by_token(con, token)
             if rater is None:
                 return _forbidden()
-            try:
-                assignment = int(form.get("assignment", ""))
-            except ValueError:
+            assignment = _int(form.get("assignment"))
+            if assignment is None:
                 return _page("Refused", "<h1>Refused</h1><p>The form did not say which pair it rates.</p>", 400)
             scores = {side: {c: _int(form.get(f"{side}.{c}")) for c in criteria} for side in ("left", "right")}
             try:
                 # a rater's form for a pair they already answered (back button, double click, the change
                 # link) replaces that answer: the latest one they sent is what they mean
                 store.save_rating(con, rater["id"], assignment, scores, form.get("preference", ""),  # type: ignore[arg-type]
-                                  form.get("comment", ""), criteria, revise=True)
+                                  form.get("comment", ""), criteria, revise=True, k=k)
             except store.RatingRefused as e:
+                if e.status == 409:  # the pair was completed by others meanwhile: on to the next one
+                    return _page("Already complete", f"<h1>That pair is complete</h1><p>{html.escape(str(e))}.</p>"
+                                 f"<p><a href='{prefix}/r/{html.escape(token)}'>Next pair</a></p>", 409)
                 return _page("Refused", f"<h1>Not saved</h1><p>{html.escape(str(e))}</p>"
                              f"<p><a href='{prefix}/r/{html.escape(token)}'>Back to your ratings</a></p>", e.status)
         return RedirectResponse(f"{prefix}/r/{token}", status_code=303)
@@ -103,10 +115,12 @@ def create_study_app(study_dir: str | Path) -> FastAPI:
 
 
 def _int(value: str | None) -> int | None:
+    """A whole number from a form or query value; None for anything else (or one SQLite cannot hold)."""
     try:
-        return int(value) if value is not None else None
+        number = int(value) if value is not None else None
     except ValueError:
         return None
+    return number if number is None or abs(number) < 2**62 else None
 
 
 def _forbidden() -> HTMLResponse:

@@ -15,6 +15,7 @@ import html
 import ipaddress
 import json
 import secrets
+import sqlite3
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,11 +97,25 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
     install_error_handlers(app)
     app.state.playground = playground
 
+    if not token:
+        # only this machine's names: a web page elsewhere cannot rebind its own domain to 127.0.0.1
+        # and read the dashboard (DNS rebinding); with a token the token protects it
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])
+
+        @app.middleware("http")
+        async def same_origin(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            """A POST from another site's page (it carries that site's Origin) is refused."""
+            origin = request.headers.get("origin")
+            if request.method == "POST" and origin and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+                return JSONResponse(error_body(403, "cross-site request refused"), status_code=403)
+            return await call_next(request)
     if token:
         @app.middleware("http")
         async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
             given = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
-            if not secrets.compare_digest(given, token):
+            if not secrets.compare_digest(given.encode(), token.encode()):
                 return HTMLResponse(pages.page("Not allowed", "<h1>A token is needed</h1><p>Open the address "
                                                "`tunesmith ui` printed (it ends in ?token=...).</p>"), status_code=403)
             response = await call_next(request)
@@ -126,7 +141,7 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
         row = src.run(rid)
         if row is None:
             return _missing("run", rid)
-        return HTMLResponse(pages.run_page(row, [r for r in src.runs() if r["exists"] and r["id"] != rid]))
+        return HTMLResponse(pages.run_page(row, [r for r in src.runs() if r["exists"] and r["id"] != row["id"]]))
 
     @app.get("/runs/{rid}/report", response_model=None)
     def run_report(rid: str) -> Response:
@@ -196,7 +211,11 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
 
         if not (folder / store.DB).is_file():  # never create one: the dashboard only reads
             raise StudyError(f"{folder}: no {store.DB}; not a complete study (make one with tunesmith study create)")
-        return HTMLResponse(pages.page(f"study {name}", pages.nav() + body(analyze(folder))))
+        try:
+            doc = analyze(folder, readonly=True)
+        except (sqlite3.Error, KeyError, TypeError, ValueError) as e:
+            raise StudyError(f"{folder}: cannot be read ({type(e).__name__}: {e})") from None
+        return HTMLResponse(pages.page(f"study {name}", pages.nav() + body(doc)))
 
     return app
 
@@ -210,7 +229,14 @@ def _study_summary(folder: Path) -> dict[str, Any]:
     if not (folder / store.DB).is_file():
         return {"systems": list(study.get("systems", [])), "items": len(items), "wanted": 0, "ratings": 0,
                 "problem": f"no {store.DB}"}
-    with store.connect(folder) as con:
+    try:
+        return _counts(folder, study, items)
+    except (sqlite3.Error, KeyError, TypeError, ValueError) as e:
+        return {"systems": [], "items": 0, "wanted": 0, "ratings": 0, "problem": f"{type(e).__name__}: {e}"[:200]}
+
+
+def _counts(folder: Path, study: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+    with store.connect(folder, readonly=True) as con:
         n_pairs = con.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
         human = con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater WHERE x.kind = 'human'").fetchone()[0]
     return {"systems": list(study["systems"]), "items": len(items), "wanted": n_pairs * study["ratings_per_pair"],
