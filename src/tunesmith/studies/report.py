@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.io import atomic_write_json, atomic_write_text
-from tunesmith.report import PAGE, html_table, png
+from tunesmith.report import PAGE, html_table, p_text, png
 from tunesmith.studies.analysis import analyze
 
 
@@ -39,10 +39,6 @@ def _f(v: float | None, spec: str = ".2f") -> str:
 
 def _ci(d: dict[str, Any], key: str, spec: str = ".2f") -> str:
     return f"{_f(d[key], spec)} [{_f(d['low'], spec)}, {_f(d['high'], spec)}]"
-
-
-def _p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _p_is(p: float) -> str:
@@ -100,7 +96,7 @@ def body(doc: dict[str, Any]) -> str:
     pb = doc["position_bias"]
     parts.append("<h2>Position bias</h2>" + (
         f"<p>The left answer won {pb['left_wins']} of {pb['decisive']} decisive preferences "
-        f"({_f(pb['rate'], '.0%')}; binomial test of 50%: p = {_p(pb['p'])}). Positions were balanced "
+        f"({_f(pb['rate'], '.0%')}; binomial test of 50%: p = {p_text(pb['p'])}). Positions were balanced "
         "by assignment, so a bias here does not favour any system.</p>" if pb["decisive"] else
         "<p>No decisive human preference yet.</p>"))
     parts.append("<h2>Would the automatic metrics and the judge have told us the same?</h2>"
@@ -140,7 +136,7 @@ def body(doc: dict[str, Any]) -> str:
 def _win_table(rows: list[dict[str, Any]]) -> str:
     return html_table(["system", "vs", "wins", "ties", "losses", "win rate [95% CI]", "prompts won-lost", "sign test p"],
                       [[w["a"], w["b"], str(w["wins"]), str(w["ties"]), str(w["losses"]), _ci(w, "rate"),
-                        f"{w['prompts_won']}-{w['prompts_lost']}", _p(w["p_sign"])] for w in rows])
+                        f"{w['prompts_won']}-{w['prompts_lost']}", p_text(w["p_sign"])] for w in rows])
 
 
 def _scores_png(doc: dict[str, Any]) -> bytes:

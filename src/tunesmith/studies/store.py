@@ -162,8 +162,7 @@ def next_assignment(con: sqlite3.Connection, rater: int, k: int) -> Assignment |
             "WHERE a.rater = ? AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.rater = a.rater AND r.pair = a.pair) "
             "ORDER BY a.id LIMIT 1", (rater,)).fetchone()
         if open_row:
-            full = con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater "
-                               "WHERE r.pair = ? AND x.kind = 'human'", (open_row["pair"],)).fetchone()[0] >= k
+            full = _human_ratings(con, open_row["pair"]) >= k
             if not full:  # still theirs: shown again, and its hold starts again
                 con.execute("UPDATE assignments SET created = ? WHERE id = ?", (now(), open_row["id"]))
                 return _assignment(open_row)
@@ -185,6 +184,12 @@ def next_assignment(con: sqlite3.Connection, rater: int, k: int) -> Assignment |
         cur = con.execute("INSERT INTO assignments (rater, pair, left, created) VALUES (?, ?, ?, ?)",
                           (rater, pick["id"], left, now()))
         return Assignment(int(cur.lastrowid or 0), pick["id"], pick["item"], left, pick["b"] if left == pick["a"] else pick["a"])
+
+
+def _human_ratings(con: sqlite3.Connection, pair: int) -> int:
+    """How many people (not judges) have rated ``pair``."""
+    return int(con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater "
+                           "WHERE r.pair = ? AND x.kind = 'human'", (pair,)).fetchone()[0])
 
 
 def _left_system(con: sqlite3.Connection, pair: int, a: str, b: str, rater: int) -> str:
@@ -259,8 +264,7 @@ def save_rating(con: sqlite3.Connection, rater: int, assignment: int, scores: di
             con.execute("UPDATE ratings SET scores = ?, preference = ?, comment = ?, created = ? WHERE rater = ? AND pair = ?",
                         (json.dumps(by_system), winner, comment.strip(), now(), rater, row["pair"]))
             return
-        if k is not None and con.execute("SELECT COUNT(*) FROM ratings r JOIN raters x ON x.id = r.rater "
-                                         "WHERE r.pair = ? AND x.kind = 'human'", (row["pair"],)).fetchone()[0] >= k:
+        if k is not None and _human_ratings(con, row["pair"]) >= k:
             con.execute("DELETE FROM assignments WHERE id = ?", (assignment,))
             stale = True  # committed below, then refused (raising here would roll the delete back)
         else:
