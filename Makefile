@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tunesmith-installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-LLAMA_STAMP := $(VENV)/.llama-installed
+LLAMA_STAMP := $(VENV)/.llama-installed-no-amx
 
 .PHONY: setup browser llama demo test test-fast bench clean
 
@@ -29,11 +29,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # llama.cpp's Python binding, for `tunesmith export --format gguf --verify` and its tests: PyPI has
-# only its source, so it is compiled here once (about 12 min on 2 cores; the `llama` extra)
+# only its source, so it is compiled here once (about 12 min on 2 cores; the `llama` extra).
+# Built for this CPU (GGML_NATIVE) but without Intel AMX: on AMX machines ggml's AMX backend
+# segfaults in ggml_backend_amx_mul_mat on q8_0 prompts of more than one token (llama.cpp issue
+# 20824, "segfault in ggml_backend_amx_mul_mat"; stanfordnlp/dspy PR 10079 removed the AMX build for
+# the same crash). -march=native turns AMX on; the -mno-amx-* flags win over it in any order, so the
+# AMX code (guarded by __AMX_INT8__) is not compiled; AVX-512/VNNI/BF16 stay. LLAMA_NO_AMX is
+# checked after the build (tests/test_export_gguf.py checks the installed library again).
+LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+
 llama: $(LLAMA_STAMP)
 
 $(LLAMA_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	CFLAGS="$(LLAMA_NO_AMX)" CXXFLAGS="$(LLAMA_NO_AMX)" CMAKE_ARGS="-DGGML_NATIVE=ON" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --no-cache-dir llama-cpp-python==0.3.36
 	touch $(LLAMA_STAMP)
 
 demo: setup
