@@ -7,8 +7,9 @@ STAMP := $(VENV)/.tunesmith-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 LLAMA_STAMP := $(VENV)/.llama-installed-no-amx
+LLAMA_CONVERT := $(VENV)/llama.cpp-convert
 
-.PHONY: setup browser llama demo test test-fast bench clean
+.PHONY: setup browser llama llama-convert demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -45,13 +46,26 @@ $(LLAMA_STAMP): $(STAMP)
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --no-cache-dir llama-cpp-python==0.3.36
 	touch $(LLAMA_STAMP)
 
+# llama.cpp's own converter (convert_hf_to_gguf.py, its conversion/ and gguf-py), from the binding's source
+# package, so the tests can check that our GGUF files equal its output tensor for tensor
+llama-convert: $(LLAMA_CONVERT)/convert_hf_to_gguf.py
+
+$(LLAMA_CONVERT)/convert_hf_to_gguf.py: $(STAMP)
+	rm -rf $(LLAMA_CONVERT) && mkdir -p $(LLAMA_CONVERT)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(LLAMA_CONVERT)
+	tar -xzf $(LLAMA_CONVERT)/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_CONVERT) --strip-components 3 \
+		llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py llama_cpp_python-0.3.36/vendor/llama.cpp/conversion \
+		llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+	rm $(LLAMA_CONVERT)/llama_cpp_python-0.3.36.tar.gz
+	touch $@
+
 demo: setup
 	$(VENV)/bin/tunesmith demo
 
-test: setup browser llama
+test: setup browser llama llama-convert
 	$(PY) -m pytest -q
 
-test-fast: setup browser llama
+test-fast: setup browser llama llama-convert
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

@@ -13,9 +13,10 @@ chat prompts everywhere except llama.cpp q8_0 (4/5: a near tie on "What is the c
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tunesmith.data.render import TEMPLATES
-from tunesmith.deploy import gguf_export
+from tunesmith.deploy import gguf_export, llama_consumer
 from tunesmith.deploy.gguf_export import ExportError, ollama_modelfile, unpermute_qk, verify_gguf, write_gguf
 
 RELATIVE_TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
@@ -155,7 +156,7 @@ def test_mistral_and_qwen2_export_too(tmp_path, tokenizer, family):
     assert field(reader, "general.architecture") == ("llama" if family == "mistral" else "qwen2")
     assert ("blk.0.attn_q.bias" in {t.name for t in reader.tensors}) == (family == "qwen2")
     assert_same_model(path, model, tokenizer, "f32")
-    if importlib.util.find_spec("llama_cpp"):
+    if llama_consumer.available():
         result = verify_gguf(path, model, tokenizer, ["hello world"], max_new_tokens=3)
         assert result["agree_all_tokens"] == 1 and result["relative_diff"] < 1e-3, result
 
@@ -198,39 +199,62 @@ def test_verify_with_the_transformers_consumer(tmp_path, tokenizer, monkeypatch)
     prompts = ["hello world", "what is the capital of france ?", TEXTS[0]]  # the last one is already rendered
     result = verify_gguf(path, model, tokenizer, prompts, max_new_tokens=5)
     assert result["consumer"].startswith("transformers") and result["prompts"] == 3
+    assert "not installed" in result["note"] and "llama.cpp" in result["note"]  # never a silent stand-in
     assert result["agree_first_token"] == result["agree_all_tokens"] == 3
     assert all(d["prompt_ids_equal"] and 1 <= len(d["reference"]) <= 5 for d in result["details"])
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
 def test_llama_cpp_reads_the_tiny_export_with_the_same_tokens_and_logits(tmp_path, tokenizer, dtype):
-    """llama.cpp itself: same prompt ids, same logits at every position (within the dtype's
-    tolerance; its f16 KV cache costs f32 ~2e-4), and the end of turn ends generation."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    """llama.cpp itself (in its child process): same prompt ids, same logits at every position
+    (within the dtype's tolerance; its f16 KV cache costs f32 ~2e-4), and the end of turn ends generation."""
+    if not llama_consumer.available():
+        pytest.skip("llama_cpp is not installed (make llama)")
     untied = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     torch.manual_seed(1)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for model in (make_model(len(tokenizer)).eval(), LlamaForCausalLM(untied).eval()):
         path = write_gguf(model, tokenizer, tmp_path / f"tiny-{dtype}.gguf", dtype=dtype)
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
-        try:
-            for text in TEXTS:
-                ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-                assert ids == tokenizer(text, add_special_tokens=False).input_ids, text
-                llm.reset()
-                llm.eval(ids)
-                got, want = torch.tensor(np.array(llm.scores[: len(ids)])), logits(model, tokenizer, text)  # (T, V)
-                assert float((want - got).abs().max() / want.abs().max()) <= max(RELATIVE_TOLERANCE[dtype], 1e-3)
-                assert float((want.argmax(-1) == got.argmax(-1)).float().mean()) >= 0.9
-            im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-            assert llama_cpp.llama_vocab_is_eog(llm._model.vocab, im_end) and llm.token_eos() == im_end
-        finally:
-            llm.close()
+        run = llama_consumer.run_llama_cpp(path, TEXTS, max_new_tokens=1, n_ctx=256, all_logits=True, eog_ids=[im_end])
+        for text, answer in zip(TEXTS, run.answers):
+            assert answer.prompt_ids == tokenizer(text, add_special_tokens=False).input_ids, text
+            got, want = torch.from_numpy(answer.all_logits), logits(model, tokenizer, text)  # (T, V)
+            assert float((want - got).abs().max() / want.abs().max()) <= max(RELATIVE_TOLERANCE[dtype], 1e-3)
+            assert float((want.argmax(-1) == got.argmax(-1)).float().mean()) >= 0.9
+        assert run.is_eog[im_end] and run.token_eos == im_end
+
+
+def test_llama_cpp_binding_is_built_without_amx():
+    """ggml's AMX backend segfaults on q8_0 prompts on Intel AMX CPUs (llama.cpp issue 20824): the
+    Makefile builds the binding with -mno-amx-*, so llama.cpp must not report AMX among its features."""
+    if not llama_consumer.available():
+        pytest.skip("llama_cpp is not installed (make llama)")
+    info = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert "AMX_INT8 = 1" not in info.stdout and "AMX" not in info.stdout.replace("AMX_INT8 = 0", ""), info.stdout
+
+
+def test_a_crash_in_llama_cpp_is_a_failed_verification_not_a_crash(tmp_path, tokenizer, monkeypatch):
+    """Native code that dies by a signal (as the AMX backend does) must not take the exporter down:
+    the child process's death is reported as a failed verification, naming the signal."""
+    crasher = tmp_path / "crash.sh"
+    crasher.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crasher.chmod(0o755)
+    monkeypatch.setattr(llama_consumer, "available", lambda: True)
+    monkeypatch.setattr(llama_consumer.sys, "executable", str(crasher))  # the child: a process that segfaults
+    model = make_model(len(tokenizer)).eval()
+    path = write_gguf(model, tokenizer, tmp_path / "tiny.gguf", dtype="q8_0")
+    result = verify_gguf(path, model, tokenizer, ["hello world"], max_new_tokens=3)
+    assert result["error"].startswith("llama.cpp crashed (SIGSEGV, signal 11)"), result
+    assert result["consumer"] == "llama.cpp" and "relative_diff" not in result
 
 
 def test_verify_with_llama_cpp_stops_at_the_end_of_turn(tmp_path, tokenizer):
     """A tiny model trained for a moment to answer "<|im_end|>" at once: llama.cpp stops there."""
-    pytest.importorskip("llama_cpp")
+    if not llama_consumer.available():
+        pytest.skip("llama_cpp is not installed (make llama)")
     model = make_model(len(tokenizer)).train()
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = ["hello world", "what is the capital of france ?"]
@@ -539,7 +563,8 @@ def test_default_model_export_reads_back_in_transformers(tmp_path, default_model
 
 @pytest.mark.slow
 def test_default_model_in_llama_cpp_agrees_and_stops_at_the_end_of_turn(tmp_path, default_model):
-    pytest.importorskip("llama_cpp")
+    if not llama_consumer.available():
+        pytest.skip("llama_cpp is not installed (make llama)")
     from tunesmith.models import default_gguf_path
 
     model, tok = default_model
@@ -550,3 +575,41 @@ def test_default_model_in_llama_cpp_agrees_and_stops_at_the_end_of_turn(tmp_path
     assert result["agree_first_token"] >= 4, result
     assert result["relative_diff"] <= SMOLLM_TOLERANCE["q8_0"], result
     assert result["stopped_at_end_of_turn"] >= 2, result  # short answers end with <|im_end|> within 24 tokens
+
+
+LLAMA_CONVERTER = Path(sys.prefix) / "llama.cpp-convert" / "convert_hf_to_gguf.py"  # `make llama-convert`
+# metadata that may differ from llama.cpp's converter: the name, its size label, and what we copy from the
+# source GGUF (add_space_prefix) or add on purpose (eot_token_id: the end of turn, so llama.cpp stops there)
+CONVERTER_DIFFERENCES = {"general.name", "general.size_label", "tokenizer.ggml.add_space_prefix",
+                         "tokenizer.ggml.eot_token_id"}
+
+
+@pytest.mark.slow
+def test_default_model_gguf_equals_llama_cpp_converter_output(tmp_path, default_model, dtype="q8_0"):
+    """Our file is llama.cpp's own: the same model saved as an HF folder and converted by llama.cpp's
+    convert_hf_to_gguf.py (vendored in llama-cpp-python's source) gives byte-identical tensors and
+    the same metadata. So a crash of llama.cpp on our q8_0 file (Intel AMX) is llama.cpp's, not the file's.
+    (f16 was checked the same way once, 2026-12-06: 272 of 272 tensors identical.)"""
+    if not LLAMA_CONVERTER.is_file():
+        pytest.skip(f"{LLAMA_CONVERTER} is missing (make llama-convert)")
+    from tunesmith.models import default_gguf_path
+
+    model, tok = default_model
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    ours = write_gguf(model, tok, tmp_path / f"ours.{dtype}.gguf", dtype=dtype, source_gguf=default_gguf_path())
+    theirs = tmp_path / f"theirs.{dtype}.gguf"
+    done = subprocess.run([sys.executable, str(LLAMA_CONVERTER), str(tmp_path / "hf"), "--outtype", dtype, "--outfile",
+                           str(theirs)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(LLAMA_CONVERTER.parent / "gguf-py")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    mine, other = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert sorted(mine) == sorted(other)
+    for name, t in mine.items():
+        assert (t.tensor_type, list(t.shape)) == (other[name].tensor_type, list(other[name].shape)), name
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(other[name].data).view(np.uint8)), name
+    keys = {k for k in a.fields if not k.startswith("GGUF.")} | {k for k in b.fields if not k.startswith("GGUF.")}
+    for key in sorted(keys - CONVERTER_DIFFERENCES):
+        assert key in a.fields and key in b.fields, key
+        assert field(a, key) == field(b, key), key

@@ -245,6 +245,23 @@ def _tokenize(tokenizer: Any, text: str, protect: list[tuple[int, int]]) -> tupl
     return ids, offsets
 
 
+def encode_plain(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a plain text (no chat template), special-token strings in it tokenized as text.
+
+    The one way text from data or users becomes ids outside the chat template (raw text windows,
+    classification heads, general text, lengths in data reports): ``<|im_end|>`` written in a
+    review is the characters ``<|im_end|>``, never the control token. ``add_special_tokens``: the
+    model's own markers around the text (``[CLS] ... [SEP]`` for BERT), as its tokenizer adds them."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"])
+
+
+def has_special_text(tokenizer: Any, text: str) -> bool:
+    """Whether ``text`` holds a special-token string of ``tokenizer`` (counted in data reports)."""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])} | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    return any(s and s in text for s in specials)
+
+
 def _protected_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
     """Content spans that hold a special-token string (usually none: then the text is tokenized whole,
     exactly as ``apply_chat_template(tokenize=True)`` would)."""
@@ -282,12 +299,13 @@ def encode_text(tokenizer: Any, example: Example, max_seq_len: int) -> list[Enco
     """A raw text, then the end-of-text token, in windows of at most ``max_seq_len`` tokens that
     overlap by one token: every token after the text's first is a target exactly once (the first
     token of a window is context only), so a long document is trained on whole, not cut short."""
-    ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = encode_plain(tokenizer, example.text) + [tokenizer.eos_token_id]
     step = max(1, max_seq_len - 1)
     out = []
     for start in range(0, max(1, len(ids) - 1), step):
         window = ids[start : start + max_seq_len]
-        out.append(Encoded(window, [IGNORE] + window[1:], "window" if len(ids) > max_seq_len else None, example.source))
+        out.append(Encoded(window, [IGNORE] + window[1:], "window" if len(ids) > max_seq_len else None, example.source,
+                           special_text=has_special_text(tokenizer, example.text)))
         if start + max_seq_len >= len(ids):
             break
     return out
@@ -400,25 +418,98 @@ def _cut_range(a: int, b: int, n: int, side: str) -> tuple[int, int]:
     return a + head, a + head + n
 
 
+@dataclass(frozen=True)
+class PromptCut:
+    """How a prompt was shortened to fit the model's context: its length before and after (tokens)
+    and what was removed, e.g. "the middle of the last user message"."""
+
+    tokens: int
+    kept: int
+    where: str
+
+    @property
+    def removed(self) -> int:
+        return self.tokens - self.kept
+
+    def describe(self) -> str:
+        return f"{self.removed} of {self.tokens} prompt tokens cut ({self.where})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "kept": self.kept, "removed": self.removed, "where": self.where}
+
+
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], max_len: int, side: str = "middle",
                   source: str = "") -> list[int]:
     """Token ids of a conversation up to the point where the assistant answers (with the generation
-    prompt), special strings in the data kept as text and truncated like training prompts."""
+    prompt), special strings in the data kept as text, fitted into ``max_len`` tokens as
+    ``fit_prompt`` does (use that to learn what was cut)."""
+    return fit_prompt(tokenizer, messages, max_len, side, source)[0]
+
+
+def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], max_len: int, side: str = "middle",
+               source: str = "") -> tuple[list[int], PromptCut | None]:
+    """The prompt's ids (as ``encode_prompt``) and, when it had to be shortened to ``max_len``
+    tokens, a ``PromptCut`` saying how much and where (None when it fits whole).
+
+    The rule for every path that builds a prompt (evaluation, generate, studies, the prompt
+    method): the caller passes the model's context as ``max_len`` (never a training length minus
+    the answer's room), so a prompt is cut only when it cannot fit the model at all. Then the
+    oldest earlier turns go first (few-shot examples, earlier chat turns; the system prompt and
+    the question stay), then tokens of the last user message (its middle by default, or its
+    start or end: ``side``), then, if that is still not enough, the start of the conversation.
+    """
+    ids = _prompt_ids(tokenizer, messages, source)
+    if len(ids) <= max_len:
+        return ids, None
+    total, where = len(ids), []
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest, dropped = messages[len(system):], 0
+    while len(ids) > max_len and _earlier_turns(rest):
+        rest = rest[_earlier_turns(rest):]
+        dropped += 1
+        ids = _prompt_ids(tokenizer, system + rest, source)
+    if dropped:
+        where.append(f"the {dropped} oldest earlier turn{'s' if dropped > 1 else ''} (examples or chat history) left out")
+    if len(ids) > max_len:
+        ids, how = _cut_question(tokenizer, system + rest, ids, max_len, side, source)
+        where.append(how)
+    return ids, PromptCut(total, len(ids), "; ".join(where))
+
+
+def _earlier_turns(messages: list[dict[str, str]]) -> int:
+    """How many messages the oldest exchange before the last user turn spans (0: nothing earlier)."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    if last_user <= 0:
+        return 0
+    nxt = next((i for i in range(1, last_user + 1) if messages[i]["role"] == "user"), last_user)
+    return nxt
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], source: str) -> list[int]:
     text = render(tokenizer, messages, add_generation_prompt=True, source=source)
     fmt = chat_format(tokenizer)
     msgs = messages if fmt.system_role else fold_system(messages)
-    ids, offsets = _tokenize(tokenizer, text, _protected_spans(tokenizer, msgs, text))
-    if len(ids) <= max_len:
-        return ids
+    return _tokenize(tokenizer, text, _protected_spans(tokenizer, msgs, text))[0]
+
+
+def _cut_question(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], max_len: int, side: str,
+                  source: str) -> tuple[list[int], str]:
+    """``ids`` (the prompt of ``messages``) cut to ``max_len``: inside the last user message by
+    ``side`` when it can absorb the excess, else the start of the conversation. Returns the ids
+    and where the cut was."""
+    text = render(tokenizer, messages, add_generation_prompt=True, source=source)
+    fmt = chat_format(tokenizer)
+    msgs = messages if fmt.system_role else fold_system(messages)
+    _, offsets = _tokenize(tokenizer, text, _protected_spans(tokenizer, msgs, text))
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
-    spans = _content_spans(tokenizer, msgs, text)
-    span = spans[users[-1]] if users else None
+    span = _content_spans(tokenizer, msgs, text)[users[-1]] if users else None
     inside = [k for k, (a, b) in enumerate(offsets) if span and b > a and span[0] <= a and b <= span[1]]
     excess = len(ids) - max_len
     if len(inside) > excess:
         a, b = _cut_range(inside[0], inside[-1] + 1, excess, side)
-        return ids[:a] + ids[b:]
-    return ids[-max_len:]  # the question alone cannot absorb it: keep the end, where the answer starts
+        part = {"left": "start", "right": "end"}.get(side, "middle")
+        return ids[:a] + ids[b:], f"the {part} of the last user message"
+    return ids[-max_len:], "the start of the conversation, the system prompt included"
 
 
 def encode_all(tokenizer: Any, examples: list[Example], max_seq_len: int, last_turn_only: bool = False,
@@ -472,15 +563,16 @@ def encode_for_head(tokenizer: Any, example: Example, label_index: dict[str, int
     text = example.text if example.text is not None else (users[-1] if users else "")
     if example.label not in label_index:
         raise DataError(f"{example.source or 'an example'}: label {example.label!r} is not one of {sorted(label_index)}")
-    ids = tokenizer(text)["input_ids"]
+    special = has_special_text(tokenizer, text)
+    ids = encode_plain(tokenizer, text, add_special_tokens=True)
     if len(ids) <= max_seq_len:
-        return Encoded(ids, [], None, example.source, class_label=label_index[example.label])
-    inner = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return Encoded(ids, [], None, example.source, class_label=label_index[example.label], special_text=special)
+    inner = encode_plain(tokenizer, text)
     extra = len(ids) - len(inner)
     a, b = _cut_range(0, len(inner), len(ids) - max_seq_len, side)
     kept = inner[:a] + inner[b:]
     full = tokenizer.build_inputs_with_special_tokens(kept) if extra else kept
-    return Encoded(full, [], "prompt", example.source, class_label=label_index[example.label])
+    return Encoded(full, [], "prompt", example.source, class_label=label_index[example.label], special_text=special)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

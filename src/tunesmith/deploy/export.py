@@ -266,6 +266,9 @@ def verify_export(run: LoadedRun, exported: Exported) -> dict[str, Any]:
         gguf_file = next(exported.path.glob("*.gguf"))
         texts = [run.tokenizer.decode(p) for p in prompts]  # rendered prompts, taken as they are
         result = gguf_export.verify_gguf(gguf_file, run.model, run.tokenizer, texts)
+        if "error" in result:  # llama.cpp crashed or refused the file: the export stays, unverified
+            raise ExportError(f"verification failed: {result['error']}. The export is written ({exported.path}) but "
+                              "unverified" + _crash_advice(result["error"], exported.dtype))
         result["tolerance"] = limit = TOLERANCE_GGUF[exported.dtype]
         result["max_new_tokens"] = 8  # agree_all_tokens and stopped_at_end_of_turn count within these tokens
         if result.get("relative_diff") is None or result["relative_diff"] > limit:
@@ -293,6 +296,15 @@ def verify_export(run: LoadedRun, exported: Exported) -> dict[str, Any]:
         consumer = auto.from_pretrained(str(exported.path), dtype=DTYPES[exported.dtype]).eval()
         name = f"transformers {transformers.__version__}"
     return _compare_logits(reference.model, consumer, prompts, exported.dtype, name)
+
+
+def _crash_advice(error: str, dtype: str) -> str:
+    """What to do when llama.cpp crashed on an export: AMX builds crash on q8_0 (llama.cpp issue 20824)."""
+    if "crashed" not in error:
+        return ""
+    return ("; a llama.cpp built with Intel AMX crashes this way on q8_0 files (llama.cpp issue 20824): rebuild "
+            "llama-cpp-python without AMX (`make llama` does: CFLAGS/CXXFLAGS -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)"
+            + (", or export --dtype f16" if dtype == "q8_0" else ""))
 
 
 @torch.no_grad()
@@ -323,5 +335,7 @@ def describe(result: Exported) -> str:
     """One paragraph for the terminal: where the export is and what the verification found."""
     text = f"exported {result.format}" + (f" ({result.dtype})" if result.dtype != "-" else "") + f" to {result.path}: {', '.join(result.files)}"
     if result.verify:
-        text += "\nverified: " + json.dumps({k: v for k, v in result.verify.items() if k != "details"})
+        text += "\nverified: " + json.dumps({k: v for k, v in result.verify.items() if k not in ("details", "note")})
+        if result.verify.get("note"):
+            text += "\nnote: " + result.verify["note"]
     return text

@@ -12,8 +12,8 @@ turn ends (``<|im_end|>`` for ChatML even when the tokenizer's eos is ``<|endoft
 
 ``ollama_modelfile`` turns the HF chat template into an Ollama Go template by rendering probe
 conversations and reading off each role's prefix and suffix; ``verify_gguf`` loads the file in
-llama.cpp (``llama_cpp``, when installed) or transformers' GGUF loader and compares greedy
-generations with the in-memory model.
+llama.cpp (``llama_cpp``, when installed; in a child process, see ``llama_consumer``) or
+transformers' GGUF loader and compares greedy generations with the in-memory model.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import ChatFormat, chat_format
-from tunesmith.deploy import errors
+from tunesmith.deploy import errors, llama_consumer
 from tunesmith.io import default_file_mode
 
 Q = gguf.GGMLQuantizationType
@@ -510,39 +510,48 @@ def verify_gguf(path: str | Path, model: torch.nn.Module, tokenizer: Any, prompt
 
     Each prompt is a user message, rendered with the chat template and the generation prompt (a
     prompt that already contains the template's special tokens is taken as rendered). Consumer:
-    llama.cpp through ``llama_cpp`` when importable (it stops on its own end-of-generation
-    tokens, so this also checks that the end of turn stops it), else transformers' GGUF loader
-    (stopping on the GGUF's eos). Both sides generate up to ``max_new_tokens`` tokens greedily.
+    llama.cpp when its binding ``llama_cpp`` is installed, run in a child process (a crash in it
+    is a failed verification, never the caller's crash; it stops on its own end-of-generation
+    tokens, so this also checks that the end of turn stops it); else transformers' GGUF loader
+    (stopping on the GGUF's eos), and ``note`` says that llama.cpp itself was not tried. Both
+    sides generate up to ``max_new_tokens`` tokens greedily.
     Returns {consumer, prompts, agree_first_token, agree_all_tokens, stopped_at_end_of_turn,
-    relative_diff, details: [{prompt, reference, consumer, prompt_ids_equal}]}: token ids, and
-    ``relative_diff`` the largest max|logit difference| / max|logit| at the first answer position
-    over the prompts both sides tokenized alike (None if none did).
+    relative_diff, details: [{prompt, reference, consumer, prompt_ids_equal}]} (+ ``note``): token
+    ids, and ``relative_diff`` the largest max|logit difference| / max|logit| at the first answer
+    position over the prompts both sides tokenized alike (None if none did). When llama.cpp could
+    not run the file: {consumer, prompts, error} with the way it failed (``ConsumerFailed``'s message).
     """
     fmt = _chat_format(tokenizer)
     texts = [p if any(s in p for s in fmt.specials) else tokenizer.apply_chat_template(
         [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
-    try:
-        import llama_cpp  # noqa: F401
-        consumer: _Consumer = _LlamaCpp(Path(path), max(map(len, encoded), default=0) + max_new_tokens + 16)
-    except ImportError:
+    note = None
+    if llama_consumer.available():
+        try:
+            run = llama_consumer.run_llama_cpp(path, texts, max_new_tokens, max(map(len, encoded), default=0) + max_new_tokens + 16)
+        except llama_consumer.ConsumerFailed as e:
+            return {"consumer": "llama.cpp", "prompts": len(prompts), "error": str(e)}
+        consumer_name = run.name
+        answers = [(a.prompt_ids, a.new_ids, torch.from_numpy(a.first_logits)) for a in run.answers]
+    else:
         consumer = _TransformersGGUF(Path(path))
+        consumer_name = consumer.name
+        note = ("llama.cpp's Python binding (llama_cpp) is not installed, so the file was read by transformers' "
+                "GGUF loader instead: that checks the tensors and the vocabulary, not llama.cpp itself "
+                "(install it with `make llama` or pip install 'tunesmith[llama]')")
+        answers = [consumer.generate(text, max_new_tokens) for text in texts]
     details, diffs = [], []
-    try:
-        for prompt, text, ids in zip(prompts, texts, encoded):
-            want, want_logits = greedy(model, ids, max_new_tokens, set(fmt.stop_ids))
-            consumer_ids, got, got_logits = consumer.generate(text, max_new_tokens)
-            if consumer_ids == ids:
-                diffs.append(float((want_logits - got_logits).abs().max() / want_logits.abs().max()))
-            details.append({"prompt": prompt, "reference": want, "consumer": got, "prompt_ids_equal": consumer_ids == ids})
-    finally:
-        consumer.close()
+    for prompt, ids, (consumer_ids, got, got_logits) in zip(prompts, encoded, answers):
+        want, want_logits = greedy(model, ids, max_new_tokens, set(fmt.stop_ids))
+        if consumer_ids == ids:
+            diffs.append(float((want_logits - got_logits).abs().max() / want_logits.abs().max()))
+        details.append({"prompt": prompt, "reference": want, "consumer": got, "prompt_ids_equal": consumer_ids == ids})
     eot = fmt.end_of_turn_id
-    return {"consumer": consumer.name, "prompts": len(prompts),
+    return {"consumer": consumer_name, "prompts": len(prompts),
             "agree_first_token": sum(d["reference"][:1] == d["consumer"][:1] for d in details),
             "agree_all_tokens": sum(d["reference"] == d["consumer"] for d in details),
             "stopped_at_end_of_turn": sum(bool(d["consumer"]) and d["consumer"][-1] == eot for d in details),
-            "relative_diff": max(diffs) if diffs else None, "details": details}
+            "relative_diff": max(diffs) if diffs else None, "details": details} | ({"note": note} if note else {})
 
 
 @torch.no_grad()
@@ -566,51 +575,9 @@ def greedy(model: torch.nn.Module, ids: list[int], max_new_tokens: int, stop: se
     return out, first if first is not None else torch.zeros(0)
 
 
-class _Consumer:
-    name: str
+class _TransformersGGUF:
+    """transformers' GGUF loader as the consumer (when llama.cpp's binding is not installed)."""
 
-    def generate(self, text: str, max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
-        """(prompt ids as the consumer tokenizes ``text``, greedy new ids, the (V,) logits after the prompt)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Free the consumer's model now (llama.cpp's cannot be freed at interpreter exit)."""
-
-
-class _LlamaCpp(_Consumer):
-    def __init__(self, path: Path, n_ctx: int):
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False)
-        self.name = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
-
-    def generate(self, text: str, max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
-        import llama_cpp
-
-        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        self.llm.reset()
-        self.llm.eval(ids)
-        first = logits = self._last_logits()
-        out: list[int] = []
-        while True:  # greedy, as llama.cpp's top-k 1 sampler picks
-            out.append(int(logits.argmax()))
-            if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, out[-1]) or len(out) >= max_new_tokens:
-                break  # llama.cpp's own end-of-generation test: what stops llama-cli, llama-server, Ollama
-            self.llm.eval(out[-1:])
-            logits = self._last_logits()
-        return list(ids), out, first
-
-    def _last_logits(self) -> torch.Tensor:
-        import llama_cpp
-
-        row = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        return torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy())  # (V,)
-
-    def close(self) -> None:
-        self.llm.close()
-
-
-class _TransformersGGUF(_Consumer):
     def __init__(self, path: Path):
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
