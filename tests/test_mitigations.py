@@ -348,7 +348,7 @@ def test_instruction_replay_trains_on_the_base_models_own_replies(tiny_model, to
     first = replayed[0]
     number = int(first.source.split()[-1])  # "instruction N": the N-th of the shipped set
     asked = [Example([{"role": "user", "content": train_instructions()[number - 1 - EVAL_INSTRUCTIONS]}])]
-    reply = generate(tiny_model, tokenizer, asked, 5, 4, False, max_seq_len=128)[0][0]
+    reply = generate(tiny_model, tokenizer, asked, 5, 4, False)[0][0]
     want = encode(tokenizer, Example(asked[0].messages + [{"role": "assistant", "content": reply}]), 128)
     assert (first.input_ids, first.labels, first.kind) == (want.input_ids, want.labels, "replay")
     # the replies are cached by the model's weights: a second run asks nothing

@@ -17,19 +17,20 @@ from tunesmith.data import DataError
 from tunesmith.deploy.errors import ExportError, ServeError
 from tunesmith.models import ModelError
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
+from tunesmith.stopping import EXIT_RESUMABLE, Stopped
 from tunesmith.studies import StudyError
 from tunesmith.checkpoint import CheckpointError
 from tunesmith.train import NonFiniteLossError
 
 DEMO_CONFIG = "sst2.yaml"
-EXIT_RESUMABLE = 75  # training stopped by SIGTERM/SIGINT (or until_step) with a checkpoint: rerun with --resume
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a language model on your data and prove it got better.",
                                      epilog="exit codes: 0 done; 2 bad input (config, data, model, checkpoint); "
-                                            f"{EXIT_RESUMABLE} training stopped by SIGTERM/Ctrl-C with a checkpoint "
-                                            "(continue with --resume); 130 interrupted at once (a second Ctrl-C)")
+                                            f"{EXIT_RESUMABLE} stopped by SIGTERM/Ctrl-C with the work so far saved "
+                                            "(training: continue with --resume; eval, generate: run the same command "
+                                            "again); 130 interrupted at once (a second Ctrl-C)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("train", help="fine-tune as a config says, then evaluate against the base model")
@@ -244,6 +245,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
             done = generate_file(args.run_dir, args.input, args.output, _sampling(args), console=console,
                                  skip_bad_rows=args.skip_bad_rows)
+            if done.get("prompts_cut"):
+                console.print(f"[yellow]{done['prompts_cut']} prompt(s) were longer than the model's context "
+                              f"({done['context']:,} tokens) and were cut: each such row says how (prompt_cut)[/yellow]",
+                              highlight=False)
             console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['bad_rows']} bad rows skipped, "
                           f"{done['rows']} rows: "
                           f"{args.output}", highlight=False)
@@ -286,12 +291,18 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         elif args.verb == "demo":
             cfg = load_config(_demo_config(), args.overrides)
             run = finetune(cfg, overwrite=True, console=console)
+            if run.train.get("interrupted"):  # the run is kept: `train ... --resume` continues it
+                return EXIT_RESUMABLE
             console.print(f"report: {run.dir / 'report.html'}")
     except (ApiError, StudyError, ConfigError, DataError, ModelError, RunError, NonFiniteLossError, ExportError, ServeError,
             CheckpointError, distributed.MainFailed) as e:
         if distributed.world().main:  # the same files give every process the same error: process 0 says it
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGTERM/Ctrl-C: what was done is kept; the message says how to continue
+        if distributed.world().main:
+            print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_RESUMABLE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from rich.progress import Progress
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunesmith import metrics as M
 from tunesmith import runtime
 from tunesmith.api import ApiModel
 from tunesmith.data.formats import Example
-from tunesmith.data.render import chat_format, collate, encode, encode_for_head, encode_prompt, encode_text
+from tunesmith.data.render import PromptCut, chat_format, collate, encode, encode_for_head, encode_text, fit_prompt
+from tunesmith.evaluation.answers import AnswerStore, EvaluationStopped, answer_all
+from tunesmith.models import context_length
 from tunesmith.train import target_logprob_per_row
 
 NLL = tuple[list[float], list[int]]  # per example: summed negative log-likelihood (nats), target tokens
@@ -68,24 +72,26 @@ def example_nll(model: torch.nn.Module, tokenizer: Any, examples: list[Example],
 
 @torch.no_grad()
 def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Example], label_words: dict[str, str],
-                   max_seq_len: int, batch_size: int, bf16: bool, progress: Progress | None = None,
-                   normalize: str = "sum", side: str = "middle") -> tuple[list[str], NLL, int]:
+                   batch_size: int, bf16: bool, progress: Progress | None = None,
+                   normalize: str = "sum", side: str = "middle") -> tuple[list[str], NLL, int, list[PromptCut | None]]:
     """The most likely label of each example, by the log-probability of its words: summed
     (``normalize="sum"``) or per token (``"mean"``).
 
     Also returns each example's negative log-likelihood of its true label (and token count), from
-    the same forward passes, and the number of tokens read (every label's candidate counts: that
-    is the work done).
+    the same forward passes, the number of tokens read (every label's candidate counts: that
+    is the work done), and each example's prompt cut (None where it fit: a prompt is cut only
+    beyond the model's context, never to a training length).
     """
     model.eval()
     dev = next(model.parameters()).device
     keys = list(label_words)
+    context = context_length(model, tokenizer)  # the prompt budget is the model's, not train.max_seq_len
     candidates = []  # one encoding per (example, label), the label's words as the only target
     for ex in examples:
         prompt = ex.messages[: _last_answer(ex)]  # few-shot turns (and their answers) stay
         for k in keys:
             answer = {"role": "assistant", "content": label_words[k]}
-            candidates.append(encode(tokenizer, Example(prompt + [answer], source=ex.source), max_seq_len,
+            candidates.append(encode(tokenizer, Example(prompt + [answer], source=ex.source), context,
                                      last_turn_only=True, side=side))
     task = progress.add_task("label scoring", total=len(candidates), info="") if progress else None
     scores = torch.empty(len(candidates))
@@ -104,19 +110,21 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
     true = torch.tensor([keys.index(ex.label) for ex in examples]).unsqueeze(1)  # (E, 1)
     nll = ((-scores.gather(1, true).squeeze(1)).tolist(), counts.gather(1, true).squeeze(1).tolist())
     ranking = scores / counts.clamp(min=1) if normalize == "mean" else scores
-    return [keys[j] for j in ranking.argmax(dim=1).tolist()], nll, sum(len(c.input_ids) for c in candidates)
+    cuts = [candidates[i * len(keys)].cut for i in range(len(examples))]  # the first label's prompt stands for all
+    return [keys[j] for j in ranking.argmax(dim=1).tolist()], nll, sum(len(c.input_ids) for c in candidates), cuts
 
 
 @torch.no_grad()
 def predict_with_head(model: torch.nn.Module, tokenizer: Any, examples: list[Example], labels: list[str],
-                      max_seq_len: int, batch_size: int, bf16: bool, progress: Progress | None = None,
-                      side: str = "middle") -> tuple[list[str], NLL, int]:
+                      batch_size: int, bf16: bool, progress: Progress | None = None,
+                      side: str = "middle") -> tuple[list[str], NLL, int, list[PromptCut | None]]:
     """Predictions of a sequence-classification head, each example's cross-entropy on its true
-    label (one "token" each), and the number of tokens read."""
+    label (one "token" each), the number of tokens read, and each text's cut (None where it fit
+    the encoder's context)."""
     model.eval()
     dev = next(model.parameters()).device
     index = {k: i for i, k in enumerate(labels)}
-    encoded = [encode_for_head(tokenizer, ex, index, max_seq_len, side) for ex in examples]
+    encoded = [encode_for_head(tokenizer, ex, index, context_length(model, tokenizer), side) for ex in examples]
     task = progress.add_task("classifying", total=len(encoded), info="") if progress else None
     preds: list[str] = [""] * len(encoded)
     nll = [0.0] * len(encoded)
@@ -131,7 +139,7 @@ def predict_with_head(model: torch.nn.Module, tokenizer: Any, examples: list[Exa
             preds[j], nll[j] = labels[k], c
         if progress is not None:
             progress.update(task, advance=len(idx))
-    return preds, (nll, [1] * len(encoded)), sum(len(e.input_ids) for e in encoded)
+    return preds, (nll, [1] * len(encoded)), sum(len(e.input_ids) for e in encoded), [e.cut for e in encoded]
 
 
 INVALID = "<invalid>"
@@ -150,21 +158,38 @@ def parse_label(answer: str, label_words: dict[str, str]) -> str:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_new_tokens: int,
-             batch_size: int, bf16: bool, progress: Progress | None = None, max_seq_len: int = 4096,
-             side: str = "middle") -> tuple[list[str], int]:
+             batch_size: int, bf16: bool, progress: Progress | None = None, side: str = "middle",
+             should_stop: Callable[[], bool] | None = None) -> tuple[list[str], int]:
     """Greedy replies to each example's conversation up to its last assistant turn, and the number
-    of tokens read and written (prompt tokens, then each reply up to its end token).
+    of tokens read and written; ``generate_replies`` also says which prompts were cut."""
+    texts, tokens, _ = generate_replies(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress, side,
+                                        should_stop)
+    return texts, tokens
 
-    Prompts are encoded like training prompts (special strings in the data as text, truncated by
-    ``side`` to leave room for the reply within ``max_seq_len``); generation stops at the chat
-    template's end-of-turn token or the end-of-sequence token, whichever comes first.
+
+@torch.no_grad()
+def generate_replies(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_new_tokens: int,
+                     batch_size: int, bf16: bool, progress: Progress | None = None, side: str = "middle",
+                     should_stop: Callable[[], bool] | None = None) -> tuple[list[str], int, list[PromptCut | None]]:
+    """Greedy replies to each example's conversation up to its last assistant turn, the number of
+    tokens read and written (prompt tokens, then each reply up to its end token), and each
+    prompt's cut (None where it fit).
+
+    Prompts are encoded like training prompts (special strings in the data as text) and fitted
+    into the model's context (``data.render.fit_prompt``: cut only when longer than the model
+    can read, never to make room for the reply); a reply gets ``max_new_tokens`` or what the
+    context has left. Generation stops at the chat template's end-of-turn token or the end of
+    sequence. ``should_stop()`` is asked between decoding steps: when it turns true the replies
+    are abandoned and EvaluationStopped is raised.
     """
     model.eval()
     dev = next(model.parameters()).device
     stops = list(chat_format(tokenizer).stop_ids)
-    budget = max(max_seq_len - max_new_tokens, max_seq_len // 2)
-    prompts = [encode_prompt(tokenizer, ex.messages[: _last_answer(ex)], budget, side, ex.source) for ex in examples]
+    context = context_length(model, tokenizer)
+    fitted = [fit_prompt(tokenizer, ex.messages[: _last_answer(ex)], context - 1, side, ex.source) for ex in examples]
+    prompts, cuts = [f[0] for f in fitted], [f[1] for f in fitted]
     task = progress.add_task("generating", total=len(prompts), info="") if progress else None
+    criteria = StoppingCriteriaList([_AskedToStop(should_stop)]) if should_stop else None
     out, tokens = [], 0
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -172,14 +197,27 @@ def generate(model: torch.nn.Module, tokenizer: Any, examples: list[Example], ma
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
         with runtime.autocast(dev, bf16):
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=min(max_new_tokens, context - width),
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None,
+                                 stopping_criteria=criteria)
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped("stopped while generating; the replies of this batch are made again")
         new = gen[:, width:]
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
         tokens += int(mask.sum()) + _reply_tokens(new, stops)
         if progress is not None:
             progress.update(task, advance=len(chunk))
-    return [s.strip() for s in out], tokens
+    return [s.strip() for s in out], tokens, cuts
+
+
+class _AskedToStop(StoppingCriteria):
+    """Ends ``generate`` at the next decoding step once a stop was requested (SIGTERM, Ctrl-C)."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def _reply_tokens(new: torch.Tensor, stops: int | list[int] | None) -> int:
@@ -197,32 +235,39 @@ class Evaluation:
     """One model's results on a test set: ``metrics`` (JSON-ready, each headline metric with a
     95% bootstrap interval under ``ci``), the predictions, the resamplable metric functions
     (``stats``) that paired comparisons with another model need, the tokens the model read and
-    wrote (None for a remote model), and each example's loss (None for a remote model)."""
+    wrote (None for a remote model), each example's loss (None for a remote model), and each
+    example's prompt cut (None where the prompt fit the model's context)."""
 
     metrics: dict[str, Any]
     predictions: list[str]
     stats: dict[str, M.Stat] = field(default_factory=dict)
     tokens: int | None = None
     nll: NLL | None = None
+    cuts: list[dict[str, Any] | None] = field(default_factory=list)
+    from_store: int = 0  # examples answered by an earlier, stopped evaluation (evaluation.answers)
 
 
 @dataclass
 class Predicted:
     """What a model answered: labels (classification) or texts, the metrics that come with the way
-    of answering (invalid-answer rate), the tokens read and written, and each example's loss."""
+    of answering (invalid-answer rate), the tokens read and written, each example's loss, and each
+    example's prompt cut (None where it fit)."""
 
     outputs: list[str]
     metrics: dict[str, Any]
     tokens: int | None
     nll: NLL | None = None
+    cuts: list[PromptCut | None] = field(default_factory=list)
 
 
 def predict(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
             label_words: dict[str, str], max_seq_len: int, batch_size: int, max_new_tokens: int, bf16: bool,
             progress: Progress | None = None, label_scoring: str = "sum", classify_by: str = "scoring",
-            head: bool = False, with_loss: bool = True, side: str = "middle") -> Predicted:
+            head: bool = False, with_loss: bool = True, side: str = "middle",
+            should_stop: Callable[[], bool] | None = None) -> Predicted:
     """The model's answer to every example, as ``evaluate_model`` scores it. ``with_loss=False``
-    skips the separate loss pass that free generation otherwise adds (for timing answers alone)."""
+    skips the separate loss pass that free generation otherwise adds (for timing answers alone).
+    ``max_seq_len`` bounds the loss pass (as in training); prompts are bounded by the model's context."""
     if isinstance(model, ApiModel):
         before = model.tokens
         answers = _ask(model, examples, max_new_tokens, progress)
@@ -236,37 +281,58 @@ def predict(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Ex
         return Predicted([""] * len(examples), {}, tokens, nll)
     if task == "classification" and (head or classify_by == "scoring"):
         if head:
-            preds, nll, tokens = predict_with_head(model, tokenizer, examples, list(label_words), max_seq_len,
-                                                   batch_size, bf16, progress, side)
+            preds, nll, tokens, cuts = predict_with_head(model, tokenizer, examples, list(label_words), batch_size, bf16,
+                                                         progress, side)
         else:
-            preds, nll, tokens = predict_labels(model, tokenizer, examples, label_words, max_seq_len, batch_size, bf16,
-                                                progress, label_scoring, side)
-        return Predicted(preds, {}, tokens, nll)
-    texts, tokens = generate(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress, max_seq_len, side)
+            preds, nll, tokens, cuts = predict_labels(model, tokenizer, examples, label_words, batch_size, bf16, progress,
+                                                      label_scoring, side)
+        return Predicted(preds, {}, tokens, nll, cuts)
+    texts, tokens, cuts = generate_replies(model, tokenizer, examples, max_new_tokens, batch_size, bf16, progress, side,
+                                           should_stop)
     nll = None
     if with_loss:
         nll, read = example_nll(model, tokenizer, examples, max_seq_len, batch_size, bf16, side)
         tokens += read
     if task != "classification":
-        return Predicted(texts, {}, tokens, nll)
+        return Predicted(texts, {}, tokens, nll, cuts)
     preds = [parse_label(a, label_words) for a in texts]
-    return Predicted(preds, {"invalid_rate": _invalid_rate(preds)}, tokens, nll)
+    return Predicted(preds, {"invalid_rate": _invalid_rate(preds)}, tokens, nll, cuts)
 
 
 def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
                    label_words: dict[str, str], max_seq_len: int, batch_size: int, max_new_tokens: int,
                    bf16: bool, progress: Progress | None = None, label_scoring: str = "sum",
                    classify_by: str = "scoring", resamples: int = M.RESAMPLES, head: bool = False,
-                   side: str = "middle") -> Evaluation:
+                   side: str = "middle", store: AnswerStore | None = None,
+                   should_stop: Callable[[], bool] | None = None, description: str = "evaluating") -> Evaluation:
     """All metrics of ``task`` on ``examples``, with intervals, and the predictions (labels or texts).
 
     ``head``: the model is a sequence classifier (logits per label) rather than a generative model.
     An ``ApiModel`` (a remote endpoint) answers freely; its answers are parsed (classification)
     or scored as generations, with no loss (an API gives no log-likelihoods to compare).
+    Answers are made ``batch_size`` examples at a time and kept in ``store`` (``evaluation.answers``:
+    a stopped evaluation continues from there); ``should_stop()`` is checked between batches and
+    between decoding steps (EvaluationStopped). ``progress`` shows one bar named ``description``.
     """
-    p = predict(model, tokenizer, examples, task, label_words, max_seq_len, batch_size, max_new_tokens, bf16,
-                progress, label_scoring, classify_by, head, side=side)
-    return scored(p.metrics, p.outputs, [references(ex) for ex in examples], task, label_words, resamples, p.tokens, p.nll)
+    task_bar = progress.add_task(description, total=len(examples), info="") if progress else None
+
+    def answer(batch: list[Example]) -> tuple[list[str], NLL | None, int, list[Any]]:
+        p = predict(model, tokenizer, batch, task, label_words, max_seq_len, batch_size, max_new_tokens, bf16, None,
+                    label_scoring, classify_by, head, side=side, should_stop=should_stop)
+        return p.outputs, p.nll, p.tokens or 0, p.cuts or [None] * len(batch)
+
+    remote = isinstance(model, ApiModel)
+    done = answer_all(examples, answer, batch_size, store or AnswerStore(None, ""), should_stop or (lambda: False),
+                      (lambda n: progress.update(task_bar, advance=n)) if progress is not None else None,
+                      with_nll=not remote)  # every local way of answering also gives each example's loss
+    nll = done.nll if not remote else None
+    metrics: dict[str, Any] = {}
+    if task == "classification" and (remote or (classify_by != "scoring" and not head)):
+        metrics["invalid_rate"] = _invalid_rate(done.outputs)
+    tokens = done.tokens if not remote or done.tokens else None
+    result = scored(metrics, done.outputs, [references(ex) for ex in examples], task, label_words, resamples, tokens, nll)
+    result.cuts, result.from_store = done.cuts, done.from_store
+    return result
 
 
 def scored(metrics: dict[str, Any], preds: list[str], refs: list[list[str]], task: str, label_words: dict[str, str],
@@ -300,7 +366,7 @@ def task_metrics(task: str, refs: list[Any], preds: list[str], label_words: dict
 def latency(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Example], task: str,
             label_words: dict[str, str], max_seq_len: int, max_new_tokens: int, bf16: bool, label_scoring: str = "sum",
             classify_by: str = "scoring", head: bool = False, progress: Progress | None = None,
-            side: str = "middle") -> dict[str, float]:
+            side: str = "middle", should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Milliseconds to answer one example on its own (batch size 1, as a user waiting for a reply
     sees it), over ``examples`` after one untimed warm-up: median, 95th percentile and the count.
 
@@ -323,6 +389,8 @@ def latency(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: list[Ex
     once(examples[0])
     times = []
     for ex in examples:
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped("stopped while timing answers one at a time (latency is measured again)")
         times.append(once(ex))
         if progress is not None:
             progress.update(bar, advance=1)

@@ -22,6 +22,7 @@ model may share its weights with the base; the base's replies are cached under
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,7 @@ from tunesmith import runtime
 from tunesmith.config import Config
 from tunesmith.data import general
 from tunesmith.data.formats import Example
-from tunesmith.data.render import IGNORE, Encoded, collate, encode
-from tunesmith.evaluate import generate
+from tunesmith.data.render import IGNORE, Encoded, collate, encode, encode_plain
 from tunesmith.replies import cached_replies
 from tunesmith.train import _plain_head, _target_hidden, _unwrap, target_logprob_per_row
 
@@ -59,14 +59,17 @@ class Probe:
 
     ``enabled`` is False when ``eval.general`` is ``none``; then both calls do nothing."""
 
-    def __init__(self, tokenizer: Any, cfg: Config, bf16: bool, batch_size: int = 8) -> None:
+    def __init__(self, tokenizer: Any, cfg: Config, bf16: bool, batch_size: int = 8,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.tokenizer, self.cfg, self.bf16, self.batch_size = tokenizer, cfg, bf16, batch_size
+        self.should_stop = should_stop  # a stop request ends the replies (EvaluationStopped); what is cached stays
         e = cfg.eval
         self.enabled = str(e.general).lower() != "none"
         if not self.enabled:
             return
         texts = general.eval_texts(e.general)
-        per_text = max(MIN_WINDOW, e.general_tokens // max(len(texts), 1))
+        self.available = len(texts)
+        texts, per_text = within_budget(texts, e.general_tokens)
         self.windows = _windows(tokenizer, texts, per_text)  # not cut to train.max_seq_len: runs stay comparable
         self.instructions = general.eval_instructions(e.general_instructions)
         self.note = None
@@ -100,6 +103,7 @@ class Probe:
         tuned_values, tuned_stats = M.language_model(*tuned_nll)
         block: dict[str, Any] = {
             "source": self.source, "general_texts": n_text, "general_tokens": int(sum(observed.nll[1])),
+            **({"general_texts_available": self.available} if self.available > n_text else {}),
             "instructions": len(self.instructions), **({"note": self.note} if self.note else {}),
             "base": {"perplexity": base_values["perplexity"],
                      "ci": _ci(base_values, {"perplexity": base_stats["perplexity"]}, n_text, resamples)},
@@ -111,8 +115,8 @@ class Probe:
         block["change"] = {"perplexity": tuned_values["perplexity"] - base_values["perplexity"],
                            "perplexity_relative": change, "p_value": p}
         if self.instructions:
-            replies, _ = generate(tuned, self.tokenizer, self._conversations(), self.cfg.eval.general_max_new_tokens,
-                                  self.batch_size, self.bf16, progress, self.cfg.train.max_seq_len)
+            replies = cached_replies(tuned, self.tokenizer, self._conversations(), self.cfg.eval.general_max_new_tokens,
+                                     self.batch_size, self.bf16, progress, self.should_stop)
             agree_values, agree_stats = _agreement(observed.replies, replies)
             kl_values, kl_stats = _mean_per_token(self._kl(tuned, observed))
             n = len(self.instructions)
@@ -147,7 +151,7 @@ class Probe:
     def _base_replies(self, base: torch.nn.Module, progress: Progress | None) -> list[str]:
         """The base model's greedy replies, from the cache when this base (by its weights) made them."""
         return cached_replies(base, self.tokenizer, self._conversations(), self.cfg.eval.general_max_new_tokens,
-                              self.batch_size, self.bf16, self.cfg.train.max_seq_len, progress)
+                              self.batch_size, self.bf16, progress, self.should_stop)
 
     def _encoded_replies(self, replies: list[str]) -> list[Encoded]:
         """Each instruction with the base reply as its answer; the reply (and end of turn) are the targets."""
@@ -182,6 +186,19 @@ class Probe:
         return out
 
 
+def within_budget(texts: list[str], tokens: int) -> tuple[list[str], int]:
+    """The texts to score and the window per text so that at most ``tokens`` are scored in all:
+    every text with ``tokens // len(texts)`` each while that is at least ``MIN_WINDOW``; else (a
+    file of many short lines, e.g. one paragraph per line) ``tokens // MIN_WINDOW`` texts spread
+    evenly over the file, ``MIN_WINDOW`` or more each."""
+    if not texts:
+        return [], MIN_WINDOW
+    n = min(len(texts), max(1, tokens // MIN_WINDOW))
+    if n < len(texts):
+        texts = [texts[i * len(texts) // n] for i in range(n)]  # evenly spread, the first included
+    return texts, max(1, tokens // n)
+
+
 def _windows(tokenizer: Any, texts: list[str], per_text: int) -> list[Encoded]:
     """One window per text: its first ``per_text`` tokens, every token but the first a target. The
     same whatever the run's ``train.max_seq_len``, so every run on one base scores the same text."""
@@ -189,9 +206,9 @@ def _windows(tokenizer: Any, texts: list[str], per_text: int) -> list[Encoded]:
     for text in texts:
         # a prefix is enough (whole articles took ~0.5 s per run); with a margin of tokens beyond the
         # window, the cut word cannot change the window's tokens; else the whole text
-        ids = tokenizer(text[: per_text * 12], add_special_tokens=False)["input_ids"]
+        ids = encode_plain(tokenizer, text[: per_text * 12])
         if len(ids) < per_text + 32 and len(text) > per_text * 12:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = encode_plain(tokenizer, text)
         ids = ids[:per_text]
         if len(ids) >= 2:
             out.append(Encoded(ids, [IGNORE] + ids[1:], source="general text"))

@@ -113,6 +113,22 @@ def load_model(
     return model, tokenizer
 
 
+DEFAULT_CONTEXT = 2048  # positions assumed for a model whose config does not say
+
+
+def context_length(model: torch.nn.Module, tokenizer: Any = None) -> int:
+    """The most tokens the model reads at once (prompt and answer together): its config's
+    ``max_position_embeddings`` (``DEFAULT_CONTEXT`` when absent), or the tokenizer's
+    ``model_max_length`` when that is smaller (BERT-style encoders say 512 there). The prompt
+    budget of every path that builds a prompt (data.render.fit_prompt) is this, not train.max_seq_len."""
+    config = getattr(model, "config", None)
+    n = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_CONTEXT)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:  # transformers' "no limit" is a huge number
+        n = min(n, limit)
+    return n
+
+
 def load_tokenizer(spec: str) -> Any:
     """The tokenizer of a config's ``model:`` value, without loading (or dequantizing) the model.
 

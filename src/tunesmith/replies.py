@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,17 +21,18 @@ from rich.progress import Progress
 from tunesmith.data.formats import Example
 from tunesmith.evaluate import generate
 from tunesmith.io import atomic_write_json
-from tunesmith.models import tunesmith_home
+from tunesmith.models import context_length, tunesmith_home
 from tunesmith.train import _unwrap
 
 
 def cached_replies(model: torch.nn.Module, tokenizer: Any, conversations: list[Example], max_new_tokens: int,
-                   batch_size: int, bf16: bool, max_seq_len: int, progress: Progress | None = None) -> list[str]:
+                   batch_size: int, bf16: bool, progress: Progress | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[str]:
     """Greedy replies (``evaluate.generate``) to each conversation up to its last assistant turn,
     from the cache when this model (by its weights) gave them with these settings. Leaves the
-    model in eval mode, as ``generate`` does."""
+    model in eval mode, as ``generate`` does. ``should_stop``: as ``generate`` takes it."""
     key = hashlib.sha256(json.dumps([fingerprint(model), tokenizer.chat_template, [c.messages for c in conversations],
-                                     max_new_tokens, max_seq_len, bf16]).encode())
+                                     max_new_tokens, context_length(model, tokenizer), bf16]).encode())
     path = tunesmith_home() / "general" / f"replies-{key.hexdigest()[:20]}.json"
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
@@ -38,7 +40,8 @@ def cached_replies(model: torch.nn.Module, tokenizer: Any, conversations: list[E
             return cached
     except (OSError, ValueError):
         pass
-    replies, _ = generate(model, tokenizer, conversations, max_new_tokens, batch_size, bf16, progress, max_seq_len)
+    replies, _ = generate(model, tokenizer, conversations, max_new_tokens, batch_size, bf16, progress,
+                          should_stop=should_stop)
     try:
         atomic_write_json(path, replies)
     except OSError:  # a read-only home: still correct, only slower next time

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
@@ -20,10 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
 from tunesmith import distributed, flops, runtime
+from tunesmith.progress import make_progress
+from tunesmith.stopping import StopRequests
 from tunesmith.config import TrainConfig
 from tunesmith.data.render import IGNORE, Encoded, collate, collate_packed
 from tunesmith.checkpoint import (CHECKPOINTS, latest_checkpoint, load_best, load_checkpoint, load_trainable,  # noqa: F401
@@ -307,7 +306,7 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
              "target_tokens": 0, "train_seconds": 0.0}
-    progress = _progress(show_progress and w.main)
+    progress = make_progress(disable=not (show_progress and w.main))
     say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
     if resume:
@@ -331,7 +330,7 @@ def train(
     stopped_early = interrupted = pruned = False
     task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
     window_tokens, window_start = 0, time.perf_counter()
-    with progress, _StopRequests() as stop:
+    with progress, StopRequests() as stop:
         while state["step"] < total_steps and not stopped_early:
             step_rng = runtime.rng_state()  # a Ctrl-C mid-step checkpoints this, so resume redoes the step exactly
             micro: list[list[int]] = []  # this step's micro-batches (an out-of-memory message names their rows)
@@ -664,40 +663,6 @@ def _fsdp_no_sync(root: Any) -> Any:
         yield
     finally:
         root.set_requires_gradient_sync(True)
-
-
-class _StopRequests:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or torchrun's stop) while training: the first
-    lets the current step (and its evaluation) finish, then the loop checkpoints and returns
-    ``interrupted``; a second Ctrl-C interrupts at once (KeyboardInterrupt: the step is redone on
-    resume). Handlers are installed only in the main thread and restored on exit."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

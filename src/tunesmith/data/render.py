@@ -160,6 +160,7 @@ class Encoded:
     special_text: bool = False  # the data held special-token strings, tokenized as text
     task: str = ""  # a multi-task run: the name of the task (tasks[].name) the row belongs to
     kind: str = "task"  # "task": the run's own data; "replay": general text mixed in (data/replay.py)
+    cut: PromptCut | None = None  # how the example was shortened to fit (None: whole)
 
     @property
     def n_targets(self) -> int:
@@ -286,13 +287,21 @@ def encode(tokenizer: Any, example: Example, max_seq_len: int, last_turn_only: b
         return encode_text(tokenizer, example, max_seq_len)[0]
     messages = example.messages
     ids, labels, special = _encode_full(tokenizer, messages, last_turn_only, example.source)
+    total, where = len(ids), []
     if last_turn_only and len(ids) > max_seq_len:  # few-shot prompts lose their oldest shots first
-        messages = _drop_old_shots(tokenizer, messages, max_seq_len, example.source)
+        kept = _drop_old_shots(tokenizer, messages, max_seq_len, example.source)
+        if len(kept) < len(messages):
+            where.append(f"the {(len(messages) - len(kept)) // 2} oldest earlier turns (examples) left out")
+        messages = kept
         ids, labels, special = _encode_full(tokenizer, messages, last_turn_only, example.source)
     if len(ids) <= max_seq_len:
-        return Encoded(ids, labels, None, example.source, special_text=special)
+        cut = PromptCut(total, len(ids), "; ".join(where)) if where else None
+        return Encoded(ids, labels, None, example.source, special_text=special, cut=cut)
     ids, labels, how = _fit(tokenizer, messages, ids, labels, max_seq_len, side, example.source, last_turn_only)
-    return Encoded(ids, labels, how, example.source, special_text=special)
+    part = {"left": "start", "right": "end"}.get(side, "middle")
+    where.append(f"the {part} of the last user message" if how == "prompt" else
+                 "the start of the conversation" if last_turn_only else "the end of the answer")
+    return Encoded(ids, labels, how, example.source, special_text=special, cut=PromptCut(total, len(ids), "; ".join(where)))
 
 
 def encode_text(tokenizer: Any, example: Example, max_seq_len: int) -> list[Encoded]:
@@ -572,7 +581,9 @@ def encode_for_head(tokenizer: Any, example: Example, label_index: dict[str, int
     a, b = _cut_range(0, len(inner), len(ids) - max_seq_len, side)
     kept = inner[:a] + inner[b:]
     full = tokenizer.build_inputs_with_special_tokens(kept) if extra else kept
-    return Encoded(full, [], "prompt", example.source, class_label=label_index[example.label], special_text=special)
+    part = {"left": "start", "right": "end"}.get(side, "middle")
+    return Encoded(full, [], "prompt", example.source, class_label=label_index[example.label], special_text=special,
+                   cut=PromptCut(len(ids), len(full), f"the {part} of the text"))
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

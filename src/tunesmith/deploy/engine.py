@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from tunesmith import runtime
+from tunesmith import models, runtime
 
 log = logging.getLogger(__name__)
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -525,7 +525,8 @@ class Engine:
     request with ``n`` choices takes ``n`` rows). ``max_waiting``: requests queued beyond that
     (``submit`` raises QueueFull). ``max_prefill_tokens``: padded prompt tokens prefilled in one
     step (one request is always admitted, however long). ``context_length``: positions the model
-    has (default: its config's ``max_position_embeddings``). ``bf16``: autocast the forward.
+    has (default: ``models.context_length``). ``bf16``: autocast the forward (evaluation and every
+    answer the product gives use ``runtime.INFERENCE_PRECISION``).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 32, max_waiting: int = 128,
@@ -533,8 +534,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_waiting, self.max_prefill_tokens = max_batch_size, max_waiting, max_prefill_tokens
         self.adapters: frozenset[str] = frozenset(getattr(model, "peft_config", {}) or {})
-        cfg = getattr(model, "config", None)
-        self.context_length = int(context_length or getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.context_length = int(context_length or models.context_length(model, tokenizer))
         self.device = next(model.parameters()).device
         self.bf16 = bf16
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tunesmith import runtime
 from tunesmith.config import Config
 from tunesmith.data.formats import DataError, read_table
 from tunesmith.data.layouts import _SPEAKERS, SYNONYMS, parse_source
-from tunesmith.data.render import chat_format, encode_prompt
+from tunesmith.data.render import PromptCut, chat_format, encode_plain, fit_prompt
 from tunesmith.deploy.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.deploy.loading import load_for_serving, run_config
+from tunesmith.progress import make_progress
 from tunesmith.runs import RunError
+from tunesmith.stopping import StopRequests, Stopped
 
 # columns that hold what the model reads, in the order they are joined (as an instruction row is in training)
 PROMPT_ROLES = ("instruction", "input", "prompt", "text")
@@ -141,7 +143,10 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
     the input's values, ``line``, ``response`` (``responses`` when ``params.n > 1``), ``finish_reason``
     and token counts. Rows already in ``output`` are skipped (resume). Returns {rows, generated,
     skipped, bad_rows, seconds, completion_tokens}. ``skip_bad_rows``: leave out (and list) input rows
-    with no usable prompt instead of stopping. Raises RunError, DataError (input or output), ModelError."""
+    with no usable prompt instead of stopping. Prompts may fill the model's context (``context`` in
+    the result); a longer one is cut and its row says how (``prompt_cut``; ``prompts_cut`` counts
+    them). SIGTERM/Ctrl-C stops after the current answer (``Stopped``: rerun to continue).
+    Raises RunError, DataError (input or output), ModelError."""
     console = console or Console()
     params = params or SamplingParams()
     run_dir, output = Path(run_dir), Path(output)
@@ -164,38 +169,50 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
     adapter = group.names[run_dir.name]
     stops = tuple(chat_format(group.tokenizer).stop_ids) if cfg.task != "text" else (group.tokenizer.eos_token_id,)
     params = SamplingParams(**{**vars(params), "stop_ids": tuple(dict.fromkeys(params.stop_ids + stops))})
-    engine = Engine(group.model, group.tokenizer, max_batch_size=max_batch_size)
-    budget = max(min(cfg.train.max_seq_len, engine.context_length) - params.max_tokens, 16)
+    engine = Engine(group.model, group.tokenizer, max_batch_size=max_batch_size, bf16=runtime.INFERENCE_BF16)
+    budget = engine.context_length - 1  # the model's context, as serve allows; the answer gets what is left
     t0 = time.perf_counter()
+    summary["prompts_cut"] = 0
+    stop = StopRequests()
     try:
-        handles = [engine.submit(GenerationRequest(_prompt_ids(group.tokenizer, r, cfg, budget), adapter, params), block=True)
-                   for r in todo]
-        with _progress(console) as progress:
-            task = progress.add_task("generating", total=len(todo), tps="")
-            for row, handle in zip(todo, handles):
+        with stop, make_progress(console) as progress:
+            prompts = [_prompt_ids(group.tokenizer, r, cfg, budget) for r in todo]
+            handles = [engine.submit(GenerationRequest(ids, adapter, params), block=True) for ids, _ in prompts]
+            task = progress.add_task("generating", total=len(todo), info="")
+            for row, (_, cut), handle in zip(todo, prompts, handles):
+                if stop.requested:
+                    raise Stopped(f"{output}: stopped ({stop.signal}) with {summary['generated'] + summary['skipped']} of "
+                                  f"{len(rows)} rows answered; run the same command again to answer the rest")
                 result = handle.result()
                 summary["generated"] += 1
                 summary["completion_tokens"] += result.completion_tokens
-                _append(output, _output_row(row, result, params.n))
+                summary["prompts_cut"] += cut is not None
+                _append(output, _output_row(row, result, params.n, cut))
                 rate = summary["completion_tokens"] / max(time.perf_counter() - t0, 1e-9)
-                progress.update(task, advance=1, tps=f"{rate:.0f} tok/s")
+                progress.update(task, advance=1, info=f"{rate:.0f} tok/s")
     finally:
         engine.shutdown(drain=False)
-    return summary | {"seconds": time.perf_counter() - t0}
+    return summary | {"seconds": time.perf_counter() - t0, "context": engine.context_length}
 
 
-def _prompt_ids(tokenizer: Any, row: PromptRow, cfg: Config, budget: int) -> list[int]:
-    if cfg.task == "text":  # a language model of raw text continues it
-        return list(tokenizer(row.messages[-1]["content"], add_special_tokens=False)["input_ids"][-budget:])
-    return encode_prompt(tokenizer, row.messages, budget, cfg.data.truncation_side)
+def _prompt_ids(tokenizer: Any, row: PromptRow, cfg: Config, budget: int) -> tuple[list[int], PromptCut | None]:
+    """The row's prompt ids within ``budget`` tokens (the model's context) and how it was cut, if it was."""
+    if cfg.task == "text":  # a language model of raw text continues it: its end is kept
+        ids = encode_plain(tokenizer, row.messages[-1]["content"])
+        if len(ids) <= budget:
+            return ids, None
+        return ids[-budget:], PromptCut(len(ids), budget, "the start of the text")
+    return fit_prompt(tokenizer, row.messages, budget, cfg.data.truncation_side, f"line {row.line}")
 
 
-def _output_row(row: PromptRow, result: Any, n: int) -> dict[str, Any]:
+def _output_row(row: PromptRow, result: Any, n: int, cut: PromptCut | None = None) -> dict[str, Any]:
     texts = [c.text for c in result.choices]
     reasons = [c.finish_reason for c in result.choices]
     out = {k: v for k, v in row.values.items() if not k.startswith("_")}
     out |= {"line": row.line, "response": texts[0], "finish_reason": reasons[0],
             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+    if cut is not None:  # the prompt was longer than the model's context: what was left out
+        out["prompt_cut"] = cut.as_dict()
     if n > 1:
         out |= {"responses": texts, "finish_reasons": reasons}
     return out
@@ -207,11 +224,6 @@ def _append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         f.flush()
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[tps]}"), TimeRemainingColumn(), console=console)
 
 
 __all__ = ["PromptRow", "RunError", "done_lines", "generate_file", "read_prompts"]

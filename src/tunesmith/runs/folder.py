@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from tunesmith import distributed, forgetting, methods, runtime, training
@@ -34,8 +34,15 @@ from tunesmith.data.prepare import Splits, content_hash, load_splits
 from tunesmith.data.render import TEMPLATES, chat_format, set_chat_template
 from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, reference, references,
                                 small_test_warning, task_metrics)
+from tunesmith.evaluation.answers import CACHE, AnswerStore, EvaluationStopped
+from tunesmith.evaluation.answers import fingerprint as answers_fingerprint
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from tunesmith.models import ModelError, is_causal_lm, load_classifier, load_model, load_tokenizer, resolve_model
+from tunesmith.models import (ModelError, context_length, is_causal_lm, load_classifier, load_model, load_tokenizer,
+                              resolve_model)
+from tunesmith.progress import make_progress
+from tunesmith.runs.phase import clear_phase, set_phase
+from tunesmith.commands import command
+from tunesmith.stopping import StopRequests
 from tunesmith.report import load_json, metrics_table, write_report
 from tunesmith.runs import estimate, index, trackers
 from tunesmith.checkpoint import SHARDS, load_best, newest_good_checkpoint
@@ -411,7 +418,7 @@ def encode(cfg: Config, tokenizer: Any, examples: list[Example], head: bool) -> 
     out = [encode_for_head(tokenizer, ex, index, cfg.train.max_seq_len, side) for ex in examples]
     cut = sum(bool(e.truncated) for e in out)
     return out, {"examples": len(examples), "kept": len(out), "truncated": cut, "truncated_prompt": cut,
-                 "truncated_answer": 0, "dropped_no_target": 0, "special_text": 0,
+                 "truncated_answer": 0, "dropped_no_target": 0, "special_text": sum(e.special_text for e in out),
                  "tokens": sum(len(e.input_ids) for e in out), "target_tokens": len(out)}
 
 
@@ -558,7 +565,7 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     if not artifact.is_dir():
         raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first (tunesmith train ... --resume)")
     dev = runtime.device()
-    bf16 = runtime.use_bf16(cfg.train.precision, dev)
+    bf16 = runtime.INFERENCE_BF16  # evaluated in the precision every answer is served in (generate, serve)
     head = uses_head(cfg)
     base, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed) if head else load_model(cfg.model)
     ready_tokenizer(tokenizer, cfg)
@@ -567,46 +574,26 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     earlier = _previous_jobs(cfg, run_dir, tokenizer, bf16) if tests_earlier else {}
     every = list(jobs.values()) + list(earlier.values())
     main = next(iter(jobs.values()))
-    splits, test = main.splits, main.splits.test
     results = main.results if not cfg.tasks else {
         "task": "multitask", "test_examples": sum(len(j.splits.test) for j in jobs.values()),
-        "precision": "bf16" if bf16 else "fp32", "metric": "macro"}
+        "precision": runtime.INFERENCE_PRECISION, "metric": "macro"}
     if overrides:
         results["eval_overrides"] = overrides
-    reused = (_reused_base(Path(base_from), cfg, test) if base_from and cfg.eval.compare_with_base and not cfg.tasks
-              else None)
+    reused = (_reused_base(Path(base_from), cfg, main.splits.test) if base_from and cfg.eval.compare_with_base
+              and not cfg.tasks else None)
     if reused is not None:
         main.evals["base"], main.results["base"] = reused, reused.metrics | {"reused_from": str(base_from)}
         console.print(f"base model: results reused from {base_from} (same model, test split and settings)")
     base.to(dev)
-    with _progress(console) as progress:
-        def run_eval(job: _TaskEval, name: str, model: torch.nn.Module | ApiModel, questions: list[Example] | None = None) -> None:
-            _evaluate_on(job, name, model, tokenizer, bf16, head, progress, questions)
-
-        if cfg.eval.compare_with_base and reused is None:
-            for job in every:  # the base first: a LoRA merge below changes its weights in place
-                run_eval(job, "base", base)
-        probe = forgetting.Probe(tokenizer, cfg, bf16, cfg.eval.batch_size) if cfg.method != "prompt" else None
-        observed = probe.observe(base, progress) if probe else None  # before a merge changes base
-        if skipped := forgetting.skipped(cfg, probe, bool(head)):
-            console.print(f"forgetting on general data: not measured ({skipped})", highlight=False)
-        if cfg.method == "prompt":  # the base model (or a remote one), asked with the prompt method's shots
-            asked = ApiModel(cfg.prompt.api) if cfg.prompt.api.base_url else base
-            run_eval(main, "tuned", asked, methods.prompt.apply(cfg, splits.train, test))
-        else:
-            if cfg.method == "lora":  # merged for evaluation: same outputs, no adapter overhead per layer
-                tuned = methods.lora.load(base, artifact).merge_and_unload()
-            elif head:
-                tuned, _ = load_classifier(str(artifact), list(cfg.data.labels))
-            else:
-                tuned, _ = load_model(str(artifact))
-            tuned = tuned.to(dev)
-            for job in every:
-                run_eval(job, "tuned", tuned)
-            # forgetting on general data (eval.general), after the task evaluations
-            results["forgetting"] = probe.compare(tuned, observed, progress, cfg.eval.bootstrap_resamples) if probe else None
-            if results["forgetting"] is not None:
-                console.print(forgetting.summary_line(results["forgetting"]), highlight=False)
+    stop = StopRequests()
+    try:
+        with stop, make_progress(console, on_update=_phase_writer(run_dir)) as progress:
+            ctx = _EvalContext(run_dir, cfg, tokenizer, bf16, head, progress, lambda: stop.requested)
+            _evaluate_models(ctx, base, every, main, results, reused is None, console)
+    except EvaluationStopped as e:
+        clear_phase(run_dir)
+        raise EvaluationStopped(f"{run_dir}: evaluation stopped ({stop.signal or 'on request'}): {e}; every answer made "
+                                f"so far is kept in {run_dir / CACHE}/. Continue with: {command('eval', run_dir)}") from None
     for job in every:
         _compare_task(job)
     if results.get("forgetting") is None and earlier_forgetting and str(cfg.eval.general).lower() == "none":
@@ -617,8 +604,65 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
         results |= macro_average(results["tasks"])
     if earlier:
         results["previous_tasks"] = {name: job.results | _earlier_score(job) for name, job in earlier.items()}
+    set_phase(run_dir, "evaluating", "writing eval.json and the report")
     _write_evaluation(run_dir, results, main, jobs if cfg.tasks else {}, earlier, console)
+    shutil.rmtree(run_dir / CACHE, ignore_errors=True)  # the answers are in eval.json and predictions now
+    clear_phase(run_dir)
     return results
+
+
+@dataclass
+class _EvalContext:
+    """What every model's evaluation in ``evaluate_run`` shares: the run, its settings, the
+    tokenizer, the precision, whether it is a head, the progress display and the stop request."""
+
+    run_dir: Path
+    cfg: Config
+    tokenizer: Any
+    bf16: bool
+    head: bool
+    progress: Progress
+    should_stop: Callable[[], bool]
+
+    def evaluate(self, job: _TaskEval, name: str, model: torch.nn.Module | ApiModel,
+                 questions: list[Example] | None = None) -> None:
+        identity = (_api_identity(model) if isinstance(model, ApiModel) else
+                    _weights_identity(self.cfg.model) if name == "base" else _artifact_identity(self.run_dir, self.cfg))
+        _evaluate_on(job, name, model, self.tokenizer, self.bf16, self.head, self.progress, questions,
+                     self.run_dir, identity, self.should_stop)
+
+
+def _evaluate_models(ctx: _EvalContext, base: torch.nn.Module, every: list[_TaskEval], main: _TaskEval,
+                     results: dict[str, Any], with_base: bool, console: Console) -> None:
+    """The base model (unless reused), the forgetting probe's base side, the tuned model (or the
+    prompt method's questions), then the forgetting check: each into its job's results."""
+    cfg, dev = ctx.cfg, runtime.device()
+    if cfg.eval.compare_with_base and with_base:
+        for job in every:  # the base first: a LoRA merge below changes its weights in place
+            ctx.evaluate(job, "base", base)
+    probe = (forgetting.Probe(ctx.tokenizer, cfg, ctx.bf16, cfg.eval.batch_size, ctx.should_stop)
+             if cfg.method != "prompt" else None)
+    observed = probe.observe(base, ctx.progress) if probe else None  # before a merge changes base
+    if skipped := forgetting.skipped(cfg, probe, bool(ctx.head)):
+        console.print(f"forgetting on general data: not measured ({skipped})", highlight=False)
+    if cfg.method == "prompt":  # the base model (or a remote one), asked with the prompt method's shots
+        asked = ApiModel(cfg.prompt.api) if cfg.prompt.api.base_url else base
+        ctx.evaluate(main, "tuned", asked, methods.prompt.apply(cfg, main.splits.train, main.splits.test))
+        return
+    artifact = ctx.run_dir / methods.METHODS[cfg.method].ARTIFACT
+    if cfg.method == "lora":  # merged for evaluation: same outputs, no adapter overhead per layer
+        tuned = methods.lora.load(base, artifact).merge_and_unload()
+    elif ctx.head:
+        tuned, _ = load_classifier(str(artifact), list(cfg.data.labels))
+    else:
+        tuned, _ = load_model(str(artifact))
+    tuned = tuned.to(dev)
+    for job in every:
+        ctx.evaluate(job, "tuned", tuned)
+    # forgetting on general data (eval.general), after the task evaluations
+    results["forgetting"] = probe.compare(tuned, observed, ctx.progress, cfg.eval.bootstrap_resamples) if probe else None
+    if results["forgetting"] is not None:
+        console.print(forgetting.summary_line(results["forgetting"]), highlight=False)
 
 
 def _write_evaluation(run_dir: Path, results: dict[str, Any], main: _TaskEval, tasks: dict[str, _TaskEval],
@@ -709,26 +753,88 @@ def _previous_jobs(cfg: Config, run_dir: Path, tokenizer: Any, bf16: bool) -> di
 
 
 def _evaluate_on(job: _TaskEval, name: str, model: torch.nn.Module | ApiModel, tokenizer: Any, bf16: bool, head: bool,
-                 progress: Progress, questions: list[Example] | None = None) -> None:
+                 progress: Progress, questions: list[Example] | None = None, run_dir: Path | None = None,
+                 identity: str = "", should_stop: Callable[[], bool] | None = None) -> None:
     """Evaluate ``model`` as ``name`` (base | tuned) on one task's test examples, as asked
     (``questions``: e.g. with the prompt method's shots; the test split by default); store the
-    Evaluation and the metrics with the batched evaluation's speed (and the tuned model's latency)."""
+    Evaluation and the metrics with the batched evaluation's speed (and the tuned model's latency).
+    With ``run_dir``, answers are kept in its eval_cache/ as they are made (``identity``: the
+    model's weights or endpoint), so a stopped evaluation continues there."""
     cfg, e = job.cfg, job.cfg.eval
     questions = job.splits.test if questions is None else questions
+    store = AnswerStore(None, "")
+    if run_dir is not None:
+        key = f"{name}-{job.cfg.name}" if job.earlier_run is None else f"{name}-previous-{job.cfg.name}"
+        store = AnswerStore(run_dir / CACHE / f"{key}.jsonl", answers_fingerprint(
+            identity, runtime.INFERENCE_PRECISION, [ex.messages if ex.text is None else ex.text for ex in questions],
+            [ex.label for ex in questions], cfg.task, dict(cfg.data.labels), cfg.data.chat_template, cfg.train.max_seq_len,
+            cfg.data.truncation_side, dataclasses.replace(e, bootstrap_resamples=0, latency_examples=0)))
     t0 = time.perf_counter()
-    job.evals[name] = evaluate_model(model, tokenizer, questions, cfg.task, cfg.data.labels, cfg.train.max_seq_len,
-                                     e.batch_size, e.max_new_tokens, bf16, progress, e.label_scoring, e.classify_by,
-                                     e.bootstrap_resamples, head=head, side=cfg.data.truncation_side)
+    job.evals[name] = ev = evaluate_model(
+        model, tokenizer, questions, cfg.task, cfg.data.labels, cfg.train.max_seq_len, e.batch_size, e.max_new_tokens,
+        bf16, progress, e.label_scoring, e.classify_by, e.bootstrap_resamples, head=head, side=cfg.data.truncation_side,
+        store=store, should_stop=should_stop, description=f"evaluating {name}" + (f" ({job.cfg.name})" if job.earlier_run else ""))
     seconds = time.perf_counter() - t0
-    tokens = job.evals[name].tokens
-    job.results[name] = job.evals[name].metrics | {
-        "seconds": seconds, "examples_per_s": len(questions) / max(seconds, 1e-9),
-        "tokens_per_s": tokens / max(seconds, 1e-9) if tokens else None}
+    fresh = len(questions) - ev.from_store  # rates are of the answers made now (a resumed evaluation kept the rest)
+    job.results[name] = ev.metrics | {
+        "seconds": seconds, "examples_per_s": fresh / max(seconds, 1e-9) if fresh else None,
+        "tokens_per_s": ev.tokens / max(seconds, 1e-9) if ev.tokens and not ev.from_store else None}
+    if ev.from_store:
+        job.results[name]["answers_resumed"] = ev.from_store
+    if cut := _cut_summary(ev.cuts, model, tokenizer):
+        job.results[name]["prompts_cut"] = cut
+        job.results.setdefault("warnings", []).append(
+            f"{name}: {cut['examples']} of {len(questions)} prompts were longer than the model's context "
+            f"({cut['context']:,} tokens) and were shortened, {cut['tokens_removed']:,} tokens in all ({cut['where']}); "
+            "those answers saw only part of their input")
     if name == "tuned" and e.latency_examples and cfg.task != "text":  # raw text: nothing to answer
         job.results[name]["latency"] = latency(model, tokenizer, questions[: e.latency_examples], cfg.task,
                                                cfg.data.labels, cfg.train.max_seq_len, e.max_new_tokens, bf16,
                                                e.label_scoring, e.classify_by, head, progress,
-                                               side=cfg.data.truncation_side)
+                                               side=cfg.data.truncation_side, should_stop=should_stop)
+
+
+def _cut_summary(cuts: list[dict[str, Any] | None], model: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """How many prompts were cut to the model's context, the tokens removed, and where (None: none were)."""
+    done = [(i, c) for i, c in enumerate(cuts) if c]
+    if not done:
+        return None
+    context = context_length(model, tokenizer) if not isinstance(model, ApiModel) else 0
+    wheres = sorted({c["where"] for _, c in done})
+    return {"examples": len(done), "tokens_removed": sum(c["removed"] for _, c in done), "context": context,
+            "where": "; ".join(wheres[:3]) + (" ..." if len(wheres) > 3 else ""),
+            "first": [{"example": i, **c} for i, c in done[:5]]}
+
+
+def _phase_writer(run_dir: Path) -> Callable[[str, float, float | None, float | None, float | None], None]:
+    """The progress display's ``on_update``: the evaluation's phase and progress into phase.json."""
+    def write(description: str, completed: float, total: float | None, rate: float | None, eta: float | None) -> None:
+        set_phase(run_dir, "evaluating", description, completed, total, eta)
+    return write
+
+
+def _files_identity(path: Path) -> list[Any]:
+    """Names, sizes and modification times of a file or of a folder's files (what changes when weights do)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _weights_identity(spec: str) -> str:
+    """The base model's identity: its ``model:`` value and, when local, its files."""
+    try:
+        source = resolve_model(spec)
+    except ModelError:
+        return spec
+    return json.dumps([spec, _files_identity(Path(source.location)) if source.kind != "hub" else []])
+
+
+def _artifact_identity(run_dir: Path, cfg: Config) -> str:
+    """The tuned model's identity: its saved artifact's files (a further resume changes them)."""
+    return json.dumps(_files_identity(run_dir / methods.METHODS[cfg.method].ARTIFACT))
+
+
+def _api_identity(model: ApiModel) -> str:
+    return json.dumps([model.name, getattr(model, "base_url", "")])
 
 
 def _compare_task(job: _TaskEval) -> None:
@@ -868,5 +974,4 @@ def _disagreements(test: list[Example], base: list[str], tuned: list[str], cfg: 
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=console)
+    return make_progress(console, extra=None)

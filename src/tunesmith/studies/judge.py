@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunesmith.api import ApiError, ApiModel
 from tunesmith.config import ApiConfig
+from tunesmith.progress import make_progress
 from tunesmith.studies import store
 from tunesmith.studies.create import load_study
 
@@ -152,9 +152,8 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
         progress.advance(task)
 
     console = console or Console()
-    with Progress(TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("judge", total=len(todo))
+    with make_progress(console, extra=None) as progress:
+        task = progress.add_task("judging", total=len(todo))
         with ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrency)) as pool:
             list(pool.map(ask, todo))
     counts["asked"] = len(todo) - len(errors)

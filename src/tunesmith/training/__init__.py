@@ -216,8 +216,7 @@ def with_replay(cfg: Config, tokenizer: Any, train_set: list[Encoded], base: tor
                 raise ValueError("replay.replies: base needs the base model")
             was = base.training
             bf16 = runtime.use_bf16(cfg.train.precision, next(base.parameters()).device)
-            replies = cached_replies(base, tokenizer, conversations, r.max_new_tokens, cfg.eval.batch_size, bf16,
-                                     cfg.train.max_seq_len, progress)
+            replies = cached_replies(base, tokenizer, conversations, r.max_new_tokens, cfg.eval.batch_size, bf16, progress)
             base.train(was)
             answered = with_replies(conversations, replies)
         pool = conversation_rows(tokenizer, answered, cfg.train.max_seq_len)
