@@ -27,6 +27,7 @@ METRICS = {"accuracy": ("classification",), "f1": ("classification",), "rougeL":
 TRUNCATION_SIDES = ("middle", "left", "right")
 CHAT_TEMPLATES = ("chatml", "alpaca")  # named templates (data.chat_template); the Jinja lives in data/render.py
 ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
+CHAT_ROLES = ("system", "user", "assistant")  # data.extract.turns values
 METHODS = ("lora", "full", "prompt")
 TRACKERS = ("tensorboard", "mlflow")  # report_to (runs.trackers writes them)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -104,6 +105,18 @@ class PrepareConfig:
 
 
 @dataclass
+class ExtractConfig:
+    """Fields marked inside one text (a file of a folder, or a column), split into columns of their own:
+    by a regular expression's named groups, or by marker lines (``@subject``) and turn markers (``Human:``)."""
+
+    column: str = "text"  # the column holding the marked text (a folder's files and plain-text lines are read into text)
+    regex: str | None = None  # a Python regular expression searched in the text: each named group becomes a column
+    markers: dict[str, str] = field(default_factory=dict)  # marker at a line's start -> the field the text after it becomes
+    before: str | None = None  # the field the text before the first marker becomes (e.g. an e-mail's body)
+    turns: dict[str, str] = field(default_factory=dict)  # marker at a line's start -> chat role: repeated, they become messages
+
+
+@dataclass
 class DataConfig:
     """Where the data is and how its columns map onto the task."""
 
@@ -118,6 +131,7 @@ class DataConfig:
     validation_columns: dict[str, str] = field(default_factory=dict)  # overrides of columns for the validation file
     test_columns: dict[str, str] = field(default_factory=dict)  # overrides of columns for the test file
     references: list[str] = field(default_factory=list)  # extra gold answers (columns/templates) for generation metrics
+    extract: ExtractConfig | None = None  # fields marked inside a text (regex groups or marker lines) become columns
     skip_bad_rows: bool = False  # skip and count bad records instead of stopping
     labels: dict[str, str] = field(default_factory=dict)  # raw label -> target words
     system_prompt: str | None = None
@@ -498,6 +512,7 @@ def validate(cfg: Config) -> list[str]:
     for key in ("validation_columns", "test_columns"):
         check(getattr(cfg.data, key) == {} or getattr(cfg.data, key.split("_")[0]) is not None,
               f"data.{key}: there is no data.{key.split('_')[0]} file to apply it to")
+    p += _extract_problems(cfg.data.extract)
     check(not (cfg.data.references and cfg.task in ("classification", "text")),
           f"data.references: only generation tasks (instruction, chat) are scored against references, not {cfg.task}")
     if cfg.eval.metric != "auto":
@@ -554,6 +569,53 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples: must be >= 100")
     check(cfg.eval.latency_examples >= 0, "eval.latency_examples: must be >= 0 (0 skips the latency measurement)")
     p += _validate_forgetting(cfg)
+    return p
+
+
+def _closest_hint(value: str, valid: tuple[str, ...]) -> str:
+    """``; did you mean 'x'?`` for the closest valid value, or ``""``."""
+    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _extract_problems(e: ExtractConfig | None) -> list[str]:
+    """Every problem of ``data.extract``: no way given, two ways given, a regex that does not compile
+    or names no group, a turn role that is not a chat role, blank or repeated markers."""
+    if e is None:
+        return []
+    k, p = "data.extract", []
+    if e.regex is None and not e.markers and not e.turns:
+        p.append(f"{k}: give regex (its named groups become columns), or markers and/or turns (marker lines)")
+    if e.regex is not None:
+        if e.markers or e.turns or e.before:
+            p.append(f"{k}.regex: give either regex or markers/turns/before, not both")
+        try:
+            named = re.compile(e.regex).groupindex
+        except re.error as err:
+            p.append(f"{k}.regex: not a valid regular expression ({err})")
+        else:
+            if not named:
+                p.append(f"{k}.regex: no named group; name each field with (?P<name>...), e.g. "
+                         r"'(?s)(?P<body>.*)\n@subject\n(?P<subject>.*)'")
+    if e.before is not None and not (e.markers or e.turns):
+        p.append(f"{k}.before: names the text before the first marker; give markers or turns too")
+    if not e.column.strip():
+        p.append(f"{k}.column: the column holding the marked text (text for a folder of files)")
+    seen: dict[str, str] = {}
+    for kind, mapping in (("markers", e.markers), ("turns", e.turns)):
+        for marker, value in mapping.items():
+            where, key = f"{k}.{kind}[{marker!r}]", marker.strip()
+            if not key:
+                p.append(f"{where}: a blank marker")
+            elif key in seen:
+                p.append(f"{where}: the same marker as {seen[key]} (markers are compared without surrounding whitespace)")
+            seen.setdefault(key, where)
+            if kind == "turns" and value not in CHAT_ROLES:
+                means = {"human": "user", "gpt": "assistant", "bot": "assistant", "ai": "assistant", "model": "assistant"}
+                hint = f"; did you mean {means[value.lower()]!r}?" if value.lower() in means else _closest_hint(value, CHAT_ROLES)
+                p.append(f"{where}: {value!r} is not a chat role ({', '.join(CHAT_ROLES)}){hint}")
+            if kind == "markers" and (not value.strip() or (value == "messages" and e.turns)):
+                p.append(f"{where}: needs a field name" + (" other than messages (the turns go there)" if value.strip() else ""))
     return p
 
 

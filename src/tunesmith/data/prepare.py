@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config, DataConfig
+from tunesmith.data.extract import read_data
 from tunesmith.data.formats import DataError, Example, read_table
 from tunesmith.data.layouts import PROMPT_ROLES, TARGET_ROLES, check_record, detect_layout, missing_field, to_example
 from tunesmith.io import atomic_write_json, atomic_write_jsonl
@@ -172,7 +173,7 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
     if not path.startswith("hf:") and not Path(path).exists():
         raise DataError(f"data.{split}: {path}: file not found (a relative path in a config file is looked up "
                         "next to the config file, then in the working folder; on the command line, the other way round)")
-    table = read_table(path, d.format, skip_bad=True, delimiter=d.delimiter, encoding=d.encoding, split=split)
+    table = read_data(path, d, skip_bad=True, split=split)
     refs = d.references if split == eval_source(cfg) or all(
         r in table.columns for r in d.references) else []  # the evaluation split must have them; others may
     layout = detect_layout(table, d.layout, split_columns(d, split), cfg.task, refs, split)
@@ -185,7 +186,7 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
     for row in table.rows:
         where = table.where(row.line)
         try:
-            missing_field(row, layout, where)
+            missing_field(row, layout, where, table.expected)
             rec = layout.record(row)
             no_refs += any(s.kind == "column" and row.values.get(s.spec) in (None, "") for s in layout.references)
             if p.group_by:
