@@ -164,3 +164,15 @@ def test_config_lists_every_extract_problem_at_once():
     with pytest.raises(ConfigError, match=r"data.extract.regex: no named group"):
         load_config(data={"data": {"train": "x.jsonl", "extract": {"regex": "(.*)@subject"}}})
 
+
+def test_an_edited_file_of_a_folder_prepares_the_data_again(tmp_path):
+    folder = tmp_path / "train"
+    shutil.copytree(AESLC / "train", folder)
+    cfg = cfg_for(tmp_path, train=str(folder), columns=COLUMNS, extract={"markers": MARKERS, "before": "body"})
+    first = load_splits(cfg, tmp_path / "data")
+    assert load_splits(cfg, tmp_path / "data").reused
+    mail = sorted(folder.iterdir())[0]
+    mail.write_text(mail.read_text().rsplit("@subject", 1)[0] + "@subject\nA subject written later")
+    again = load_splits(cfg, tmp_path / "data")
+    assert not again.reused and first.report["content_hash"] != again.report["content_hash"]
+    assert "A subject written later" in [e.messages[-1]["content"] for e in again.train + again.validation]

@@ -230,6 +230,8 @@ def _check_renders(tokenizer: Any, example: Example) -> None:
 
 def content_hash(cfg: Config) -> str:
     """A hash of the input files' bytes and the data settings: equal hashes, equal prepared data.
+    Of a folder (of text files, or a saved Hugging Face dataset), each file's name, size and
+    modification time: an edited, added or removed file prepares the data again.
 
     The ``max_*_examples`` caps are left out: they are applied when loading, not when preparing.
     """
@@ -239,6 +241,9 @@ def content_hash(cfg: Config) -> str:
     for path in (cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.prepare.labeling_functions):
         if path and Path(path).is_file():
             h.update(Path(path).read_bytes())
+        elif path and Path(path).is_dir():
+            for f in sorted(f for f in Path(path).rglob("*") if f.is_file()):
+                h.update(f"{f.relative_to(path)}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
