@@ -28,6 +28,7 @@ TRUNCATION_SIDES = ("middle", "left", "right")
 CHAT_TEMPLATES = ("chatml", "alpaca")  # named templates (data.chat_template); the Jinja lives in data/render.py
 ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
 CHAT_ROLES = ("system", "user", "assistant")  # data.extract.turns values
+SPLIT_KINDS = ("random", "ordered")  # data.prepare.split
 METHODS = ("lora", "full", "prompt")
 TRACKERS = ("tensorboard", "mlflow")  # report_to (runs.trackers writes them)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -100,8 +101,10 @@ class PrepareConfig:
     dedup_threshold: float = 0.85  # Jaccard similarity for near duplicates
     filter_test: bool = False  # de-duplication and length filters drop test rows too (default: report them, keep them)
     test_size: float = 0.0  # fraction (<1) or count (>=1) of train held out as a test split when data.test is not given
-    stratify: bool = True  # classification splits keep the label shares
-    group_by: str | None = None  # a column whose groups never span two splits
+    split: str = "random"  # random (seeded draw) | ordered (validation and test are the newest rows: time-ordered data)
+    order_by: str | None = None  # split: ordered: a column of dates or numbers that orders the rows (else file order, newest last)
+    stratify: bool = True  # classification splits keep the label shares (random splits)
+    group_by: str | None = None  # a column whose groups never span two splits (random splits)
 
 
 @dataclass
@@ -512,7 +515,7 @@ def validate(cfg: Config) -> list[str]:
     for key in ("validation_columns", "test_columns"):
         check(getattr(cfg.data, key) == {} or getattr(cfg.data, key.split("_")[0]) is not None,
               f"data.{key}: there is no data.{key.split('_')[0]} file to apply it to")
-    p += _extract_problems(cfg.data.extract)
+    p += _extract_problems(cfg.data.extract) + _split_problems(cfg.data.prepare)
     check(not (cfg.data.references and cfg.task in ("classification", "text")),
           f"data.references: only generation tasks (instruction, chat) are scored against references, not {cfg.task}")
     if cfg.eval.metric != "auto":
@@ -616,6 +619,20 @@ def _extract_problems(e: ExtractConfig | None) -> list[str]:
                 p.append(f"{where}: {value!r} is not a chat role ({', '.join(CHAT_ROLES)}){hint}")
             if kind == "markers" and (not value.strip() or (value == "messages" and e.turns)):
                 p.append(f"{where}: needs a field name" + (" other than messages (the turns go there)" if value.strip() else ""))
+    return p
+
+
+def _split_problems(pp: PrepareConfig) -> list[str]:
+    """Problems of the split settings: an unknown split kind, order_by without an ordered split,
+    group_by with one."""
+    p = []
+    if pp.split not in SPLIT_KINDS:
+        p.append(f"data.prepare.split: {pp.split!r} is not one of {', '.join(SPLIT_KINDS)}{_closest_hint(pp.split, SPLIT_KINDS)}")
+    if pp.order_by is not None and pp.split != "ordered":
+        p.append("data.prepare.order_by: orders the rows of an ordered split; set data.prepare.split: ordered (or remove it)")
+    if pp.group_by is not None and pp.split == "ordered":
+        p.append("data.prepare.group_by: cannot be combined with split: ordered (an ordered split cuts by time, "
+                 "a grouped one places whole groups)")
     return p
 
 
