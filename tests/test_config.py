@@ -75,9 +75,9 @@ def test_data_paths_resolve_against_config_folder(tmp_path: Path) -> None:
 def test_every_shipped_example_config_is_valid(path: Path) -> None:
     cfg = load_config(path)
     for data in [t.data for t in cfg.tasks] or [cfg.data]:  # a multi-task config: each task's data
-        assert Path(data.train).is_file()
+        assert Path(data.train).exists()  # a file, or a folder of files (AESLC)
         for extra in (data.validation, data.test):
-            assert extra is None or Path(extra).is_file()
+            assert extra is None or Path(extra).exists()
 
 
 def test_new_data_and_eval_settings_are_validated_all_at_once():

@@ -23,7 +23,7 @@ def test_example_config_prepares_its_data(path, tmp_path, tiny_model_dir, tokeni
     if cfg.tasks:  # multi-task: each task's data comes from a single-task example checked on its own
         assert cfg.tasks and all(Path(t.data.train).is_file() for t in cfg.tasks)
         return
-    assert Path(cfg.data.train).is_file()  # paths resolve from any working folder
+    assert Path(cfg.data.train).exists()  # paths resolve from any working folder (a file, or a folder of files)
     cfg.model = str(tiny_model_dir)  # the tiny tokenizer stands in for the real one: this checks the data, fast
     splits = load_splits(cfg, tmp_path / "data", ready_tokenizer(tokenizer, cfg))
     assert splits.train and splits.validation and splits.test

@@ -27,6 +27,8 @@ METRICS = {"accuracy": ("classification",), "f1": ("classification",), "rougeL":
 TRUNCATION_SIDES = ("middle", "left", "right")
 CHAT_TEMPLATES = ("chatml", "alpaca")  # named templates (data.chat_template); the Jinja lives in data/render.py
 ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
+CHAT_ROLES = ("system", "user", "assistant")  # data.extract.turns values
+SPLIT_KINDS = ("random", "ordered")  # data.prepare.split
 METHODS = ("lora", "full", "prompt")
 TRACKERS = ("tensorboard", "mlflow")  # report_to (runs.trackers writes them)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -99,8 +101,22 @@ class PrepareConfig:
     dedup_threshold: float = 0.85  # Jaccard similarity for near duplicates
     filter_test: bool = False  # de-duplication and length filters drop test rows too (default: report them, keep them)
     test_size: float = 0.0  # fraction (<1) or count (>=1) of train held out as a test split when data.test is not given
-    stratify: bool = True  # classification splits keep the label shares
-    group_by: str | None = None  # a column whose groups never span two splits
+    split: str = "random"  # random (seeded draw) | ordered (validation and test are the newest rows: time-ordered data)
+    order_by: str | None = None  # split: ordered: a column of dates or numbers that orders the rows (else file order, newest last)
+    stratify: bool = True  # classification splits keep the label shares (random splits)
+    group_by: str | None = None  # a column whose groups never span two splits (random splits)
+
+
+@dataclass
+class ExtractConfig:
+    """Fields marked inside one text (a file of a folder, or a column), split into columns of their own:
+    by a regular expression's named groups, or by marker lines (``@subject``) and turn markers (``Human:``)."""
+
+    column: str = "text"  # the column holding the marked text (a folder's files and plain-text lines are read into text)
+    regex: str | None = None  # a Python regular expression searched in the text: each named group becomes a column
+    markers: dict[str, str] = field(default_factory=dict)  # marker at a line's start -> the field the text after it becomes
+    before: str | None = None  # the field the text before the first marker becomes (e.g. an e-mail's body)
+    turns: dict[str, str] = field(default_factory=dict)  # marker at a line's start -> chat role: repeated, they become messages
 
 
 @dataclass
@@ -118,6 +134,7 @@ class DataConfig:
     validation_columns: dict[str, str] = field(default_factory=dict)  # overrides of columns for the validation file
     test_columns: dict[str, str] = field(default_factory=dict)  # overrides of columns for the test file
     references: list[str] = field(default_factory=list)  # extra gold answers (columns/templates) for generation metrics
+    extract: ExtractConfig | None = None  # fields marked inside a text (regex groups or marker lines) become columns
     skip_bad_rows: bool = False  # skip and count bad records instead of stopping
     labels: dict[str, str] = field(default_factory=dict)  # raw label -> target words
     system_prompt: str | None = None
@@ -498,6 +515,7 @@ def validate(cfg: Config) -> list[str]:
     for key in ("validation_columns", "test_columns"):
         check(getattr(cfg.data, key) == {} or getattr(cfg.data, key.split("_")[0]) is not None,
               f"data.{key}: there is no data.{key.split('_')[0]} file to apply it to")
+    p += _extract_problems(cfg.data.extract) + _split_problems(cfg.data.prepare)
     check(not (cfg.data.references and cfg.task in ("classification", "text")),
           f"data.references: only generation tasks (instruction, chat) are scored against references, not {cfg.task}")
     if cfg.eval.metric != "auto":
@@ -554,6 +572,67 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples: must be >= 100")
     check(cfg.eval.latency_examples >= 0, "eval.latency_examples: must be >= 0 (0 skips the latency measurement)")
     p += _validate_forgetting(cfg)
+    return p
+
+
+def _closest_hint(value: str, valid: tuple[str, ...]) -> str:
+    """``; did you mean 'x'?`` for the closest valid value, or ``""``."""
+    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _extract_problems(e: ExtractConfig | None) -> list[str]:
+    """Every problem of ``data.extract``: no way given, two ways given, a regex that does not compile
+    or names no group, a turn role that is not a chat role, blank or repeated markers."""
+    if e is None:
+        return []
+    k, p = "data.extract", []
+    if e.regex is None and not e.markers and not e.turns:
+        p.append(f"{k}: give regex (its named groups become columns), or markers and/or turns (marker lines)")
+    if e.regex is not None:
+        if e.markers or e.turns or e.before:
+            p.append(f"{k}.regex: give either regex or markers/turns/before, not both")
+        try:
+            named = re.compile(e.regex).groupindex
+        except re.error as err:
+            p.append(f"{k}.regex: not a valid regular expression ({err})")
+        else:
+            if not named:
+                p.append(f"{k}.regex: no named group; name each field with (?P<name>...), e.g. "
+                         r"'(?s)(?P<body>.*)\n@subject\n(?P<subject>.*)'")
+    if e.before is not None and not (e.markers or e.turns):
+        p.append(f"{k}.before: names the text before the first marker; give markers or turns too")
+    if not e.column.strip():
+        p.append(f"{k}.column: the column holding the marked text (text for a folder of files)")
+    seen: dict[str, str] = {}
+    for kind, mapping in (("markers", e.markers), ("turns", e.turns)):
+        for marker, value in mapping.items():
+            where, key = f"{k}.{kind}[{marker!r}]", marker.strip()
+            if not key:
+                p.append(f"{where}: a blank marker")
+            elif key in seen:
+                p.append(f"{where}: the same marker as {seen[key]} (markers are compared without surrounding whitespace)")
+            seen.setdefault(key, where)
+            if kind == "turns" and value not in CHAT_ROLES:
+                means = {"human": "user", "gpt": "assistant", "bot": "assistant", "ai": "assistant", "model": "assistant"}
+                hint = f"; did you mean {means[value.lower()]!r}?" if value.lower() in means else _closest_hint(value, CHAT_ROLES)
+                p.append(f"{where}: {value!r} is not a chat role ({', '.join(CHAT_ROLES)}){hint}")
+            if kind == "markers" and (not value.strip() or (value == "messages" and e.turns)):
+                p.append(f"{where}: needs a field name" + (" other than messages (the turns go there)" if value.strip() else ""))
+    return p
+
+
+def _split_problems(pp: PrepareConfig) -> list[str]:
+    """Problems of the split settings: an unknown split kind, order_by without an ordered split,
+    group_by with one."""
+    p = []
+    if pp.split not in SPLIT_KINDS:
+        p.append(f"data.prepare.split: {pp.split!r} is not one of {', '.join(SPLIT_KINDS)}{_closest_hint(pp.split, SPLIT_KINDS)}")
+    if pp.order_by is not None and pp.split != "ordered":
+        p.append("data.prepare.order_by: orders the rows of an ordered split; set data.prepare.split: ordered (or remove it)")
+    if pp.group_by is not None and pp.split == "ordered":
+        p.append("data.prepare.group_by: cannot be combined with split: ordered (an ordered split cuts by time, "
+                 "a grouped one places whole groups)")
     return p
 
 

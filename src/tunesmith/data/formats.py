@@ -82,10 +82,16 @@ class Table:
     header: bool | None = None  # CSV/TSV only: the first record named the columns
     quoted: bool | None = None  # TSV only: fields are quoted CSV-style (as pandas writes them)
     split: str | None = None  # a Hugging Face DatasetDict: the split read
-    numbering: str = "line"  # what Row.line counts: "line" (of the file) or "record" (column-form JSON, Parquet, HF)
+    numbering: str = "line"  # what Row.line counts: "line" (of the file) or "record" (column-form JSON, Parquet, HF, folder)
+    files: dict[int, str] = field(default_factory=dict)  # a folder's records: record number -> its file, relative to path
+    extracted: str | None = None  # how data.extract split fields out of a column, for describe()
+    expected: dict[str, str] = field(default_factory=dict)  # extracted field -> where it was looked for (for "missing field")
 
     def where(self, line: int) -> str:
-        """How messages name a row: "file:12" for a line, "file: record 12" for a record number."""
+        """How messages name a row: "file:12" for a line, "file: record 12" for a record number,
+        "folder/name.txt" for a file of a folder."""
+        if line in self.files:
+            return str(Path(self.path) / self.files[line])
         return f"{self.path}:{line}" if self.numbering == "line" else f"{self.path}: record {line}"
 
     @property
@@ -105,9 +111,10 @@ class Table:
             parts.append(f"split {self.split!r}")
         if self.header is not None:
             parts.append(f"{'header' if self.header else 'no header'}: columns {_column_list(self.columns)}")
+        extracted = f"; {self.extracted}" if self.extracted else ""
         if self.format in ("parquet", "hf"):  # binary: no text encoding
-            return ", ".join(parts)
-        return ", ".join(parts) + ("; " if self.header is not None else ", ") + self._describe_encoding()
+            return ", ".join(parts) + extracted
+        return ", ".join(parts) + ("; " if self.header is not None else ", ") + self._describe_encoding() + extracted
 
     def _describe_encoding(self) -> str:
         """The encoding, and where it came from when it was not plain UTF-8."""
@@ -478,10 +485,11 @@ def _parquet(path: Path) -> Table:
 
 def _folder(path: Path, encoding: str | None = None) -> Table:
     """One row per text file; files in sub-folders take the sub-folder's name as their label."""
-    rows = []
+    rows, names = [], {}
     found: dict[str, float | None] = {}  # encoding -> lowest confidence
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     for i, f in enumerate(files, start=1):
+        names[i] = str(f.relative_to(path))
         decoded = decode(f, encoding)
         seen = found.get(decoded.encoding, decoded.confidence)
         found[decoded.encoding] = None if seen is None or decoded.confidence is None else min(seen, decoded.confidence)
@@ -495,7 +503,7 @@ def _folder(path: Path, encoding: str | None = None) -> Table:
     name = next(iter(found)) if len(found) == 1 else "mixed (" + ", ".join(sorted(found)) + ")"
     known = [c for c in found.values() if c is not None]
     return Table(str(path), rows, "folder", name, encoding_confidence=min(known) if known else None, numbering="record",
-                 encoding_set=encoding is not None)
+                 encoding_set=encoding is not None, files=names)
 
 
 def _hf(name: str, shown: str, split: str | None = None) -> Table:

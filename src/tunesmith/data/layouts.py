@@ -31,7 +31,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunesmith.data.formats import DataError, Example, Row, Table, read_table
+from tunesmith.data.extract import read_data
+from tunesmith.data.formats import DataError, Example, Row, Table
 
 ROLES = ("system", "user", "assistant")
 LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
@@ -161,8 +162,20 @@ def detect_layout(table: Table, layout: str | None = None, columns: dict[str, st
 
     Only layouts that can serve ``task`` are tried (all of them when ``task`` is None). The error
     says which layouts were tried and which role each one lacks, and shows the columns found with
-    a sample value.
+    a sample value; and which fields ``data.extract`` found in no row, where it looked for them.
     """
+    try:
+        return _detect_layout(table, layout, columns, task, references, split)
+    except DataError as e:
+        absent = [f for f in table.expected if f not in table.columns]
+        if not absent:
+            raise
+        looked = "; ".join(f"{f!r}: {table.expected[f]}" for f in absent)
+        raise DataError(f"{e}. data.extract found these fields in no row, looking for {looked}") from None
+
+
+def _detect_layout(table: Table, layout: str | None, columns: dict[str, str] | None, task: str | None,
+                   references: list[str] | None, split: str) -> Layout:
     names = table.columns
     lower = {c.lower(): c for c in names}
     overrides = dict(columns or {})
@@ -327,7 +340,7 @@ def rows_to_examples(table: Table, layout: Layout, labels: dict[str, str] | None
     for row in table.rows:
         where = row.values.get("_source") or table.where(row.line)  # prepared rows keep their origin
         try:
-            missing_field(row, layout, where)
+            missing_field(row, layout, where, table.expected)
             rec = layout.record(row)
             if check_record(rec, layout.name, layout.columns, labels, where) == "empty":
                 empty = [layout.columns[r] for r in PROMPT_ROLES[layout.name] + TARGET_ROLES[layout.name]
@@ -341,18 +354,24 @@ def rows_to_examples(table: Table, layout: Layout, labels: dict[str, str] | None
     return out
 
 
-def missing_field(row: Row, layout: Layout, where: str) -> None:
-    """DataError when a required column is absent from the row (e.g. a JSONL record without it)."""
+def missing_field(row: Row, layout: Layout, where: str, expected: dict[str, str] | None = None) -> None:
+    """DataError when a required column is absent from the row (e.g. a JSONL record without it).
+    ``expected``: field -> where data.extract looks for it (``Table.expected``), said in the message."""
     name = layout.missing(row)
-    if name is not None:
-        have = ", ".join(repr(k) for k in row.values)
-        raise DataError(f"{where}: missing field {name!r} (the row has {have}); map it with data.columns")
+    if name is None:
+        return
+    if expected and name in expected:
+        raise DataError(f"{where}: missing field {name!r}: expected {expected[name]} (data.extract)")
+    have = ", ".join(repr(k) for k in row.values)
+    raise DataError(f"{where}: missing field {name!r} (the row has {have}); map it with data.columns")
 
 
 def load_examples(path: str, data: Any, task: str) -> list[Example]:
-    """Read one file as a run would: format and layout detected (or as ``data`` sets them)."""
-    table = read_table(path, data.format, data.skip_bad_rows)
-    layout = detect_layout(table, data.layout, data.columns, task)
+    """Read one file as a run would: format, fields (``data.extract``) and layout detected (or as
+    ``data`` sets them)."""
+    table = read_data(path, data, skip_bad=data.skip_bad_rows)
+    refs = [r for r in data.references if r in table.columns]
+    layout = detect_layout(table, data.layout, data.columns, task, refs if len(refs) == len(data.references) else [])
     labels = data.labels if task == "classification" else None
     return rows_to_examples(table, layout, labels, data.system_prompt, data.skip_bad_rows)
 

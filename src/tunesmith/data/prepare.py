@@ -1,4 +1,4 @@
-"""``tunesmith prepare``: read -> clean -> redact -> drop empty -> filter -> de-duplicate -> split -> label -> report.
+"""``tunesmith prepare``: read -> order (split: ordered) -> clean -> redact -> drop empty -> filter -> de-duplicate -> split -> label -> report.
 
 Each step works on canonical records (role -> value, e.g. {"text", "label"} or
 {"instruction", "input", "output"}), counts what it removed or changed and keeps a few
@@ -18,6 +18,7 @@ examples with ``to_example``.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import difflib
 import hashlib
 import json
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config, DataConfig
-from tunesmith.data.formats import DataError, Example, read_table
+from tunesmith.data.extract import read_data
+from tunesmith.data.formats import DataError, Example, Table, read_table
 from tunesmith.data.layouts import PROMPT_ROLES, TARGET_ROLES, check_record, detect_layout, missing_field, to_example
+from tunesmith.data.order import order_key, overlap_warnings, sort_by_time, time_ranges
 from tunesmith.io import atomic_write_json, atomic_write_jsonl
 
 SPLITS = ("train", "validation", "test")
@@ -54,7 +57,8 @@ def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Spl
     settings are unchanged (same content hash), prepared anew otherwise.
 
     Without a test split the validation split is also the test split. The ``max_*_examples``
-    caps are applied here, after preparation, so they never change the prepared files.
+    caps are applied here, after preparation, so they never change the prepared files; under
+    ``data.prepare.split: ordered`` each keeps its split's newest (last) rows.
     """
     out_dir = Path(out_dir)
     report_path = out_dir / REPORT
@@ -75,24 +79,36 @@ def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Spl
         raise DataError(f"{d.train}: no validation rows after preparation; set data.validation or data.validation_size")
     test = loaded.get("test") or loaded["validation"]
     notes = list(report.get("notes", [])) + (["test: the validation split (no test split)"] if "test" not in loaded else [])
-    return Splits(_cap(loaded["train"], d.max_train_examples, cfg.train.seed),
-                  _cap(loaded["validation"], d.max_validation_examples, cfg.train.seed),
-                  test[: d.max_test_examples] if d.max_test_examples else test, notes, report, reused)
+    ordered = d.prepare.split == "ordered"
+    return Splits(_cap(loaded["train"], d.max_train_examples, cfg.train.seed, ordered),
+                  _cap(loaded["validation"], d.max_validation_examples, cfg.train.seed, ordered),
+                  cap_test(test, d.max_test_examples, ordered), notes, report, reused)
 
 
-def _cap(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """A seeded random subset of ``n`` examples (all when ``n`` is None or larger), in file order.
+def _cap(examples: list[Example], n: int | None, seed: int, ordered: bool = False) -> list[Example]:
+    """A seeded random subset of ``n`` examples (all when ``n`` is None or larger), in file order;
+    ``ordered`` (time-ordered rows): the newest ``n``, the last ones.
 
     Subsets are nested: with the same seed, the first 16 are among the first 64 (a learning curve
-    then adds data rather than swapping it).
+    then adds data rather than swapping it); the newest 16 are among the newest 64.
     """
     import random
 
     if not n or n >= len(examples):
         return examples
+    if ordered:
+        return examples[-n:]
     order = list(range(len(examples)))
     random.Random(seed + 1).shuffle(order)
     return [examples[i] for i in sorted(order[:n])]
+
+
+def cap_test(examples: list[Any], n: int | None, ordered: bool) -> list[Any]:
+    """The test examples ``data.max_test_examples`` keeps: the first ``n``, or for an ordered split
+    (``data.prepare.split: ordered``) the newest ``n``, the last ones; all when ``n`` is None."""
+    if not n:
+        return examples
+    return examples[-n:] if ordered else examples[:n]
 
 
 @dataclass
@@ -133,6 +149,9 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
         records[split] = rows
         notes.append(note)
         empty_in_files += empty
+    if p.order_by:  # oldest first before de-duplication, so that it keeps the first time a text was seen
+        n = sum(len(r) for r in records.values())
+        steps.append(_step(f"order by {p.order_by}", n, n, {"ranges": sort_by_time(records, p.order_by)}))
     if p.clean:
         _clean(records, p, steps)
     if p.pii:
@@ -145,6 +164,10 @@ def prepare(cfg: Config, out_dir: Path, tokenizer: Any | None = None) -> Prepare
         _length_filter(records, tokenizer, p.min_tokens, p.max_tokens, steps, protected)
     dedup = _dedup(records, p, steps, layout_name, protected, warnings) if p.dedup != "none" else {}
     _split(records, cfg, steps)
+    if p.split == "ordered":
+        notes.append(_ordered_note(records, p, set(sources)))
+    if p.order_by:
+        warnings += overlap_warnings(records, p.order_by)
     if p.labeling_functions:
         _weak_label(records, cfg, steps)
     warnings += _label_warnings(records, cfg)
@@ -172,27 +195,21 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
     if not path.startswith("hf:") and not Path(path).exists():
         raise DataError(f"data.{split}: {path}: file not found (a relative path in a config file is looked up "
                         "next to the config file, then in the working folder; on the command line, the other way round)")
-    table = read_table(path, d.format, skip_bad=True, delimiter=d.delimiter, encoding=d.encoding, split=split)
+    table = read_data(path, d, skip_bad=True, split=split)
     refs = d.references if split == eval_source(cfg) or all(
         r in table.columns for r in d.references) else []  # the evaluation split must have them; others may
     layout = detect_layout(table, d.layout, split_columns(d, split), cfg.task, refs, split)
     labels = d.labels if cfg.task == "classification" else None
-    if p.group_by and p.group_by not in table.columns:  # a setting's typo, not a fault of every row
-        close = difflib.get_close_matches(p.group_by, table.columns, n=1)
-        raise DataError(f"data.prepare.group_by: no column {p.group_by!r} in {table.path}"
-                        + (f" (did you mean {close[0]!r}?)" if close else "") + f"; columns: {', '.join(table.columns)}")
+    for key in ("group_by", "order_by"):
+        _check_column(f"data.prepare.{key}", getattr(p, key), table)
     rows, bad, empty, no_refs = [], list(table.skipped), 0, 0
     for row in table.rows:
         where = table.where(row.line)
         try:
-            missing_field(row, layout, where)
+            missing_field(row, layout, where, table.expected)
             rec = layout.record(row)
             no_refs += any(s.kind == "column" and row.values.get(s.spec) in (None, "") for s in layout.references)
-            if p.group_by:
-                if p.group_by not in row.values:
-                    raise DataError(f"{where}: data.prepare.group_by column {p.group_by!r} is missing "
-                                    f"(the row has {', '.join(map(repr, row.values))})")
-                rec["_group"] = str(row.values[p.group_by])
+            _split_keys(rec, row.values, p, where)
             state = check_record(rec, layout.name, layout.columns, labels, where, p.labeling_functions is not None)
             if state is None and cfg.task != "text" and getattr(tokenizer, "chat_template", None):  # heads need none
                 _check_renders(tokenizer, to_example(rec, layout.name, labels, d.system_prompt, where))
@@ -214,6 +231,29 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
     return rows, layout.name, f"{split}: {path} ({table.describe()}); {layout.describe()}", empty
 
 
+def _check_column(setting: str, name: str | None, table: Table) -> None:
+    """DataError when a setting names a column the file does not have: a typo, not a fault of every row."""
+    if name and name not in table.columns:
+        close = difflib.get_close_matches(name, table.columns, n=1)
+        raise DataError(f"{setting}: no column {name!r} in {table.path}"
+                        + (f" (did you mean {close[0]!r}?)" if close else "") + f"; columns: {', '.join(table.columns)}")
+
+
+def _split_keys(rec: dict[str, Any], values: dict[str, Any], p: Any, where: str) -> None:
+    """The row's ``group_by`` value (``_group``) and ``order_by`` value (``_order``, checked to be a
+    number or a date) on its record; DataError naming the row when one is missing or unreadable."""
+    for key, name in (("group_by", p.group_by), ("order_by", p.order_by)):
+        if name and name not in values:
+            raise DataError(f"{where}: data.prepare.{key} column {name!r} is missing "
+                            f"(the row has {', '.join(map(repr, values))})")
+    if p.group_by:
+        rec["_group"] = str(values[p.group_by])
+    if p.order_by:
+        value = values[p.order_by]
+        order_key(value, p.order_by, where)  # a value that is neither a number nor a date is a bad row
+        rec["_order"] = value.isoformat() if isinstance(value, dt.date) else value
+
+
 def _line_of(message: str) -> int:
     """The line number in a "file:line: reason" message (0 when it has none)."""
     m = re.search(r":(\d+): ", message)
@@ -229,6 +269,8 @@ def _check_renders(tokenizer: Any, example: Example) -> None:
 
 def content_hash(cfg: Config) -> str:
     """A hash of the input files' bytes and the data settings: equal hashes, equal prepared data.
+    Of a folder (of text files, or a saved Hugging Face dataset), each file's name, size and
+    modification time: an edited, added or removed file prepares the data again.
 
     The ``max_*_examples`` caps are left out: they are applied when loading, not when preparing.
     """
@@ -238,6 +280,9 @@ def content_hash(cfg: Config) -> str:
     for path in (cfg.data.train, cfg.data.validation, cfg.data.test, cfg.data.prepare.labeling_functions):
         if path and Path(path).is_file():
             h.update(Path(path).read_bytes())
+        elif path and Path(path).is_dir():
+            for f in sorted(f for f in Path(path).rglob("*") if f.is_file()):
+                h.update(f"{f.relative_to(path)}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -444,20 +489,35 @@ def _split(records, cfg, steps) -> None:
     make_val, make_test = "validation" not in records, "test" not in records and p.test_size > 0
     if not (make_val or make_test):
         return
-    rows = records["train"]
-    labels = [str(r.get("label")) for r in rows] if cfg.task == "classification" and p.stratify else None
+    rows, ordered = records["train"], p.split == "ordered"
+    labels = [str(r.get("label")) for r in rows] if cfg.task == "classification" and p.stratify and not ordered else None
     groups = [r["_group"] for r in rows] if p.group_by else None
     try:
         parts = split_indices(len(rows), validation=d.validation_size if make_val else 0,
-                              test=p.test_size if make_test else 0, labels=labels, groups=groups, seed=cfg.train.seed)
+                              test=p.test_size if make_test else 0, labels=labels, groups=groups, seed=cfg.train.seed,
+                              ordered=ordered)
     except ValueError as e:  # too few rows left for the splits asked for: say which file and why, in config terms
         why = str(e).replace("or pass labels=None", "or set data.prepare.stratify: false")
         raise DataError(f"{d.train}: after preparation ({len(rows)} rows left): {why}") from None
     for name, idx in parts.items():
         if idx or name == "train":
             records[name] = [rows[i] for i in idx]
-    steps.append(_step("split", len(rows), len(rows), {k: len(v) for k, v in parts.items()}
-                       | {"stratified": labels is not None, "grouped_by": p.group_by}))
+    details = {k: len(v) for k, v in parts.items()} | {"stratified": labels is not None, "grouped_by": p.group_by}
+    if ordered:  # validation and test are the newest rows: say by what, and which times each split covers
+        details |= {"ordered_by": p.order_by or "file order (newest last)"}
+        details |= {"ranges": time_ranges(records)} if p.order_by else {}
+    steps.append(_step("split", len(rows), len(rows), details))
+
+
+def _ordered_note(records: dict[str, list[dict[str, Any]]], p: Any, given: set[str]) -> str:
+    """What an ordered split held out and what the caps keep; with ``order_by``, the span of each split."""
+    held = [s for s in ("validation", "test") if s in records and s not in given]
+    out = (f"split: ordered {'by ' + p.order_by if p.order_by else 'in file order (newest last)'}: "
+           + (f"{' and '.join(held)} held out as the newest rows of train" if held else "nothing held out of train")
+           + "; max_*_examples keep each split's newest rows")
+    if p.order_by:
+        out += " (" + ", ".join(f"{s} {first} .. {last}" for s, (first, last) in time_ranges(records).items()) + ")"
+    return out
 
 
 def _label_warnings(records, cfg) -> list[str]:

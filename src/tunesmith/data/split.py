@@ -11,6 +11,11 @@ seeded random order) into the split whose label counts fall furthest short of th
 which also keeps label shares close when labels are given (close, not within one point: whole
 groups move together).
 
+Ordered splits (``ordered=True``, for time-ordered data whose rows run oldest first): the test
+rows are the last ones, the validation rows the ones just before them, train the rest, so nothing
+is trained on rows newer than those it is tested on. Nothing is drawn; labels and groups do not
+apply.
+
 Rare labels (stratified, ungrouped): a label with fewer rows than there are splits to fill
 cannot appear in every split; its rows all go to train (training on them costs nothing, while
 a one-row evaluation class measures nothing) and a ``UserWarning`` names the label. Other
@@ -32,13 +37,16 @@ SPLITS = ("train", "validation", "test")
 
 def split_indices(n: int, *, validation: float = 0.1, test: float = 0.1,
                   labels: Sequence[str] | None = None, groups: Sequence[str] | None = None,
-                  seed: int = 0) -> dict[str, list[int]]:
+                  seed: int = 0, ordered: bool = False) -> dict[str, list[int]]:
     """Row indices (each list sorted) for "train", "validation" and "test".
 
     ``validation`` and ``test`` are fractions of ``n`` when below 1, row counts when >= 1, and
     0 for no such split (its list is empty). A non-zero fraction gets at least one row. The same
-    arguments always give the same split.
+    arguments always give the same split. ``ordered``: the last rows are the test split, the ones
+    before them validation (rows in time order, newest last).
     """
+    if ordered and (labels is not None or groups is not None):
+        raise ValueError("an ordered split takes the newest rows as they come; it cannot be stratified or grouped")
     if n < 1:
         raise ValueError(f"cannot split {n} rows")
     for name, seq in (("labels", labels), ("groups", groups)):
@@ -50,7 +58,11 @@ def split_indices(n: int, *, validation: float = 0.1, test: float = 0.1,
             f"validation ({sizes['validation']}) + test ({sizes['test']}) rows leave no training "
             f"rows out of {n}; make them smaller"
         )
-    if groups is not None:
+    if ordered:
+        n_train = n - sizes["validation"] - sizes["test"]
+        out = {"train": np.arange(n_train), "validation": np.arange(n_train, n_train + sizes["validation"]),
+               "test": np.arange(n_train + sizes["validation"], n)}
+    elif groups is not None:
         out = _grouped(n, sizes, labels, groups, seed)
     elif labels is not None:
         out = _stratified(n, sizes, labels, seed)

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from tunesmith import runtime
 from tunesmith.config import Config
+from tunesmith.data.extract import extract_fields
 from tunesmith.data.formats import DataError, read_table
 from tunesmith.data.layouts import _SPEAKERS, SYNONYMS, parse_source
 from tunesmith.data.render import PromptCut, chat_format, encode_plain, fit_prompt
@@ -51,14 +52,19 @@ def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None
     and field of a row with no prompt, or the columns when none holds a prompt; with ``skipped``
     (a list), bad rows are left out and their messages appended to it instead."""
     table = read_table(path, delimiter=cfg.data.delimiter, encoding=cfg.data.encoding)
+    if cfg.data.extract is not None:  # fields marked inside a text, split as the training data's were
+        table = extract_fields(table, cfg.data.extract, skip_bad=skipped is not None)
+        if skipped is not None:
+            skipped.extend(table.skipped)
     if not table.rows:
         raise DataError(f"{path}: no rows")
     columns = list(dict.fromkeys(k for r in table.rows[:50] for k in r.values))
     chat = _column(cfg, "messages", columns)
     sources = {}
+    configured = set((cfg.data.columns or {}).values())
     for role in PROMPT_ROLES:
         found = _column(cfg, role, columns)
-        if found:
+        if found and not (found in configured and cfg.data.columns.get(role) != found):  # a mapped column is read once
             sources[role] = parse_source(found, columns, f"data.columns.{role} ({path})")
     if chat is None and not sources:
         if len(columns) != 1:
@@ -69,7 +75,7 @@ def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None
     out = []
     for row in table.rows:
         try:
-            out.append(_prompt_row(row, f"{path}:{row.line}", chat, sources, cfg))
+            out.append(_prompt_row(row, table.where(row.line), chat, sources, cfg))
         except DataError as e:
             if skipped is None:
                 raise

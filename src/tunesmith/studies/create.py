@@ -23,7 +23,7 @@ from tunesmith.api import ApiModel
 from tunesmith.config import ApiConfig
 from tunesmith.data.formats import read_table
 from tunesmith.data.layouts import to_example
-from tunesmith.data.prepare import REPORT
+from tunesmith.data.prepare import REPORT, cap_test
 from tunesmith.evaluate import reference, references
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.studies import store
@@ -228,7 +228,7 @@ def _run_outputs(run_dir: Path) -> dict[str, Any]:
     examples = [to_example(r.values, report["layout"], None, d.system_prompt, r.values.get("_source") or f"{test}:{r.line}")
                 for r in read_table(test, "jsonl").rows]
     rows = read_jsonl(preds)
-    examples = examples[: len(rows)] if d.max_test_examples else examples
+    examples = cap_test(examples, len(rows) if d.max_test_examples else None, d.prepare.split == "ordered")
     if len(rows) != len(examples) or any(row["reference"] != reference(ex) for row, ex in zip(rows, examples)):
         raise StudyError(f"{preds} does not match {test}: the data changed after the evaluation; "
                          f"evaluate again (tunesmith eval {run_dir})")
