@@ -49,6 +49,7 @@ def connect(path: Path | None = None) -> Iterator[sqlite3.Connection]:
     """An open connection to the index (created on first use, WAL mode), committed on success."""
     path = Path(path or index_path())
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()  # sqlite would create it 0644 whatever the umask; its -wal and -shm files copy this mode
     con = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # explicit BEGIN below; waits when busy
     try:
         con.execute("PRAGMA journal_mode=WAL")
