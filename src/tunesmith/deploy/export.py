@@ -19,6 +19,7 @@ import torch
 
 from tunesmith import methods
 from tunesmith.config import Config, task_config
+from tunesmith.commands import command
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import chat_format, encode_prompt, fold_system
 from tunesmith.deploy.errors import ExportError
@@ -279,7 +280,7 @@ def _rows_used(report: dict[str, Any], ev: dict[str, Any]) -> str:
 def _card_metrics(run_dir: Path) -> str:
     ev = load_json(run_dir / "eval.json")
     if not ev.get("tuned"):
-        return (f"\n## Measured\n\nNot evaluated yet: `tunesmith eval {run_dir}` measures it against the base "
+        return (f"\n## Measured\n\nNot evaluated yet: `{command('eval', run_dir)}` measures it against the base "
                 "model on the test split, then export again to put the results here.\n")
     out = ["", f"## Measured on {ev.get('test_examples', '?')} held-out test examples", "", _metric_table(ev)]
     for name, task in (ev.get("tasks") or {}).items():  # a multi-task run: the macro average above, each task here

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from tunesmith.config import METHODS
+from tunesmith.commands import command
 from tunesmith.io import flatten_dict
 
 COLUMNS = ("path", "name", "created", "updated", "status", "model", "method", "task", "data", "metric", "value",
@@ -293,7 +294,7 @@ def find(ref: str, path: Path | None = None) -> dict[str, Any]:
     if row is None:
         live = row_from_folder(folder) if folder.is_dir() else None
         if live is None:
-            raise KeyError(f"no run named or at {ref!r} in the index {path or index_path()} (tunesmith runs lists them)")
+            raise KeyError(f"no run named or at {ref!r} in the index {path or index_path()} ({command('runs')} lists them)")
         return live
     return dict(row)
 
