@@ -316,13 +316,43 @@ def test_bad_json_and_unknown_fields(srv):
     status, body = raw(srv, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400
     assert_openai_error(body, 400)
+    assert body["error"]["message"] == "invalid JSON at character 1: expecting property name enclosed in double quotes"
+    assert body["error"]["param"] is None
     r = client(srv).chat.completions.create(model="alpha-lora", messages=HELLO, max_tokens=2,
                                             extra_body={"some_future_field": {"x": 1}})
     assert r.choices[0].message.content is not None  # unknown fields are ignored
     status, body = raw(srv, "GET", "/v1/nowhere")
     assert status == 404
-    assert_openai_error(body, 404)
+    assert_openai_error(body, 404, "no such endpoint: GET /v1/nowhere")
     assert_healthy(srv)
+
+
+@pytest.mark.parametrize("body,message,param", [
+    ('{"model": "alpha-lora", "messages": [}', "invalid JSON at character 37: expecting value", None),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "missing required parameter 'model'", "model"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}',
+     "invalid value for 'max_tokens': should be a valid integer, unable to parse string as an integer (got \"ten\")",
+     "max_tokens"),
+    ('{"model": "alpha-lora", "messages": [{"role": "bot", "content": "hi"}]}',
+     "invalid value for 'messages[0].role': should be 'system', 'developer', 'user' or 'assistant' (got \"bot\")",
+     "messages[0].role"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": 5}]}',
+     "invalid value for 'messages[0].content': should be a valid string or a valid list (got 5)", "messages[0].content"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": [{"text": "hi"}]}]}',
+     "missing required parameter 'messages[0].content[0].type'", "messages[0].content[0].type"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}',
+     "invalid value for 'stop': stop sequences must not be empty", "stop"),
+    ('{"model": "alpha-lora", "messages": []}', "invalid value for 'messages': should have at least 1 item, not 0",
+     "messages"),
+    ('[1, 2]', "the request body must be a JSON object", None),
+])
+def test_invalid_requests_are_explained_in_plain_words(srv, body, message, param):
+    """Each message names the field as the client wrote it; none of FastAPI's or pydantic's own
+    words (a character offset as the param, 'Value error,', union branch names such as 'str')."""
+    status, got = raw(srv, "POST", "/v1/chat/completions", body.encode())
+    assert status == 400
+    assert_openai_error(got, 400)
+    assert (got["error"]["message"], got["error"]["param"]) == (message, param)
 
 
 def test_unknown_model_is_404_naming_the_served_ones(srv, base_name):

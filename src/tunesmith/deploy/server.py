@@ -125,16 +125,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
-                        for er in errs[:5])
-        return _error_response(request, 400, msg or "invalid request", ".".join(loc) or None, "invalid_value")
+        message, param = P.explain_invalid(e.errors())
+        return _error_response(request, 400, message, param, "invalid_value")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException) -> JSONResponse:
-        return _error_response(request, e.status_code, str(e.detail))
+        message = str(e.detail)
+        if e.status_code == 404 and message == "Not Found":  # Starlette's words for a path no route takes
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif e.status_code == 405 and message == "Method Not Allowed":
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return _error_response(request, e.status_code, message)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
