@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the context)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued before answering 429")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, seconds requests in flight get to finish (default 30); then each open "
+                        "stream is ended (finish_reason length, an error event, [DONE]) and other requests get a 503")
     p.add_argument("--redact-pii", default="", metavar="KINDS",
                    help="redact personal data in answers: comma-separated kinds (email,phone,credit_card,ip_address,iban,url) or 'default'")
     p.add_argument("--block-words", default=None, metavar="FILE", help="a file of blocked words or phrases, one per line")
@@ -239,7 +242,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
             serve(args.run_dirs, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
                   max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                  max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, output_filter=_output_filter(args))
+                  max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, output_filter=_output_filter(args),
+                  shutdown_timeout=args.shutdown_timeout)
         elif args.verb == "generate":
             from tunesmith.deploy.generate import generate_file
 
