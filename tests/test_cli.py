@@ -267,3 +267,52 @@ def test_two_trainings_never_write_one_run_folder(tmp_path, tiny_model_dir, sst_
         holder.kill()
         holder.wait()
     assert main(["train", str(path)]) == 0  # the lock died with its holder
+
+
+def _script(folder: Path) -> Path:
+    """A console script as pip writes one (``.venv/bin/tunesmith``), for this interpreter."""
+    import sys
+
+    folder.mkdir(parents=True)
+    script = folder / "tunesmith"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom tunesmith.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_hints_name_the_program_as_the_user_typed_it(tmp_path, tiny_model_dir, sst_files):
+    """A user with only .venv/bin/tunesmith (not on PATH) is told to type .venv/bin/tunesmith."""
+    import os
+    import subprocess
+    import sys
+
+    _script(tmp_path / ".venv" / "bin")
+    path = write_config(tmp_path, tiny_model_dir, sst_files)
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin",
+           "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "COLUMNS": "300"}
+    env.pop("TUNESMITH_PROGRAM", None)
+    done = subprocess.run([".venv/bin/tunesmith", "train", str(path), "--until-step", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert f"continue with: .venv/bin/tunesmith train {tmp_path / 'runs' / 'tiny' / 'config.yaml'} --resume" in done.stdout
+
+
+def test_program_is_plain_tunesmith_only_when_that_name_finds_this_program(tmp_path, monkeypatch):
+    import sys
+
+    from tunesmith.commands import command, program
+
+    monkeypatch.delenv("TUNESMITH_PROGRAM", raising=False)
+    script = _script(tmp_path / "env" / "bin")
+    other = _script(tmp_path / "elsewhere")  # another install's tunesmith on PATH
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["env/bin/tunesmith", "train"])
+    monkeypatch.setenv("PATH", str(other.parent))
+    assert program() == "env/bin/tunesmith"
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert command("train", tmp_path / "a b.yaml", "--resume") == f"tunesmith train '{tmp_path / 'a b.yaml'}' --resume"
+    monkeypatch.setattr(sys, "argv", [str(Path(__file__).parents[1] / "src" / "tunesmith" / "__main__.py")])
+    monkeypatch.setenv("PATH", str(other.parent))  # python -m tunesmith, no python or tunesmith of this env on PATH
+    assert program() == f"{sys.executable} -m tunesmith"
+    monkeypatch.setenv("TUNESMITH_PROGRAM", "env/bin/tunesmith")  # a torchrun worker: what the launcher was run as
+    assert program() == "env/bin/tunesmith"

@@ -150,3 +150,60 @@ def test_gguf_export_of_a_run_verifies_and_has_a_modelfile(finished_runs, tmp_pa
     assert template == load_run(finished_runs["alpha-lora"]).tokenizer.chat_template
     assert "FROM ./alpha-lora.f32.gguf" in (result.path / "Modelfile").read_text()
     assert "PARAMETER stop" in (result.path / "Modelfile").read_text()
+
+
+NO_SYSTEM_TEMPLATE = (  # a template that refuses the system role (as Gemma's and Mistral's do)
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _run(tmp_path, tiny_model_dir, name, method, data=None, **sections):
+    from tunesmith import finetune, load_config
+
+    rows = [{"instruction": f"Say hello {i}", "input": "", "output": f"hello {i} !"} for i in range(16)]
+    (tmp_path / "inst.json").write_text(json.dumps(rows))
+    cfg = {"name": name, "model": str(tiny_model_dir), "task": "instruction", "method": method,
+           "output_dir": str(tmp_path / "runs"),
+           "data": {"train": str(tmp_path / "inst.json"), "validation_size": 3, "prepare": {"test_size": 4},
+                    "system_prompt": "Answer briefly.", **(data or {})},
+           "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "precision": "fp32"},
+           "eval": {"max_new_tokens": 3, "latency_examples": 0, "compare_with_base": False}, **sections}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return finetune(load_config(path)).dir
+
+
+def test_model_card_numbers_are_what_was_trained_and_evaluated(tmp_path, tiny_model_dir):
+    run = _run(tmp_path, tiny_model_dir, "capped", "full", {"max_train_examples": 5, "max_test_examples": 2},
+               full={"lr": 0.02})
+    card = (export(run, "hf", out=tmp_path / "h").path / "README.md").read_text()
+    assert json.loads((run / "eval.json").read_text())["test_examples"] == 2
+    assert "rows used of those prepared: train 5 of 9, validation 3 of 3, test 2 of 4" in card, card
+    assert "Measured on 2 held-out test examples" in card and "lr 0.02," in card  # full.lr, not train.lr
+    assert "test 4 rows" not in card
+
+
+@pytest.mark.parametrize("shots", [2, 0])
+def test_prompt_export_folds_the_system_prompt_when_the_template_refuses_it(tmp_path, tiny_model_dir, shots):
+    from tunesmith.data.render import render
+
+    run = _run(tmp_path, tiny_model_dir, f"nosys-{shots}", "prompt", {"chat_template": NO_SYSTEM_TEMPLATE},
+               prompt={"shots": shots})
+    doc = json.loads((export(run, "prompt", out=tmp_path / "p").path / "prompt.json").read_text())
+    assert all(m["role"] != "system" for m in doc["messages"])
+    tok = load_run(run).tokenizer
+    question = {"role": "user", "content": "Say hello 3"}
+    if shots:
+        assert len(doc["messages"]) == 2 * shots and doc["messages"][0]["content"].startswith("Answer briefly.\n\n")
+        assert "user_prefix" not in doc
+        sent = doc["messages"] + [question]
+    else:
+        assert doc["messages"] == [] and doc["user_prefix"] == "Answer briefly.\n\n" and "user_prefix" in doc["usage"]
+        sent = [{"role": "user", "content": doc["user_prefix"] + question["content"]}]
+    # what a client sends renders exactly as training and evaluation rendered the conversation
+    saved = json.loads((run / "prompt" / "prompt.json").read_text())
+    turns = [m for shot in saved.get("examples") or [] for m in shot if m["role"] != "system"]
+    trained = [{"role": "system", "content": "Answer briefly."}, *turns, question]
+    assert tok.apply_chat_template(sent, add_generation_prompt=True, tokenize=False) == render(tok, trained, True)

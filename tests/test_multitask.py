@@ -175,6 +175,12 @@ def test_multitask_finetune_end_to_end(tmp_path, tiny_model_dir):
     assert len(read_jsonl(d / "predictions" / "sst.jsonl")) == 6 and len(read_jsonl(d / "predictions" / "inst.jsonl")) == 3
     page = (d / "report.html").read_text()
     assert "<h2>Tasks</h2>" in page and "macro average" in page and "Task mixing" in page and "Data: inst" in page
+    from tunesmith.deploy.export import export
+
+    card = (export(d, "adapter", out=tmp_path / "a").path / "README.md").read_text()  # each task's data and results
+    assert "- tasks: sst, inst (multi-task); method: lora" in card
+    assert "inst.json` (rows used of those prepared: train 10 of 10, validation 3 of 3, test 3 of 3)" in card
+    assert "test 6 of 6" in card and "### sst (6 test examples)" in card and "### inst (3 test examples)" in card
 
 
 def test_prepare_and_compare_with_a_multitask_config(tmp_path, tiny_model_dir):

@@ -28,7 +28,7 @@ import uvicorn
 from tunesmith.data.render import chat_format, encode_prompt
 from tunesmith.deploy.loading import ServedGroup, load_for_serving
 from tunesmith.deploy.safety import BlockRule, OutputFilter
-from tunesmith.deploy.server import ServeError, ServeSettings, check_bind, create_app, serve
+from tunesmith.deploy.server import GracefulServer, ServeError, ServeSettings, check_bind, create_app, serve
 
 KEY = "test-key-123"
 HELLO = [{"role": "user", "content": "Say hello 3"}]
@@ -45,7 +45,8 @@ def running(app) -> Iterator[SimpleNamespace]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
+    server = GracefulServer(config) if hasattr(app.state, "serving") else uvicorn.Server(config)  # serve's, or the dashboard
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -316,13 +317,43 @@ def test_bad_json_and_unknown_fields(srv):
     status, body = raw(srv, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400
     assert_openai_error(body, 400)
+    assert body["error"]["message"] == "invalid JSON at character 1: expecting property name enclosed in double quotes"
+    assert body["error"]["param"] is None
     r = client(srv).chat.completions.create(model="alpha-lora", messages=HELLO, max_tokens=2,
                                             extra_body={"some_future_field": {"x": 1}})
     assert r.choices[0].message.content is not None  # unknown fields are ignored
     status, body = raw(srv, "GET", "/v1/nowhere")
     assert status == 404
-    assert_openai_error(body, 404)
+    assert_openai_error(body, 404, "no such endpoint: GET /v1/nowhere")
     assert_healthy(srv)
+
+
+@pytest.mark.parametrize("body,message,param", [
+    ('{"model": "alpha-lora", "messages": [}', "invalid JSON at character 37: expecting value", None),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "missing required parameter 'model'", "model"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}',
+     "invalid value for 'max_tokens': should be a valid integer, unable to parse string as an integer (got \"ten\")",
+     "max_tokens"),
+    ('{"model": "alpha-lora", "messages": [{"role": "bot", "content": "hi"}]}',
+     "invalid value for 'messages[0].role': should be 'system', 'developer', 'user' or 'assistant' (got \"bot\")",
+     "messages[0].role"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": 5}]}',
+     "invalid value for 'messages[0].content': should be a valid string or a valid list (got 5)", "messages[0].content"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": [{"text": "hi"}]}]}',
+     "missing required parameter 'messages[0].content[0].type'", "messages[0].content[0].type"),
+    ('{"model": "alpha-lora", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}',
+     "invalid value for 'stop': stop sequences must not be empty", "stop"),
+    ('{"model": "alpha-lora", "messages": []}', "invalid value for 'messages': should have at least 1 item, not 0",
+     "messages"),
+    ('[1, 2]', "the request body must be a JSON object", None),
+])
+def test_invalid_requests_are_explained_in_plain_words(srv, body, message, param):
+    """Each message names the field as the client wrote it; none of FastAPI's or pydantic's own
+    words (a character offset as the param, 'Value error,', union branch names such as 'str')."""
+    status, got = raw(srv, "POST", "/v1/chat/completions", body.encode())
+    assert status == 400
+    assert_openai_error(got, 400)
+    assert (got["error"]["message"], got["error"]["param"]) == (message, param)
 
 
 def test_unknown_model_is_404_naming_the_served_ones(srv, base_name):
@@ -468,6 +499,39 @@ def test_graceful_shutdown_finishes_requests_in_flight(tokenizer):
     assert rest[-1].choices[0].finish_reason == "stop"
 
 
+def test_shutdown_ends_what_the_grace_period_did_not_finish(tokenizer):
+    """After shutdown_timeout, a stream still running ends with a finish chunk (length), a 503 error
+    event and [DONE]; a request waiting for a whole answer gets a 503; nothing is cut."""
+    g = scripted(tokenizer, "slow", "la " * 400, delay=0.02)
+    with running(create_app([g], ServeSettings(shutdown_timeout=0.5))) as s:
+        c = client(s)
+        stream = c.chat.completions.create(model="slow", messages=QUESTION, max_tokens=1000, stream=True,
+                                           stream_options={"include_usage": True})
+        it = iter(stream)
+        first = next(it)
+        whole: dict = {}
+        waiting = threading.Thread(target=lambda: whole.update(zip(("status", "body"), raw(
+            s, "POST", "/v1/chat/completions", json.dumps({"model": "slow", "messages": QUESTION}).encode()))))
+        waiting.start()
+        deadline = time.time() + 10
+        while s.serving.in_flight["answers"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        s.server.should_exit = True  # what SIGTERM does
+        chunks = [first]
+        with pytest.raises(openai.APIError, match="shutting down") as e:
+            for ch in it:
+                chunks.append(ch)
+        waiting.join(30)
+        s.thread.join(30)
+        assert not s.thread.is_alive()
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finish == ["length"] and chunks[-1].usage.completion_tokens < 400  # then the usage, then the error
+    assert e.value.body["code"] == "server_shutting_down"
+    assert whole["status"] == 503
+    assert_openai_error(whole["body"], 503, "shutting down")
+
+
 # ---------------------------------------------------------------- startup checks
 
 
@@ -535,3 +599,103 @@ def test_filter_rules_and_counts():
         OutputFilter(pii_kinds=["emails"])
     with pytest.raises(ValueError, match="regex"):
         BlockRule.regex("bad", "(")
+
+
+# ---------------------------------------------------------------- SIGTERM to a real `tunesmith serve`
+
+
+@pytest.fixture
+def endless_model_dir(tmp_path, tokenizer):
+    """A tiny Llama that never stops: its final norm is zero, so every logit is 0 and greedy decoding
+    picks token 0 (``<|endoftext|>``, not a stop token) again and again, for a context of 65536."""
+    from conftest import make_model
+
+    model = make_model(len(tokenizer))
+    model.config.max_position_embeddings = 65536  # rotary positions are computed, not tabled
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(tmp_path / "endless")
+    tokenizer.save_pretrained(tmp_path / "endless")
+    return tmp_path / "endless"
+
+
+def test_sigterm_ends_open_streams_and_waiting_requests_properly(endless_model_dir):
+    """``tunesmith serve`` in its own process, SIGTERM while two streams and a whole answer run:
+    after --shutdown-timeout each stream sends a finish chunk, an error event and [DONE]; the
+    whole answer is a 503 in OpenAI's shape; one log line counts them; no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--model", str(endless_model_dir), "--port",
+                             str(port), "--max-tokens", "60000", "--shutdown-timeout", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srv = SimpleNamespace(port=port, url=f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "the server did not start"
+            with contextlib.suppress(OSError):
+                if raw(srv, "GET", "/health", key=None)[0] == 200:
+                    break
+            time.sleep(0.2)
+        model = client(srv).models.list().data[0].id
+        body = {"model": model, "messages": HELLO, "max_tokens": 50000, "temperature": 0}
+        got: dict = {}
+        started = threading.Barrier(3)
+
+        def raw_stream() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            first = resp.readline()
+            started.wait()
+            got["raw"] = (first + resp.read()).decode()
+
+        def openai_stream() -> None:
+            it = iter(client(srv).chat.completions.create(**body, stream=True))
+            got["chunks"] = [next(it)]
+            started.wait()
+            try:
+                for ch in it:
+                    got["chunks"].append(ch)
+            except openai.APIError as e:
+                got["error"] = e
+
+        threads = [threading.Thread(target=raw_stream), threading.Thread(target=openai_stream),
+                   threading.Thread(target=lambda: got.update(whole=raw(srv, "POST", "/v1/chat/completions",
+                                                                        json.dumps(body).encode())))]
+        for t in threads[:2]:
+            t.start()
+        started.wait(60)
+        threads[2].start()
+        time.sleep(1.0)  # the whole answer is waiting for the engine too
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        log = proc.communicate(timeout=60)[0]
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [line[6:] for line in got["raw"].splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    finish, error = json.loads(events[-3]), json.loads(events[-2])
+    assert finish["choices"][0]["finish_reason"] == "length" and not any(finish["choices"][0]["delta"].values())
+    assert_openai_error(error, 503, "shutting down")
+    assert error["error"]["code"] == "server_shutting_down"
+    assert got["chunks"][-1].choices[0].finish_reason == "length" and "shutting down" in str(got["error"])
+    status, whole = got["whole"]
+    assert status == 503
+    assert_openai_error(whole, 503, "shutting down")
+    assert "shutdown: 1 s grace period over; ended 2 open streams and answered 1 waiting request with 503" in log, log
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert 1 <= took < 15, took

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith import distributed, runtime
+from tunesmith.commands import command
 from tunesmith.io import atomic_dir, recover_dir
 
 CHECKPOINTS = "checkpoints"
@@ -273,7 +274,7 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.nn.Parameter], optimi
         warn(f"checkpoint {ckpt} is damaged: {problem}; "
              + (f"resuming from the one before it, {following}" if following else "no earlier checkpoint is left"))
     raise CheckpointError(f"{run_dir}: no usable checkpoint: " + "; ".join(problems)
-                          + ". Start the run again: tunesmith train CONFIG --overwrite (the prepared data is kept)")
+                          + f". Start the run again: {command('train', 'CONFIG', '--overwrite')} (the prepared data is kept)")
 
 
 def _load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

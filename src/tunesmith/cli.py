@@ -20,6 +20,7 @@ from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
 from tunesmith.stopping import EXIT_RESUMABLE, Stopped
 from tunesmith.studies import StudyError
 from tunesmith.checkpoint import CheckpointError
+from tunesmith.commands import command
 from tunesmith.train import NonFiniteLossError
 
 DEMO_CONFIG = "sst2.yaml"
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the context)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued before answering 429")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, seconds requests in flight get to finish (default 30); then each open "
+                        "stream is ended (finish_reason length, an error event, [DONE]) and other requests get a 503")
     p.add_argument("--redact-pii", default="", metavar="KINDS",
                    help="redact personal data in answers: comma-separated kinds (email,phone,credit_card,ip_address,iban,url) or 'default'")
     p.add_argument("--block-words", default=None, metavar="FILE", help="a file of blocked words or phrases, one per line")
@@ -239,7 +243,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
             serve(args.run_dirs, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
                   max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                  max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, output_filter=_output_filter(args))
+                  max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, output_filter=_output_filter(args),
+                  shutdown_timeout=args.shutdown_timeout)
         elif args.verb == "generate":
             from tunesmith.deploy.generate import generate_file
 
@@ -266,7 +271,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             else:
                 for line in estimate.describe(est):
                     console.print(line, highlight=False)
-                console.print(f"saved {cfg.run_dir / estimate.FILE}: `tunesmith train` prints it and records it against the actual run",
+                console.print(f"saved {cfg.run_dir / estimate.FILE}: `{command('train')}` prints it and records it against the actual run",
                               highlight=False)
         elif args.verb == "search":
             from tunesmith.runs import search as S
@@ -274,8 +279,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             try:
                 summary = S.search(args.config, args.overrides, trials=args.trials, console=console)
             except S.SearchStopped as e:
-                again = "".join(f" --set {o}" for o in args.overrides) + (f" --trials {args.trials}" if args.trials else "")
-                console.print(f"[yellow]{e}; continue the search with: tunesmith search {args.config}{again}[/yellow]",
+                again = [w for o in args.overrides for w in ("--set", o)] + (["--trials", str(args.trials)] if args.trials else [])
+                console.print(f"[yellow]{e}; continue the search with: {command('search', args.config, *again)}[/yellow]",
                               highlight=False)
                 return EXIT_RESUMABLE
             S.print_summary(summary, console)
@@ -369,7 +374,7 @@ def _study(args: argparse.Namespace, console: Console) -> None:
                           highlight=False)
         if args.raters and len(_names(args.raters)) < k:
             console.print(f"[yellow]note: {len(_names(args.raters))} rater(s) for {k} ratings per pair: invite more "
-                          f"(tunesmith study invite {out} NAME) or the pairs stay incomplete[/yellow]", highlight=False)
+                          f"({command('study', 'invite', out, 'NAME')}) or the pairs stay incomplete[/yellow]", highlight=False)
         _print_links(out, "http://127.0.0.1:8080", console)
     elif args.action == "invite":
         studies.load_study(args.study)  # a clear error for a folder that is no study (and nothing created in it)
@@ -385,8 +390,8 @@ def _study(args: argparse.Namespace, console: Console) -> None:
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         _print_links(Path(args.study), f"http://{shown}:{args.port}", console)
         if shown != args.host:
-            console.print(f"others reach this machine by its network address: tunesmith study invite {args.study} "
-                          f"--url http://ADDRESS:{args.port} prints their links with it", highlight=False)
+            console.print("others reach this machine by its network address: "
+                          f"{command('study', 'invite', args.study, '--url', f'http://ADDRESS:{args.port}')} prints their links with it", highlight=False)
         console.print(f"serving the study on http://{shown}:{args.port}/ (Ctrl-C stops; every answer is already saved)",
                       highlight=False)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -433,7 +438,7 @@ def _print_links(study_dir: Path, url: str, console: Console) -> None:
     with store.connect(study_dir) as con:
         people = store.raters(con, "human")
     if not people:
-        console.print(f"no raters yet: tunesmith study invite {study_dir} NAME ...", highlight=False)
+        console.print(f"no raters yet: {command('study', 'invite', study_dir, 'NAME', '...')}", highlight=False)
     for r in people:
         console.print(f"  {r['name']}: {url.rstrip('/')}/r/{r['token']}", highlight=False, soft_wrap=True)
 

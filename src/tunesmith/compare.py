@@ -28,6 +28,7 @@ from tunesmith import learning_curve
 from tunesmith import metrics as M
 from tunesmith.config import Config, ConfigError, load_config
 from tunesmith.io import atomic_write_json, atomic_write_text, read_jsonl
+from tunesmith.commands import command
 from tunesmith.methods import METHODS
 from tunesmith.report import load_json, or_dash, p_is, p_text, write_compare_report
 from tunesmith.runs import RunError, finetune, stats_from_predictions
@@ -80,7 +81,7 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
         raise RunError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if cfg.tasks:
         raise RunError("compare measures single-task runs; for a multi-task config (tasks:), train each method with "
-                       "tunesmith train CONFIG --set method=lora --set name=... and read the runs' macro scores, "
+                       f"{command('train', 'CONFIG', '--set', 'method=lora', '--set', 'name=...')} and read the runs' macro scores, "
                        "or compare the tasks one at a time")
     if any(n < 1 for n in data_sizes or []):
         raise RunError(f"data sizes must be positive numbers of training examples, got {data_sizes}")

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tunesmith.commands import PROGRAM_ENV, program
+
 
 @dataclass(frozen=True)
 class World:
@@ -213,6 +215,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
     fd, exit_file = tempfile.mkstemp(prefix="tunesmith-exit-")
     os.close(fd)
     env[EXIT_FILE] = exit_file
+    env.setdefault(PROGRAM_ENV, program())  # the workers' hints name the program the user typed, not python -m
     command = run + ["-m", "tunesmith", *argv]
     # torchrun in its own session: a Ctrl-C in the terminal reaches this launcher only, which passes
     # it to the workers themselves (torchrun would give them 30 s, then kill them mid-checkpoint);

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would
+        os.fchmod(fd, default_file_mode())  # mkstemp makes 0600: give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -50,8 +51,8 @@ def atomic_dir(path: Path, fill: Callable[[Path], None]) -> None:
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode mkdir would give
         fill(tmp)
+        default_modes(tmp)  # mkdtemp made it 0700; what fill's writers left (safetensors: 0600) too
         fsync_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -137,14 +138,35 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once, at import: setting it later from a thread would race other file creations
 
 
-def _umask() -> int:
-    """The process's umask (as it was when tunesmith was imported)."""
-    return _UMASK
-
-
 def default_file_mode() -> int:
     """The mode ``open()`` gives a new file here (0o666 less the umask)."""
     return 0o666 & ~_UMASK
+
+
+def default_modes(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the modes a plain ``open()`` or
+    ``mkdir`` would have: 0o666 (0o777 for folders and executables) less the umask.
+
+    Not every writer honours the umask: safetensors (>= 0.8) writes through a temporary file and
+    leaves 0600 (safetensors issue 782), ``mkstemp``/``mkdtemp`` make 0600/0700; a serving user
+    other than the trainer could then not read the weights.
+    """
+    path = Path(path)
+    _set_default_mode(path)
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                _set_default_mode(Path(root) / name)
+
+
+def _set_default_mode(path: Path) -> None:
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return  # chmod would follow the link to a file that is not ours
+    executable = stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111
+    want = (0o777 if executable else 0o666) & ~_UMASK
+    if stat.S_IMODE(st.st_mode) != want:
+        os.chmod(path, want)
 
 
 def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -18,13 +18,16 @@ from typing import Any
 import torch
 
 from tunesmith import methods
-from tunesmith.config import Config
-from tunesmith.data.render import chat_format, encode_prompt
+from tunesmith.config import Config, task_config
+from tunesmith.commands import command
+from tunesmith.data.formats import DataError
+from tunesmith.data.render import chat_format, encode_prompt, fold_system
 from tunesmith.deploy.errors import ExportError
 from tunesmith.deploy.loading import LoadedRun, load_run, run_config, run_kind
 from tunesmith.io import atomic_dir, atomic_write_json
-from tunesmith.models import resolve_model
+from tunesmith.models import load_tokenizer, resolve_model
 from tunesmith.report import load_json
+from tunesmith.runs import ready_tokenizer
 
 FORMATS = ("adapter", "hf", "gguf", "prompt")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -158,24 +161,51 @@ def _write_gguf(run: LoadedRun, out: Path, dtype: str) -> None:
 
 def _write_prompt(run_dir: Path, cfg: Config, out: Path) -> None:
     """``prompt.json``: the messages to send before each question (system prompt and, for random
-    shot selection, the fixed shots), ready for any chat-completions client of the base model."""
+    shot selection, the fixed shots), as the run's evaluation sent them, ready for any
+    chat-completions client of the base model."""
     saved = load_json(run_dir / methods.prompt.ARTIFACT / "prompt.json")
-    messages = ([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else [])
-    for shot in saved.get("examples") or []:
-        messages += [m for m in shot if m["role"] != "system"]
+    messages, prefix = _prompt_messages(cfg, saved)
     doc: dict[str, Any] = {
         "model": resolve_model(cfg.model).display_name, "base_model": cfg.model, "task": cfg.task,
         "messages": messages,
         "usage": "send these messages, then the user's question as the last user message",
         "shots": saved.get("shots"), "selection": saved.get("selection"),
     }
+    if prefix is not None:
+        doc["user_prefix"] = prefix
+        doc["usage"] = ("the model's chat template has no system role: put user_prefix (the system prompt) before the "
+                        "first user message you send, as training and evaluation did; then send "
+                        + ("these messages and the question" if messages else "the question as the only message"))
     if cfg.prompt.selection != "random" and cfg.prompt.shots:
         doc["note"] = (f"shots are chosen per question ({cfg.prompt.selection}) from the training split; "
-                       "only the system prompt is fixed. tunesmith evaluate applies the selection.")
+                       "only the system prompt is fixed. tunesmith eval applies the selection.")
     if cfg.task == "classification":
         doc["labels"] = dict(cfg.data.labels)
     atomic_write_json(out / "prompt.json", doc)
     (out / "README.md").write_text(_card_header(run_dir, cfg, "prompt", "-") + _card_metrics(run_dir))
+
+
+def _prompt_messages(cfg: Config, saved: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
+    """The system prompt and fixed shots as messages, and the text to put before the first user
+    message (None unless the model's chat template refuses the system role and no shot's user turn
+    can carry the system prompt). Folded as ``data.render`` folds them in training and evaluation;
+    a remote model (``prompt.api``) gets the system role as it did in evaluation."""
+    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+    turns = [m for shot in saved.get("examples") or [] for m in shot if m["role"] != "system"]
+    if not system or cfg.prompt.api.base_url or _has_system_role(cfg):
+        return system + turns, None
+    if turns:
+        return fold_system(system + turns), None
+    return [], fold_system(system + [{"role": "user", "content": ""}])[0]["content"]
+
+
+def _has_system_role(cfg: Config) -> bool:
+    """Whether the base model's chat template (``data.chat_template`` applied) takes a system turn."""
+    tokenizer = ready_tokenizer(load_tokenizer(cfg.model), cfg)
+    try:
+        return chat_format(tokenizer).system_role
+    except DataError:  # no chat template: nothing to fold into
+        return True
 
 
 def model_card(run: LoadedRun, format: str, dtype: str) -> str:
@@ -206,36 +236,69 @@ def _base_folder(cfg: Config) -> str:
 
 
 def _card_header(run_dir: Path, cfg: Config, format: str, dtype: str) -> str:
-    report = load_json(run_dir / "data_report.json")
-    sizes = {s: v.get("rows") for s, v in (report.get("splits") or {}).items()}
+    """Title, source model, method, data and training: every number as the run's files record it."""
+    report, ev = load_json(run_dir / "data_report.json"), load_json(run_dir / "eval.json")
     result = load_json(run_dir / "train_result.json")
     lines = [f"# {run_dir.name}", "",
              f"Fine-tuned with tunesmith from **{resolve_model(cfg.model).display_name}** "
              f"(`{cfg.model}`). Export: {format}" + (f", {dtype}" if dtype != "-" else "") + ".", "",
-             f"- task: {cfg.task}; method: {cfg.method}"
-             + (f" (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, target modules {cfg.lora.target_modules})" if cfg.method == "lora" else ""),
-             f"- data: `{cfg.data.train}`" + (f" ({', '.join(f'{k} {v:,}' for k, v in sizes.items() if v is not None)} rows)" if sizes else ""),
-             f"- training: {result.get('steps', 0)} steps, lr {cfg.train.lr}, max_seq_len {cfg.train.max_seq_len}, seed {cfg.train.seed}"]
+             (f"- tasks: {', '.join(t.name for t in cfg.tasks)} (multi-task)" if cfg.tasks else f"- task: {cfg.task}")
+             + f"; method: {cfg.method}"
+             + (f" (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, target modules {cfg.lora.target_modules})" if cfg.method == "lora" else "")]
+    if cfg.tasks:
+        for t in cfg.tasks:
+            c = task_config(cfg, t)
+            lines.append(f"- data, task {t.name} ({c.task}): `{c.data.train}`"
+                         + _rows_used((report.get("tasks") or {}).get(t.name) or {}, ((ev.get("tasks") or {}).get(t.name) or {})))
+    else:
+        lines.append(f"- data: `{cfg.data.train}`" + _rows_used(report, ev))
+    if cfg.method == "prompt":
+        lines.append(f"- no training: {cfg.prompt.shots} shots ({cfg.prompt.selection}) in the prompt")
+    else:
+        lr = cfg.full.lr if cfg.method == "full" and cfg.full.lr is not None else cfg.train.lr
+        lines.append(f"- training: {result.get('steps', 0)} steps, lr {lr}, max_seq_len {cfg.train.max_seq_len}, "
+                     f"seed {cfg.train.seed}")
     if cfg.data.system_prompt:
         lines.append(f"- system prompt: {cfg.data.system_prompt!r}")
     return "\n".join(lines) + "\n"
 
 
+def _rows_used(report: dict[str, Any], ev: dict[str, Any]) -> str:
+    """`` (rows used of those prepared: train 8 of 24, validation 6 of 6, test 60 of 872)``: training
+    and validation as encoded for training (``data.max_*_examples`` applied, rows with no target
+    dropped), test as evaluated (eval.json); '' when the data was not prepared."""
+    prepared = {s: v.get("rows") for s, v in (report.get("splits") or {}).items() if v.get("rows") is not None}
+    used = {s: v.get("kept", v.get("examples")) for s, v in (report.get("encoded") or {}).items()}
+    if ev.get("test_examples") is not None:
+        used["test"] = ev["test_examples"]
+    if not prepared:
+        return ""
+    parts = [f"{s} {used[s]:,} of {n:,}" if used.get(s) is not None else f"{s} {n:,} prepared" for s, n in prepared.items()]
+    return " (rows used of those prepared: " + ", ".join(parts) + ")"
+
+
 def _card_metrics(run_dir: Path) -> str:
     ev = load_json(run_dir / "eval.json")
     if not ev.get("tuned"):
-        return (f"\n## Measured\n\nNot evaluated yet: `tunesmith eval {run_dir}` measures it against the base model "
-                "on the test split, then export again to put the results here.\n")
-    rows = ["", f"## Measured on {ev.get('test_examples', '?')} held-out test examples", "",
-            "| metric | base | tuned [95% CI] |", "|---|---|---|"]
-    for k, v in ev["tuned"].items():
+        return (f"\n## Measured\n\nNot evaluated yet: `{command('eval', run_dir)}` measures it against the base "
+                "model on the test split, then export again to put the results here.\n")
+    out = ["", f"## Measured on {ev.get('test_examples', '?')} held-out test examples", "", _metric_table(ev)]
+    for name, task in (ev.get("tasks") or {}).items():  # a multi-task run: the macro average above, each task here
+        out += ["", f"### {name} ({task.get('test_examples', '?')} test examples)", "", _metric_table(task)]
+    return "\n".join(out) + "\n"
+
+
+def _metric_table(ev: dict[str, Any]) -> str:
+    """Base and tuned values of every metric in ``ev`` (one evaluation's results), tuned with its 95% interval."""
+    rows = ["| metric | base | tuned [95% CI] |", "|---|---|---|"]
+    for k, v in (ev.get("tuned") or {}).items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or k in ("seconds", "examples_per_s", "tokens_per_s"):
             continue
         ci = (ev["tuned"].get("ci") or {}).get(k)
         base = (ev.get("base") or {}).get(k)
         rows.append(f"| {k} | {base:.4f} |" if isinstance(base, (int, float)) else f"| {k} | - |")
         rows[-1] += f" {v:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") + " |"
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows)
 
 
 def verify_prompts(run: LoadedRun, n: int = 5) -> list[list[int]]:

@@ -17,6 +17,7 @@ import torch
 
 from tunesmith import methods, runtime
 from tunesmith.config import Config, ConfigError, load_config
+from tunesmith.commands import command
 from tunesmith.models import load_classifier, load_model, resolve_model
 from tunesmith.runs import RunError, ready_tokenizer, uses_head
 
@@ -52,7 +53,7 @@ def run_config(run_dir: str | Path) -> Config:
     artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
     if not artifact.is_dir():
         raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first "
-                       f"(tunesmith train {run_dir / 'config.yaml'} --resume)")
+                       f"({command('train', run_dir / 'config.yaml', '--resume')})")
     return cfg
 
 
@@ -131,10 +132,10 @@ def load_for_serving(run_dirs: list[str | Path], base: str | None = None) -> lis
         seen.add(name)
         if kind == "head":
             raise RunError(f"{d}: a classification-head run predicts labels, it does not generate text; "
-                           "serve a run trained with classifier: lm, or export it with tunesmith export")
+                           f"serve a run trained with classifier: lm, or export it with {command('export', d, '--format', 'hf')}")
         if kind == "prompt":
             raise RunError(f"{d}: a prompt-method run has no weights of its own; serve its base model "
-                           f"(--model {cfg.model}) and send the prompt from tunesmith export {d} --format prompt")
+                           f"(--model {cfg.model}) and send the prompt from {command('export', d, '--format', 'prompt')}")
         if kind == "full":
             loaded = load_run(d)
             groups.append(ServedGroup(loaded.model, loaded.tokenizer, {name: None}, cfg.model, {name: d}))

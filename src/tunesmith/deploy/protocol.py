@@ -8,8 +8,11 @@ stream chunks serialize to exactly what the official ``openai`` client parses.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -267,3 +270,59 @@ class ErrorInfo(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorInfo
+
+
+# ---------------------------------------------------------------- validation errors in plain words
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict", "set", "tuple"})
+
+
+def explain_invalid(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    """A request's validation errors (pydantic's, as FastAPI reports them) as one plain sentence
+    naming each field (``messages[0].role``), and the first field (OpenAI's ``param``).
+
+    Malformed JSON: ``invalid JSON at character 28: expecting value``. A union's branches (string
+    or list?) are said once; where one branch got deeper, only that branch's error is said.
+    """
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        why = str((first.get("ctx") or {}).get("error") or "")
+        return f"invalid JSON at character {first['loc'][-1]}" + (f": {why[:1].lower()}{why[1:]}" if why else ""), None
+    said: dict[str, list[dict[str, Any]]] = {}
+    for e in errors:
+        said.setdefault(_field(e.get("loc", ())), []).append(e)
+    fields = [f for f in said if not (f and any(g.startswith((f + ".", f + "[")) for g in said))]
+    if not fields:
+        return "invalid request", None
+    return "; ".join(_sentence(f, said[f]) for f in fields[:5]), fields[0] or None
+
+
+def _field(loc: Sequence[Any]) -> str:
+    """``('body', 'messages', 0, 'content', 'str')`` -> ``messages[0].content``: the request part
+    (body, query) and pydantic's union-branch tags (``str``, ``list[ContentPart]``) left out."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part not in _TYPE_TAGS and not part[:1].isupper():
+            out += f".{part}" if out else part
+    return out
+
+
+def _sentence(field: str, errors: list[dict[str, Any]]) -> str:
+    if errors[0].get("type") == "missing":
+        return f"missing required parameter '{field}'" if field else "the request body is empty: send a JSON object"
+    if not field:
+        return "the request body must be a JSON object"
+    phrases = list(dict.fromkeys(_phrase(e) for e in errors))
+    text = phrases[0] + "".join(" or " + p.removeprefix("should be ") for p in phrases[1:])
+    value = errors[0].get("input")
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool)) else ""
+    return f"invalid value for '{field}': {text}" + (f" (got {shown})" if shown and len(shown) <= 40 else "")
+
+
+def _phrase(error: dict[str, Any]) -> str:
+    """pydantic's message without its own words: 'Input should be' -> 'should be', no 'Value error, '."""
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", str(error.get("msg", "is invalid")))
+    return re.sub(r"^\w+ should ", "should ", msg).replace(" after validation", "")

@@ -20,7 +20,9 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +30,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -46,6 +49,7 @@ from tunesmith.deploy.loading import ServedGroup, load_for_serving
 from tunesmith.deploy.safety import OutputFilter, StreamFilter
 
 log = logging.getLogger(__name__)
+SHUTDOWN_MESSAGE = "the server is shutting down: the answer was cut short; send the request again"
 API_KEY_ENV = "TUNESMITH_API_KEY"
 OPEN_PATHS = frozenset({"/health"})  # answered without a key (load balancers probe it)
 ENDPOINTS = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics"})
@@ -58,8 +62,10 @@ class ServeSettings:
     request (400 above; None: the model's context less one). ``max_tokens``: tokens one answer may
     ask for, and the default when a request does not say (capped by what the context leaves).
     ``max_n``: choices per request. ``max_batch_size``: rows decoded together per engine.
-    ``max_waiting``: requests queued per engine (429 above). ``graceful_timeout``: seconds a
-    SIGTERM waits for requests in flight. ``output_filter``: PII/blocked-content filter or None."""
+    ``max_waiting``: requests queued per engine (429 above). ``shutdown_timeout``: seconds a
+    SIGTERM (or Ctrl-C) lets requests in flight finish; then each open stream ends (a finish
+    chunk, an error event, ``[DONE]``) and each other request is answered 503 (``GracefulServer``).
+    ``output_filter``: PII/blocked-content filter or None."""
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -68,14 +74,16 @@ class ServeSettings:
     max_n: int = 8
     max_batch_size: int = 32
     max_waiting: int = 256
-    graceful_timeout: float = 30.0
+    shutdown_timeout: float = 30.0
     output_filter: OutputFilter | None = None
     bf16: bool = False
 
     def check(self) -> None:
         """ServeError listing every limit that is not a positive number."""
-        positive = ("max_body_bytes", "max_tokens", "max_n", "max_batch_size", "max_waiting", "graceful_timeout")
+        positive = ("max_body_bytes", "max_tokens", "max_n", "max_batch_size", "max_waiting")
         bad = [name for name in positive if getattr(self, name) <= 0]
+        if self.shutdown_timeout < 0:
+            bad.append("shutdown_timeout (0 or more seconds)")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
             bad.append("max_prompt_tokens")
         if self.max_n > self.max_batch_size:
@@ -125,16 +133,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
-                        for er in errs[:5])
-        return _error_response(request, 400, msg or "invalid request", ".".join(loc) or None, "invalid_value")
+        message, param = P.explain_invalid(e.errors())
+        return _error_response(request, 400, message, param, "invalid_value")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException) -> JSONResponse:
-        return _error_response(request, e.status_code, str(e.detail))
+        message = str(e.detail)
+        if e.status_code == 404 and message == "Not Found":  # Starlette's words for a path no route takes
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif e.status_code == 405 and message == "Method Not Allowed":
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return _error_response(request, e.status_code, message)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
@@ -329,9 +338,11 @@ class OpenAIServing:
                 self.models[name] = ServedModel(name, eng, adapter, g.tokenizer, stops, chat, g.base,
                                                 base_name if adapter else None)
         self.metrics = Metrics(self.engines, settings.output_filter)
+        self.in_flight = {"streams": 0, "answers": 0}  # requests waiting for the engine now, by kind
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop every engine (finishing what runs, with ``drain``)."""
+        """Stop every engine (finishing what runs, with ``drain``; else every request ends at the
+        next step with finish_reason ``abort``: a stream sends its end, a whole answer is a 503)."""
         for eng in self.engines.values():
             eng.shutdown(drain=drain, timeout=timeout)
 
@@ -446,12 +457,14 @@ class OpenAIServing:
         self.metrics.completion_tokens.labels(m.name).inc(completion)
         return P.UsageInfo.of(sum(h.prompt_tokens for h in handles), completion)
 
-    async def _events(self, m: ServedModel, handles: list[RequestHandle],
-                      outs: list[_ChoiceOutput]) -> AsyncIterator[tuple[int, str, bool]]:
+    async def _events(self, m: ServedModel, handles: list[RequestHandle], outs: list[_ChoiceOutput],
+                      kind: str = "answers") -> AsyncIterator[tuple[int, str, bool]]:
         """(choice index, text to send, whether the choice has just finished) as the engine
         produces them, across all prompts (choice ``k * n + i`` is choice ``i`` of prompt ``k``);
-        ends when every choice has finished. Cancels the engine requests if the consumer stops."""
+        ends when every choice has finished. Cancels the engine requests if the consumer stops.
+        Counted in ``in_flight[kind]`` (streams | answers) meanwhile."""
         n = handles[0].n
+        self.in_flight[kind] += 1
         merged: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
 
         async def pump(k: int, h: RequestHandle) -> None:
@@ -473,6 +486,7 @@ class OpenAIServing:
                     handles[k].cancel(d.index)  # a refused choice stops generating; its siblings go on
                 yield k * n + d.index, text, was_open and o.finish is not None
         finally:
+            self.in_flight[kind] -= 1
             for h in handles:
                 h.cancel()
             for t in tasks:
@@ -496,7 +510,7 @@ class OpenAIServing:
         gone.cancel()
         work.result()
         for o in outs:
-            _check_finish(o)
+            _finish_reason(o)
         return outs
 
     async def _chat_chunks(self, m: ServedModel, req: P.ChatCompletionRequest,
@@ -511,34 +525,33 @@ class OpenAIServing:
 
         for i in range(req.n):
             yield chunk(i, P.DeltaMessage(role="assistant", content=""))
-        async with contextlib.aclosing(self._events(m, handles, outs)) as events:
+        async with contextlib.aclosing(self._events(m, handles, outs, "streams")) as events:
             async for i, text, finished in events:
                 if text:
                     yield chunk(i, P.DeltaMessage(content=text))
                 if finished:
-                    _check_finish(outs[i])
-                    yield chunk(i, P.DeltaMessage(), outs[i].finish)
+                    yield chunk(i, P.DeltaMessage(), _finish_reason(outs[i], streaming=True))
         usage = self._usage(m, handles)
         if req.include_usage():
             last = P.ChatCompletionChunk(id=cid, created=created, model=m.name, choices=[], usage=usage)
             yield _data(last.model_dump())
+        _check_not_cut(outs)
 
     async def _completion_chunks(self, m: ServedModel, req: P.CompletionRequest,
                                  handles: list[RequestHandle]) -> AsyncIterator[str]:
         outs = [_ChoiceOutput(self.settings.output_filter) for _ in range(len(handles) * req.n)]
         cid, created = P.new_id("cmpl"), P.now()
-        async with contextlib.aclosing(self._events(m, handles, outs)) as events:
+        async with contextlib.aclosing(self._events(m, handles, outs, "streams")) as events:
             async for i, text, finished in events:
-                if finished:
-                    _check_finish(outs[i])
                 if text or finished:
-                    finish = outs[i].finish if finished else None
+                    finish = _finish_reason(outs[i], streaming=True) if finished else None
                     c = P.CompletionChoice(index=i, text=text, finish_reason=finish)  # type: ignore[arg-type]
                     yield _data(P.CompletionResponse(id=cid, created=created, model=m.name, choices=[c]).model_dump())
         usage = self._usage(m, handles)
         if req.include_usage():
             last = P.CompletionResponse(id=cid, created=created, model=m.name, choices=[], usage=usage)
             yield _data(last.model_dump())
+        _check_not_cut(outs)
 
 
 def _stop_ids(tokenizer: Any) -> tuple[tuple[int, ...], bool]:
@@ -550,12 +563,24 @@ def _stop_ids(tokenizer: Any) -> tuple[tuple[int, ...], bool]:
         return ((eos,) if isinstance(eos, int) else ()), False
 
 
-def _check_finish(o: _ChoiceOutput) -> None:
-    """APIError for a choice that ended in an engine error (500) or was aborted by a shutdown (503)."""
+def _finish_reason(o: _ChoiceOutput, streaming: bool = False) -> str | None:
+    """The OpenAI finish_reason of a finished choice. APIError for an engine error (500), and for a
+    choice the engine aborted (a shutdown) unless ``streaming``: a stream has sent part of the
+    answer, so it ends that choice with ``length`` (OpenAI has no "abort"; the answer was cut
+    short, as by max_tokens) and says why in an error event after it (``_check_not_cut``)."""
     if o.finish == "error":
         raise APIError(500, f"generation failed: {o.error}")
     if o.finish == "abort":
-        raise APIError(503, "the server stopped before the answer was finished")
+        if not streaming:
+            raise APIError(503, SHUTDOWN_MESSAGE, code="server_shutting_down")
+        return "length"
+    return o.finish
+
+
+def _check_not_cut(outs: list[_ChoiceOutput]) -> None:
+    """At the end of a stream: the 503 error event when a shutdown cut any of its choices short."""
+    if any(o.finish == "abort" for o in outs):
+        raise APIError(503, SHUTDOWN_MESSAGE, code="server_shutting_down")
 
 
 async def _disconnected(http: Request) -> None:
@@ -603,8 +628,8 @@ def create_app(groups: Sequence[ServedGroup], settings: ServeSettings | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        # uvicorn has already waited (graceful_timeout) for requests in flight; finish what remains
-        await asyncio.to_thread(serving.shutdown, True, settings.graceful_timeout)
+        # GracefulServer has let requests in flight finish (shutdown_timeout) and ended the rest
+        await asyncio.to_thread(serving.shutdown, True, settings.shutdown_timeout)
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving, app.state.metrics = serving, serving.metrics
@@ -658,14 +683,13 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def serve(run_dirs: Sequence[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, **limits: Any) -> None:
-    """Load the runs (and/or the base ``model``), and serve them until SIGINT/SIGTERM.
+    """Load the runs (and/or the base ``model``), and serve them until SIGINT/SIGTERM (requests in
+    flight then get ``shutdown_timeout`` seconds, see ``GracefulServer``).
 
     ``api_key`` defaults to $TUNESMITH_API_KEY. ``limits``: fields of ``ServeSettings``
-    (``max_tokens=...``, ``output_filter=...``). Raises ServeError (public address without a key,
-    unknown limit, nothing to serve), RunError/ModelError from loading.
+    (``max_tokens=...``, ``output_filter=...``, ``shutdown_timeout=...``). Raises ServeError
+    (public address without a key, unknown limit, nothing to serve), RunError/ModelError from loading.
     """
-    import uvicorn
-
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key)
     known = {f.name for f in fields(ServeSettings)} - {"api_key"}
@@ -677,10 +701,45 @@ def serve(run_dirs: Sequence[str | Path], model: str | None = None, host: str = 
     if not run_dirs and model is None:
         raise ServeError("nothing to serve: give run folders, or a base model (--model default)")
     app = create_app(load_for_serving(list(run_dirs), base=model), settings)
-    # SIGTERM: stop accepting, finish requests in flight (up to graceful_timeout), then drain the engines
-    config = uvicorn.Config(app, host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=max(1, round(settings.graceful_timeout)))
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
     logging.getLogger("uvicorn.error").info(  # uvicorn's logger: configured (visible) by now
         "serving %s at http://%s:%d/v1%s", ", ".join(app.state.serving.models), host, port,
         "" if api_key else " (no API key: this machine only)")
-    uvicorn.Server(config).run()
+    GracefulServer(config).run()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server for an app of ``create_app``, with a shutdown (SIGTERM, Ctrl-C) that ends
+    what is still running properly instead of cutting it.
+
+    uvicorn stops accepting connections, then waits for the requests in flight. After the app's
+    ``shutdown_timeout`` this ends them: every engine aborts its requests at its next step, so each
+    open stream sends a finish chunk (finish_reason ``length``), an error event (503) and
+    ``[DONE]``, and each request waiting for a whole answer gets a 503 in OpenAI's shape; one log
+    line says how many. (uvicorn's own ``timeout_graceful_shutdown``, set here a little longer,
+    would cancel the tasks instead: streams cut without an end, a CancelledError traceback.)
+    """
+
+    END_SECONDS = 10  # time the ended requests get to send their last bytes before uvicorn cancels them
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self.serving: OpenAIServing = config.app.state.serving
+        config.timeout_graceful_shutdown = math.ceil(self.serving.settings.shutdown_timeout) + self.END_SECONDS
+        super().__init__(config)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        ender = asyncio.create_task(self._end_after_grace())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ender.cancel()
+
+    async def _end_after_grace(self) -> None:
+        grace = self.serving.settings.shutdown_timeout
+        await asyncio.sleep(grace)
+        streams, answers = self.serving.in_flight["streams"], self.serving.in_flight["answers"]
+        await asyncio.to_thread(self.serving.shutdown, False, self.END_SECONDS)
+        if streams or answers:
+            logging.getLogger("uvicorn.error").warning(
+                "shutdown: %g s grace period over; ended %d open stream%s and answered %d waiting request%s with 503",
+                grace, streams, "" if streams == 1 else "s", answers, "" if answers == 1 else "s")

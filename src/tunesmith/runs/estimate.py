@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from tunesmith import flops, runtime
+from tunesmith.commands import command
 from tunesmith.config import Config, to_dict
 from tunesmith.io import atomic_write_json
 from tunesmith.train import target_loss_sum
@@ -461,7 +462,7 @@ def describe(est: dict[str, Any]) -> list[str]:
              f"{m['max_micro_batch'][0]} x {m['max_micro_batch'][1]} micro-batch); with gradient checkpointing "
              f"{m['peak_checkpointed']:,.0f} MiB" + (" (on)" if m["chosen"] == "peak_checkpointed" else "")
              + ("" if m.get("activation_factor") else "; uncalibrated: saved tensors only, the real peak is "
-                "often higher (tunesmith estimate measures it)")]
+                f"often higher ({command('estimate')} measures it)")]
     if est.get("machine_memory_mib"):
         chosen = m[m["chosen"]]
         lines.append(f"{est.get('memory_of', 'this machine')} has {est['machine_memory_mib']:,.0f} MiB: "
@@ -472,7 +473,7 @@ def describe(est: dict[str, Any]) -> list[str]:
         lines.append(f"time: {_hms(t['seconds'])} ({_hms(t['train_seconds'])} training at {t['tokens_per_s']:,.0f} tokens/s, "
                      f"{_hms(t['validation_seconds'])} validating; from {t['source']})")
     else:
-        lines.append("time: not predicted (run `tunesmith estimate` for a calibrated prediction, or give --device-tflops)")
+        lines.append(f"time: not predicted (run `{command('estimate', 'CONFIG')}` for a calibrated prediction, or give --device-tflops)")
     if est.get("cost"):
         lines.append(f"cost: {est['cost']['cost']:.4f} at {est['cost']['price_per_hour']:g} per hour")
     return lines

@@ -26,6 +26,7 @@ from rich.table import Table
 from tunesmith import distributed, forgetting, methods, runtime, training
 from tunesmith import metrics as M
 from tunesmith.api import ApiModel
+from tunesmith.commands import command
 from tunesmith.config import Config, ConfigError, diff, load_config, save_config, task_config
 from tunesmith.data import Example, encode_all, encode_for_head
 from tunesmith.data.formats import DataError
@@ -220,7 +221,7 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         again = f" --nproc {per_node}" + (f" --nnodes {w.size // per_node} and each machine's --node-rank, "
                                           "--rdzv-endpoint" if per_node < w.size else "")
         console.print(f"[yellow]stopped at step {result.steps}/{result.total_steps}; continue with: "
-                      f"tunesmith train {run_dir / 'config.yaml'} --resume{again if w.distributed else ''}[/yellow]")
+                      f"{command('train', run_dir / 'config.yaml', '--resume')}{again if w.distributed else ''}[/yellow]")
         return Run(run_dir, cfg, summary, {})
     if sharded:  # the trained model is in shards: process 0 builds it whole again with the best weights
         del model
@@ -397,7 +398,7 @@ def check_resume(run_dir: Path, cfg: Config, allow_changes: bool) -> str:
                        "Resume with the saved config, or start a new run under another name")
     if changes and not allow_changes:
         raise RunError(f"{run_dir}: cannot resume: these settings change the optimisation: {listed(list(changes))}. "
-                       "Resume with the saved config (tunesmith train " + str(run_dir / "config.yaml") + " --resume), "
+                       f"Resume with the saved config ({command('train', run_dir / 'config.yaml', '--resume')}), "
                        "or pass --allow-changes to continue with the new values from the resumed step on")
     return listed(list(changes))
 
@@ -563,7 +564,8 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     cfg = load_config(run_dir / "config.yaml", overrides)
     artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
     if not artifact.is_dir():
-        raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first (tunesmith train ... --resume)")
+        raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first "
+                       f"({command('train', run_dir / 'config.yaml', '--resume')})")
     dev = runtime.device()
     bf16 = runtime.INFERENCE_BF16  # evaluated in the precision every answer is served in (generate, serve)
     head = uses_head(cfg)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from tunesmith.config import METHODS
+from tunesmith.commands import command
 from tunesmith.io import flatten_dict
 
 COLUMNS = ("path", "name", "created", "updated", "status", "model", "method", "task", "data", "metric", "value",
@@ -49,6 +50,7 @@ def connect(path: Path | None = None) -> Iterator[sqlite3.Connection]:
     """An open connection to the index (created on first use, WAL mode), committed on success."""
     path = Path(path or index_path())
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()  # sqlite would create it 0644 whatever the umask; its -wal and -shm files copy this mode
     con = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # explicit BEGIN below; waits when busy
     try:
         con.execute("PRAGMA journal_mode=WAL")
@@ -292,7 +294,7 @@ def find(ref: str, path: Path | None = None) -> dict[str, Any]:
     if row is None:
         live = row_from_folder(folder) if folder.is_dir() else None
         if live is None:
-            raise KeyError(f"no run named or at {ref!r} in the index {path or index_path()} (tunesmith runs lists them)")
+            raise KeyError(f"no run named or at {ref!r} in the index {path or index_path()} ({command('runs')} lists them)")
         return live
     return dict(row)
 

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich import box
 from rich.table import Table
 
+from tunesmith.commands import command
+
 
 def _num(x: Any, fmt: str = "{:.3f}") -> str:
     return "" if x is None else fmt.format(x)
@@ -49,7 +51,8 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
 
 def print_runs(rows: list[dict[str, Any]], console: Console) -> None:
     if not rows:
-        console.print("no runs in the index yet (tunesmith train adds them; tunesmith runs --rebuild finds existing folders)")
+        console.print(f"no runs in the index yet ({command('train', 'CONFIG')} adds them; {command('runs', '--rebuild')} "
+                      "finds existing folders)", highlight=False)
         return
     console.print(runs_table(rows))
     for r in rows:  # full folder paths below the table: the table cuts long ones

@@ -63,6 +63,7 @@ def _storage(folder: Path) -> Any:
     import optuna
 
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "study.sqlite").touch()  # sqlite would create it 0644 whatever the umask
     return optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.sqlite'}",
                                       engine_kwargs={"connect_args": {"timeout": 30}})
 

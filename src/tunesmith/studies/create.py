@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from tunesmith.api import ApiModel
+from tunesmith.commands import command
 from tunesmith.config import ApiConfig
 from tunesmith.data.formats import read_table
 from tunesmith.data.layouts import to_example
@@ -220,7 +221,7 @@ def _run_outputs(run_dir: Path) -> dict[str, Any]:
     preds = run_dir / "predictions.jsonl"
     test = run_dir / "data" / "test.jsonl"
     if not preds.is_file():
-        raise StudyError(f"{run_dir}: no predictions.jsonl; evaluate the run first (tunesmith eval {run_dir})")
+        raise StudyError(f"{run_dir}: no predictions.jsonl; evaluate the run first ({command('eval', run_dir)})")
     if not test.is_file():
         test = run_dir / "data" / "validation.jsonl"  # a run without a test split is tested on validation
     report = json.loads((run_dir / "data" / REPORT).read_text(encoding="utf-8"))
@@ -231,7 +232,7 @@ def _run_outputs(run_dir: Path) -> dict[str, Any]:
     examples = cap_test(examples, len(rows) if d.max_test_examples else None, d.prepare.split == "ordered")
     if len(rows) != len(examples) or any(row["reference"] != reference(ex) for row, ex in zip(rows, examples)):
         raise StudyError(f"{preds} does not match {test}: the data changed after the evaluation; "
-                         f"evaluate again (tunesmith eval {run_dir})")
+                         f"evaluate again ({command('eval', run_dir)})")
     return {"dir": run_dir, "model": cfg.model, "method": cfg.method, "task": cfg.task,
             "max_new_tokens": cfg.eval.max_new_tokens,
             "prompts": [_prompt(ex.messages) for ex in examples], "references": [references(ex) for ex in examples],
@@ -249,7 +250,7 @@ def load_study(study_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     """``(study.json, items)`` of a study folder. Raises StudyError when it is not one."""
     study_dir = Path(study_dir)
     if not (study_dir / STUDY).is_file():
-        raise StudyError(f"{study_dir}: not a study folder (no {STUDY}); make one with `tunesmith study create`")
+        raise StudyError(f"{study_dir}: not a study folder (no {STUDY}); make one with `{command('study', 'create')}`")
     return json.loads((study_dir / STUDY).read_text(encoding="utf-8")), read_jsonl(study_dir / ITEMS)
 
 

@@ -77,6 +77,7 @@ def connect(study_dir: Path, readonly: bool = False) -> Iterator[sqlite3.Connect
     if readonly:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
     else:
+        path.touch()  # sqlite would create it 0644 whatever the umask; its -wal and -shm files copy this mode
         con = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     try:
         if not readonly:

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith import runtime
 from tunesmith.data.render import Encoded, collate
+from tunesmith.io import default_modes
 
 FISHER_FILE = "anchor_fisher.safetensors"
 
@@ -104,6 +105,7 @@ def save_fisher(fisher: dict[str, torch.Tensor], run_dir: Path) -> Path:
     path = Path(run_dir) / FISHER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(path))
+    default_modes(path)  # safetensors leaves 0600
     return path
 
 

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
+from tunesmith.commands import command
 from tunesmith.deploy import protocol as P
 from tunesmith.deploy.server import APIError, error_body, install_error_handlers
 from tunesmith.io import read_jsonl
@@ -210,7 +211,7 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
         from tunesmith.studies.report import body
 
         if not (folder / store.DB).is_file():  # never create one: the dashboard only reads
-            raise StudyError(f"{folder}: no {store.DB}; not a complete study (make one with tunesmith study create)")
+            raise StudyError(f"{folder}: no {store.DB}; not a complete study (make one with {command('study', 'create')})")
         try:
             doc = analyze(folder, readonly=True)
         except (sqlite3.Error, KeyError, TypeError, ValueError) as e:

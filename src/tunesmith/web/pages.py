@@ -7,6 +7,7 @@ import html
 import json
 from typing import Any
 
+from tunesmith.commands import command
 from tunesmith.report import html_table
 
 
@@ -43,14 +44,14 @@ def runs_page(runs: list[dict[str, Any]], studies: list[tuple[str, dict[str, Any
              "<th>method</th><th>task</th><th>tuned (test)</th><th>created</th><th></th></tr>"
              + "".join(rows) + "</table><input type='hidden' name='a'><input type='hidden' name='b'>"
              "<button type='submit'>Compare the two ticked runs</button></form>") if runs else \
-        "<p>No runs found. Train one (<code>tunesmith train CONFIG</code>) or point the dashboard at a folder " \
-        "(<code>tunesmith ui --runs DIR</code>).</p>"
+        (f"<p>No runs found. Train one (<code>{html.escape(command('train', 'CONFIG'))}</code>) or point the dashboard "
+         f"at a folder (<code>{html.escape(command('ui', '--runs', 'DIR'))}</code>).</p>")
     study_rows = "".join(f"<tr><td><a href='/studies/{html.escape(n)}'>{html.escape(n)}</a>"
                          + (f" <small>({html.escape(s['problem'])})</small>" if s.get("problem") else "") + "</td>"
                          f"<td>{html.escape(', '.join(s['systems']))}</td><td>{s['items']}</td>"
                          f"<td>{s['ratings']} of {s['wanted']}</td></tr>" for n, s in studies)
     study_html = (f"<table><tr><th>study</th><th>systems</th><th>prompts</th><th>human ratings</th></tr>{study_rows}</table>"
-                  if studies else "<p>No rating studies found (<code>tunesmith study create</code>).</p>")
+                  if studies else f"<p>No rating studies found (<code>{html.escape(command('study', 'create'))}</code>).</p>")
     return page("runs", nav() + f"<h1>Runs</h1>{table}<h2 id='studies'>Rating studies</h2>{study_html}", PICK_JS)
 
 
