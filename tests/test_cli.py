@@ -184,7 +184,7 @@ def test_resume_checks_the_config_before_writing_anything(tmp_path, tiny_model_d
     # an optimisation change is refused without --allow-changes, listing every changed key
     assert main(["train", str(path), "--resume", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=1"]) == 2
     err = capsys.readouterr().err
-    assert "change the optimisation: train.lr: 0.01 -> 0.001; train.warmup_steps: 0 -> 1" in err and "--allow-changes" in err
+    assert "change the training: train.lr: 0.01 -> 0.001; train.warmup_steps: 0 -> 1" in err and "--allow-changes" in err
     # whole-weight checkpoints cannot feed sharded training: refused before anything is written, saying why
     assert main(["train", str(path), "--resume", "--allow-changes", "--set", "train.strategy=fsdp"]) == 2
     err = " ".join(capsys.readouterr().err.split())

@@ -288,21 +288,54 @@ def _load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim, options=_dcp_options())
 
 
-def load_best(run_dir: Path, params: dict[str, torch.nn.Parameter], model: torch.nn.Module | None = None) -> None:
+def load_best(run_dir: Path, params: dict[str, torch.nn.Parameter], model: torch.nn.Module | None = None,
+              best_step: int | None = None, warn: Callable[[str], None] | None = None) -> None:
     """Load ``checkpoints/best/`` into ``params`` (after checking it); under FSDP (``model``
-    given: every process calls) each process keeps its shard. Raises CheckpointError when damaged."""
+    given: every process calls) each process keeps its shard.
+
+    A damaged or missing ``best/`` is not the end of the run: the step checkpoint of the same step
+    (``best_step``, from the loop state) holds the same weights; they are loaded and ``best/`` is
+    written again from them (``warn`` says so). Raises CheckpointError, naming the way forward,
+    when no intact copy of the best weights is left."""
     folder = Path(run_dir) / CHECKPOINTS / BEST
     recover_dir(folder)
     problem = verify(folder) if folder.is_dir() else "it is missing"
+    source = folder
     if problem:
-        raise CheckpointError(f"{folder}: {problem}")
+        source = _same_step(run_dir, best_step)
+        if source is None:
+            kept = latest_checkpoint(run_dir)
+            raise CheckpointError(
+                f"{folder}: {problem}, and no intact checkpoint of its step ({best_step if best_step is not None else '?'}) "
+                "is kept, so the best weights are lost. "
+                + (f"To end the run with the weights of {kept.name} instead, delete {folder} and resume "
+                   f"({command('train', 'CONFIG', '--resume', '--allow-changes')} with a larger train.max_steps "
+                   "trains on from there); or start again " if kept else "Start again ")
+                + f"with {command('train', 'CONFIG', '--overwrite')} (the prepared data is kept)")
+        if warn is not None:
+            warn(f"{folder} is damaged ({problem}); its weights are taken from {source.name} (the same step) "
+                 "and best/ is written again from them")
     if model is None:
-        load_trainable(folder, params)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        load_trainable(source, params)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, load_file(str(folder / "trainable.safetensors")),
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+        if (source / SHARDS).is_dir():
+            raise CheckpointError(f"{folder}: {problem}; its step checkpoint {source.name} is sharded and cannot stand "
+                                  f"in for it. Start again with {command('train', 'CONFIG', '--overwrite')}")
+        set_model_state_dict(model, load_file(str(source / "trainable.safetensors")),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    if source is not folder and model is None:
+        state = json.loads((source / "state.json").read_text())
+        save_best(run_dir, params, int(state["step"]), float(state.get("best_val_loss") or float("nan")), warn)
+
+
+def _same_step(run_dir: Path, step: int | None) -> Path | None:
+    """The intact ``step-N`` checkpoint of step ``step`` (whole weights), or None."""
+    if step is None:
+        return None
+    ckpt = Path(run_dir) / CHECKPOINTS / f"step-{step}"
+    return ckpt if ckpt.is_dir() and (ckpt / "trainable.safetensors").is_file() and verify(ckpt) is None else None
 
 
 def load_trainable(ckpt: Path, params: dict[str, torch.nn.Parameter]) -> None:

@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: continue even though optimisation settings (lr, batch, schedule, steps) changed")
+                   help="with --resume: accept every change to the training settings (lr, batch, schedule, steps, data) "
+                        "from the resumed step on; changes to evaluation settings need no flag")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: accept a change of this one setting, e.g. train.lr (repeatable); any other "
+                        "changed training setting still stops the resume")
     p.add_argument("--until-step", type=int, default=None, metavar="N",
                    help="stop after optimizer step N with a checkpoint (exit 75; continue later with --resume)")
     p.add_argument("--nproc", type=int, default=0, metavar="N",
@@ -214,7 +218,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the processes; each runs this verb again
                 return _launch(args, cfg, argv if argv is not None else sys.argv[1:])
             run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=console,
-                           allow_changes=args.allow_changes, until_step=args.until_step)
+                           allow_changes=args.allow_changes or args.allow_change, until_step=args.until_step)
             if run.eval:
                 console.print(f"report: {run.dir / 'report.html'}")
             if run.train.get("interrupted"):

@@ -50,7 +50,7 @@ class MethodResult:
     peak_rss_mib: float | None
     peak_gpu_mib: float | None
     eval_seconds: float
-    examples_per_s: float
+    examples_per_s: float | None  # None when every answer came from a stopped evaluation's cache
     inference_tokens_per_s: float | None  # batched evaluation: tokens read (and written) per second
     latency_ms: float | None  # one example at a time: median milliseconds to an answer
     latency_p95_ms: float | None
@@ -164,7 +164,7 @@ def measure(run_dir: Path, task: str, method: str, metric: str = "auto") -> Meth
         base_value=base.get(metric), trainable_parameters=int(training.get("trainable_parameters", 0)),
         total_parameters=int(training.get("total_parameters", 0)), train_seconds=float(training.get("train_seconds", 0.0)),
         tokens_per_s=tokens / seconds if seconds else None, peak_rss_mib=peak.get("rss"), peak_gpu_mib=peak.get("gpu"),
-        eval_seconds=float(tuned["seconds"]), examples_per_s=float(tuned["examples_per_s"]),
+        eval_seconds=float(tuned["seconds"]), examples_per_s=tuned.get("examples_per_s"),
         inference_tokens_per_s=tuned.get("tokens_per_s"), latency_ms=latency.get("median_ms"),
         latency_p95_ms=latency.get("p95_ms"), train_examples=kept,
         artifact_mib=sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()) / 2**20,
@@ -279,7 +279,7 @@ def table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
              or_dash(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
              or_dash(r["tokens_per_s"], ".0f"), or_dash(r["peak_rss_mib"], ".0f"),
              "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ({r['latency_p95_ms']:.0f})",
-             f"{r['examples_per_s']:.2f}", or_dash(r.get("inference_tokens_per_s"), ".0f"),
+             or_dash(r["examples_per_s"], ".2f"), or_dash(r.get("inference_tokens_per_s"), ".0f"),
              f"{r['artifact_mib']:.2f}", or_dash(r["final_train_loss"], ".3f"), or_dash(r["final_val_loss"], ".3f"),
              or_dash(r["gap"], "+.3f"), or_dash(r.get("forgetting"), "+.1%"), or_dash(r.get("general_kl"), ".3f")]
             + ([_needs(r)] if needs else []) for r in doc["methods"]]

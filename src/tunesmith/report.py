@@ -272,7 +272,7 @@ def speed_section(evaluation: dict[str, Any]) -> str:
         if "seconds" not in e:
             continue
         lat = e.get("latency") or {}
-        rows.append(f"<tr><td>{side}</td><td>{e['seconds']:.1f} s</td><td>{e['examples_per_s']:.2f}</td>"
+        rows.append(f"<tr><td>{side}</td><td>{e['seconds']:.1f} s</td><td>{or_dash(e.get('examples_per_s'), '.2f')}</td>"
                     f"<td>{or_dash(e.get('tokens_per_s'), '.0f')}</td>"
                     f"<td>{or_dash(lat.get('median_ms'), '.0f')}</td><td>{or_dash(lat.get('p95_ms'), '.0f')}</td></tr>")
     if not rows:

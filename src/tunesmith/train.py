@@ -7,8 +7,9 @@ The LM head runs only at target positions, so the (B, T, V) logits tensor is nev
 
 from __future__ import annotations
 
-import json
 import contextlib
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -300,22 +301,40 @@ def train(
     share = sum(e.n_targets for e in train_data) / max(sum(lengths), 1)
     flops_per_token = flops.flops_per_token(model, sum(lengths) / max(len(lengths), 1), share)
     peak = flops.matmul_peak(dev.type, bf16)  # MFU is against what this machine's matmul reaches
-    micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    plan = EpochPlan(lengths, cfg, groups)
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
-             "target_tokens": 0, "train_seconds": 0.0}
+             "target_tokens": 0, "train_seconds": 0.0, "epoch": 0, "epoch_step": 0, "per_step": plan.per_step,
+             "rest": None, "val_fingerprint": data_fingerprint(val_data)}
+    total_steps = plan.total_steps(state)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     progress = make_progress(disable=not (show_progress and w.main))
     say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
+
+    def validate() -> tuple[float, dict[str, Any]]:
+        """The validation loss of the model as it is (process 0 measures; every process gets it)."""
+        if sharded:  # every process takes part in each forward (its shards are needed)
+            measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16, loss_sum=lambda b: root(b, evaluate=True))
+        else:
+            measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16) if w.main else None
+        return distributed.broadcast(measured)
+
     if resume:
         state = load_checkpoint(run_dir, params, optimizer, scheduler, rank=w.rank, warn=warn, model=model,
                                 sharded=sharded)
         state.pop("checkpoint")
+        if note := plan.resume(state):
+            warn(note)
+        if plan.total_steps(state) != total_steps:  # epochs re-planned at another step size: the schedule's length too
+            total_steps, done = plan.total_steps(state), scheduler.last_epoch
+            scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+            scheduler.last_epoch = done
         _apply_hyperparameters(optimizer, scheduler, cfg)  # a resume allowed to change them really changes them
         if w.main:
             _truncate_metrics(run_dir / METRICS, state["step"])
+        if state.get("val_fingerprint") not in (None, data_fingerprint(val_data)):
+            _revalidate(state, validate(), data_fingerprint(val_data), run_dir, params, warn, w.main,
+                        model if sharded else None)
     elif (run_dir / METRICS).exists() and w.main:
         (run_dir / METRICS).unlink()
 
@@ -337,8 +356,8 @@ def train(
             try:
                 # ---- once in a while: nothing; the step first
                 t0 = time.perf_counter()
-                epoch, pos = divmod(state["step"], steps_per_epoch)
-                micro = _step_batches(lengths, cfg, epoch, pos, groups)
+                chunk, epoch_reached, epoch_ends = plan.take(state)
+                micro = micro_batches(chunk, lengths, cfg, groups)
                 n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
                 objective.begin_step([train_data[i] for mb in micro for i in mb])
                 step_loss = 0.0
@@ -396,13 +415,14 @@ def train(
                 interrupted = True
                 break
             state["step"] += 1
+            plan.advance(state, epoch_ends)
             state["target_tokens"] += n_targets
             dt = time.perf_counter() - t0
             state["train_seconds"] += dt
             tokens = sum(len(train_data[i].input_ids) for mb in micro for i in mb)
             window_tokens += tokens
             tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            record = {"type": "train", "step": state["step"], "epoch": epoch + (pos + 1) / steps_per_epoch,
+            record = {"type": "train", "step": state["step"], "epoch": epoch_reached,
                       "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
                       "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s,
                       "mfu": flops_per_token * tok_s / peak, "step_seconds": dt} | parts
@@ -415,14 +435,9 @@ def train(
 
             # ---- once in a while: evaluate, early-stop, checkpoint
             step = state["step"]
-            evaluate_now = step % cfg.eval_every == 0 or step % steps_per_epoch == 0 or step == total_steps
+            evaluate_now = step % cfg.eval_every == 0 or epoch_ends or step == total_steps
             if evaluate_now:  # process 0 validates; every process gets its result (early stopping stays in step)
-                if sharded:  # every process takes part in each forward (its shards are needed)
-                    measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16,
-                                               loss_sum=lambda b: root(b, evaluate=True))
-                else:
-                    measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16) if w.main else None
-                val_loss, task_losses = distributed.broadcast(measured)
+                val_loss, task_losses = validate()
                 if not math.isfinite(val_loss):  # never "best", never the final model
                     raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))
                 best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
@@ -453,8 +468,8 @@ def train(
                 break
 
     distributed.barrier()  # process 0's last writes (best, checkpoint) are complete for every process
-    if not interrupted and state["best_step"] is not None:
-        load_best(run_dir, params, model=model if sharded else None)  # the model ends at its best validation loss
+    if not interrupted and state["best_step"] is not None:  # the model ends at its best validation loss
+        load_best(run_dir, params, model=model if sharded else None, best_step=state["best_step"], warn=warn)
     return TrainResult(
         steps=state["step"], total_steps=total_steps, best_step=state["best_step"],
         best_val_loss=state["best_val_loss"], stopped_early=stopped_early, interrupted=interrupted,
@@ -537,15 +552,14 @@ def _fused_adamw(dev: torch.device) -> bool | None:
     return True if dev.type in ("cpu", "cuda") else None
 
 
-def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int,
-                  groups: list[Any] | None = None) -> list[list[int]]:
-    """Example indices of each micro-batch of optimizer step ``pos`` in ``epoch``.
+def epoch_steps(lengths: list[int], cfg: TrainConfig, epoch: int, groups: list[Any] | None = None,
+                per_step: int | None = None) -> list[list[int]]:
+    """Example indices of each optimizer step of ``epoch``, ``per_step`` examples a step (default
+    ``batch_size * grad_accum``; the last step of the epoch may hold fewer).
 
-    The order of an epoch is a permutation seeded by (seed, epoch), so a run's data position
-    is just its step count and resuming is exact. With ``group_by_length``, each window of
-    64 steps is sorted by length, cut into steps, and the steps shuffled again: batches hold
-    examples of similar length (little padding) without a short-to-long curriculum. Which
-    examples form a step does not depend on how the step is split into micro-batches.
+    The order of an epoch is a permutation seeded by (seed, epoch). With ``group_by_length``, each
+    window of 64 steps is sorted by length, cut into steps, and the steps shuffled again: steps
+    hold examples of similar length (little padding) without a short-to-long curriculum.
 
     ``groups`` (one key per example, e.g. task rows vs replay rows, or each task of a multi-task
     run): sorting by length would put a group of longer rows into the same steps (some steps all
@@ -554,10 +568,11 @@ def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int,
     """
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
-    per_step = cfg.batch_size * cfg.grad_accum
-    if cfg.group_by_length:
-        window = per_step * 64
-        w0 = (pos * per_step) // window * window  # the window holding this step
+    per_step = per_step or cfg.batch_size * cfg.grad_accum
+    if not cfg.group_by_length:
+        return [order[i : i + per_step] for i in range(0, len(order), per_step)]
+    window, steps = per_step * 64, []
+    for w0 in range(0, len(order), window):
         chunk = sorted(order[w0 : w0 + window], key=lambda i: -lengths[i])
         if groups is not None:  # rank within its group, as a fraction: groups interleave in proportion
             rank: dict[Any, int] = {}
@@ -568,17 +583,124 @@ def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int,
                 place[i] = (rank.get(k, 0) + 0.5) / size[k]
                 rank[k] = rank.get(k, 0) + 1
             chunk = sorted(chunk, key=lambda i: place[i])
-        steps = [chunk[i : i + per_step] for i in range(0, len(chunk), per_step)]
+        cut = [chunk[i : i + per_step] for i in range(0, len(chunk), per_step)]
         g_window = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + w0)
-        shuffle = torch.randperm(len(steps), generator=g_window).tolist()
-        chunk = steps[shuffle[pos - w0 // per_step]]
-        if groups is not None:  # micro-batches of similar lengths within the step
-            chunk = sorted(chunk, key=lambda i: -lengths[i])
-    else:
-        chunk = order[pos * per_step : (pos + 1) * per_step]
+        steps += [cut[k] for k in torch.randperm(len(cut), generator=g_window).tolist()]
+    return steps
+
+
+def micro_batches(chunk: list[int], lengths: list[int], cfg: TrainConfig, groups: list[Any] | None = None) -> list[list[int]]:
+    """One step's examples split into micro-batches: ``batch_size`` examples each, or within the
+    ``batch_tokens`` budget (longest first). Which examples form a step does not depend on this."""
+    if cfg.group_by_length and groups is not None:  # micro-batches of similar lengths within the step
+        chunk = sorted(chunk, key=lambda i: -lengths[i])
     if cfg.batch_tokens:
         return _token_budget_batches(chunk, lengths, cfg.batch_size, cfg.batch_tokens)
     return [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+
+
+def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int,
+                  groups: list[Any] | None = None) -> list[list[int]]:
+    """Micro-batches of step ``pos`` of ``epoch`` in a run that never changed its step size."""
+    return micro_batches(epoch_steps(lengths, cfg, epoch, groups)[pos], lengths, cfg, groups)
+
+
+class EpochPlan:
+    """Which examples each optimizer step takes, and where a run is: the loop state's ``epoch``,
+    ``epoch_step`` (steps done in it), ``per_step`` (examples a step) and ``rest`` (when the step
+    size changed mid-epoch: that epoch's examples not yet trained, in their order). So a resume
+    continues from the same example whatever ``batch_size`` or ``grad_accum`` it brings: every
+    example of the epoch is trained once, then the next epoch is planned at the new size."""
+
+    def __init__(self, lengths: list[int], cfg: TrainConfig, groups: list[Any] | None) -> None:
+        self.lengths, self.cfg, self.groups = lengths, cfg, groups
+        self.per_step = cfg.batch_size * cfg.grad_accum
+        self._cached: tuple[tuple[int, int], list[list[int]]] | None = None
+
+    def steps(self, state: dict[str, Any]) -> list[list[int]]:
+        """The steps of the current epoch (the rest of it, re-cut, after a change of step size)."""
+        if state.get("rest") is not None:
+            rest, k = state["rest"], state["per_step"]
+            return [rest[i : i + k] for i in range(0, len(rest), k)]
+        key = (state["epoch"], state["per_step"])
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, epoch_steps(self.lengths, self.cfg, state["epoch"], self.groups, state["per_step"]))
+        return self._cached[1]
+
+    def take(self, state: dict[str, Any]) -> tuple[list[int], float, bool]:
+        """This step's examples, the epoch reached once it is done (fractional: examples seen / all)
+        and whether it ends the epoch."""
+        steps = self.steps(state)
+        k = state["epoch_step"]
+        before = len(self.lengths) - len(state["rest"]) if state.get("rest") is not None else 0
+        seen = before + sum(len(s) for s in steps[: k + 1])
+        return steps[k], state["epoch"] + seen / max(len(self.lengths), 1), k + 1 >= len(steps)
+
+    def advance(self, state: dict[str, Any], epoch_ended: bool) -> None:
+        if epoch_ended:
+            state.update(epoch=state["epoch"] + 1, epoch_step=0, rest=None, per_step=self.per_step)
+        else:
+            state["epoch_step"] += 1
+
+    def resume(self, state: dict[str, Any]) -> str | None:
+        """Bring a checkpoint's position to this config (checkpoints of older versions held only the
+        step count); a message when the step size changed and the epoch's rest was re-planned."""
+        if "epoch" not in state:
+            per_step = state.get("per_step", self.per_step)
+            state["epoch"], state["epoch_step"] = divmod(state["step"], math.ceil(len(self.lengths) / per_step))
+        state.setdefault("per_step", self.per_step)
+        state.setdefault("rest", None)
+        if state["per_step"] == self.per_step:
+            return None
+        old = state["per_step"]
+        rest = [i for step in self.steps(state)[state["epoch_step"]:] for i in step]
+        state.update(rest=rest, epoch_step=0, per_step=self.per_step)
+        return (f"examples per step changed from {old} to {self.per_step} (train.batch_size x train.grad_accum): the "
+                f"{len(rest)} examples of epoch {state['epoch'] + 1} not yet trained are trained next, at the new size, "
+                "from where the run stopped")
+
+    def total_steps(self, state: dict[str, Any]) -> int:
+        """``max_steps``, else the steps done plus those left in this epoch and the epochs after it."""
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        if state["epoch"] >= self.cfg.epochs:
+            return state["step"]
+        per_epoch = math.ceil(len(self.lengths) / self.per_step)
+        left = len(self.steps(state)) - state["epoch_step"]
+        return state["step"] + left + (self.cfg.epochs - state["epoch"] - 1) * per_epoch
+
+
+def data_fingerprint(data: list[Encoded] | dict[str, list[Encoded]]) -> str:
+    """A hash of encoded rows (ids and targets; each task's, for several): equal data, equal hash.
+    Saved with each checkpoint, so a resume on another validation set is noticed."""
+    h = hashlib.sha256()
+    for name, rows in sorted(data.items()) if isinstance(data, dict) else [("", data)]:
+        h.update(name.encode())
+        for e in rows:
+            h.update(repr((e.input_ids, e.labels, e.class_label)).encode())
+    return h.hexdigest()[:16]
+
+
+def _revalidate(state: dict[str, Any], measured: tuple[float, dict[str, Any]], fingerprint: str, run_dir: Path,
+                params: dict[str, torch.nn.Parameter], warn: Callable[[str], None], main: bool,
+                model: torch.nn.Module | None) -> None:
+    """The validation set changed since the checkpoint (new data, another split, another length):
+    the best-so-far loss was measured on the old one and means nothing now. The resumed weights
+    are measured on the new set and become the best so far; patience starts again."""
+    val_loss, task_losses = measured
+    old, old_step = state.get("best_val_loss"), state.get("best_step")
+    state.update(best_val_loss=val_loss, best_step=state["step"], patience_ref=val_loss, bad_evals=0,
+                 val_fingerprint=fingerprint)
+    if main or model is not None:
+        save_best(run_dir, params, state["step"], val_loss, warn, model=model, main=main)
+    if main:
+        append_jsonl(run_dir / METRICS, {"type": "eval", "step": state["step"], "val_loss": val_loss,
+                                         "val_ppl": math.exp(min(val_loss, 50)), "best": True, "revalidated": True}
+                     | task_losses)
+    warn(f"the validation set changed since this checkpoint: the weights of step {state['step']} score {val_loss:.4f} "
+         f"on the new one and are the best so far (the earlier best, "
+         + (f"{old:.4f} at step {old_step}" if old is not None else "none")
+         + ", was measured on the old validation set and is discarded)")
 
 
 def _token_budget_batches(chunk: list[int], lengths: list[int], max_examples: int, budget: int) -> list[list[int]]:

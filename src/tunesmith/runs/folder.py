@@ -65,12 +65,13 @@ class Run:
 
 
 def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_step: int | None = None,
-             console: Console | None = None, base_from: Path | None = None, allow_changes: bool = False,
+             console: Console | None = None, base_from: Path | None = None, allow_changes: bool | list[str] = False,
              evaluate: bool = True, on_validation: Callable[[int, float], bool] | None = None) -> Run:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method``, then evaluate against the base.
 
     ``resume`` continues from the newest checkpoint, after comparing ``cfg`` with the run's saved
-    config (see ``check_resume``; ``allow_changes`` accepts changes to the optimisation).
+    config (see ``check_resume``; ``allow_changes``: True accepts every change to the training,
+    a list of keys exactly those).
     ``base_from``: a finished run on the same model, test split and evaluation settings whose base
     model results are reused instead of evaluating the base again (see ``evaluate_run``).
     Raises RunError (folder in use, nothing to resume, refused changes), ConfigError, DataError,
@@ -115,7 +116,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None, console: Console | None,
-              base_from: Path | None, allow_changes: bool, evaluate: bool = True,
+              base_from: Path | None, allow_changes: bool | list[str], evaluate: bool = True,
               on_validation: Callable[[int, float], bool] | None = None) -> Run:
     console = console or Console()
     run_dir = cfg.run_dir
@@ -324,7 +325,8 @@ def multitask_data(cfg: Config, tokenizer: Any, console: Console) -> tuple[list[
     return mixed, val_rows, {"tasks": reports, "mixing": mixing}
 
 
-def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, console: Console) -> int | None:
+def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool | list[str],
+                  console: Console) -> int | None:
     """Check that the run may start (or resume) in ``cfg.run_dir`` before anything is written;
     return the step resumed from (None for a new run). A new run's config is saved here; a
     resumed one's only once its data is ready, so a failed resume changes nothing."""
@@ -339,8 +341,10 @@ def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         changed = check_resume(run_dir, cfg, allow_changes)
         good = newest_good_checkpoint(run_dir)  # a damaged newest one is skipped (training says so)
         step = json.loads((good / "state.json").read_text())["step"] if good else None
-        console.print((f"resuming from {good} (step {step})" if good else "resuming: no checkpoint passes its check")
-                      + (f" with changed settings: {changed}" if changed else ""), highlight=False)
+        console.print(f"resuming from {good} (step {step})" if good else "resuming: no checkpoint passes its check",
+                      highlight=False)
+        for line in changed.lines(step):
+            console.print(f"  {line}", highlight=False)
     if needs_chat_template(cfg):  # a base model without a template stops here, before any data work
         ready_tokenizer(load_tokenizer(cfg.model), cfg)
     if overwrite and not resume and run_dir.exists():
@@ -356,51 +360,83 @@ def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
 
 
 # Settings a resumed run may change freely: they decide when to evaluate and save, and how to
-# evaluate at the end, not what is trained.
+# evaluate at the end (data.max_test_examples: how much of the test split), not what is trained.
 RESUME_SAFE = ("train.eval_every", "train.save_every", "train.keep_checkpoints", "train.num_threads",
                "train.gradient_checkpointing", "output_dir", "eval.", "prompt.", "estimate.",
-               "search.", "report_to", "mlflow.")
+               "search.", "report_to", "mlflow.", "data.max_test_examples")
 # Settings that decide what the checkpoint's tensors are: resuming under other values is meaningless.
 RESUME_REFUSED = ("model", "task", "method", "classifier", "lora.r", "lora.alpha", "lora.target_modules", "data.labels")
 
 
-def check_resume(run_dir: Path, cfg: Config, allow_changes: bool) -> str:
-    """Compare ``cfg`` with the config saved in ``run_dir``; return the accepted changes as text.
+@dataclass
+class ResumeChanges:
+    """What differs from the config a run was trained with: ``training`` (applied to the optimisation
+    from the resumed step on) and ``other`` (evaluation, reporting, checkpoint cadence: no retraining);
+    each key -> (saved value, new value)."""
 
-    Changes to ``RESUME_SAFE`` settings are accepted; to ``RESUME_REFUSED`` ones (shapes, model,
-    labels) always refused; any other change alters the optimisation (learning rate, batch, schedule,
-    steps, data) and is refused unless ``allow_changes``, in which case the loop applies it from
-    the resumed step on. Raises RunError listing the changed keys with their old and new values.
+    training: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    other: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+
+    def lines(self, step: int | None) -> list[str]:
+        """What the resume line says about them, the training changes first (they retrain)."""
+        out = []
+        if self.training:
+            out.append(f"changes to training, applied from step {step if step is not None else '?'} on: "
+                       + _listed(self.training))
+        if self.other:
+            out.append("changes to evaluation and bookkeeping only (nothing is trained again for them): "
+                       + _listed(self.other))
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.training or self.other)
+
+
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items()))
+
+
+def check_resume(run_dir: Path, cfg: Config, allow_changes: bool | list[str]) -> ResumeChanges:
+    """Compare ``cfg`` with the config saved in ``run_dir``; return the accepted changes.
+
+    Changes to ``RESUME_SAFE`` settings (evaluation, reporting, checkpoint cadence) are always
+    accepted and retrain nothing; to ``RESUME_REFUSED`` ones (shapes, model, labels) always
+    refused; any other change alters the optimisation (learning rate, batch, schedule, steps, data)
+    and is refused unless ``allow_changes`` is True (all of them) or lists its key (exactly those:
+    ``--allow-change KEY``), in which case the loop applies it from the resumed step on. Raises
+    RunError listing the changed keys with their old and new values.
     """
     try:
         saved = load_config(run_dir / "config.yaml")
     except ConfigError as e:
         raise RunError(f"{run_dir}/config.yaml: the saved config cannot be read, so the run cannot be resumed ({e})") from None
-    changes = {k: v for k, v in diff(saved, cfg).items() if k != "name" and not k.startswith(RESUME_SAFE)}
+    every = {k: v for k, v in diff(saved, cfg).items() if k != "name"}
+    result = ResumeChanges(other={k: v for k, v in every.items() if k.startswith(RESUME_SAFE)})
+    changes = {k: v for k, v in every.items() if not k.startswith(RESUME_SAFE)}
     if "train.strategy" in changes:  # what matters is the checkpoints' format: sharded (dcp/) ones load anywhere
         newest = newest_good_checkpoint(run_dir)
         if cfg.train.strategy == "fsdp" and newest is not None and not (newest / SHARDS).is_dir():
             raise RunError(f"{run_dir}: cannot resume with train.strategy: fsdp: its checkpoint {newest.name} holds whole "
                            f"weights (written with train.strategy: {saved.train.strategy}), which sharded training "
                            f"cannot load. Resume with train.strategy: {saved.train.strategy}, or start a new run")
-        del changes["train.strategy"]  # to ddp (or to fsdp before any checkpoint): the result is the same run
+        result.other["train.strategy"] = changes.pop("train.strategy")  # the result is the same run
     report = load_json(run_dir / "data" / "data_report.json")
     if report.get("content_hash") and report["content_hash"] != content_hash(cfg) and not any(
             k.startswith("data.") for k in changes):  # same settings, other bytes: the files were edited
         changes["data files"] = ("as prepared for the checkpoint", "changed since")
-
-    def listed(keys: list[str]) -> str:
-        return "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in sorted(keys))
-
-    refused = [k for k in changes if k in RESUME_REFUSED]
+    refused = {k: v for k, v in changes.items() if k in RESUME_REFUSED}
     if refused:
-        raise RunError(f"{run_dir}: cannot resume: these settings change what the checkpoint holds: {listed(refused)}. "
+        raise RunError(f"{run_dir}: cannot resume: these settings change what the checkpoint holds: {_listed(refused)}. "
                        "Resume with the saved config, or start a new run under another name")
-    if changes and not allow_changes:
-        raise RunError(f"{run_dir}: cannot resume: these settings change the optimisation: {listed(list(changes))}. "
+    allowed = set(changes) if allow_changes is True else set(allow_changes or [])
+    if not_allowed := {k: v for k, v in changes.items() if k not in allowed}:
+        raise RunError(f"{run_dir}: cannot resume: these settings change the training: {_listed(not_allowed)}. "
                        f"Resume with the saved config ({command('train', run_dir / 'config.yaml', '--resume')}), "
-                       "or pass --allow-changes to continue with the new values from the resumed step on")
-    return listed(list(changes))
+                       f"or accept them from the resumed step on: --allow-change KEY for each one "
+                       f"({' '.join('--allow-change ' + k for k in sorted(not_allowed) if k != 'data files')}"
+                       f"{' --allow-changes' if 'data files' in not_allowed else ''}), or --allow-changes for all")
+    result.training = changes
+    return result
 
 
 def uses_head(cfg: Config) -> bool:
