@@ -76,6 +76,7 @@ bench: setup
 	$(PY) benchmarks/multitask.py
 	$(PY) benchmarks/crash_soak.py
 	$(PY) benchmarks/estimate.py
+	$(PY) benchmarks/threads_under_load.py
 
 clean:
 	rm -rf runs .pytest_cache

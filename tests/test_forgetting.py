@@ -195,3 +195,14 @@ def test_why_forgetting_is_not_measured(tmp_path, tokenizer):
     assert forgetting.skipped(off, forgetting.Probe(tokenizer, off, bf16=False)) == "eval.general: none"
     cfg.method = "prompt"
     assert "prompt method" in forgetting.skipped(cfg, None)
+
+
+def test_many_short_general_texts_keep_the_token_budget():
+    """WikiText-2 style, one paragraph per line (2,891 lines): eval.general_tokens holds, spread over the file."""
+    from tunesmith.forgetting import MIN_WINDOW, within_budget
+
+    texts = [f"paragraph {i}" for i in range(2891)]
+    chosen, per_text = within_budget(texts, 2048)
+    assert len(chosen) * per_text <= 2048 and per_text >= MIN_WINDOW and len(chosen) == 2048 // MIN_WINDOW
+    assert chosen[0] == "paragraph 0" and chosen[-1].startswith("paragraph 28")  # from the whole file, not its start
+    assert within_budget(texts[:8], 2048) == (texts[:8], 256)  # few texts: all of them, evenly

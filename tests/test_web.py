@@ -200,6 +200,15 @@ def test_live_training_curves_update(browser, gen_runs, tmp_path):  # noqa: F811
                 f.write(json.dumps({"type": "eval", "step": 2, "val_loss": 2.7}) + "\n")
             wait_for(lambda: browser.execute_script("return document.body.dataset.points") == "3", timeout=20, what="new points")
             assert "validation loss 2.7000" in browser.find_element(By.ID, "progress").text
+            # training ended; the final evaluation runs (it can outlast training): the page says so, not "step 2 of 2"
+            from tunesmith.runs.phase import set_phase
+
+            set_phase(run, "evaluating", "evaluating tuned", 120, 872, 235)
+            wait_for(lambda: "evaluating (evaluating tuned): 120 of 872, about 4 min left; training ended at step 2"
+                     in browser.find_element(By.ID, "progress").text, timeout=20, what="the evaluation phase")
+            assert requests.get(url + "/api/runs/live/metrics").json()["phase"]["total"] == 872
+            (run / "phase.json").write_text(json.dumps({"phase": "evaluating", "pid": 2**22 + 12345}))  # a dead process
+            assert requests.get(url + "/api/runs/live/metrics").json()["phase"] is None
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()

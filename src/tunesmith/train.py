@@ -274,8 +274,6 @@ def train(
     objective = objective or TaskLoss()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     runtime.seed_everything(cfg.seed)
     w = distributed.world()  # several processes (torchrun): each takes its share of every step; process 0 writes
     sharded = w.distributed and cfg.strategy == "fsdp"  # FSDP2: each process holds a shard of every parameter
@@ -310,6 +308,12 @@ def train(
     progress = make_progress(disable=not (show_progress and w.main))
     say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
+
+    # one thread per CPU that other work leaves free (printed; train.num_threads decides when set), looked
+    # at again at each validation: under load, threads that share a core make every step wait
+    adapt = not w.distributed and not cfg.num_threads
+    threads = runtime.use_threads(cfg.num_threads, say if w.main else None) if not w.distributed else None
+    threads_checked = time.monotonic()
 
     def validate() -> tuple[float, dict[str, Any]]:
         """The validation loss of the model as it is (process 0 measures; every process gets it)."""
@@ -437,6 +441,8 @@ def train(
             step = state["step"]
             evaluate_now = step % cfg.eval_every == 0 or epoch_ends or step == total_steps
             if evaluate_now:  # process 0 validates; every process gets its result (early stopping stays in step)
+                if adapt and time.monotonic() - threads_checked > 60:  # the load may have changed
+                    threads, threads_checked = runtime.use_threads(None, say, threads), time.monotonic()
                 val_loss, task_losses = validate()
                 if not math.isfinite(val_loss):  # never "best", never the final model
                     raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))

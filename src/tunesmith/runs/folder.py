@@ -85,6 +85,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, until_s
             return _finetune(cfg, resume, overwrite, until_step, console, base_from, allow_changes, evaluate, on_validation)
     finally:
         if main:  # finished, stopped or failed: the index says which (after the lock is released)
+            clear_phase(cfg.run_dir)
             index.record(cfg.run_dir)
             if cfg.report_to and cfg.run_dir.is_dir():
                 trackers.sync(cfg.run_dir)
@@ -126,6 +127,8 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
     with distributed.main_first():
         # process 0 checks the folder and prepares the data; the others (torchrun) then reuse them
         resumed_at = _open_run_dir(cfg, resume, overwrite, allow_changes, console) if w.main else None
+        if w.main:
+            set_phase(run_dir, "preparing", "loading the model, preparing and encoding the data")
         if cfg.replay.ratio > 0 and w.main:
             training.replay_source(cfg)  # a replay file that cannot serve fails now, not after preparing the data
 
@@ -199,8 +202,12 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         objective, mitigations = training.build(cfg, model, tokenizer, run_dir, resume or not w.main,
                                                 tokenizer.pad_token_id)
     mitigations = ({"replay": replay} if replay else {}) | mitigations
+    if w.main:
+        set_phase(run_dir, "training")
     result = train(model, train_set, val_set, train_cfg, run_dir, tokenizer.pad_token_id, resume=resume,
                    until_step=until_step, objective=objective, on_validation=on_validation)
+    if w.main:
+        set_phase(run_dir, "saving", "the trained model")
     distributed.shutdown()  # the rest (saving, evaluating) is process 0's alone
     if not w.main:
         return Run(run_dir, cfg, result_dict(result), {})
@@ -603,6 +610,7 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
         raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first "
                        f"({command('train', run_dir / 'config.yaml', '--resume')})")
     dev = runtime.device()
+    runtime.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))
     bf16 = runtime.INFERENCE_BF16  # evaluated in the precision every answer is served in (generate, serve)
     head = uses_head(cfg)
     base, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed) if head else load_model(cfg.model)

@@ -30,6 +30,7 @@ from tunesmith.deploy import protocol as P
 from tunesmith.deploy.server import APIError, error_body, install_error_handlers
 from tunesmith.io import read_jsonl
 from tunesmith.runs import index
+from tunesmith.runs.phase import current_phase
 from tunesmith.studies import store
 from tunesmith.studies.create import StudyError, load_study
 from tunesmith.web import pages
@@ -153,7 +154,8 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
 
     @app.get("/api/runs/{rid}/metrics")
     def run_metrics(rid: str, after: int = 0) -> JSONResponse:
-        """The run's metrics.jsonl rows from line ``after`` on, its status and planned steps."""
+        """The run's metrics.jsonl rows from line ``after`` on, its status, planned steps and current
+        phase (runs/phase.py: preparing, evaluating with its progress; None when idle)."""
         row = src.run(rid)
         if row is None:
             return JSONResponse({"error": f"no run {rid}"}, status_code=404)
@@ -161,7 +163,7 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
         rows = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
         fresh = index.row_from_folder(d) or row
         return JSONResponse({"rows": rows[max(0, after):], "next": len(rows), "status": fresh["status"],
-                             "max_steps": _planned_steps(d)})
+                             "max_steps": _planned_steps(d), "phase": current_phase(d)})
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare(a: str, b: str) -> HTMLResponse:

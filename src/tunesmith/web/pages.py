@@ -150,12 +150,21 @@ async function poll() {
     }
     next = d.next; status = d.status; draw(d.max_steps);
     const last = train.length ? train[train.length - 1] : null;
-    document.getElementById('progress').textContent = status + (last ? ': step ' + last[0] + (d.max_steps ? ' of ' + d.max_steps : '')
+    const ph = d.phase;
+    let text = status + (last ? ': step ' + last[0] + (d.max_steps ? ' of ' + d.max_steps : '')
       + ', training loss ' + last[1].toFixed(4) : ': no training steps yet')
       + (val.length ? ', validation loss ' + val[val.length - 1][1].toFixed(4) : '');
+    if (ph && ph.phase !== 'training') {  // preparing, evaluating (the final evaluation can outlast training)
+      text = ph.phase + (ph.detail ? ' (' + ph.detail + ')' : '')
+        + (ph.total ? ': ' + Math.round(ph.completed) + ' of ' + Math.round(ph.total) : '')
+        + (ph.eta_s != null ? ', about ' + Math.ceil(ph.eta_s / 60) + ' min left' : '')
+        + (last ? '; training ended at step ' + last[0] : '');
+      status = 'busy';
+    }
+    document.getElementById('progress').textContent = text;
     document.body.dataset.points = String(train.length + val.length);
   } catch (e) { document.getElementById('progress').textContent = 'cannot read the metrics: ' + e; }
-  if (status === 'training' || status === 'unknown') setTimeout(poll, 2000);
+  if (status === 'training' || status === 'busy' || status === 'unknown') setTimeout(poll, 2000);
 }
 poll();
 """
