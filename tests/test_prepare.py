@@ -16,7 +16,10 @@ def test_sms_spam_duplicates_found_and_stratified_split(tmp_path):
     cfg = load_config(data={"name": "sms", "task": "classification", "output_dir": str(tmp_path),
                             "data": {"train": str(SMS), "labels": {"ham": "ham", "spam": "spam"}, "validation_size": 0.1,
                                      "prepare": {"test_size": 0.1, "pii": ["email", "phone", "url"]}}})
-    out = prepare(cfg, tmp_path / "data")
+    said = []
+    out = prepare(cfg, tmp_path / "data", say=said.append)  # each step said as it ends: visible in a log too
+    assert [line.split(":")[1].strip() for line in said] == [s["step"] for s in out.report["steps"]]
+    assert said[0].startswith("prepare: read train: ") and said[0].endswith(" s")
     dedup = out.report["dedup"]["train"]
     assert dedup["exact_removed"] > 350 and dedup["near_removed"] > 20  # the collection repeats many messages
     sizes = {s: len(rows) for s, rows in out.splits.items()}

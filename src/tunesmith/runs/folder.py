@@ -148,7 +148,7 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
             if w.main:
                 atomic_write_json(run_dir / "data_report.json", report)
         else:
-            splits = load_splits(cfg, run_dir / "data", tokenizer)
+            splits = load_splits(cfg, run_dir / "data", tokenizer, say=lambda line: console.print(line, highlight=False))
             console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
             for note in splits.notes:
                 console.print(f"  {note}", highlight=False)
@@ -536,18 +536,19 @@ def prepare_data(cfg: Config, console: Console | None = None) -> Any:
     from tunesmith.data.prepare import prepare
 
     console = console or Console()
+    say = (lambda line: console.print(line, highlight=False)) if not console.is_terminal else None  # a log: each step
     tokenizer = load_tokenizer(cfg.model)  # the tokenizer only: the model is not loaded
     if cfg.tasks:
         done = {}
         for t in cfg.tasks:
             c = task_config(cfg, t)
-            done[t.name] = prepare(c, cfg.run_dir / "data" / t.name, ready_tokenizer(tokenizer, c))
+            done[t.name] = prepare(c, cfg.run_dir / "data" / t.name, ready_tokenizer(tokenizer, c), say)
             _print_prepared(done[t.name], console, f"task {t.name}: ")
         atomic_write_json(cfg.run_dir / "data_report.json", {"tasks": {n: p.report for n, p in done.items()}})
         save_config(cfg, cfg.run_dir / "config.yaml")
         write_report(cfg.run_dir)
         return done
-    prepared = prepare(cfg, cfg.run_dir / "data", ready_tokenizer(tokenizer, cfg))
+    prepared = prepare(cfg, cfg.run_dir / "data", ready_tokenizer(tokenizer, cfg), say)
     atomic_write_json(cfg.run_dir / "data_report.json", prepared.report)
     save_config(cfg, cfg.run_dir / "config.yaml")
     write_report(cfg.run_dir)
