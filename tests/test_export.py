@@ -183,6 +183,7 @@ def test_model_card_numbers_are_what_was_trained_and_evaluated(tmp_path, tiny_mo
     assert "rows used of those prepared: train 5 of 9, validation 3 of 3, test 2 of 4" in card, card
     assert "Measured on 2 held-out test examples" in card and "lr 0.02," in card  # full.lr, not train.lr
     assert "test 4 rows" not in card
+    assert "- evaluated in fp32, the precision `tunesmith serve` and `generate` answer in" in card
 
 
 @pytest.mark.parametrize("shots", [2, 0])

@@ -25,7 +25,7 @@ from tunesmith.data.render import chat_format, encode_prompt, fold_system
 from tunesmith.deploy.errors import ExportError
 from tunesmith.deploy.loading import LoadedRun, load_run, run_config, run_kind
 from tunesmith.io import atomic_dir, atomic_write_json
-from tunesmith.models import load_tokenizer, resolve_model
+from tunesmith.models import context_length, load_tokenizer, resolve_model
 from tunesmith.report import load_json
 from tunesmith.runs import ready_tokenizer
 
@@ -260,6 +260,9 @@ def _card_header(run_dir: Path, cfg: Config, format: str, dtype: str) -> str:
                      f"seed {cfg.train.seed}")
     if cfg.data.system_prompt:
         lines.append(f"- system prompt: {cfg.data.system_prompt!r}")
+    if ev.get("precision"):  # what the metrics describe: the model as served
+        lines.append(f"- evaluated in {ev['precision']}, the precision `tunesmith serve` and `generate` answer in "
+                     "(greedy answers there equal the evaluated ones)")
     return "\n".join(lines) + "\n"
 
 
@@ -315,7 +318,8 @@ def verify_prompts(run: LoadedRun, n: int = 5) -> list[list[int]]:
     if not conversations:
         conversations = [[{"role": "user", "content": q}] for q in
                          ("What is the capital of France?", "Write one sentence about the sea.", "Say hello.")]
-    return [encode_prompt(run.tokenizer, c, run.config.train.max_seq_len) for c in conversations[:n]]
+    context = context_length(run.model, run.tokenizer) - 1  # the prompt rule of every answering path
+    return [encode_prompt(run.tokenizer, c, context) for c in conversations[:n]]
 
 
 def verify_export(run: LoadedRun, exported: Exported) -> dict[str, Any]:
