@@ -100,6 +100,7 @@ def test_a_changed_validation_set_is_measured_again_at_resume(tmp_path, tiny_mod
     assert main(["train", str(path), "--resume", "--allow-changes"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "the validation set changed since this checkpoint: the weights of step 4 score" in out
+    assert "the training data changed since this checkpoint" in out and "starts again from the first example" in out
     again = [r for r in records(run) if r["type"] == "eval"]
     assert [r["step"] for r in again] == [2, 4, 4, 6] and again[2]["revalidated"] is True
     result = json.loads((run / "train_result.json").read_text())

@@ -696,6 +696,6 @@ def test_sigterm_ends_open_streams_and_waiting_requests_properly(endless_model_d
     status, whole = got["whole"]
     assert status == 503
     assert_openai_error(whole, 503, "shutting down")
-    assert "shutdown: 1 s grace period over; ended 2 open streams and answered 1 waiting request with 503" in log, log
+    assert "shutdown: 1 s grace period over; ended 2 open streams and 1 unfinished whole answer with 503" in log, log
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert 1 <= took < 15, took

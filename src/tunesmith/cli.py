@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("runs", help="list every run made on this machine (the run index), or compare two")
     p.add_argument("--method", default=None, help="only runs of this method (lora, full, prompt)")
-    p.add_argument("--status", default=None, help="only runs in this state: evaluated, trained, training, interrupted, stopped")
+    p.add_argument("--status", default=None, help="only runs in this state: evaluated, evaluating, trained, training, interrupted, stopped")
     p.add_argument("--name", default=None, help="only runs whose name contains this")
     p.add_argument("--since", default=None, metavar="DATE",
                    help="only runs started on or after this date (YYYY-MM-DD or YYYY-MM-DDTHH:MM, UTC)")
@@ -207,9 +207,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Carry out the parsed command; its exit code."""
     from tunesmith import distributed
 
-    # a terminal: its own width; a log file or pipe: wide lines rather than rich's default 80 columns,
-    # which cut messages mid-phrase and table headers to a few letters (COLUMNS still decides)
-    console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=140)
+    # a terminal: its own width; a log file or pipe: wide tables rather than rich's default 80 columns,
+    # which cut table headers to a few letters (COLUMNS still decides), and messages never wrapped
+    # (a grep finds a whole line)
+    console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=140, soft_wrap=True)
     _quiet_libraries()
     try:
         skip = ["data.skip_bad_rows=true"] if getattr(args, "skip_bad_rows", False) else []
@@ -256,8 +257,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                                  skip_bad_rows=args.skip_bad_rows)
             if done.get("prompts_cut"):
                 console.print(f"[yellow]{done['prompts_cut']} prompt(s) were longer than the model's context "
-                              f"({done['context']:,} tokens) and were cut: each such row says how (prompt_cut)[/yellow]",
-                              highlight=False)
+                              f"({done['context']:,} tokens) and were cut, leaving room for the answer: each such row "
+                              "says how much and where (prompt_cut)[/yellow]", highlight=False)
             console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['bad_rows']} bad rows skipped, "
                           f"{done['rows']} rows: "
                           f"{args.output}", highlight=False)
@@ -449,7 +450,9 @@ def _print_links(study_dir: Path, url: str, console: Console) -> None:
 
 def _decoding_options(p: argparse.ArgumentParser) -> None:
     """The sampling settings, named as in the OpenAI API (what ``serve`` accepts per request)."""
-    p.add_argument("--max-tokens", type=int, default=256, help="at most this many new tokens per answer")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="at most this many new tokens per answer (default %(default)s; fewer when the prompt "
+                        "leaves less of the model's context)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the tokens whose probability sums to this")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")

@@ -32,7 +32,8 @@ from tunesmith import metrics as M
 from tunesmith import runtime
 from tunesmith.api import ApiModel
 from tunesmith.data.formats import Example
-from tunesmith.data.render import PromptCut, chat_format, collate, encode, encode_for_head, encode_text, fit_prompt
+from tunesmith.data.render import (PromptCut, answer_room, chat_format, collate, encode, encode_for_head, encode_text,
+                                   fit_prompt)
 from tunesmith.evaluation.answers import AnswerStore, EvaluationStopped, answer_all
 from tunesmith.models import context_length
 from tunesmith.train import target_logprob_per_row
@@ -186,7 +187,9 @@ def generate_replies(model: torch.nn.Module, tokenizer: Any, examples: list[Exam
     dev = next(model.parameters()).device
     stops = list(chat_format(tokenizer).stop_ids)
     context = context_length(model, tokenizer)
-    fitted = [fit_prompt(tokenizer, ex.messages[: _last_answer(ex)], context - 1, side, ex.source) for ex in examples]
+    room = answer_room(context, max_new_tokens)
+    fitted = [fit_prompt(tokenizer, ex.messages[: _last_answer(ex)], context - 1, side, ex.source, context - room)
+              for ex in examples]
     prompts, cuts = [f[0] for f in fitted], [f[1] for f in fitted]
     task = progress.add_task("generating", total=len(prompts), info="") if progress else None
     criteria = StoppingCriteriaList([_AskedToStop(should_stop)]) if should_stop else None
@@ -245,6 +248,7 @@ class Evaluation:
     nll: NLL | None = None
     cuts: list[dict[str, Any] | None] = field(default_factory=list)
     from_store: int = 0  # examples answered by an earlier, stopped evaluation (evaluation.answers)
+    fresh_tokens: int = 0  # tokens read and written by the answers made in this sitting
 
 
 @dataclass
@@ -322,8 +326,17 @@ def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: 
         return p.outputs, p.nll, p.tokens or 0, p.cuts or [None] * len(batch)
 
     remote = isinstance(model, ApiModel)
+    done_so_far = [0]
+
+    def advance(n: int, kept: bool) -> None:  # kept answers are not this sitting's work: the rate starts after them
+        done_so_far[0] += n
+        if kept:
+            progress.reset(task_bar, total=len(examples), completed=done_so_far[0])
+        else:
+            progress.update(task_bar, advance=n)
+
     done = answer_all(examples, answer, batch_size, store or AnswerStore(None, ""), should_stop or (lambda: False),
-                      (lambda n: progress.update(task_bar, advance=n)) if progress is not None else None,
+                      advance if progress is not None else None,
                       with_nll=not remote)  # every local way of answering also gives each example's loss
     nll = done.nll if not remote else None
     metrics: dict[str, Any] = {}
@@ -331,7 +344,7 @@ def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: 
         metrics["invalid_rate"] = _invalid_rate(done.outputs)
     tokens = done.tokens if not remote or done.tokens else None
     result = scored(metrics, done.outputs, [references(ex) for ex in examples], task, label_words, resamples, tokens, nll)
-    result.cuts, result.from_store = done.cuts, done.from_store
+    result.cuts, result.from_store, result.fresh_tokens = done.cuts, done.from_store, done.fresh_tokens
     return result
 
 

@@ -8,6 +8,9 @@ live display off and plain lines instead: one when a task starts, then at most o
 
     evaluating tuned: 120/872 (14%), 3.2/s, ETA 3m55s
 
+Rates are averages since the task started (work that arrives in bursts, a batch of answers at
+once, made rich's recent-window speed say 9/s for a task doing one every 20 s); a caller that
+restores finished work (a resumed evaluation) resets the task so the rate covers new work only.
 ``on_update`` (optional) is told of every change (description, completed, total, rate per
 second, ETA in seconds or None), at most every ``PHASE_SECONDS``: ``runs.phase`` writes it to the
 run folder for the dashboard.
@@ -44,7 +47,7 @@ class LoggedProgress(Progress):
 
     def __init__(self, *cols: ProgressColumn, console: Console | None = None, disable: bool = False,
                  on_update: OnUpdate | None = None, line_seconds: float = LINE_SECONDS) -> None:
-        console = console or Console()
+        console = console or Console(soft_wrap=True)  # a log line is one line, whatever its length
         self.plain = not disable and not console.is_terminal
         super().__init__(*(cols or columns()), console=console, disable=disable or self.plain)
         self.on_update = on_update
@@ -73,7 +76,7 @@ class LoggedProgress(Progress):
                 return
             done = task.total is not None and task.completed >= task.total
             now = time.monotonic()
-            rate, eta = task.speed, task.time_remaining
+            rate, eta = _average(task.completed, task.total, task.elapsed)
             if self.on_update is not None and (force or done or now - self._told.get(task_id, 0.0) >= PHASE_SECONDS):
                 self._told[task_id] = now
                 self.on_update(task.description, task.completed, task.total, rate, eta)
@@ -82,7 +85,16 @@ class LoggedProgress(Progress):
                 return
             self._said[task_id] = -1.0 if done else now
             line = describe(task.description, task.completed, task.total, rate, eta, task.fields)
-        self.console.print(line, highlight=False, markup=False)
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _average(completed: float, total: float | None, elapsed: float | None) -> tuple[float | None, float | None]:
+    """Rate since the task started and the ETA it gives: work that arrives in bursts (a batch of
+    answers at once) would make rich's recent-window speed say 9/s for a task doing 1 every 20 s."""
+    if not elapsed or elapsed <= 0 or not completed:
+        return None, None
+    rate = completed / elapsed
+    return rate, ((total - completed) / rate if total is not None else None)
 
 
 def describe(description: str, completed: float, total: float | None, rate: float | None, eta: float | None,

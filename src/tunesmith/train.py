@@ -302,7 +302,7 @@ def train(
     plan = EpochPlan(lengths, cfg, groups)
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
              "target_tokens": 0, "train_seconds": 0.0, "epoch": 0, "epoch_step": 0, "per_step": plan.per_step,
-             "rest": None, "val_fingerprint": data_fingerprint(val_data)}
+             "rest": None, "val_fingerprint": data_fingerprint(val_data), "train_fingerprint": data_fingerprint(train_data)}
     total_steps = plan.total_steps(state)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     progress = make_progress(disable=not (show_progress and w.main))
@@ -329,6 +329,10 @@ def train(
         state.pop("checkpoint")
         if note := plan.resume(state):
             warn(note)
+        if state.get("train_fingerprint") not in (None, data_fingerprint(train_data)):  # other training rows
+            state.update(epoch_step=0, rest=None, per_step=plan.per_step, train_fingerprint=data_fingerprint(train_data))
+            warn(f"the training data changed since this checkpoint: its place in the old data means nothing in the "
+                 f"new, so epoch {state['epoch'] + 1} starts again from the first example of the new data")
         if plan.total_steps(state) != total_steps:  # epochs re-planned at another step size: the schedule's length too
             total_steps, done = plan.total_steps(state), scheduler.last_epoch
             scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)

@@ -564,6 +564,10 @@ class _Steps(list):  # type: ignore[type-arg]
             rows = (f"{step['rows_in']:,} rows" if step["rows_in"] == step["rows_out"]
                     else f"{step['rows_in']:,} -> {step['rows_out']:,} rows")
             self.say(f"prepare: {step['step']}: {rows}, {now - self.since:.1f} s")
+            for message in step.get("skipped") or []:  # --skip-bad-rows: which rows, and why (5 at most)
+                self.say(f"  skipped: {message}")
+            if step.get("bad_rows_skipped", 0) > len(step.get("skipped") or []):
+                self.say(f"  ... and {step['bad_rows_skipped'] - len(step['skipped'])} more (data_report.json)")
         self.since = now
 
 

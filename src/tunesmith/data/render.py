@@ -456,20 +456,23 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], max_len: int, 
 
 
 def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], max_len: int, side: str = "middle",
-               source: str = "") -> tuple[list[int], PromptCut | None]:
-    """The prompt's ids (as ``encode_prompt``) and, when it had to be shortened to ``max_len``
-    tokens, a ``PromptCut`` saying how much and where (None when it fits whole).
+               source: str = "", cut_to: int | None = None) -> tuple[list[int], PromptCut | None]:
+    """The prompt's ids (as ``encode_prompt``) and, when it had to be shortened, a ``PromptCut``
+    saying how much and where (None when it fits whole).
 
     The rule for every path that builds a prompt (evaluation, generate, studies, the prompt
-    method): the caller passes the model's context as ``max_len`` (never a training length minus
-    the answer's room), so a prompt is cut only when it cannot fit the model at all. Then the
-    oldest earlier turns go first (few-shot examples, earlier chat turns; the system prompt and
-    the question stay), then tokens of the last user message (its middle by default, or its
-    start or end: ``side``), then, if that is still not enough, the start of the conversation.
+    method): the caller passes the model's context (less one token for the answer) as ``max_len``,
+    never a training length minus the answer's room, so a prompt that fits is kept whole. One that
+    does not is cut to ``cut_to`` tokens (default ``max_len``; callers leave room there for the
+    answer, see ``answer_room``): the oldest earlier turns go first (few-shot examples, earlier chat
+    turns; the system prompt and the question stay), then tokens of the last user message (its
+    middle by default, or its start or end: ``side``), then, if that is still not enough, the start
+    of the conversation.
     """
     ids = _prompt_ids(tokenizer, messages, source)
     if len(ids) <= max_len:
         return ids, None
+    max_len = min(max_len, cut_to) if cut_to else max_len
     total, where = len(ids), []
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest, dropped = messages[len(system):], 0
@@ -483,6 +486,12 @@ def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], max_len: int, sid
         ids, how = _cut_question(tokenizer, system + rest, ids, max_len, side, source)
         where.append(how)
     return ids, PromptCut(total, len(ids), "; ".join(where))
+
+
+def answer_room(context: int, max_tokens: int) -> int:
+    """Tokens a prompt that must be cut leaves for the answer: what was asked for, at most a quarter
+    of the context (a prompt that fits whole leaves whatever remains, down to one token)."""
+    return max(1, min(max_tokens, context // 4))
 
 
 def _earlier_turns(messages: list[dict[str, str]]) -> int:

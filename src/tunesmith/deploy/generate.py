@@ -23,7 +23,7 @@ from tunesmith.config import Config
 from tunesmith.data.extract import extract_fields
 from tunesmith.data.formats import DataError, read_table
 from tunesmith.data.layouts import _SPEAKERS, SYNONYMS, parse_source
-from tunesmith.data.render import PromptCut, chat_format, encode_plain, fit_prompt
+from tunesmith.data.render import PromptCut, answer_room, chat_format, encode_plain, fit_prompt
 from tunesmith.deploy.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.deploy.loading import load_for_serving, run_config
 from tunesmith.progress import make_progress
@@ -183,7 +183,8 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
     stop = StopRequests()
     try:
         with stop, make_progress(console) as progress:
-            prompts = [_prompt_ids(group.tokenizer, r, cfg, budget) for r in todo]
+            room = answer_room(engine.context_length, params.max_tokens)  # kept for the answer when a prompt is cut
+            prompts = [_prompt_ids(group.tokenizer, r, cfg, budget, engine.context_length - room) for r in todo]
             handles = [engine.submit(GenerationRequest(ids, adapter, params), block=True) for ids, _ in prompts]
             task = progress.add_task("generating", total=len(todo), info="")
             for row, (_, cut), handle in zip(todo, prompts, handles):
@@ -202,14 +203,15 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
     return summary | {"seconds": time.perf_counter() - t0, "context": engine.context_length}
 
 
-def _prompt_ids(tokenizer: Any, row: PromptRow, cfg: Config, budget: int) -> tuple[list[int], PromptCut | None]:
-    """The row's prompt ids within ``budget`` tokens (the model's context) and how it was cut, if it was."""
+def _prompt_ids(tokenizer: Any, row: PromptRow, cfg: Config, budget: int, cut_to: int) -> tuple[list[int], PromptCut | None]:
+    """The row's prompt ids: whole within ``budget`` tokens (the model's context), else cut to
+    ``cut_to`` (room left for the answer), and how it was cut, if it was."""
     if cfg.task == "text":  # a language model of raw text continues it: its end is kept
         ids = encode_plain(tokenizer, row.messages[-1]["content"])
         if len(ids) <= budget:
             return ids, None
-        return ids[-budget:], PromptCut(len(ids), budget, "the start of the text")
-    return fit_prompt(tokenizer, row.messages, budget, cfg.data.truncation_side, f"line {row.line}")
+        return ids[-cut_to:], PromptCut(len(ids), cut_to, "the start of the text")
+    return fit_prompt(tokenizer, row.messages, budget, cfg.data.truncation_side, f"line {row.line}", cut_to)
 
 
 def _output_row(row: PromptRow, result: Any, n: int, cut: PromptCut | None = None) -> dict[str, Any]:

@@ -741,5 +741,5 @@ class GracefulServer(uvicorn.Server):
         await asyncio.to_thread(self.serving.shutdown, False, self.END_SECONDS)
         if streams or answers:
             logging.getLogger("uvicorn.error").warning(
-                "shutdown: %g s grace period over; ended %d open stream%s and answered %d waiting request%s with 503",
+                "shutdown: %g s grace period over; ended %d open stream%s and %d unfinished whole answer%s with 503",
                 grace, streams, "" if streams == 1 else "s", answers, "" if answers == 1 else "s")

@@ -42,6 +42,7 @@ class Answers:
     tokens: int
     cuts: list[dict[str, Any] | None] = field(default_factory=list)
     from_store: int = 0  # examples whose answers were kept from an earlier, stopped evaluation
+    fresh_tokens: int = 0  # tokens read and written by the answers made now (not from the store)
 
 
 # What answers one batch of examples: (outputs, nll or None, tokens, cuts) for those examples, in order.
@@ -108,26 +109,29 @@ def fingerprint(*parts: Any) -> str:
 
 def answer_all(examples: list[Example], answer: AnswerBatch, batch_size: int, store: AnswerStore,
                should_stop: Callable[[], bool] = lambda: False,
-               on_batch: Callable[[int], None] | None = None, with_nll: bool = True) -> Answers:
+               on_batch: Callable[[int, bool], None] | None = None, with_nll: bool = True) -> Answers:
     """Answer ``examples`` with ``answer``, ``batch_size`` at a time, shortest prompts first; batches
-    already in ``store`` are taken from it. ``on_batch(n)`` is told of each batch done (for
-    progress). Raises EvaluationStopped (answers so far kept) when ``should_stop()`` turns true."""
+    already in ``store`` are taken from it. ``on_batch(n, kept)`` is told of each batch done, and
+    whether it came from the store (for progress: kept answers are not this sitting's work). Raises EvaluationStopped (answers so far kept) when ``should_stop()`` turns true."""
     order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))
     outputs: list[str] = [""] * len(examples)
     nll: tuple[list[float], list[int]] | None = ([0.0] * len(examples), [0] * len(examples)) if with_nll else None
     cuts: list[dict[str, Any] | None] = [None] * len(examples)
-    tokens = reused = 0
+    tokens = reused = fresh_tokens = 0
+    kept = {start for start, rec in store.batches.items()
+            if rec.get("n") == len(order[start : start + batch_size])}  # answered by an earlier, stopped run
     for start in range(0, len(order), max(1, batch_size)):
         idx = order[start : start + batch_size]
-        rec = store.batches.get(start)
-        reused += len(idx) if rec is not None and rec.get("n") == len(idx) else 0
-        if rec is None or rec.get("n") != len(idx):
+        rec = store.batches.get(start) if start in kept else None
+        reused += len(idx) if rec is not None else 0
+        if rec is None:
             if should_stop():
                 raise EvaluationStopped(f"stopped with {start} of {len(order)} answers kept")
             outs, batch_nll, batch_tokens, batch_cuts = answer([examples[i] for i in idx])
             rec = {"start": start, "n": len(idx), "outputs": outs, "nll": batch_nll, "tokens": batch_tokens,
                    "cuts": [c.as_dict() if hasattr(c, "as_dict") else c for c in batch_cuts]}
             store.add(rec)
+            fresh_tokens += int(batch_tokens or 0)
         for k, i in enumerate(idx):
             outputs[i] = rec["outputs"][k]
             cuts[i] = rec["cuts"][k] if rec.get("cuts") else None
@@ -135,8 +139,8 @@ def answer_all(examples: list[Example], answer: AnswerBatch, batch_size: int, st
                 nll[0][i], nll[1][i] = rec["nll"][0][k], rec["nll"][1][k]
         tokens += int(rec.get("tokens") or 0)
         if on_batch is not None:
-            on_batch(len(idx))
-    return Answers(outputs, nll, tokens, cuts, reused)
+            on_batch(len(idx), start in kept)
+    return Answers(outputs, nll, tokens, cuts, reused, fresh_tokens)
 
 
 def _length(ex: Example) -> int:

@@ -825,7 +825,7 @@ def _evaluate_on(job: _TaskEval, name: str, model: torch.nn.Module | ApiModel, t
     fresh = len(questions) - ev.from_store  # rates are of the answers made now (a resumed evaluation kept the rest)
     job.results[name] = ev.metrics | {
         "seconds": seconds, "examples_per_s": fresh / max(seconds, 1e-9) if fresh else None,
-        "tokens_per_s": ev.tokens / max(seconds, 1e-9) if ev.tokens and not ev.from_store else None}
+        "tokens_per_s": ev.fresh_tokens / max(seconds, 1e-9) if ev.fresh_tokens else None}
     if ev.from_store:
         job.results[name]["answers_resumed"] = ev.from_store
     if cut := _cut_summary(ev.cuts, model, tokenizer):

@@ -25,6 +25,7 @@ import yaml
 from tunesmith.config import METHODS
 from tunesmith.commands import command
 from tunesmith.io import flatten_dict
+from tunesmith.runs.phase import current_phase
 
 COLUMNS = ("path", "name", "created", "updated", "status", "model", "method", "task", "data", "metric", "value",
            "low", "high", "base_value", "train_seconds", "tokens_per_s", "target_tokens", "cost", "config", "results")
@@ -126,7 +127,10 @@ def row_from_folder(run_dir: str | Path) -> dict[str, Any] | None:
         config = {}
     meta, trained, evaluation = _json(run_dir / "run.json"), _json(run_dir / "train_result.json"), _json(run_dir / "eval.json")
     times = [t for t in (_mtime(run_dir / f) for f in _FILES) if t is not None]
-    if evaluation:
+    phase = current_phase(run_dir)
+    if phase and phase.get("phase") == "evaluating":  # a final evaluation (or a new one) is running now
+        status = "evaluating"
+    elif evaluation:
         status = "evaluated"
     elif training_now(run_dir):
         status = "training"
@@ -282,7 +286,7 @@ def count(path: Path | None = None) -> int:
         return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
 
-STATUSES = ("evaluated", "trained", "training", "interrupted", "stopped", "deleted")
+STATUSES = ("evaluated", "evaluating", "trained", "training", "interrupted", "stopped", "deleted")
 
 
 def find(ref: str, path: Path | None = None) -> dict[str, Any]:

@@ -164,7 +164,7 @@ async function poll() {
     document.getElementById('progress').textContent = text;
     document.body.dataset.points = String(train.length + val.length);
   } catch (e) { document.getElementById('progress').textContent = 'cannot read the metrics: ' + e; }
-  if (status === 'training' || status === 'busy' || status === 'unknown') setTimeout(poll, 2000);
+  if (status === 'training' || status === 'evaluating' || status === 'busy' || status === 'unknown') setTimeout(poll, 2000);
 }
 poll();
 """
