@@ -48,23 +48,57 @@ def test_describe_and_hms():
     assert hms(3725) == "1h02m05s" and hms(9) == "9s"
 
 
-def test_threads_follow_the_cpus_other_work_leaves_free():
-    """Under load, threads that share a core make every step wait (benchmarks/results/threads.md)."""
+def test_threads_sleep_only_when_other_work_keeps_the_cpus_busy(monkeypatch):
+    """Spinning OpenMP threads fight other work for the cores (benchmarks/results/threads.md): they
+    sleep when the load is sustained (load average) and present (a sample now); the count stays fixed."""
+    from tunesmith import threads
+
+    def decide(load, busy, env=None):
+        monkeypatch.setattr(threads, "_chosen", {})
+        monkeypatch.setattr(threads, "cpus_available", lambda: 2)
+        monkeypatch.setattr(threads, "load_average", lambda: load)
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda seconds=0.2: busy)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delitem(__import__("sys").modules, "torch", raising=False)  # as when tunesmith is imported first
+        if env:
+            monkeypatch.setenv("OMP_WAIT_POLICY", env)
+        return threads.choose_wait_policy(), __import__("os").environ.get("OMP_WAIT_POLICY")
+
+    assert decide(0.1, 0.0) == ("threads spin between operations (no other work keeps the CPUs busy)", None)
+    why, policy = decide(9.7, 1.9)
+    assert policy == "PASSIVE" and "other work keeps 1.9 of 2 CPUs busy (load average 9.7)" in why
+    assert decide(1.8, 0.1)[1] is None  # the load a finished run left in the average: nobody is busy now
+    assert decide(9.7, 1.9, env="ACTIVE") == ("OpenMP wait policy ACTIVE (set in the environment)", "ACTIVE")
+    monkeypatch.setattr(threads, "_chosen", {})
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setitem(__import__("sys").modules, "torch", object())  # torch (and OpenMP) started first: say so
+    assert "torch was imported before tunesmith" in threads.choose_wait_policy()
+
+
+def test_busy_elsewhere_sees_another_busy_process():
     import subprocess
     import sys
+    import time
 
-    from tunesmith import runtime
+    from tunesmith.threads import busy_elsewhere
 
-    assert runtime.choose_threads(busy=0.1, cpus=2)[0] == 2
-    assert runtime.choose_threads(busy=1.9, cpus=2) == (1, runtime.choose_threads(busy=1.9, cpus=2)[1])
-    assert "other work keeps 1.9 busy" in runtime.choose_threads(busy=1.9, cpus=2)[1]
-    assert runtime.choose_threads(busy=9.0, cpus=2)[0] == 1 and runtime.choose_threads(busy=2.6, cpus=8)[0] == 5
-    assert runtime.choose_threads(3, cpus=2, busy=5.0) == (3, "train.num_threads: 3")  # the setting wins
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        import time
-
         time.sleep(0.5)
-        assert runtime.busy_elsewhere(0.5) > 0.6  # one busy process is seen
+        assert busy_elsewhere(0.5) > 0.6
     finally:
         hog.kill()
+
+
+def test_the_thread_count_is_the_cpus_this_process_may_use():
+    import torch
+
+    from tunesmith.threads import cpus_available, use_threads
+
+    said = []
+    before = torch.get_num_threads()
+    try:
+        assert use_threads(None, said.append) == cpus_available() == torch.get_num_threads()
+        assert use_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

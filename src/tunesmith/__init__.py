@@ -8,10 +8,14 @@ The library is the product; the ``tunesmith`` command is a thin layer over these
     print(run.eval["tuned"]["accuracy"])
 """
 
-from tunesmith.config import Config, ConfigError, load_config
-from tunesmith.data import DataError
-from tunesmith.models import ModelError, load_model
-from tunesmith.runs import Run, RunError, evaluate_run, finetune
+from tunesmith import threads as _threads
+
+_threads.choose_wait_policy()  # before torch starts OpenMP: how its threads wait when other work is running
+
+from tunesmith.config import Config, ConfigError, load_config  # noqa: E402
+from tunesmith.data import DataError  # noqa: E402
+from tunesmith.models import ModelError, load_model  # noqa: E402
+from tunesmith.runs import Run, RunError, evaluate_run, finetune  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 import random
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,69 +123,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------- threads under load
-
-
-def cpus_available() -> int:
-    """CPUs this process may run on (its affinity, e.g. a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def busy_elsewhere(seconds: float = 0.2) -> float | None:
-    """How many CPUs other processes keep busy now: the whole machine's busy time over ``seconds``
-    (``/proc/stat``) less this process's own (``/proc/self/stat``), in CPUs. None off Linux."""
-    def sample() -> tuple[float, float, float]:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-        with open("/proc/self/stat", encoding="ascii") as f:
-            mine = f.read().rsplit(")", 1)[1].split()
-        return sum(fields) - idle, sum(fields), float(mine[11]) + float(mine[12])  # utime + stime, in ticks
-
-    try:
-        busy0, total0, own0 = sample()
-        time.sleep(seconds)
-        busy1, total1, own1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    cpus = os.cpu_count() or 1
-    per_cpu = (total1 - total0) / cpus  # ticks one CPU had in the window
-    return max(0.0, (busy1 - busy0 - (own1 - own0)) / per_cpu) if per_cpu > 0 else None
-
-
-def choose_threads(setting: int | None = None, cpus: int | None = None,
-                   busy: float | None = None) -> tuple[int, str]:
-    """torch's threads for this process, and a phrase saying why.
-
-    ``setting`` (train.num_threads) wins. Otherwise one thread per CPU this process may use that
-    other work leaves free, at least one: on 2 cores a training step of SmolLM2-135M took 2.3 s
-    with 2 threads and 3.9 s with 1 when the machine was quiet, but 8.9 s against 6.0 s with two
-    other busy processes and 34 s against 15 s with six (benchmarks/results/threads.md): torch's
-    threads wait for each other at every operation, so one that shares its core stalls them all."""
-    cpus = cpus or cpus_available()
-    if setting:
-        return setting, f"train.num_threads: {setting}"
-    busy = busy_elsewhere() if busy is None else busy
-    if busy is None:
-        return cpus, f"{cpus} CPU{'s' if cpus > 1 else ''}"
-    n = max(1, min(cpus, int(cpus - busy + 0.5)))
-    if n == cpus:
-        return n, f"{cpus} CPU{'s' if cpus > 1 else ''}, free"
-    return n, (f"{cpus} CPUs, other work keeps {busy:.1f} busy: fewer threads than CPUs, or they wait for each "
-               "other; set train.num_threads to choose")
-
-
-def use_threads(setting: int | None = None, say: Any = None, current: int | None = None) -> int:
-    """Choose (``choose_threads``) and apply torch's thread count; ``say`` is told the choice when it
-    differs from ``current`` (a line such as "torch threads: 1 (2 CPUs, other work keeps 1.9 busy...)")."""
-    n, why = choose_threads(setting)
-    if n != torch.get_num_threads():
-        torch.set_num_threads(n)
-    if say is not None and n != current:
-        say(f"torch threads: {n} ({why})")
-    return n

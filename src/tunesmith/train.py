@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
-from tunesmith import distributed, flops, runtime
+from tunesmith import distributed, flops, runtime, threads
 from tunesmith.progress import make_progress
 from tunesmith.stopping import StopRequests
 from tunesmith.config import TrainConfig
@@ -309,11 +309,8 @@ def train(
     say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
 
-    # one thread per CPU that other work leaves free (printed; train.num_threads decides when set), looked
-    # at again at each validation: under load, threads that share a core make every step wait
-    adapt = not w.distributed and not cfg.num_threads
-    threads = runtime.use_threads(cfg.num_threads, say if w.main else None) if not w.distributed else None
-    threads_checked = time.monotonic()
+    if not w.distributed:  # one thread per CPU this process may use, or train.num_threads (tunesmith.threads)
+        threads.use_threads(cfg.num_threads, say if w.main else None)
 
     def validate() -> tuple[float, dict[str, Any]]:
         """The validation loss of the model as it is (process 0 measures; every process gets it)."""
@@ -445,8 +442,6 @@ def train(
             step = state["step"]
             evaluate_now = step % cfg.eval_every == 0 or epoch_ends or step == total_steps
             if evaluate_now:  # process 0 validates; every process gets its result (early stopping stays in step)
-                if adapt and time.monotonic() - threads_checked > 60:  # the load may have changed
-                    threads, threads_checked = runtime.use_threads(None, say, threads), time.monotonic()
                 val_loss, task_losses = validate()
                 if not math.isfinite(val_loss):  # never "best", never the final model
                     raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from tunesmith import runtime
+from tunesmith import runtime, threads
 from tunesmith.config import Config
 from tunesmith.data.extract import extract_fields
 from tunesmith.data.formats import DataError, read_table
@@ -171,7 +171,7 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
         console.print(f"{output}: {len(rows) - len(todo)} of {len(rows)} rows already answered; generating the rest")
     if not todo:
         return summary | {"seconds": 0.0}
-    runtime.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))
+    threads.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))
     group = load_for_serving([run_dir])[0]
     adapter = group.names[run_dir.name]
     stops = tuple(chat_format(group.tokenizer).stop_ids) if cfg.task != "text" else (group.tokenizer.eos_token_id,)

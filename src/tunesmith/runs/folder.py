@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from tunesmith import distributed, forgetting, methods, runtime, training
+from tunesmith import distributed, forgetting, methods, runtime, threads, training
 from tunesmith import metrics as M
 from tunesmith.api import ApiModel
 from tunesmith.commands import command
@@ -611,7 +611,7 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
         raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first "
                        f"({command('train', run_dir / 'config.yaml', '--resume')})")
     dev = runtime.device()
-    runtime.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))
+    threads.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))
     bf16 = runtime.INFERENCE_BF16  # evaluated in the precision every answer is served in (generate, serve)
     head = uses_head(cfg)
     base, tokenizer = load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed) if head else load_model(cfg.model)
