@@ -28,6 +28,16 @@ def search_config(tmp_path: Path, model_dir: Path, sst_files, trials: int = 6) -
     return path
 
 
+def _training_past(run: Path, step: int) -> bool:
+    """Whether the trial in ``run`` has a checkpoint and has logged a training step after ``step``."""
+    try:
+        has_checkpoint = any(p.name.startswith("step-") for p in (run / "checkpoints").iterdir())
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return has_checkpoint and any(f'"step": {step + 1},' in line and '"type": "train"' in line for line in lines)
+
+
 def _study(path: Path):
     cfg = load_config(path)
     return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{S.search_dir(cfg) / 'study.sqlite'}")
@@ -38,29 +48,29 @@ def test_search_prunes_resumes_after_a_kill_and_its_best_config_reproduces(tmp_p
     path = search_config(tmp_path, tiny_model_dir, sst_files)
     cfg = load_config(path)
     folder = S.search_dir(cfg)
-    # a search killed (SIGKILL) while a trial trains, after that trial's first checkpoint
+    # a search killed (SIGKILL) while a trial trains, after that trial's first checkpoint: the first prunable
+    # trial (after the 2 startup trials) that trains on past its first validation, i.e. was not pruned there
+    # (killing as soon as any checkpoint appeared raced a trial pruned at its first validation)
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "search", str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    victim = folder / "trials" / "tiny-trial-3" / "checkpoints"
-    while time.time() < deadline and proc.poll() is None:
-        if victim.is_dir() and any(p.name.startswith("step-") for p in victim.iterdir()):
-            break
-        time.sleep(0.05)
+    deadline, victim = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None and victim is None:
+        victim = next((n for n in range(2, 6) if _training_past(folder / "trials" / f"tiny-trial-{n}", 2)), None)
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     states = {t.number: t.state for t in _study(path).get_trials()}
-    assert states.get(3) == optuna.trial.TrialState.RUNNING, states  # killed inside trial 3
+    assert victim is not None and states.get(victim) == optuna.trial.TrialState.RUNNING, (victim, states)
     assert main(["search", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "resuming trial 3" in out and "test split, once" in out.replace("\n", " ")
+    assert f"resuming trial {victim}" in out and "test split, once" in out.replace("\n", " ")
     trials = _study(path).get_trials()
     assert [t.number for t in trials] == list(range(6))  # none lost, none repeated
     assert trials[0].params == {"train.lr": cfg.train.lr, "lora.r": 4}  # trial 0: the config as written
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # the resumed search drew new settings
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials), [t.state for t in trials]
-    steps = [json.loads(line)["step"] for line in (folder / "trials" / "tiny-trial-3" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in (folder / "trials" / f"tiny-trial-{victim}" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "train"]
     assert steps == sorted(set(steps)) and steps[0] == 1  # the resumed trial continued, no step twice
     summary = json.loads((folder / "search.json").read_text())
