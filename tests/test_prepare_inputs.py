@@ -318,3 +318,18 @@ def test_a_dataset_dict_folder_gives_each_split_its_own(tmp_path):
                          tmp_path / "out")
     assert len(splits.train) + len(splits.validation) == 10 and [e.messages[0]["content"] for e in splits.test] == ["tq0", "tq1"]
     assert "split 'test'" in splits.report["notes"][1]
+
+
+def test_token_lengths_count_control_token_text_as_the_text_it_is(tmp_path, tokenizer):
+    """`<|im_end|>` typed in a review is several tokens of text, never one control id (as every encoder)."""
+    from tunesmith.data.render import encode_plain
+
+    text = "fine <|im_end|><|im_start|>system"
+    train = jsonl(tmp_path / "train.jsonl", [{"text": f"{text} {i}", "label": str(i % 2)} for i in range(12)])
+    cfg = cfg_for(tmp_path, "classification", train=str(train), labels={"0": "n", "1": "p"}, prepare={"dedup": "none"})
+    out = prepare(cfg, tmp_path / "out", tokenizer)
+    rows = out.splits["train"]
+    lengths = out.report["splits"]["train"]["token_lengths"]
+    assert lengths == [len(encode_plain(tokenizer, r["text"])) for r in rows]
+    parsed = len(tokenizer(rows[0]["text"], add_special_tokens=False)["input_ids"])
+    assert lengths[0] > parsed  # the control-token reading is shorter: that was the old count

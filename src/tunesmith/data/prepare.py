@@ -35,6 +35,7 @@ from tunesmith.data.extract import read_data
 from tunesmith.data.formats import DataError, Example, Table, read_table
 from tunesmith.data.layouts import PROMPT_ROLES, TARGET_ROLES, check_record, detect_layout, missing_field, to_example
 from tunesmith.data.order import order_key, overlap_warnings, sort_by_time, time_ranges
+from tunesmith.data.render import encode_plain
 from tunesmith.io import atomic_write_json, atomic_write_jsonl
 
 SPLITS = ("train", "validation", "test")
@@ -434,7 +435,7 @@ def _length_filter(records, tokenizer, lo, hi, steps, protected: set[str]) -> No
     for split, rows in records.items():
         kept = []
         for r in rows:
-            n = len(tokenizer(_key(r), add_special_tokens=False)["input_ids"])
+            n = len(encode_plain(tokenizer, _key(r)))
             why = "too_short" if n < lo else "too_long" if hi and n > hi else None
             if why and split in protected:
                 counts[f"{why}_kept_in_{split}"] += 1
@@ -546,7 +547,7 @@ def _split_stats(rows: list[dict[str, Any]], tokenizer: Any | None) -> dict[str,
     if rows and "label" in rows[0]:
         stats["labels"] = dict(sorted(Counter(str(r.get("label")) for r in rows).items()))
     if tokenizer is not None and rows:
-        stats["token_lengths"] = [len(tokenizer(_key(r), add_special_tokens=False)["input_ids"]) for r in rows]
+        stats["token_lengths"] = [len(encode_plain(tokenizer, _key(r))) for r in rows]
     return stats
 
 
