@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tunesmith.training import losses
 from tunesmith.training import loop as train_mod
 from tunesmith.config import Config, EarlyStoppingConfig, TrainConfig
 from tunesmith.data import collate, encode_all
@@ -237,7 +238,7 @@ def test_fused_head_under_bf16_autocast_matches_the_unfused_path(tiny_model, tok
     params = list(tiny_model.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, n = target_loss_sum(tiny_model, batch)
-        nll, _ = train_mod._target_nll(tiny_model, batch)  # plain autograd through chunked logits
+        nll, _ = losses._target_nll(tiny_model, batch)  # plain autograd through chunked logits
     g_fused = torch.autograd.grad(fused / n, params)
     g_plain = torch.autograd.grad(nll.sum() / n, params)
     torch.testing.assert_close(fused, nll.sum())
