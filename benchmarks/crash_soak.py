@@ -116,7 +116,7 @@ def run_to_end(cmd: list[str], log: Path) -> tuple[int, float]:
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and every process below it (torchrun runs in a session of its own, so a
     process-group kill of the launcher would leave it and its workers)."""
-    from tunesmith.distributed import children
+    from tunesmith.training.distributed import children
 
     todo, found = [pid], []
     while todo:  # collect the whole tree first, then kill it at once

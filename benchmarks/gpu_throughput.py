@@ -60,10 +60,11 @@ def random_data(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[Any]:
 def run_method(method: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     import torch
 
-    from tunesmith import flops, runtime
+    from tunesmith import runtime
+    from tunesmith.training import flops
     from tunesmith.config import Config, TrainConfig
     from tunesmith.methods import count_parameters, prepare
-    from tunesmith.train import train
+    from tunesmith.training.loop import train
 
     model = prepare(build_model(args.preset, args.seq_len, device), Config(method=method))
     trainable, total = count_parameters(model)

@@ -1,11 +1,11 @@
-"""Benchmark: torch threads when other work shares the CPUs (tunesmith.threads).
+"""Benchmark: torch threads when other work shares the CPUs (tunesmith.runtime.threads).
 
 A LoRA training step of the embedded SmolLM2-135M (8 rows of 96 tokens, bf16 autocast), each
 setting in a fresh process (OpenMP reads its wait policy when it starts): threads spinning
 between operations (OpenMP's default) or sleeping (``OMP_WAIT_POLICY=PASSIVE``), with one
 thread per CPU and with one thread; on a quiet machine and with 1x and 3x as many busy processes
 (``while True: pass``) as CPUs, after a minute of that load (so the load average shows it). Also
-what ``tunesmith.threads.choose_wait_policy`` picks in each case. Writes ``results/threads.{json,md}``.
+what ``tunesmith.runtime.threads.choose_wait_policy`` picks in each case. Writes ``results/threads.{json,md}``.
 
     .venv/bin/python benchmarks/threads_under_load.py              # quiet, 1x and 3x busy processes
     .venv/bin/python benchmarks/threads_under_load.py --loads 0    # measure one row again (the rest kept)
@@ -22,13 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from tunesmith.threads import cpus_available
+from tunesmith.runtime.threads import cpus_available
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STEP = r"""
 import sys, time
-from tunesmith import methods, threads  # before torch: the wait policy is read when OpenMP starts
+from tunesmith import methods  # before torch: the wait policy is read when OpenMP starts
+from tunesmith.runtime import threads
 import torch
 from tunesmith.config import load_config
 from tunesmith.models import load_model
@@ -84,7 +85,7 @@ def main() -> None:
              f"A LoRA step of SmolLM2-135M (8 x 96 tokens, bf16 autocast), seconds per step, each setting in a fresh "
              f"process, with other busy processes on the machine for a minute first. {cpus} threads spinning "
              "(OpenMP's default) or sleeping (OMP_WAIT_POLICY=PASSIVE) between operations, or 1 thread; "
-             "`chosen` is what tunesmith picks by itself (tunesmith.threads), and its time.", "",
+             "`chosen` is what tunesmith picks by itself (tunesmith.runtime.threads), and its time.", "",
              f"| busy processes | load average | {cpus} threads, spin | {cpus} threads, sleep | 1 thread, spin | chosen |",
              "|---|---|---|---|---|---|"]
     for r in rows:

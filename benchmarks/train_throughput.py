@@ -59,7 +59,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from tunesmith.data import Example, encode_all
     from tunesmith.models import load_model
-    from tunesmith.train import evaluate_loss
+    from tunesmith.training.loop import evaluate_loss
 
     impl, method, bf16, packing = SIDES[side]
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def _train_ours(model, tok, convs, method, bf16, packing, args, side):
     tcfg = TrainConfig(max_steps=args.steps, batch_size=micro, grad_accum=args.batch // micro, batch_tokens=budget,
                        lr=args.lr, warmup_steps=3, eval_every=10**9,
                        precision="bf16" if bf16 else "fp32", packing=packing, max_seq_len=args.max_len, seed=0)
-    from tunesmith.train import train
+    from tunesmith.training.loop import train
 
     with tempfile.TemporaryDirectory() as run:
         train(model, data, data[:1], tcfg, Path(run), tok.pad_token_id, show_progress=False)
@@ -117,7 +117,7 @@ def _our_order(tok, convs, args) -> list[int]:
 
     from tunesmith.config import TrainConfig
     from tunesmith.data import Example, encode
-    from tunesmith.train import _step_batches
+    from tunesmith.training.loop import step_batches
 
     encoded = [encode(tok, Example(c), args.max_len) for c in convs]
     kept = [i for i, e in enumerate(encoded) if e.n_targets > 0]  # what encode_all keeps, in order
@@ -127,7 +127,7 @@ def _our_order(tok, convs, args) -> list[int]:
     order = []
     for step in range(args.steps):
         epoch, pos = divmod(step, per_epoch)
-        order += [kept[i] for mb in _step_batches(lengths, plan, epoch, pos) for i in mb]
+        order += [kept[i] for mb in step_batches(lengths, plan, epoch, pos) for i in mb]
     return order
 
 
@@ -180,7 +180,7 @@ def _train_trl(model, tok, convs, method, bf16, args, same=False):
 
 def _flops(model, tok, convs, args) -> float:
     from tunesmith.data import Example, encode_all
-    from tunesmith.flops import flops_per_token
+    from tunesmith.training.flops import flops_per_token
 
     data, _ = encode_all(tok, [Example(c) for c in convs[:400]], args.max_len)
     lengths = [len(e.input_ids) for e in data]
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusing to measure: load average {load:.2f} on {os.cpu_count()} cores (another process is busy); "
               "wait, or pass --force", file=sys.stderr)
         return 3
-    from tunesmith.flops import matmul_peak
+    from tunesmith.training.flops import matmul_peak
 
     info = machine() | {"load_average_at_start": load}
     info["matmul_peak_flops"] = {"bf16": matmul_peak("cpu", True), "fp32": matmul_peak("cpu", False)}

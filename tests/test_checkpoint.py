@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from conftest import examples, make_model
-from tunesmith import checkpoint as ckpt_mod
-from tunesmith import train as train_mod
+from tunesmith.training import checkpoint as ckpt_mod
+from tunesmith.training import loop as train_mod
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import encode_all
 from tunesmith.io import atomic_dir, recover_dir
 from tunesmith.methods import lora
-from tunesmith.train import train
+from tunesmith.training.loop import train
 
 LABELS = {"0": "negative", "1": "positive"}
 

@@ -300,7 +300,7 @@ def test_hints_name_the_program_as_the_user_typed_it(tmp_path, tiny_model_dir, s
 def test_program_is_plain_tunesmith_only_when_that_name_finds_this_program(tmp_path, monkeypatch):
     import sys
 
-    from tunesmith.commands import command, program
+    from tunesmith.runtime.commands import command, program
 
     monkeypatch.delenv("TUNESMITH_PROGRAM", raising=False)
     script = _script(tmp_path / "env" / "bin")

@@ -8,7 +8,7 @@ import yaml
 from tunesmith.cli import main
 from tunesmith.config import Config
 from tunesmith.data.formats import Example
-from tunesmith.evaluate import INVALID, evaluate_model, parse_label
+from tunesmith.evaluation.evaluate import INVALID, evaluate_model, parse_label
 from tunesmith.methods import prompt
 
 from test_cli import write_config

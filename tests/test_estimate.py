@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from tunesmith import flops, methods, runtime
+from tunesmith import methods, runtime
+from tunesmith.training import flops
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.runs import estimate as E

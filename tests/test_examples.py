@@ -6,7 +6,7 @@ import pytest
 
 from tunesmith.config import load_config
 from tunesmith.data.prepare import load_splits
-from tunesmith.runs import ready_tokenizer
+from tunesmith.models import ready_tokenizer
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tunesmith.config import Config
-from tunesmith.flops import flops_per_token, matmul_peak
+from tunesmith.training.flops import flops_per_token, matmul_peak
 from tunesmith.methods import full, lora
 
 

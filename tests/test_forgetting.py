@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith import forgetting
+from tunesmith.evaluation import forgetting
 from tunesmith.config import load_config
 from tunesmith.data import general
 from tunesmith.data.formats import DataError
@@ -87,7 +87,7 @@ def test_base_replies_are_cached_by_weights(tmp_path, tokenizer, tiny_model, mon
     first = probe.observe(tiny_model).replies
     assert len(list((tmp_path / "home" / "general").glob("replies-*.json"))) == 1
     calls = []
-    monkeypatch.setattr("tunesmith.replies.generate", lambda *a, **k: calls.append(1) or ([], 0))
+    monkeypatch.setattr("tunesmith.generation.replies.generate", lambda *a, **k: calls.append(1) or ([], 0))
     assert probe.observe(tiny_model).replies == first and not calls  # same weights: from the cache
     probe.observe(_perturbed(tiny_model))  # other weights: generated again
     assert calls
@@ -125,7 +125,8 @@ def test_every_run_reports_forgetting(finished_runs):
 def test_compare_shows_forgetting_per_method(finished_runs):
     from dataclasses import asdict
 
-    from tunesmith.compare import measure, table
+    from tunesmith.report.tables import table
+    from tunesmith.runs.compare import measure
 
     result = measure(finished_runs["alpha-lora"], "instruction", "lora")
     ev = json.loads((finished_runs["alpha-lora"] / "eval.json").read_text())
@@ -199,7 +200,7 @@ def test_why_forgetting_is_not_measured(tmp_path, tokenizer):
 
 def test_many_short_general_texts_keep_the_token_budget():
     """WikiText-2 style, one paragraph per line (2,891 lines): eval.general_tokens holds, spread over the file."""
-    from tunesmith.forgetting import MIN_WINDOW, within_budget
+    from tunesmith.evaluation.forgetting import MIN_WINDOW, within_budget
 
     texts = [f"paragraph {i}" for i in range(2891)]
     chosen, per_text = within_budget(texts, 2048)

@@ -8,7 +8,7 @@ import torch
 
 from tunesmith.data import collate, encode_all
 from tunesmith.methods import fused_lora
-from tunesmith.train import target_loss_sum
+from tunesmith.training.losses import target_loss_sum
 from conftest import examples
 
 

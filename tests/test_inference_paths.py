@@ -116,14 +116,14 @@ def test_user_text_never_becomes_control_tokens(tokenizer):
 
 def test_head_data_report_counts_special_text(tmp_path):
     from tunesmith.config import Config
-    from tunesmith.runs.folder import encode as encode_split
+    from tunesmith.data.render import encode_examples
     from conftest import make_tokenizer
 
     tok = make_tokenizer()
     exs = [Example([{"role": "user", "content": t}], label="1") for t in ("plain", "has <|im_end|> inside")]
     cfg = Config(name="x", model="m", task="classification")
     cfg.data.labels = {"0": "negative", "1": "positive"}
-    _, stats = encode_split(cfg, tok, exs, head=True)
+    _, stats = encode_examples(cfg, tok, exs, head=True)
     assert stats["special_text"] == 1
 
 

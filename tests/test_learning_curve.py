@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunesmith import learning_curve as lc
+from tunesmith.evaluation import learning_curve as lc
 
 
 def _points(sizes, fn, width=0.01):

@@ -6,7 +6,7 @@ from tunesmith.config import Config, TrainConfig
 from tunesmith.data import collate, encode_all
 from conftest import examples
 from tunesmith.methods import count_parameters, full, lora
-from tunesmith.train import train
+from tunesmith.training.loop import train
 
 
 def test_lora_merged_equals_unmerged_and_differs_from_base(tiny_model, tokenizer, sst_files, tmp_path):
@@ -46,7 +46,7 @@ def test_full_makes_everything_trainable(tiny_model):
 
 def test_frozen_weights_in_bf16_change_nothing_under_autocast(tiny_model, tokenizer, sst_files):
     """Storing the frozen base weights in bf16 gives the same loss and adapter gradients, bit for bit."""
-    from tunesmith.train import target_loss_sum
+    from tunesmith.training.losses import target_loss_sum
 
     exs = examples(sst_files["train"], "classification", labels={"0": "negative", "1": "positive"})
     batch = collate(encode_all(tokenizer, exs, 128)[0][:4], tokenizer.pad_token_id)

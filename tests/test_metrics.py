@@ -6,7 +6,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score
 
-from tunesmith import metrics
+from tunesmith.evaluation import metrics
 
 Y_TRUE = ["a", "a", "b", "b", "c"]
 Y_PRED = ["a", "b", "b", "b", "a"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tunesmith import train as train_mod
+from tunesmith.training import loop as train_mod
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import collate, encode_all
 from tunesmith.data.general import train_texts
@@ -19,8 +19,8 @@ from tunesmith.data.render import IGNORE, Encoded, collate_packed, encode
 from tunesmith.data.replay import mix, replay_rows
 from tunesmith.methods import lora
 from tunesmith.models import ModelError, load_model
-from tunesmith.train import train
-from tunesmith.training import Mitigations, build, load_teacher
+from tunesmith.training.loop import train
+from tunesmith.training.mitigations import Mitigations, build, load_teacher
 from tunesmith.training.anchoring import Anchor, estimate_fisher
 from tunesmith.training.losses import head_kl_sum, kl_from_logits
 from conftest import examples, make_model
@@ -154,7 +154,7 @@ def test_replay_ratio_holds_over_an_epoch(encoded, pool, by):
     cfg = tcfg(batch_size=4)
     lengths = [len(e.input_ids) for e in mixed]
     steps = math.ceil(len(mixed) / 4)
-    seen = [mixed[i] for pos in range(steps) for mb in train_mod._step_batches(lengths, cfg, 0, pos) for i in mb]
+    seen = [mixed[i] for pos in range(steps) for mb in train_mod.step_batches(lengths, cfg, 0, pos) for i in mb]
     assert sorted(map(id, seen)) == sorted(map(id, mixed))  # one epoch visits every row once
     replay = [e for e in seen if e.kind == "replay"]
     share = len(replay) / len(seen) if by == "examples" else \
@@ -176,10 +176,10 @@ def test_length_grouping_spreads_replay_rows_over_the_steps():
     lengths = [len(e.input_ids) for e in rows]
     cfg = tcfg(batch_size=4, grad_accum=2)  # 8 per step: 2 replay rows each
     groups = [e.kind for e in rows]
-    steps = [[i for mb in train_mod._step_batches(lengths, cfg, 0, pos, groups) for i in mb] for pos in range(15)]
+    steps = [[i for mb in train_mod.step_batches(lengths, cfg, 0, pos, groups) for i in mb] for pos in range(15)]
     assert sorted(i for st in steps for i in st) == list(range(120))
     assert [sum(rows[i].kind == "replay" for i in st) for st in steps] == [2] * 15
-    old = [[i for mb in train_mod._step_batches(lengths, cfg, 0, pos) for i in mb] for pos in range(15)]
+    old = [[i for mb in train_mod.step_batches(lengths, cfg, 0, pos) for i in mb] for pos in range(15)]
     assert max(sum(rows[i].kind == "replay" for i in st) for st in old) == 8  # without groups: all-replay steps
     for st in steps:  # micro-batches still hold rows of similar lengths: the step's longest first
         assert [lengths[i] for i in st] == sorted((lengths[i] for i in st), reverse=True)
@@ -329,8 +329,8 @@ def test_config_refuses_what_cannot_work():
 
 def test_instruction_replay_trains_on_the_base_models_own_replies(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
     from tunesmith.data.general import EVAL_INSTRUCTIONS, eval_instructions, train_instructions
-    from tunesmith.evaluate import generate
-    from tunesmith.training import with_replay
+    from tunesmith.generation.generate import generate
+    from tunesmith.training.mitigations import with_replay
 
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     assert not set(eval_instructions(99)) & set(train_instructions())  # never the scored ones
@@ -352,14 +352,14 @@ def test_instruction_replay_trains_on_the_base_models_own_replies(tiny_model, to
     want = encode(tokenizer, Example(asked[0].messages + [{"role": "assistant", "content": reply}]), 128)
     assert (first.input_ids, first.labels, first.kind) == (want.input_ids, want.labels, "replay")
     # the replies are cached by the model's weights: a second run asks nothing
-    monkeypatch.setattr("tunesmith.replies.generate", lambda *a, **k: pytest.fail("asked again"))
+    monkeypatch.setattr("tunesmith.generation.replies.generate", lambda *a, **k: pytest.fail("asked again"))
     assert with_replay(cfg, tokenizer, encoded, tiny_model)[0] == mixed
 
 
 @pytest.mark.parametrize("replies", ["base", "data"])
 def test_a_replay_file_of_instructions_or_text(tiny_model, tokenizer, encoded, tmp_path, monkeypatch, replies):
     from tunesmith.data.formats import DataError
-    from tunesmith.training import with_replay
+    from tunesmith.training.mitigations import with_replay
 
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     (tmp_path / "alpaca.json").write_text(json.dumps(
@@ -425,7 +425,7 @@ def test_a_replay_file_without_replies_fails_before_the_data_is_prepared(tiny_mo
 
 
 def test_the_report_lists_mitigations_key_by_key_not_as_json():
-    from tunesmith.report import _kv_table
+    from tunesmith.report.html import _kv_table
 
     html_table = _kv_table({"steps": 3, "mitigations": {"replay": {"rows": 12, "kind": "text", "achieved_ratio_tokens": 0.25}}})
     assert "<td>mitigations.replay.rows</td><td>12</td>" in html_table

@@ -184,7 +184,7 @@ def test_multitask_finetune_end_to_end(tmp_path, tiny_model_dir):
 
 
 def test_prepare_and_compare_with_a_multitask_config(tmp_path, tiny_model_dir):
-    from tunesmith.compare import compare_methods
+    from tunesmith.runs.compare import compare_methods
     from tunesmith.runs import RunError, prepare_data
 
     single = _sst_config(tmp_path)

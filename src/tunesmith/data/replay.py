@@ -18,7 +18,7 @@ replay share of one epoch is ``replay.ratio``:
 * by ``tokens``: R / (N + R) = ratio over target tokens, so R = ratio * N / (1 - ratio); whole
   windows are taken until R is reached and the last one is shortened to hit it (to the token).
 
-Each epoch visits every row of the list once (train._step_batches), so the share holds exactly
+Each epoch visits every row of the list once (train.step_batches), so the share holds exactly
 over an epoch (a run of ``max_steps`` shorter than an epoch sees it only on average). Windows are
 taken in an order seeded by ``train.seed``; when the general set has fewer windows than needed,
 it is gone through again in a new order (windows repeat) and the summary says so.

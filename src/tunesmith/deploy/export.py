@@ -19,15 +19,15 @@ import torch
 
 from tunesmith import methods
 from tunesmith.config import Config, task_config
-from tunesmith.commands import command
+from tunesmith.runtime.commands import command
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import chat_format, encode_prompt, fold_system
 from tunesmith.deploy.errors import ExportError
 from tunesmith.deploy.loading import LoadedRun, load_run, run_config, run_kind
 from tunesmith.io import atomic_dir, atomic_write_json
 from tunesmith.models import context_length, load_tokenizer, resolve_model
-from tunesmith.report import load_json
-from tunesmith.runs import ready_tokenizer
+from tunesmith.report.html import load_json
+from tunesmith.models import ready_tokenizer
 
 FORMATS = ("adapter", "hf", "gguf", "prompt")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

@@ -18,17 +18,18 @@ from typing import Any
 
 from rich.console import Console
 
-from tunesmith import runtime, threads
+from tunesmith import runtime
+from tunesmith.runtime import threads
 from tunesmith.config import Config
 from tunesmith.data.extract import extract_fields
 from tunesmith.data.formats import DataError, read_table
-from tunesmith.data.layouts import _SPEAKERS, SYNONYMS, parse_source
+from tunesmith.data.layouts import SPEAKERS, SYNONYMS, parse_source
 from tunesmith.data.render import PromptCut, answer_room, chat_format, encode_plain, fit_prompt
 from tunesmith.deploy.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.deploy.loading import load_for_serving, run_config
-from tunesmith.progress import make_progress
+from tunesmith.runtime.progress import make_progress
 from tunesmith.runs import RunError
-from tunesmith.stopping import StopRequests, Stopped
+from tunesmith.runtime.stopping import StopRequests, Stopped
 
 # columns that hold what the model reads, in the order they are joined (as an instruction row is in training)
 PROMPT_ROLES = ("instruction", "input", "prompt", "text")
@@ -113,7 +114,7 @@ def _turns(value: Any, name: str, where: str) -> list[dict[str, str]]:
     turns = []
     for j, m in enumerate(value):
         speaker = m.get("role", m.get("from")) if isinstance(m, dict) else None
-        role = _SPEAKERS.get(str(speaker).lower()) if speaker is not None else None
+        role = SPEAKERS.get(str(speaker).lower()) if speaker is not None else None
         content = m.get("content", m.get("value")) if isinstance(m, dict) else None
         if role is None or not isinstance(content, str):
             raise DataError(f"{where}: field {name}[{j}]: expected {{role, content}} with a text content, got {m!r:.80}")

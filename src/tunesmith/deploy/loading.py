@@ -3,7 +3,7 @@
 A run folder (``runs/<name>/``) holds its resolved ``config.yaml`` and its artifact: ``adapter/``
 (LoRA, a PEFT folder), ``model/`` (full fine-tuning or a classification head, an HF folder) or
 ``prompt/prompt.json`` (the prompt method). The tokenizer is always made ready exactly as in
-training (``runs.ready_tokenizer``: ``data.chat_template`` applied), so the chat template and the
+training (``models.ready_tokenizer``: ``data.chat_template`` applied), so the chat template and the
 stop tokens used for serving are the ones the model was trained with.
 """
 
@@ -17,9 +17,10 @@ import torch
 
 from tunesmith import methods, runtime
 from tunesmith.config import Config, ConfigError, load_config
-from tunesmith.commands import command
+from tunesmith.runtime.commands import command
 from tunesmith.models import load_classifier, load_model, resolve_model
-from tunesmith.runs import RunError, ready_tokenizer, uses_head
+from tunesmith.models import ready_tokenizer, uses_head
+from tunesmith.runs import RunError
 
 KINDS = ("lora", "full", "head", "prompt")
 

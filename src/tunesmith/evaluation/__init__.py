@@ -1,5 +1,5 @@
 """Evaluation: task metrics against the base model, kept resumable (``answers``).
 
-(The evaluation code still lives in ``tunesmith.evaluate``, ``metrics``, ``forgetting`` and
+(The evaluation code still lives in ``tunesmith.evaluation.evaluate``, ``metrics``, ``forgetting`` and
 ``learning_curve``; it moves here with the package layout of shared/docs/design.md.)
 """

@@ -22,13 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import Example
-from tunesmith.stopping import Stopped
+from tunesmith.runtime.stopping import EvaluationStopped
 
 CACHE = "eval_cache"
-
-
-class EvaluationStopped(Stopped):
-    """The evaluation stopped on request; every answer made so far is kept in the run's eval_cache/."""
 
 
 @dataclass

@@ -39,11 +39,12 @@ from typing import Any
 
 import torch
 
-from tunesmith import flops, runtime
-from tunesmith.commands import command
+from tunesmith import runtime
+from tunesmith.training import flops
+from tunesmith.runtime.commands import command
 from tunesmith.config import Config, to_dict
 from tunesmith.io import atomic_write_json
-from tunesmith.train import target_loss_sum
+from tunesmith.training.losses import target_loss_sum
 
 MIB = 2**20
 FILE = "estimate.json"
@@ -53,12 +54,12 @@ FILE = "estimate.json"
 
 
 def plan(cfg: Config, train_data: list[Any]) -> dict[str, Any]:
-    """Every planned optimizer step's tokens, as the loop will batch them (``train._step_batches``).
+    """Every planned optimizer step's tokens, as the loop will batch them (``train.step_batches``).
 
     Returns steps, epochs, steps_per_epoch, tokens (real, per run), padded_tokens (what the
     model computes on), target_tokens, tokens_per_epoch, and the largest micro-batch as
     ``max_micro`` = (rows, padded length)."""
-    from tunesmith.train import _step_batches
+    from tunesmith.training.loop import step_batches
 
     t = cfg.train
     lengths = [len(e.input_ids) for e in train_data]
@@ -71,7 +72,7 @@ def plan(cfg: Config, train_data: list[Any]) -> dict[str, Any]:
     per_epoch = sum(lengths)
     for step in range(total):
         epoch, pos = divmod(step, steps_per_epoch)
-        for mb in _step_batches(lengths, t, epoch, pos, groups):
+        for mb in step_batches(lengths, t, epoch, pos, groups):
             rows = [lengths[i] for i in mb]
             tokens += sum(rows)
             targets += sum(train_data[i].n_targets for i in mb)
@@ -243,7 +244,7 @@ def calibrate(model: torch.nn.Module, cfg: Config, train_data: list[Any], val_da
     """Tokens per second of the real training loop on this machine: ``train`` runs this config
     for about ``seconds`` (at least 3 steps) in a scratch folder; the first step (warm-up) is
     timed apart. Validation speed: one validation of up to 4 batches. The model's weights change."""
-    from tunesmith.train import train, validation_loss
+    from tunesmith.training.loop import train, validation_loss
 
     base = cfg.train if cfg.method != "full" or cfg.full.lr is None else dataclasses.replace(cfg.train, lr=cfg.full.lr)
     cal = dataclasses.replace(base, eval_every=10**9, save_every=0, keep_checkpoints=1,
@@ -384,23 +385,25 @@ def estimate(cfg: Config, console: Any = None, calibrate_seconds: float | None =
     from rich.console import Console
 
     from tunesmith import methods
-    from tunesmith.runs.folder import _load_base, encode, multitask_data, ready_tokenizer, uses_head
+    from tunesmith.data.render import encode_examples
+    from tunesmith.models import load_base, ready_tokenizer, uses_head
+    from tunesmith.runs.data import multitask_data
     from tunesmith.data.prepare import load_splits
 
     console = console or Console()
     if cfg.method == "prompt":
-        from tunesmith.runs.folder import RunError
+        from tunesmith.runs.errors import RunError
 
         raise RunError("method prompt trains nothing: there is no training cost to estimate")
-    model, tokenizer = _load_base(cfg)
+    model, tokenizer = load_base(cfg)
     ready_tokenizer(tokenizer, cfg, console)
     head = uses_head(cfg)
     if cfg.tasks:
         train_set, val_set, _ = multitask_data(cfg, tokenizer, console)
     else:
         splits = load_splits(cfg, cfg.run_dir / "data", tokenizer)
-        train_set, _ = encode(cfg, tokenizer, splits.train, head)
-        val_set, _ = encode(cfg, tokenizer, splits.validation, head)
+        train_set, _ = encode_examples(cfg, tokenizer, splits.train, head)
+        val_set, _ = encode_examples(cfg, tokenizer, splits.validation, head)
     runtime.seed_everything(cfg.train.seed)
     model = methods.prepare(model, cfg).to(runtime.device())
     # what the process holds besides the weights once data and model are ready (as `train` measures it)

@@ -23,35 +23,33 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from tunesmith import distributed, forgetting, methods, runtime, threads, training
-from tunesmith import metrics as M
+from tunesmith import methods, runtime
+from tunesmith.training import distributed
+from tunesmith.evaluation import forgetting
+from tunesmith.runtime import threads
+from tunesmith.training import mitigations as training
+from tunesmith.evaluation import metrics as M
 from tunesmith.api import ApiModel
-from tunesmith.commands import command
 from tunesmith.config import Config, ConfigError, diff, load_config, save_config, task_config
-from tunesmith.data import Example, encode_all, encode_for_head
-from tunesmith.data.formats import DataError
-from tunesmith.data.mix import mix
+from tunesmith.data import Example
 from tunesmith.data.prepare import Splits, content_hash, load_splits
-from tunesmith.data.render import TEMPLATES, chat_format, set_chat_template
-from tunesmith.evaluate import (Evaluation, compare, evaluate_model, latency, reference, references,
+from tunesmith.data.render import encode_examples
+from tunesmith.evaluation.evaluate import (Evaluation, compare, evaluate_model, latency, reference, references,
                                 small_test_warning, task_metrics)
 from tunesmith.evaluation.answers import CACHE, AnswerStore, EvaluationStopped
 from tunesmith.evaluation.answers import fingerprint as answers_fingerprint
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from tunesmith.models import (ModelError, context_length, is_causal_lm, load_classifier, load_model, load_tokenizer,
-                              resolve_model)
-from tunesmith.progress import make_progress
+from tunesmith.models import (ModelError, context_length, load_base, load_classifier, load_model, load_tokenizer, needs_chat_template, ready_tokenizer, resolve_model, uses_head)
+from tunesmith.runtime.progress import make_progress
+from tunesmith.runs.data import multitask_data, print_data_summary
+from tunesmith.runs.errors import RunError
 from tunesmith.runs.phase import clear_phase, set_phase
-from tunesmith.commands import command
-from tunesmith.stopping import StopRequests
-from tunesmith.report import load_json, metrics_table, write_report
+from tunesmith.runtime.commands import command
+from tunesmith.runtime.stopping import StopRequests
+from tunesmith.report.html import load_json, metrics_table, write_report
 from tunesmith.runs import estimate, index, trackers
-from tunesmith.checkpoint import SHARDS, load_best, newest_good_checkpoint
-from tunesmith.train import latest_checkpoint, result_dict, train
-
-
-class RunError(RuntimeError):
-    """A run folder is missing, incomplete, or would be overwritten."""
+from tunesmith.training.checkpoint import SHARDS, load_best, newest_good_checkpoint
+from tunesmith.training.loop import latest_checkpoint, result_dict, train
 
 
 @dataclass
@@ -134,7 +132,7 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
 
         console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
         head = uses_head(cfg)
-        model, tokenizer = _load_base(cfg)
+        model, tokenizer = load_base(cfg)
         if head and cfg.method == "prompt":
             raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
         if head and (cfg.replay.ratio > 0 or cfg.distill.weight > 0 or cfg.anchor.method == "ewc"):
@@ -152,8 +150,8 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
             console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
             for note in splits.notes:
                 console.print(f"  {note}", highlight=False)
-            train_set, train_stats = encode(cfg, tokenizer, splits.train, head)
-            val_set, val_stats = encode(cfg, tokenizer, splits.validation, head)
+            train_set, train_stats = encode_examples(cfg, tokenizer, splits.train, head)
+            val_set, val_stats = encode_examples(cfg, tokenizer, splits.validation, head)
             report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
             if w.main:
                 atomic_write_json(run_dir / "data_report.json", report)
@@ -277,59 +275,13 @@ def _print_against(row: dict[str, Any], console: Console) -> None:
                       highlight=False)
 
 
-def _load_base(cfg: Config) -> tuple[torch.nn.Module, Any]:
-    """The base model (a classifier with a head when ``uses_head``) and its tokenizer."""
-    if uses_head(cfg):
-        return load_classifier(cfg.model, list(cfg.data.labels), cfg.train.seed)
-    overrides = {"attention_dropout": cfg.train.dropout} if cfg.train.dropout is not None else {}
-    return load_model(cfg.model, **overrides)
-
-
 def _whole_model(cfg: Config, run_dir: Path) -> torch.nn.Module:
     """After FSDP training: the base model prepared for ``cfg.method`` again, on the CPU, with the
     best trainable weights (``checkpoints/best``, written whole) loaded into it."""
     runtime.seed_everything(cfg.train.seed)
-    model = methods.prepare(_load_base(cfg)[0], cfg)
+    model = methods.prepare(load_base(cfg)[0], cfg)
     load_best(run_dir, {n: p for n, p in model.named_parameters() if p.requires_grad})
     return model
-
-
-def multitask_data(cfg: Config, tokenizer: Any, console: Console) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
-    """A multi-task run's data: each task prepared into ``data/<name>/`` by the single-task pipeline
-    (its own task type, labels, system prompt) and encoded with rows tagged by task; the training
-    rows mixed by ``mixing`` (seeded by train.seed). Returns the mixed training rows, the validation
-    rows per task (name -> rows) and the data report (per task, plus the mixing's achieved shares).
-    Raises RunError for a task with no rows left, or one that would need a classification head.
-    """
-    train_rows, val_rows, reports = {}, {}, {}
-    for t in cfg.tasks:
-        c = task_config(cfg, t)
-        if uses_head(c):
-            raise RunError(f"task {t.name}: {cfg.model} would classify with a head; multi-task runs need a generative "
-                           "model (set classifier: lm)")
-        ready_tokenizer(tokenizer, c)
-        out = cfg.run_dir / "data" / t.name
-        splits = load_splits(c, out, tokenizer)
-        console.print(f"[bold]{t.name}[/bold]: " + ("reusing the prepared data in " if splits.reused
-                                                    else "prepared the data into ") + str(out), highlight=False)
-        for note in splits.notes:  # each file's format, encoding and layout, as a single-task run says
-            console.print(f"  {note}", highlight=False)
-        rows, train_stats = encode(c, tokenizer, splits.train, False)
-        val, val_stats = encode(c, tokenizer, splits.validation, False)
-        for e in rows + val:
-            e.task = t.name
-        if not rows or not val:
-            raise RunError(f"task {t.name}: no training or validation example has a target token left; "
-                           "check max_seq_len and the data")
-        train_rows[t.name], val_rows[t.name] = rows, val
-        reports[t.name] = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
-        print_data_summary(reports[t.name], c, console, len(splits.test))
-    mixed, mixing = mix(train_rows, {t.name: t.weight for t in cfg.tasks}, cfg.mixing.by, cfg.mixing.temperature,
-                        cfg.train.seed)
-    console.print("mixing (" + cfg.mixing.by + "): " + ", ".join(
-        f"{n} {m['share']:.1%} ({m['drawn']:,} rows drawn from its {m['rows']:,}, each x{m['repeats']:.2f} on average)"
-        for n, m in mixing["tasks"].items()), highlight=False)
-    return mixed, val_rows, {"tasks": reports, "mixing": mixing}
 
 
 def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool | list[str],
@@ -444,131 +396,6 @@ def check_resume(run_dir: Path, cfg: Config, allow_changes: bool | list[str]) ->
                        f"{' --allow-changes' if 'data files' in not_allowed else ''}), or --allow-changes for all")
     result.training = changes
     return result
-
-
-def uses_head(cfg: Config) -> bool:
-    """Whether this run classifies with a sequence-classification head (always for encoders)."""
-    if cfg.task != "classification" or cfg.classifier == "lm":
-        return False
-    return cfg.classifier == "head" or not is_causal_lm(cfg.model)
-
-
-def encode(cfg: Config, tokenizer: Any, examples: list[Example], head: bool) -> tuple[list[Any], dict[str, int]]:
-    """Token ids and targets: chat-rendered for a generative model, plain text + label for a head."""
-    side = cfg.data.truncation_side
-    if not head:
-        return encode_all(tokenizer, examples, cfg.train.max_seq_len, side=side)
-    index = {k: i for i, k in enumerate(cfg.data.labels)}
-    out = [encode_for_head(tokenizer, ex, index, cfg.train.max_seq_len, side) for ex in examples]
-    cut = sum(bool(e.truncated) for e in out)
-    return out, {"examples": len(examples), "kept": len(out), "truncated": cut, "truncated_prompt": cut,
-                 "truncated_answer": 0, "dropped_no_target": 0, "special_text": sum(e.special_text for e in out),
-                 "tokens": sum(len(e.input_ids) for e in out), "target_tokens": len(out)}
-
-
-def needs_chat_template(cfg: Config) -> bool:
-    """Whether the run renders conversations (everything but raw text and classification heads)."""
-    return cfg.task in ("instruction", "chat") or (cfg.task == "classification" and not uses_head(cfg))
-
-
-def ready_tokenizer(tokenizer: Any, cfg: Config, console: Console | None = None) -> Any:
-    """Apply ``data.chat_template``; for runs that render conversations, stop with a ModelError naming
-    the model and the fix when there is no template, and say how the template ends a turn and
-    whether it folds the system prompt into the first user turn."""
-    set_chat_template(tokenizer, cfg.data.chat_template)
-    if not needs_chat_template(cfg):
-        return tokenizer
-    if not tokenizer.chat_template:
-        raise ModelError(f"model {cfg.model!r} has no chat template (a base model?), so conversations cannot be "
-                         f"rendered. Set data.chat_template to a Jinja template or to one of: {', '.join(TEMPLATES)} "
-                         "(alpaca: the plain '### Instruction: / ### Response:' format, each reply ended by the eos "
-                         "token), or use task: text for plain language modelling")
-    try:
-        fmt = chat_format(tokenizer)
-    except DataError as e:
-        raise ModelError(f"model {cfg.model!r}: {e}") from None
-    if console is not None:
-        if fmt.end_of_turn != tokenizer.eos_token:
-            console.print(f"  assistant turns end with {fmt.end_of_turn!r} (the tokenizer's eos is "
-                          f"{tokenizer.eos_token!r}): replies are trained to end with it, and generation stops on either",
-                          highlight=False)
-        if not fmt.system_role and (cfg.data.system_prompt or cfg.task == "chat"):
-            console.print("  the chat template rejects the system role: the system prompt is folded into the first "
-                          "user turn", highlight=False)
-    return tokenizer
-
-
-def print_data_summary(report: dict[str, Any], cfg: Config, console: Console, test_examples: int) -> None:
-    """Split sizes, warnings, and the true truncation and drop counts after rendering."""
-    sizes = {s: st["rows"] for s, st in (report.get("splits") or {}).items()}
-    if sizes:
-        console.print("  split sizes: " + ", ".join(f"{s} {n:,}" for s, n in sizes.items())
-                      + (f" (test examples used: {test_examples:,})" if test_examples != sizes.get("test", -1) else ""),
-                      highlight=False)
-    for w in report.get("warnings") or []:
-        console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
-    for split, st in (report.get("encoded") or {}).items():
-        parts = []
-        if st.get("truncated_prompt"):
-            parts.append(f"{st['truncated_prompt']} had their prompt shortened ({cfg.data.truncation_side}), the answer kept")
-        if st.get("truncated_answer"):
-            parts.append(f"{st['truncated_answer']} had their answer cut too")
-        if st.get("dropped_no_target"):
-            parts.append(f"{st['dropped_no_target']} were dropped (no answer token left)")
-        if parts:
-            console.print(f"[yellow]{split} ({st['examples']:,} examples): of those longer than max_seq_len="
-                          f"{cfg.train.max_seq_len}, {'; '.join(parts)}[/yellow]", highlight=False)
-        if st.get("texts_in_windows"):
-            console.print(f"  {split}: {st['texts_in_windows']} texts longer than max_seq_len={cfg.train.max_seq_len} "
-                          f"are trained on whole, in windows ({st['kept']:,} windows from {st['examples']:,} texts)",
-                          highlight=False)
-        if st.get("special_text"):
-            console.print(f"  {split}: {st['special_text']} examples contain special-token strings (e.g. "
-                          "'<|im_end|>') in their text; they are trained as text, never as control tokens", highlight=False)
-
-
-def prepare_data(cfg: Config, console: Console | None = None) -> Any:
-    """Prepare the config's data into ``runs/<name>/data/`` (splits as JSONL + data_report.json).
-
-    A multi-task config (``tasks:``) prepares each task into ``data/<task>/`` as training would;
-    the result is then a dict (task name -> that task's prepared data) and data_report.json holds
-    ``{"tasks": {name: report}}``."""
-    from tunesmith.data.prepare import prepare
-
-    console = console or Console()
-    say = (lambda line: console.print(line, highlight=False)) if not console.is_terminal else None  # a log: each step
-    tokenizer = load_tokenizer(cfg.model)  # the tokenizer only: the model is not loaded
-    if cfg.tasks:
-        done = {}
-        for t in cfg.tasks:
-            c = task_config(cfg, t)
-            done[t.name] = prepare(c, cfg.run_dir / "data" / t.name, ready_tokenizer(tokenizer, c), say)
-            _print_prepared(done[t.name], console, f"task {t.name}: ")
-        atomic_write_json(cfg.run_dir / "data_report.json", {"tasks": {n: p.report for n, p in done.items()}})
-        save_config(cfg, cfg.run_dir / "config.yaml")
-        write_report(cfg.run_dir)
-        return done
-    prepared = prepare(cfg, cfg.run_dir / "data", ready_tokenizer(tokenizer, cfg), say)
-    atomic_write_json(cfg.run_dir / "data_report.json", prepared.report)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    write_report(cfg.run_dir)
-    _print_prepared(prepared, console)
-    return prepared
-
-
-def _print_prepared(prepared: Any, console: Console, title: str = "") -> None:
-    table = Table(title=f"{title}data preparation ({prepared.layout})")
-    for col in ("step", "rows in", "rows out", "removed"):
-        table.add_column(col, justify="left" if col == "step" else "right")
-    for s in prepared.report["steps"]:
-        table.add_row(s["step"], str(s["rows_in"]), str(s["rows_out"]), str(s["removed"]))
-    for split, st in prepared.report["splits"].items():
-        table.add_row(f"[bold]{split} split[/bold]", "", str(st["rows"]), "")
-    console.print(table)
-    for note in prepared.report["notes"]:
-        console.print(note, highlight=False)
-    for w in prepared.report.get("warnings") or []:
-        console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
 
 
 # What `tunesmith eval --set` may change: how to evaluate, and how much of the test split to use.

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from tunesmith.config import METHODS
-from tunesmith.commands import command
+from tunesmith.runtime.commands import command
 from tunesmith.io import flatten_dict
 from tunesmith.runs.phase import current_phase
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich import box
 from rich.table import Table
 
-from tunesmith.commands import command
+from tunesmith.runtime.commands import command
 
 
 def _num(x: Any, fmt: str = "{:.3f}") -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith import metrics as M
+from tunesmith.evaluation import metrics as M
 from tunesmith.studies import stats as S
 from tunesmith.studies import store
 from tunesmith.studies.create import load_study

@@ -20,12 +20,12 @@ from typing import Any
 import yaml
 
 from tunesmith.api import ApiModel
-from tunesmith.commands import command
+from tunesmith.runtime.commands import command
 from tunesmith.config import ApiConfig
 from tunesmith.data.formats import read_table
 from tunesmith.data.layouts import to_example
 from tunesmith.data.prepare import REPORT, cap_test
-from tunesmith.evaluate import reference, references
+from tunesmith.evaluation.evaluate import reference, references
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.studies import store
 

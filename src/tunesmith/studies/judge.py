@@ -23,7 +23,7 @@ from rich.console import Console
 
 from tunesmith.api import ApiError, ApiModel
 from tunesmith.config import ApiConfig
-from tunesmith.progress import make_progress
+from tunesmith.runtime.progress import make_progress
 from tunesmith.studies import store
 from tunesmith.studies.create import load_study
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.io import atomic_write_json, atomic_write_text
-from tunesmith.report import PAGE, html_table, p_text, png
+from tunesmith.report.html import PAGE, html_table, png
+from tunesmith.report.tables import p_text
 from tunesmith.studies.analysis import analyze
 
 

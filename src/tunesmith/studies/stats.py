@@ -2,7 +2,7 @@
 the sign test, Bradley-Terry strengths, agreement (Krippendorff's alpha, Cohen's kappa), position bias.
 
 Intervals are 95% percentile bootstrap intervals that resample *items* (prompts), not single
-ratings: the ratings of one prompt are not independent (``tunesmith.metrics.interval``).
+ratings: the ratings of one prompt are not independent (``tunesmith.evaluation.metrics.interval``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith import metrics as M
+from tunesmith.evaluation import metrics as M
 
 RESAMPLES = 1000
 

@@ -20,7 +20,128 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunesmith.train import _GradsMadeInForward
+from tunesmith.data.render import IGNORE
+from tunesmith.models import unwrap
+
+def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target positions, and their count.
+
+    With gradients on, the LM head and the loss run fused (``HeadCrossEntropy``): the (N, V)
+    logits exist one chunk at a time and are never kept for backward.
+    """
+    if batch["labels"].ndim == 1:  # a classification head: one label per row
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
+    base = unwrap(model)
+    head = base.get_output_embeddings() if plain_head(base) else None
+    if not torch.is_grad_enabled() or head is None or getattr(head, "bias", None) is not None:
+        nll, _ = _target_nll(model, batch, chunk)
+        return nll.sum(), nll.numel()
+    h, y, _ = target_hidden(model, batch)
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return HeadCrossEntropy.apply(h.to(dtype), head.weight.to(dtype), y, chunk), len(y)
+
+
+def target_logprob_per_row(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: the summed log-probability of its target tokens, and their count. (B,), (B,)"""
+    nll, rows = _target_nll(model, batch)
+    b = batch["input_ids"].shape[0]
+    total = torch.zeros(b, dtype=torch.float32, device=nll.device).index_add_(0, rows, -nll)
+    count = torch.zeros(b, dtype=torch.long, device=nll.device).index_add_(0, rows, torch.ones_like(rows))
+    return total, count
+
+
+def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each target token (N,) and the batch row it belongs to (N,).
+
+    Runs the decoder, then the LM head only on hidden states whose next token is a target,
+    ``chunk`` rows at a time: (N, V) logits instead of (B, T, V).
+    """
+    base = unwrap(model)
+    if not plain_head(base):  # models that post-process logits: take the full path
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        logits = model(**decoder_inputs(batch)).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none"), mask.nonzero()[:, 0]
+    h, y, rows = target_hidden(model, batch)
+    head = base.get_output_embeddings()
+    parts = [F.cross_entropy(head(h[i : i + chunk]).float(), y[i : i + chunk], reduction="none")  # (chunk, V) logits
+             for i in range(0, len(y), chunk)]
+    return (torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)), rows
+
+
+def target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at positions whose next token is a target (N, d), those
+    next tokens (N,), and the batch row of each (N,)."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = labels != IGNORE
+    hidden = unwrap(model).get_decoder()(**decoder_inputs(batch)).last_hidden_state
+    return hidden[:, :-1][mask], labels[mask], mask.nonzero()[:, 0]
+
+
+def decoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # Packed batches carry position_ids and no attention mask; without a KV cache transformers
+    # then builds a block-diagonal causal mask from the position ids (and no cache is wanted here).
+    # Right-padded batches need no attention mask under causal attention: a real token only
+    # sees earlier positions, all real; pads come after and are never targets. Without a mask
+    # SDPA takes its is_causal kernel, ~30% faster on this CPU than the masked path.
+    return {k: batch[k] for k in ("input_ids", "position_ids") if k in batch} | {"use_cache": False}
+
+
+class GradsMadeInForward(torch.autograd.Function):
+    """Base of the fused LM-head losses whose forward already computed the gradients of its first
+    two inputs (hidden states dh, head weight dW) and saved them: backward only scales them by the
+    incoming gradient of the (scalar) loss; every further input gets no gradient."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dh, dw = ctx.saved_tensors
+        rest = (None,) * (len(ctx.needs_input_grad) - 2)
+        return (None if dh is None else dh * grad.to(dh.dtype),
+                None if dw is None else (dw * grad).to(ctx.weight_dtype), *rest)
+
+
+class HeadCrossEntropy(GradsMadeInForward):
+    """sum_i CE(h_i · Wᵀ, y_i), with the gradients computed during forward, chunk by chunk.
+
+    Plain autograd keeps every chunk's (chunk, V) logits and log-softmax for backward: about
+    N·V·6 bytes, 260 MB for 886 targets at V = 49,152. Here each chunk's logits are turned
+    into their gradient (softmax - one-hot) at once and folded into dh (N, d) and dW (V, d);
+    only those are kept. The loss is a plain sum, so backward just scales them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        for i in range(0, len(y), chunk):
+            hc, yc = h[i : i + chunk], y[i : i + chunk]
+            logits = (hc @ weight.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad[torch.arange(len(yc), device=h.device), yc] -= 1.0
+                grad = grad.to(h.dtype)
+                if need_h:
+                    dh[i : i + chunk] = grad @ weight
+                if need_w:
+                    dw += grad.t() @ hc  # summed over chunks in fp32
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+
+def plain_head(model: torch.nn.Module) -> bool:
+    """True when logits are exactly ``lm_head(hidden)`` (no scaling or soft-capping)."""
+    cfg = getattr(model, "config", None)
+    scaled = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return not scaled and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -53,9 +174,9 @@ def head_kl_sum(h: torch.Tensor, weight: torch.Tensor, h_teacher: torch.Tensor, 
                              float(temperature), direction == "reverse", chunk)
 
 
-class _HeadKL(_GradsMadeInForward):
+class _HeadKL(GradsMadeInForward):
     """The T^2-scaled KL summed over positions, its gradients computed during forward, chunk by
-    chunk (as ``train._HeadCrossEntropy``): each chunk's (c, V) logits of both models are turned
+    chunk (as ``train.HeadCrossEntropy``): each chunk's (c, V) logits of both models are turned
     into the loss and d/d(student logits) at once and folded into dh (N, d) and dW (V, d), so only
     those are kept for backward. About 4 (c, V) fp32 tensors are alive at a time."""
 

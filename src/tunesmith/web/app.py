@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
-from tunesmith.commands import command
+from tunesmith.runtime.commands import command
 from tunesmith.deploy import protocol as P
 from tunesmith.deploy.server import APIError, error_body, install_error_handlers
 from tunesmith.io import read_jsonl

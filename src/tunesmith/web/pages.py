@@ -7,8 +7,8 @@ import html
 import json
 from typing import Any
 
-from tunesmith.commands import command
-from tunesmith.report import html_table
+from tunesmith.runtime.commands import command
+from tunesmith.report.html import html_table
 
 
 def nav() -> str:

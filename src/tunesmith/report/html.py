@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tunesmith.io import atomic_write_text, read_jsonl  # noqa: E402
+from tunesmith.report.tables import learning_table, or_dash, p_is, table
 
 HEADLINE = ("accuracy", "f1", "precision", "recall", "invalid_rate", "rouge1", "rouge2", "rougeL", "bleu", "chrf",
             "exact_match", "loss", "perplexity")
@@ -136,16 +137,6 @@ def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]
 def _with_ci(value: float, side: dict[str, Any], key: str) -> str:
     ci = (side.get("ci") or {}).get(key)
     return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-
-
-def p_text(p: float) -> str:
-    """A p-value as people read it: three decimals, or "<0.001"."""
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def p_is(p: float) -> str:
-    """"p=0.012" or "p<0.001", for running text."""
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 def write_report(run_dir: Path) -> Path:
@@ -319,15 +310,9 @@ def confusion_png(matrices: dict[str, dict[str, Any]], words: dict[str, str]) ->
     return png(fig)
 
 
-def or_dash(v: float | None, spec: str) -> str:
-    """``v`` formatted with ``spec``, or "-" when there is no value."""
-    return "-" if v is None else format(v, spec)
-
-
 def write_compare_report(out_dir: Path, doc: dict[str, Any]) -> Path:
     """Write ``compare.html``: the measured table, overlaid loss curves, the metric with error
     bars, and cost against quality, then the verdict."""
-    from tunesmith.compare import learning_table, table  # the tables' columns live in one place
 
     metric, rows = doc["metric"], doc["methods"]
     parts = [f"<h1>tunesmith: methods compared on {doc['test_examples']} test examples</h1>",
@@ -363,7 +348,7 @@ def learning_curve_png(curves: dict[str, list[dict[str, Any]]], metric: str, bas
     saturating curve was fitted (``learning_curve.fit``), it is drawn dashed out to twice the data."""
     import numpy as np
 
-    from tunesmith import learning_curve
+    from tunesmith.evaluation import learning_curve
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for method, points in curves.items():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,17 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
-from tunesmith import distributed, flops, runtime, threads
-from tunesmith.progress import make_progress
-from tunesmith.stopping import StopRequests
+from tunesmith import runtime
+from tunesmith.training import distributed
+from tunesmith.training import flops
+from tunesmith.runtime import threads
+from tunesmith.runtime.progress import make_progress
+from tunesmith.runtime.stopping import StopRequests
 from tunesmith.config import TrainConfig
-from tunesmith.data.render import IGNORE, Encoded, collate, collate_packed
-from tunesmith.checkpoint import (CHECKPOINTS, latest_checkpoint, load_best, load_checkpoint, load_trainable,  # noqa: F401
+from tunesmith.data.render import Encoded, collate, collate_packed
+from tunesmith.models import unwrap
+from tunesmith.training.checkpoint import (CHECKPOINTS, latest_checkpoint, load_best, load_checkpoint, load_trainable,  # noqa: F401
                                   save_best, save_checkpoint)
 from tunesmith.io import append_jsonl, atomic_write_jsonl, read_jsonl
+from tunesmith.training.losses import target_loss_sum
 
 METRICS = "metrics.jsonl"
 
@@ -60,130 +63,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- loss
-
-
-def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target positions, and their count.
-
-    With gradients on, the LM head and the loss run fused (``_HeadCrossEntropy``): the (N, V)
-    logits exist one chunk at a time and are never kept for backward.
-    """
-    if batch["labels"].ndim == 1:  # a classification head: one label per row
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
-    base = _unwrap(model)
-    head = base.get_output_embeddings() if _plain_head(base) else None
-    if not torch.is_grad_enabled() or head is None or getattr(head, "bias", None) is not None:
-        nll, _ = _target_nll(model, batch, chunk)
-        return nll.sum(), nll.numel()
-    h, y, _ = _target_hidden(model, batch)
-    dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    with torch.autocast(dev, enabled=False):
-        return _HeadCrossEntropy.apply(h.to(dtype), head.weight.to(dtype), y, chunk), len(y)
-
-
-def target_logprob_per_row(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of the batch: the summed log-probability of its target tokens, and their count. (B,), (B,)"""
-    nll, rows = _target_nll(model, batch)
-    b = batch["input_ids"].shape[0]
-    total = torch.zeros(b, dtype=torch.float32, device=nll.device).index_add_(0, rows, -nll)
-    count = torch.zeros(b, dtype=torch.long, device=nll.device).index_add_(0, rows, torch.ones_like(rows))
-    return total, count
-
-
-def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of each target token (N,) and the batch row it belongs to (N,).
-
-    Runs the decoder, then the LM head only on hidden states whose next token is a target,
-    ``chunk`` rows at a time: (N, V) logits instead of (B, T, V).
-    """
-    base = _unwrap(model)
-    if not _plain_head(base):  # models that post-process logits: take the full path
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        logits = model(**_decoder_inputs(batch)).logits
-        return F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none"), mask.nonzero()[:, 0]
-    h, y, rows = _target_hidden(model, batch)
-    head = base.get_output_embeddings()
-    parts = [F.cross_entropy(head(h[i : i + chunk]).float(), y[i : i + chunk], reduction="none")  # (chunk, V) logits
-             for i in range(0, len(y), chunk)]
-    return (torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)), rows
-
-
-def _target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The decoder's last hidden states at positions whose next token is a target (N, d), those
-    next tokens (N,), and the batch row of each (N,)."""
-    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    mask = labels != IGNORE
-    hidden = _unwrap(model).get_decoder()(**_decoder_inputs(batch)).last_hidden_state
-    return hidden[:, :-1][mask], labels[mask], mask.nonzero()[:, 0]
-
-
-def _decoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    # Packed batches carry position_ids and no attention mask; without a KV cache transformers
-    # then builds a block-diagonal causal mask from the position ids (and no cache is wanted here).
-    # Right-padded batches need no attention mask under causal attention: a real token only
-    # sees earlier positions, all real; pads come after and are never targets. Without a mask
-    # SDPA takes its is_causal kernel, ~30% faster on this CPU than the masked path.
-    return {k: batch[k] for k in ("input_ids", "position_ids") if k in batch} | {"use_cache": False}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class _GradsMadeInForward(torch.autograd.Function):
-    """Base of the fused LM-head losses whose forward already computed the gradients of its first
-    two inputs (hidden states dh, head weight dW) and saved them: backward only scales them by the
-    incoming gradient of the (scalar) loss; every further input gets no gradient."""
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        dh, dw = ctx.saved_tensors
-        rest = (None,) * (len(ctx.needs_input_grad) - 2)
-        return (None if dh is None else dh * grad.to(dh.dtype),
-                None if dw is None else (dw * grad).to(ctx.weight_dtype), *rest)
-
-
-class _HeadCrossEntropy(_GradsMadeInForward):
-    """sum_i CE(h_i · Wᵀ, y_i), with the gradients computed during forward, chunk by chunk.
-
-    Plain autograd keeps every chunk's (chunk, V) logits and log-softmax for backward: about
-    N·V·6 bytes, 260 MB for 886 targets at V = 49,152. Here each chunk's logits are turned
-    into their gradient (softmax - one-hot) at once and folded into dh (N, d) and dW (V, d);
-    only those are kept. The loss is a plain sum, so backward just scales them.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        for i in range(0, len(y), chunk):
-            hc, yc = h[i : i + chunk], y[i : i + chunk]
-            logits = (hc @ weight.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                grad[torch.arange(len(yc), device=h.device), yc] -= 1.0
-                grad = grad.to(h.dtype)
-                if need_h:
-                    dh[i : i + chunk] = grad @ weight
-                if need_w:
-                    dw += grad.t() @ hc  # summed over chunks in fp32
-        ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-
-def _plain_head(model: torch.nn.Module) -> bool:
-    """True when logits are exactly ``lm_head(hidden)`` (no scaling or soft-capping)."""
-    cfg = getattr(model, "config", None)
-    scaled = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    return not scaled and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
 LossSum = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
@@ -222,7 +101,7 @@ def validation_loss(model: torch.nn.Module, data: list[Encoded] | dict[str, list
 class TaskLoss:
     """The loop's objective with no mitigation: the task cross-entropy, normalised over the step.
 
-    The null object of ``tunesmith.training.Mitigations`` (distillation, weight anchoring), which
+    The null object of ``tunesmith.training.mitigations.Mitigations`` (distillation, weight anchoring), which
     has the same four methods; see there. Costs nothing beyond ``target_loss_sum``."""
 
     def begin_step(self, examples: list[Encoded]) -> None:
@@ -309,7 +188,7 @@ def train(
     say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
 
-    if not w.distributed:  # one thread per CPU this process may use, or train.num_threads (tunesmith.threads)
+    if not w.distributed:  # one thread per CPU this process may use, or train.num_threads (tunesmith.runtime.threads)
         threads.use_threads(cfg.num_threads, say if w.main else None)
 
     def validate() -> tuple[float, dict[str, Any]]:
@@ -344,7 +223,7 @@ def train(
         (run_dir / METRICS).unlink()
 
     if cfg.gradient_checkpointing:  # activations recomputed in backward; non-reentrant: frozen inputs are fine
-        inner = _unwrap(model)
+        inner = unwrap(model)
         if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name
             inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -604,7 +483,7 @@ def micro_batches(chunk: list[int], lengths: list[int], cfg: TrainConfig, groups
     return [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
 
 
-def _step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int,
+def step_batches(lengths: list[int], cfg: TrainConfig, epoch: int, pos: int,
                   groups: list[Any] | None = None) -> list[list[int]]:
     """Micro-batches of step ``pos`` of ``epoch`` in a run that never changed its step size."""
     return micro_batches(epoch_steps(lengths, cfg, epoch, groups)[pos], lengths, cfg, groups)
@@ -764,7 +643,7 @@ def _fully_sharded(model: torch.nn.Module, objective: TaskLoss, w: distributed.W
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (w.size,))
-    blocks = set(getattr(_unwrap(model), "_no_split_modules", None) or ())
+    blocks = set(getattr(unwrap(model), "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh)

@@ -24,13 +24,14 @@ from typing import Any
 
 from rich.console import Console
 
-from tunesmith import learning_curve
-from tunesmith import metrics as M
+from tunesmith.evaluation import learning_curve
+from tunesmith.evaluation import metrics as M
 from tunesmith.config import Config, ConfigError, load_config
 from tunesmith.io import atomic_write_json, atomic_write_text, read_jsonl
-from tunesmith.commands import command
+from tunesmith.runtime.commands import command
 from tunesmith.methods import METHODS
-from tunesmith.report import load_json, or_dash, p_is, p_text, write_compare_report
+from tunesmith.report.html import load_json, write_compare_report
+from tunesmith.report.tables import markdown, p_is, seconds_text, size_text
 from tunesmith.runs import RunError, finetune, stats_from_predictions
 
 
@@ -240,8 +241,8 @@ def verdict(results: list[MethodResult], best: MethodResult) -> str:
         worse = "higher" if best.metric in M.LOWER_IS_BETTER else "lower"
         line = (f"{r.method}: {r.value:.3f}, " + (f"significantly {worse} (paired bootstrap {p_is(r.p_vs_best)})"
                 if significant else f"not significantly different ({p_is(r.p_vs_best)})"))
-        cost = [f"training {_seconds(r.train_seconds)} vs {_seconds(best.train_seconds)}",
-                f"{_size(r.artifact_mib)} vs {_size(best.artifact_mib)} on disk"]
+        cost = [f"training {seconds_text(r.train_seconds)} vs {seconds_text(best.train_seconds)}",
+                f"{size_text(r.artifact_mib)} vs {size_text(best.artifact_mib)} on disk"]
         if r.latency_ms is not None and best.latency_ms is not None:
             cost.append(f"{r.latency_ms:.0f} vs {best.latency_ms:.0f} ms per answer")
         words.append(f"{line}; {', '.join(cost)}.")
@@ -257,72 +258,3 @@ def verdict(results: list[MethodResult], best: MethodResult) -> str:
     if not [r for r in results if r is not best and r.p_vs_best is not None and r.p_vs_best < 0.05]:
         words.append("No method is significantly better than the others on this test set; prefer the cheapest.")
     return " ".join(words)
-
-
-def _seconds(s: float) -> str:
-    return "none" if s == 0 else f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
-def _size(mib: float) -> str:
-    b = mib * 2**20
-    return (f"{b:.0f} bytes" if b < 1024 else f"{b / 1024:.0f} kB" if b < 2**20 else f"{mib:.0f} MB" if mib < 1024
-            else f"{mib / 1024:.1f} GB")
-
-
-def table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The comparison's column names and one row of formatted cells per method (Markdown and HTML)."""
-    needs = any(r.get("data_needs") is not None for r in doc["methods"])
-    header = ["method", f"{doc['metric']} [95% CI]", "p vs best", "base", "trainable params", "train time",
-              "train tok/s", "peak RSS MiB", "latency ms (p95)", "batched ex/s", "batched tok/s", "artifact MiB",
-              "train loss", "val loss", "gap", "general ppl change", "general KL"] + (["data needs"] if needs else [])
-    rows = [[r["method"], f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]", _pval(r["p_vs_best"]),
-             or_dash(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
-             or_dash(r["tokens_per_s"], ".0f"), or_dash(r["peak_rss_mib"], ".0f"),
-             "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ({r['latency_p95_ms']:.0f})",
-             or_dash(r["examples_per_s"], ".2f"), or_dash(r.get("inference_tokens_per_s"), ".0f"),
-             f"{r['artifact_mib']:.2f}", or_dash(r["final_train_loss"], ".3f"), or_dash(r["final_val_loss"], ".3f"),
-             or_dash(r["gap"], "+.3f"), or_dash(r.get("forgetting"), "+.1%"), or_dash(r.get("general_kl"), ".3f")]
-            + ([_needs(r)] if needs else []) for r in doc["methods"]]
-    return header, rows
-
-
-def learning_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """The learning curve as a table: one row per method, one column per training-set size."""
-    curves = doc.get("learning_curve") or {}
-    if not curves:
-        return None
-    sizes = sorted({p["train_examples"] for points in curves.values() for p in points})
-    header = ["method"] + [f"{n:,} examples" for n in sizes]
-    rows = []
-    for method, points in curves.items():
-        at = {p["train_examples"]: p for p in points}
-        rows.append([method] + [f"{at[n]['value']:.4f} [{at[n]['low']:.4f}, {at[n]['high']:.4f}]"
-                                + ("" if at[n]["p_vs_all_data"] is None else f" {p_is(at[n]['p_vs_all_data'])}")
-                                if n in at else "-" for n in sizes])
-    return header, rows
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    """The comparison as a Markdown table, the learning curve when measured, then the verdict."""
-    header, rows = table(doc)
-    lines = [f"Methods compared on {doc['test_examples']} test examples", "", *_md(header, rows)]
-    learning = learning_table(doc)
-    if learning:
-        lines += ["", f"Test {doc['metric']} by training-set size (p: against the same method on all the data)", "",
-                  *_md(*learning), "", *doc.get("learning_fit_words", [])]
-    return "\n".join(lines + ["", doc["verdict"]])
-
-
-def _md(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _needs(r: dict[str, Any]) -> str:
-    if r.get("data_needs") is None:
-        return "-"
-    return f"{r['data_needs']:,}" + (" (all)" if r["data_needs"] == r.get("train_examples") else "")
-
-
-def _pval(p: float | None) -> str:
-    return "best" if p is None else p_text(p)
-

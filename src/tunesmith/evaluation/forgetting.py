@@ -31,14 +31,15 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from tunesmith import metrics as M
+from tunesmith.evaluation import metrics as M
 from tunesmith import runtime
 from tunesmith.config import Config
 from tunesmith.data import general
 from tunesmith.data.formats import Example
 from tunesmith.data.render import IGNORE, Encoded, collate, encode, encode_plain
-from tunesmith.replies import cached_replies
-from tunesmith.train import _plain_head, _target_hidden, _unwrap, target_logprob_per_row
+from tunesmith.generation.replies import cached_replies
+from tunesmith.training.losses import plain_head, target_hidden, target_logprob_per_row
+from tunesmith.models import unwrap
 
 MIN_WINDOW = 32  # tokens scored per general text at least, whatever eval.general_tokens says
 
@@ -81,7 +82,7 @@ class Probe:
     @torch.no_grad()
     def observe(self, base: torch.nn.Module, progress: Progress | None = None) -> Observed | None:
         """The base model's side: general-text losses, greedy replies (cached), log-probs on them."""
-        if not self.enabled or not _plain_head(_unwrap(base)):
+        if not self.enabled or not plain_head(unwrap(base)):
             return None
         t0 = time.perf_counter()
         nll = self._nll(base)
@@ -165,13 +166,13 @@ class Probe:
         was = model.training
         model.eval()
         out: list[torch.Tensor] = []
-        head = _unwrap(model).get_output_embeddings()
+        head = unwrap(model).get_output_embeddings()
         encoded = self._encoded_replies(replies)
         for i in range(0, len(encoded), self.batch_size):
             part = encoded[i : i + self.batch_size]
             batch = {k: v.to(dev) for k, v in collate(part, self.tokenizer.pad_token_id).items()}
             with runtime.autocast(dev, self.bf16):
-                h, _, rows = _target_hidden(model, batch)  # (N, d), targets of the batch in row order
+                h, _, rows = target_hidden(model, batch)  # (N, d), targets of the batch in row order
                 for r in range(len(part)):  # (N_r, V) per reply: the whole batch's (N, V) never at once
                     out.append(F.log_softmax(head(h[rows == r]).float(), dim=-1))
         model.train(was)

@@ -1,16 +1,26 @@
-"""Where and how the math runs: device, bf16 autocast detection, seeding, RNG snapshots."""
+"""Where and how the math runs: device, bf16 autocast detection, seeding, RNG snapshots.
+
+The package also holds what every layer uses while it works: ``threads`` (how many, and how they
+wait), ``progress`` (bars or plain lines), ``stopping`` (Ctrl-C and SIGTERM as a resumable stop)
+and ``commands`` (the command a hint tells the user to type). Importing it first chooses how
+OpenMP's threads wait, before torch starts them (``threads.choose_wait_policy``).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
-import random
-from collections.abc import Iterator
-from typing import Any
+from tunesmith.runtime.threads import choose_wait_policy
 
-import numpy as np
-import torch
+choose_wait_policy()  # before torch starts OpenMP: how its threads wait when other work is running
+
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import functools  # noqa: E402
+import random  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def device() -> torch.device:

@@ -49,3 +49,7 @@ class StopRequests:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+
+
+class EvaluationStopped(Stopped):
+    """The evaluation stopped on request; every answer made so far is kept in the run's eval_cache/."""

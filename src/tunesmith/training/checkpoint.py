@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith import distributed, runtime
-from tunesmith.commands import command
+from tunesmith import runtime
+from tunesmith.training import distributed
+from tunesmith.runtime.commands import command
 from tunesmith.io import atomic_dir, recover_dir
 
 CHECKPOINTS = "checkpoints"

@@ -19,16 +19,16 @@ import torch
 from rich.progress import Progress
 
 from tunesmith.data.formats import Example
-from tunesmith.evaluate import generate
+from tunesmith.generation.generate import generate
 from tunesmith.io import atomic_write_json
 from tunesmith.models import context_length, tunesmith_home
-from tunesmith.train import _unwrap
+from tunesmith.models import unwrap
 
 
 def cached_replies(model: torch.nn.Module, tokenizer: Any, conversations: list[Example], max_new_tokens: int,
                    batch_size: int, bf16: bool, progress: Progress | None = None,
                    should_stop: Callable[[], bool] | None = None) -> list[str]:
-    """Greedy replies (``evaluate.generate``) to each conversation up to its last assistant turn,
+    """Greedy replies (``generation.generate``) to each conversation up to its last assistant turn,
     from the cache when this model (by its weights) gave them with these settings. Leaves the
     model in eval mode, as ``generate`` does. ``should_stop``: as ``generate`` takes it."""
     key = hashlib.sha256(json.dumps([fingerprint(model), tokenizer.chat_template, [c.messages for c in conversations],
@@ -52,7 +52,7 @@ def cached_replies(model: torch.nn.Module, tokenizer: Any, conversations: list[E
 def fingerprint(model: torch.nn.Module) -> str:
     """A hash of a model's weights (a sample of every tensor): the same weights, the same replies."""
     h = hashlib.sha256()
-    for name, p in _unwrap(model).state_dict().items():
+    for name, p in unwrap(model).state_dict().items():
         flat = p.detach().reshape(-1)
         h.update(name.encode())
         h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tunesmith.commands import PROGRAM_ENV, program
+from tunesmith.runtime.commands import PROGRAM_ENV, program
 
 
 @dataclass(frozen=True)
