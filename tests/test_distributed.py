@@ -138,7 +138,7 @@ def test_a_failure_inside_main_first_stops_every_process(tmp_path, who):
     script = tmp_path / "mf.py"
     script.write_text(
         "import sys\n"
-        "from tunesmith import distributed\n"
+        "from tunesmith.training import distributed\n"
         "w = distributed.init()\n"
         "try:\n"
         "    with distributed.main_first():\n"
