@@ -59,7 +59,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from tunesmith.data import Example, encode_all
     from tunesmith.models import load_model
-    from tunesmith.training.loop import evaluate_loss
+    from tunesmith.training.losses import evaluate_loss
 
     impl, method, bf16, packing = SIDES[side]
     torch.manual_seed(0)
@@ -331,7 +331,7 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
                      f"{r['peak_rss_mib']:.0f} | {r.get(f'rss_vs_{bf16}', nan):.2f} | {r['eval_loss']:.4f} | "
                      f"{r.get(f'eval_loss_vs_{bf16}', nan):+.2%} | {r['mfu_vs_bf16_peak']:.1%} | "
                      f"{r['mfu_vs_fp32_peak']:.1%} | {r['warmup_seconds']:.1f} |")
-    lines += ["", "FLOPs model: see `src/tunesmith/flops.py` (4N + 12·L·d·T + 6·N_lora for LoRA, 6N + 12·L·d·T for full;",
+    lines += ["", "FLOPs model: see `src/tunesmith/training/flops.py` (4N + 12·L·d·T + 6·N_lora for LoRA, 6N + 12·L·d·T for full;",
               "the LM head counted only at target positions for our loop, as it runs)."]
     (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
 

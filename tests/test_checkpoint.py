@@ -13,7 +13,7 @@ import torch
 
 from conftest import examples, make_model
 from tunesmith.training import checkpoint as ckpt_mod
-from tunesmith.training import loop as train_mod
+from tunesmith.training import losses as losses_mod
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import encode_all
 from tunesmith.io import atomic_dir, recover_dir
@@ -142,7 +142,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_run_resumable(tokeniz
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_after_the_step_and_resume_is_exact(tokenizer, data, tmp_path, straight, monkeypatch, sig):
-    real = train_mod.target_loss_sum
+    real = losses_mod.target_loss_sum
     calls = {"n": 0}
 
     def signalled(*a, **k):
@@ -151,13 +151,13 @@ def test_a_stop_signal_checkpoints_after_the_step_and_resume_is_exact(tokenizer,
             os.kill(os.getpid(), sig)
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "target_loss_sum", signalled)
+    monkeypatch.setattr(losses_mod, "target_loss_sum", signalled)
     run = tmp_path / "run"
     result = train(fresh(tokenizer), data, data[:4], cfg(save_every=0), run, tokenizer.pad_token_id, show_progress=False)
     assert result.interrupted and result.steps == 5  # the step in flight finished, then it stopped
     assert ckpt_mod.verify(run / "checkpoints" / "step-5") is None
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(train_mod, "target_loss_sum", real)
+    monkeypatch.setattr(losses_mod, "target_loss_sum", real)
     model = fresh(tokenizer)
     assert_same(model, train(model, data, data[:4], cfg(save_every=0), run, tokenizer.pad_token_id, resume=True,
                              show_progress=False), straight)
@@ -183,7 +183,7 @@ def test_the_cli_exit_code_says_interrupted_and_resumable(tmp_path, tiny_model_d
     from test_cli import write_config
     from tunesmith.cli import EXIT_RESUMABLE, main
 
-    real = train_mod.target_loss_sum
+    real = losses_mod.target_loss_sum
     calls = {"n": 0}
 
     def signalled(*a, **k):
@@ -192,10 +192,10 @@ def test_the_cli_exit_code_says_interrupted_and_resumable(tmp_path, tiny_model_d
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "target_loss_sum", signalled)
+    monkeypatch.setattr(losses_mod, "target_loss_sum", signalled)
     path = write_config(tmp_path, tiny_model_dir, sst_files)
     assert main(["train", str(path)]) == EXIT_RESUMABLE == 75
-    monkeypatch.setattr(train_mod, "target_loss_sum", real)
+    monkeypatch.setattr(losses_mod, "target_loss_sum", real)
     assert main(["train", str(path), "--resume"]) == 0
 
 

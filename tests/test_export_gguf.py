@@ -30,7 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from tunesmith.data.render import TEMPLATES
 from tunesmith.deploy import gguf_export, llama_consumer
-from tunesmith.deploy.gguf_export import ExportError, ollama_modelfile, unpermute_qk, verify_gguf, write_gguf
+from tunesmith.deploy.errors import ExportError
+from tunesmith.deploy.gguf_export import ollama_modelfile, unpermute_qk, verify_gguf, write_gguf
 
 RELATIVE_TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
 TEXTS = ["<|im_start|>user\nhello world , how are you today ?<|im_end|>\n<|im_start|>assistant\n",

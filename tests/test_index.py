@@ -110,6 +110,9 @@ def test_training_lists_the_run_and_the_cli_shows_it(tmp_path, tiny_model_dir, s
     row = index.find("indexed-a")
     assert row["status"] == "evaluated" and row["metric"] == "accuracy" and row["low"] <= row["value"] <= row["high"]
     assert row["train_seconds"] > 0 and row["tokens_per_s"] > 0 and row["path"] == str((tmp_path / "runs" / "indexed-a").resolve())
+    assert main(["eval", str(tmp_path / "runs" / "indexed-a")]) == 0  # a second evaluation, alone: still evaluated
+    assert index.find("indexed-a")["status"] == "evaluated"
+    capsys.readouterr()
     assert main(["runs", "--name", "indexed-", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in listed] == ["indexed-b", "indexed-a"]

@@ -333,3 +333,28 @@ def test_token_lengths_count_control_token_text_as_the_text_it_is(tmp_path, toke
     assert lengths == [len(encode_plain(tokenizer, r["text"])) for r in rows]
     parsed = len(tokenizer(rows[0]["text"], add_special_tokens=False)["input_ids"])
     assert lengths[0] > parsed  # the control-token reading is shorter: that was the old count
+
+
+def test_rows_without_a_label_are_what_labeling_functions_label(tmp_path, tokenizer):
+    """Weak supervision's own case: some rows have no label (empty in CSV, null in JSONL); the
+    labeling functions label them, nothing crashes before the functions are even loaded."""
+    lfs = tmp_path / "lfs.py"
+    lfs.write_text("from tunesmith.data.label import ABSTAIN, labeling_function\n\n"
+                   "@labeling_function()\n"
+                   "def prize(text):\n"
+                   "    return 'spam' if 'prize' in text else ABSTAIN\n\n"
+                   "@labeling_function()\n"
+                   "def casual(text):\n"
+                   "    return 'ham' if 'lunch' in text else ABSTAIN\n")
+    rows = ([{"text": f"win a prize number {i} now", "label": "spam"} for i in range(6)]
+            + [{"text": f"lunch at {i} today?", "label": "ham"} for i in range(6)]
+            + [{"text": f"claim your prize {i}", "label": None} for i in range(5)]
+            + [{"text": f"lunch with team {i}", "label": ""} for i in range(5)])
+    train = jsonl(tmp_path / "train.jsonl", rows)
+    cfg = cfg_for(tmp_path, "classification", train=str(train), labels={"spam": "spam", "ham": "ham"},
+                  validation_size=6, prepare={"labeling_functions": str(lfs)})
+    out = prepare(cfg, tmp_path / "out", tokenizer)
+    kept = [r for split in out.splits.values() for r in split]
+    assert {r["label"] for r in kept} == {"spam", "ham"}
+    assert any(r["text"].startswith("claim your prize") and r["label"] == "spam" for r in kept)
+    assert any(r["text"].startswith("lunch with team") and r["label"] == "ham" for r in kept)

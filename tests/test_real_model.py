@@ -10,7 +10,8 @@ from tunesmith.data import encode_all, load_splits
 from tunesmith.methods import prepare
 from tunesmith.models import load_model
 from tunesmith.runs import finetune
-from tunesmith.training.loop import evaluate_loss, train
+from tunesmith.training.loop import train
+from tunesmith.training.losses import evaluate_loss
 
 pytestmark = pytest.mark.slow
 SST2 = "examples/sst2.yaml"

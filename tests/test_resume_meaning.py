@@ -21,6 +21,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.formats import Example
 from tunesmith.evaluation.answers import AnswerStore, EvaluationStopped, answer_all
 from tunesmith.training.loop import EpochPlan, epoch_steps
+from tunesmith.training.state import LoopState
 
 ROOT = Path(__file__).parents[1]
 
@@ -39,15 +40,15 @@ def test_a_new_step_size_continues_from_the_same_example(group_by_length):
     lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4]
     cfg = TrainConfig(batch_size=4, epochs=2, seed=3, group_by_length=group_by_length)
     plan = EpochPlan(lengths, cfg, None)
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "per_step": 4, "rest": None}
+    state = LoopState(per_step=4)
     first, reached, ended = plan.take(state)  # 4 examples (grouped by length: possibly the short last step, 1)
     assert len(first) in (1, 4) and reached == pytest.approx(len(first) / 9) and not ended
     left = 9 - len(first)
-    state["step"] += 1
+    state.step += 1
     plan.advance(state, ended)
     smaller = EpochPlan(lengths, TrainConfig(batch_size=2, epochs=2, seed=3, group_by_length=group_by_length), None)
-    note = smaller.resume(json_roundtrip := json.loads(json.dumps(state)))  # what a checkpoint holds
-    state = json_roundtrip
+    state = LoopState.from_json(json.loads(json.dumps(state.to_json())))  # what a checkpoint holds
+    note = smaller.resume(state)
     assert "changed from 4 to 2" in note and f"{left} examples of epoch 1" in note
     assert smaller.total_steps(state) == 1 + (left + 1) // 2 + 5  # the rest of epoch 1, then ceil(9/2)
     seen, epochs = list(first), []
@@ -55,14 +56,14 @@ def test_a_new_step_size_continues_from_the_same_example(group_by_length):
         chunk, reached, ended = smaller.take(state)
         seen += chunk
         epochs.append(reached)
-        state["step"] += 1
+        state.step += 1
         smaller.advance(state, ended)
         if ended:
             break
     assert sorted(seen) == list(range(9))  # every example of epoch 1 exactly once
     assert epochs == sorted(epochs) and epochs[-1] == pytest.approx(1.0)
     assert epochs[0] == pytest.approx((len(first) + min(2, left)) / 9)
-    assert state["epoch"] == 1 and state["rest"] is None and state["per_step"] == 2
+    assert state.epoch == 1 and state.rest is None and state.per_step == 2
     assert smaller.steps(state) == epoch_steps(lengths, smaller.cfg, 1, None, 2)
 
 
@@ -70,8 +71,8 @@ def test_an_unchanged_resume_takes_the_same_steps_as_an_old_checkpoint():
     """Checkpoints of earlier versions hold only the step count: the position is derived from it."""
     lengths = list(range(1, 11))
     plan = EpochPlan(lengths, TrainConfig(batch_size=3), None)
-    state = {"step": 5}  # 10 examples at 3 a step: 4 steps per epoch, so epoch 2, its second step
-    assert plan.resume(state) is None and (state["epoch"], state["epoch_step"]) == (1, 1)
+    state = LoopState.from_json({"step": 5})  # 10 examples at 3 a step: 4 steps per epoch, so epoch 2, its second step
+    assert plan.resume(state) is None and (state.epoch, state.epoch_step) == (1, 1)
     assert plan.take(state)[0] == epoch_steps(lengths, plan.cfg, 1)[1]
 
 

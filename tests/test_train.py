@@ -12,7 +12,8 @@ from tunesmith.config import Config, EarlyStoppingConfig, TrainConfig
 from tunesmith.data import collate, encode_all
 from conftest import examples
 from tunesmith.methods import lora
-from tunesmith.training.loop import evaluate_loss, train
+from tunesmith.training.loop import train
+from tunesmith.training.losses import evaluate_loss
 from tunesmith.training.losses import target_logprob_per_row, target_loss_sum
 
 LABELS = {"0": "negative", "1": "positive"}
@@ -138,7 +139,7 @@ def test_resume_is_exact(tokenizer, encoded, tmp_path):
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
     model = lora_model(tiny_model)
     calls = {"n": 0}
-    real = train_mod.target_loss_sum
+    real = losses.target_loss_sum
 
     def flaky(*args, **kw):
         calls["n"] += 1
@@ -146,7 +147,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model, tokenizer, encoded, tm
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "target_loss_sum", flaky)
+    monkeypatch.setattr(losses, "target_loss_sum", flaky)
     r = train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4), tmp_path, tokenizer.pad_token_id, show_progress=False)
     assert r.interrupted and r.steps == 3
     state = json.loads((tmp_path / "checkpoints" / "step-3" / "state.json").read_text())
@@ -156,7 +157,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model, tokenizer, encoded, tm
 def test_early_stopping_restores_best(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
     model = lora_model(tiny_model, dropout=0.0)
     curve = iter([1.0, 0.8, 0.85, 0.9, 0.7, 0.6])  # best at the 2nd evaluation, then 2 worse ones
-    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: next(curve))
+    monkeypatch.setattr(losses, "evaluate_loss", lambda *a, **k: next(curve))
     config = cfg(max_steps=12, batch_size=4, eval_every=2, early_stopping=EarlyStoppingConfig(patience=2, min_delta=0.01))
     r = train(model, encoded, encoded[:4], config, tmp_path, tokenizer.pad_token_id, show_progress=False)
     assert r.stopped_early and r.steps == 8 and r.best_step == 4 and r.best_val_loss == 0.8
@@ -251,7 +252,7 @@ def test_best_model_is_the_lowest_validation_loss_even_below_min_delta(tiny_mode
     """min_delta decides patience only: a lower loss that is not lower by min_delta is still the best."""
     model = lora_model(tiny_model, dropout=0.0)
     curve = iter([1.0, 0.995, 0.991, 0.998])
-    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: next(curve))
+    monkeypatch.setattr(losses, "evaluate_loss", lambda *a, **k: next(curve))
     config = cfg(max_steps=12, batch_size=4, eval_every=2, early_stopping=EarlyStoppingConfig(patience=3, min_delta=0.01))
     r = train(model, encoded, encoded[:4], config, tmp_path, tokenizer.pad_token_id, show_progress=False)
     # patience counts from 1.0 (the last evaluation better by min_delta): 0.995, 0.991, 0.998 are three misses
@@ -267,7 +268,7 @@ def test_best_model_is_the_lowest_validation_loss_even_below_min_delta(tiny_mode
 
 def test_a_nan_training_loss_stops_the_run_before_the_update(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
     model = lora_model(tiny_model, dropout=0.0)
-    real = train_mod.target_loss_sum
+    real = losses.target_loss_sum
     calls = {"n": 0}
 
     def poisoned(*args, **kw):
@@ -275,7 +276,7 @@ def test_a_nan_training_loss_stops_the_run_before_the_update(tiny_model, tokeniz
         loss, n = real(*args, **kw)
         return (loss * float("nan"), n) if calls["n"] == 3 else (loss, n)
 
-    monkeypatch.setattr(train_mod, "target_loss_sum", poisoned)
+    monkeypatch.setattr(losses, "target_loss_sum", poisoned)
     with pytest.raises(train_mod.NonFiniteLossError) as err:
         train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4, save_every=1), tmp_path,
               tokenizer.pad_token_id, show_progress=False)
@@ -297,7 +298,7 @@ def test_an_infinite_gradient_norm_stops_the_run(tiny_model, tokenizer, encoded,
 def test_a_nan_validation_loss_is_never_best(tiny_model, tokenizer, encoded, tmp_path, monkeypatch):
     model = lora_model(tiny_model, dropout=0.0)
     curve = iter([0.9, float("nan")])
-    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: next(curve))
+    monkeypatch.setattr(losses, "evaluate_loss", lambda *a, **k: next(curve))
     with pytest.raises(train_mod.NonFiniteLossError, match="step 4: the validation loss is nan"):
         train(model, encoded, encoded[:4], cfg(max_steps=6, batch_size=4, eval_every=2), tmp_path,
               tokenizer.pad_token_id, show_progress=False)
@@ -324,7 +325,7 @@ def test_out_of_memory_names_the_settings_that_fit(tiny_model, tokenizer, encode
     def too_big(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(train_mod, "target_loss_sum", too_big)
+    monkeypatch.setattr(losses, "target_loss_sum", too_big)
     with pytest.raises(train_mod.OutOfMemoryError) as e:
         train(model, encoded, encoded[:4], cfg(max_steps=3, batch_size=8, grad_accum=2), tmp_path, tokenizer.pad_token_id,
               show_progress=False)

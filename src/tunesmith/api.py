@@ -16,10 +16,11 @@ from typing import Any
 
 import openai
 
+from tunesmith.errors import TunesmithError
 from tunesmith.config import ApiConfig
 
 
-class ApiError(RuntimeError):
+class ApiError(TunesmithError, RuntimeError):
     """The endpoint refused or failed a request; the message has the status and the reply."""
 
 

@@ -7,7 +7,10 @@ each with its dotted key; an unknown key gets the closest valid one as a suggest
 
 from __future__ import annotations
 
+from tunesmith.errors import TunesmithError
+
 import dataclasses
+from collections.abc import Callable
 import difflib
 import re
 import types
@@ -72,7 +75,7 @@ def _override_value(value: str) -> Any:
     return parsed
 
 
-class ConfigError(ValueError):
+class ConfigError(TunesmithError, ValueError):
     """A config has one or more problems; ``problems`` lists each as 'key: message'."""
 
     def __init__(self, problems: list[str], source: str = "config") -> None:
@@ -380,7 +383,10 @@ def load_config(
         except FileNotFoundError:
             raise ConfigError([f"file not found: {path}"], source) from None
         except yaml.YAMLError as e:
-            raise ConfigError([f"not valid YAML: {e}"], source) from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError([f"not valid YAML: {where}{what}"], source) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(["the top level must be a mapping of keys to values"], source)
         raw = loaded or {}
@@ -465,6 +471,14 @@ def _task_from_file(entry: Any, i: int, base: Path, problems: list[str]) -> Any:
             "data": _deep_merge(to_dict(sub)["data"], own_data)}
 
 
+def train_settings(cfg: Config) -> TrainConfig:
+    """The training settings the run's method uses: ``train``, with ``full.lr`` in place of
+    ``train.lr`` for method ``full`` when it is set (all weights move: usually a 10x smaller rate)."""
+    if cfg.method == "full" and cfg.full.lr is not None:
+        return dataclasses.replace(cfg.train, lr=cfg.full.lr)
+    return cfg.train
+
+
 def task_config(cfg: Config, t: TaskConfig) -> Config:
     """The single-task config of task ``t`` of multi-task run ``cfg``: its task type, data and
     metric, everything else (model, method, train, eval settings) from ``cfg``."""
@@ -472,18 +486,31 @@ def task_config(cfg: Config, t: TaskConfig) -> Config:
                                eval=dataclasses.replace(cfg.eval, metric=t.metric), tasks=[])
 
 
+def _checker() -> tuple[list[str], Callable[[bool, str], None]]:
+    """A list of problems and ``check(ok, message)``, which adds the message when not ok."""
+    problems: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    return problems, check
+
+
 def validate(cfg: Config) -> list[str]:
     """Check values (types are checked on reading); return every problem found."""
-    p: list[str] = []
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            p.append(msg)
-
+    p, check = _checker()
     check(cfg.task in TASKS, f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
     check(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
     check(bool(cfg.name) and "/" not in cfg.name, "name: must be a non-empty folder name")
     check(bool(cfg.data.train) or bool(cfg.tasks), "data.train: required (path to the training file)")
+    p += _data_problems(cfg) + _train_problems(cfg) + _method_problems(cfg) + _validate_forgetting(cfg)
+    return p
+
+
+def _data_problems(cfg: Config) -> list[str]:
+    """The data section's problems."""
+    p, check = _checker()
     check(cfg.data.format in FORMATS, f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
     check(cfg.data.validation_size > 0 and (cfg.data.validation_size < 1 or float(cfg.data.validation_size).is_integer()),
           "data.validation_size: a fraction below 1 or a whole number of rows (> 0)")
@@ -526,6 +553,12 @@ def validate(cfg: Config) -> list[str]:
         check(bool(cfg.data.labels), "data.labels: required for classification, e.g. {0: negative, 1: positive}")
         words = list(cfg.data.labels.values())
         check(len(set(words)) == len(words), "data.labels: two labels map to the same words")
+    return p
+
+
+def _train_problems(cfg: Config) -> list[str]:
+    """The train section's problems."""
+    p, check = _checker()
     t = cfg.train
     check(t.epochs >= 1, "train.epochs: must be >= 1")
     check(t.max_steps is None or t.max_steps >= 1, "train.max_steps: must be >= 1")
@@ -545,6 +578,12 @@ def validate(cfg: Config) -> list[str]:
     check(t.early_stopping.min_delta >= 0, "train.early_stopping.min_delta: must be >= 0")
     check(t.strategy in STRATEGIES, f"train.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     check(t.precision in PRECISIONS, f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    return p
+
+
+def _method_problems(cfg: Config) -> list[str]:
+    """The method's settings (classifier, prompt, full, lora) and the evaluation's."""
+    p, check = _checker()
     check(cfg.classifier in ("auto", "lm", "head"), f"classifier: {cfg.classifier!r} is not one of auto, lm, head")
     check(cfg.classifier != "head" or cfg.task == "classification", "classifier: head needs task: classification")
     check(not (cfg.classifier == "head" and cfg.method == "prompt"), "classifier: head cannot be used with method: prompt "
@@ -571,7 +610,6 @@ def validate(cfg: Config) -> list[str]:
           f"eval.classify_by: {cfg.eval.classify_by!r} is not one of scoring, generation")
     check(cfg.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples: must be >= 100")
     check(cfg.eval.latency_examples >= 0, "eval.latency_examples: must be >= 0 (0 skips the latency measurement)")
-    p += _validate_forgetting(cfg)
     return p
 
 
@@ -637,13 +675,9 @@ def _split_problems(pp: PrepareConfig) -> list[str]:
 
 
 def _validate_forgetting(cfg: Config) -> list[str]:
-    """Problems in the forgetting check, the mitigations (replay, distill, anchor) and multi-task settings."""
-    p: list[str] = []
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            p.append(msg)
-
+    """Problems in the forgetting check, the mitigations (replay, distill, anchor), multi-task,
+    search, tracker and estimate settings."""
+    p, check = _checker()
     e = cfg.eval
     check(e.general_tokens >= 0, "eval.general_tokens: must be >= 0")
     check(0 <= e.general_instructions <= 16, "eval.general_instructions: 0 to 16 (the shipped instructions that are "
@@ -682,6 +716,12 @@ def _validate_forgetting(cfg: Config) -> list[str]:
         check(not (on and cfg.train.strategy == "fsdp"), f"{key}: not available with train.strategy: fsdp yet (the teacher "
               "and anchor read whole weights); use train.strategy: ddp")
     check(not (r.ratio > 0 and not trains), "replay.ratio: method prompt trains nothing to replay into")
+    return p + _tasks_problems(cfg) + _search_problems(cfg) + _other_problems(cfg)
+
+
+def _tasks_problems(cfg: Config) -> list[str]:
+    """The multi-task settings' problems (tasks[], mixing)."""
+    p, check = _checker()
     names = [t.name for t in cfg.tasks]
     for i, t in enumerate(cfg.tasks):
         where = f"tasks[{i}]"
@@ -708,7 +748,12 @@ def _validate_forgetting(cfg: Config) -> list[str]:
     check(cfg.mixing.by in ("weight", "temperature", "size"),
           f"mixing.by: {cfg.mixing.by!r} is not one of weight, temperature, size")
     check(cfg.mixing.temperature > 0, "mixing.temperature: must be > 0")
-    p += _search_problems(cfg)
+    return p
+
+
+def _other_problems(cfg: Config) -> list[str]:
+    """Trackers (report_to) and the estimate's settings."""
+    p, check = _checker()
     for name in cfg.report_to:
         if name not in TRACKERS:
             close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from tunesmith.errors import TunesmithError
 from tunesmith.config import Config
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import TEMPLATES, chat_format, set_chat_template
@@ -35,7 +36,7 @@ ENCODERS = {  # built-in encoder names -> (package holding a plain HF folder, fo
 }
 
 
-class ModelError(RuntimeError):
+class ModelError(TunesmithError, RuntimeError):
     """A base model could not be found or loaded; the message says what to do."""
 
 
@@ -80,6 +81,10 @@ def resolve_model(spec: str) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {spec}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes: a partial "
+                                 "download, or another format named .gguf)")
         return ModelSource("gguf", str(path), path.stem)
     if path.is_dir():
         if not (path / "config.json").is_file():

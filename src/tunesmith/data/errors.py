@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tunesmith.errors import TunesmithError
 
-class DataError(ValueError):
+
+class DataError(TunesmithError, ValueError):
     """Bad input data; the message names file, line and field."""

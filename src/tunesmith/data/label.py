@@ -15,6 +15,8 @@ information: how often they fire on each class.
 
 from __future__ import annotations
 
+from tunesmith.errors import TunesmithError
+
 import functools
 import importlib.machinery
 import importlib.util
@@ -33,7 +35,7 @@ _ABSTAIN_ID = -1  # how an abstain is stored in a label matrix
 _order = itertools.count()  # creation order, so a file's LFs come back in definition order
 
 
-class LabelingError(ValueError):
+class LabelingError(TunesmithError, ValueError):
     """A problem with labeling functions or their output; the message says which and where."""
 
 

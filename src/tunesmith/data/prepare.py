@@ -219,8 +219,9 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
             no_refs += any(s.kind == "column" and row.values.get(s.spec) in (None, "") for s in layout.references)
             _split_keys(rec, row.values, p, where)
             state = check_record(rec, layout.name, layout.columns, labels, where, p.labeling_functions is not None)
-            if state is None and cfg.task != "text" and getattr(tokenizer, "chat_template", None):  # heads need none
-                _check_renders(tokenizer, to_example(rec, layout.name, labels, d.system_prompt, where))
+            unlabeled = layout.name == "text_label" and rec.get("label") in (None, "")  # for the labeling functions
+            if state is None and not unlabeled and cfg.task != "text" and getattr(tokenizer, "chat_template", None):
+                _check_renders(tokenizer, to_example(rec, layout.name, labels, d.system_prompt, where))  # heads need none
         except DataError as e:
             bad.append(str(e))
             continue
@@ -498,7 +499,8 @@ def _split(records, cfg, steps) -> None:
     if not (make_val or make_test):
         return
     rows, ordered = records["train"], p.split == "ordered"
-    labels = [str(r.get("label")) for r in rows] if cfg.task == "classification" and p.stratify and not ordered else None
+    labels = ([str(r["label"]) if _filled(r.get("label")) else "(no label yet)" for r in rows]  # the functions label those
+              if cfg.task == "classification" and p.stratify and not ordered else None)
     groups = [r["_group"] for r in rows] if p.group_by else None
     try:
         parts = split_indices(len(rows), validation=d.validation_size if make_val else 0,
@@ -506,7 +508,7 @@ def _split(records, cfg, steps) -> None:
                               ordered=ordered)
     except ValueError as e:  # too few rows left for the splits asked for: say which file and why, in config terms
         why = str(e).replace("or pass labels=None", "or set data.prepare.stratify: false")
-        raise DataError(f"{d.train}: after preparation ({len(rows)} rows left): {why}") from None
+        raise DataError(f"{d.train}: after preparation ({len(rows)} row{'' if len(rows) == 1 else 's'} left): {why}") from None
     for name, idx in parts.items():
         if idx or name == "train":
             records[name] = [rows[i] for i in idx]

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from tunesmith.errors import TunesmithError
 from tunesmith import models, runtime
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 _DETOK_CONTEXT = 5  # prompt tokens decoded before the first new one, so its leading space survives
 
 
-class EngineError(RuntimeError):
+class EngineError(TunesmithError, RuntimeError):
     """A request the engine cannot take (bad prompt, unknown adapter, limits)."""
 
 

@@ -18,16 +18,15 @@ from typing import Any
 import torch
 
 from tunesmith import methods
-from tunesmith.config import Config, task_config
+from tunesmith.config import Config, task_config, train_settings
 from tunesmith.runtime.commands import command
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import chat_format, encode_prompt, fold_system
 from tunesmith.deploy.errors import ExportError
 from tunesmith.deploy.loading import LoadedRun, load_run, run_config, run_kind
 from tunesmith.io import atomic_dir, atomic_write_json
-from tunesmith.models import context_length, load_tokenizer, resolve_model
+from tunesmith.models import context_length, load_tokenizer, ready_tokenizer, resolve_model
 from tunesmith.report.html import load_json
-from tunesmith.models import ready_tokenizer
 
 FORMATS = ("adapter", "hf", "gguf", "prompt")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -152,11 +151,8 @@ def _write_gguf(run: LoadedRun, out: Path, dtype: str) -> None:
     source = resolve_model(run.config.model)
     source_gguf = Path(source.location) if source.kind == "gguf" else None
     name = f"{run.name}.{dtype}.gguf"
-    try:
-        gguf_export.write_gguf(run.model, run.tokenizer, out / name, dtype=dtype, name=run.name, source_gguf=source_gguf)
-        (out / "Modelfile").write_text(gguf_export.ollama_modelfile(run.tokenizer, name, system_prompt=run.config.data.system_prompt))
-    except gguf_export.ExportError as e:
-        raise ExportError(str(e)) from None
+    gguf_export.write_gguf(run.model, run.tokenizer, out / name, dtype=dtype, name=run.name, source_gguf=source_gguf)
+    (out / "Modelfile").write_text(gguf_export.ollama_modelfile(run.tokenizer, name, system_prompt=run.config.data.system_prompt))
 
 
 def _write_prompt(run_dir: Path, cfg: Config, out: Path) -> None:
@@ -255,7 +251,7 @@ def _card_header(run_dir: Path, cfg: Config, format: str, dtype: str) -> str:
     if cfg.method == "prompt":
         lines.append(f"- no training: {cfg.prompt.shots} shots ({cfg.prompt.selection}) in the prompt")
     else:
-        lr = cfg.full.lr if cfg.method == "full" and cfg.full.lr is not None else cfg.train.lr
+        lr = train_settings(cfg).lr
         lines.append(f"- training: {result.get('steps', 0)} steps, lr {lr}, max_seq_len {cfg.train.max_seq_len}, "
                      f"seed {cfg.train.seed}")
     if cfg.data.system_prompt:

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import ChatFormat, chat_format
-from tunesmith.deploy import errors, llama_consumer
+from tunesmith.deploy import llama_consumer
+from tunesmith.deploy.errors import ExportError
 from tunesmith.io import default_file_mode
 
 Q = gguf.GGMLQuantizationType
@@ -60,11 +60,6 @@ PRE_TOKENIZERS = {
     (("Split", _QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
 }
 _EOS_KEY, _EOT_KEY = gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID
-
-
-class ExportError(errors.ExportError):
-    """The model or tokenizer cannot be written as GGUF / an Ollama Modelfile; the message says why.
-    (A RuntimeError, and the deploy package's ExportError, so the CLI reports it as such.)"""
 
 
 # ---------------------------------------------------------------------------------------- write

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.errors import TunesmithError
+
 import numpy as np
 
 TIMEOUT_S = 600.0  # a tiny model answers in seconds; a 135M one in well under a minute
 
 
-class ConsumerFailed(RuntimeError):
+class ConsumerFailed(TunesmithError, RuntimeError):
     """llama.cpp could not be run on the file: the child process crashed (a signal), exited with an
     error, or ran past its time. The message says which, with the end of its error output."""
 

@@ -21,6 +21,7 @@ from tunesmith.runtime.commands import command
 from tunesmith.models import load_classifier, load_model, resolve_model
 from tunesmith.models import ready_tokenizer, uses_head
 from tunesmith.runs import RunError
+from tunesmith.runs.errors import not_trained
 
 KINDS = ("lora", "full", "head", "prompt")
 
@@ -46,15 +47,14 @@ def run_config(run_dir: str | Path) -> Config:
     """The saved config of a finished run. Raises RunError when ``run_dir`` is no finished run."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir}: not a run folder (no config.yaml)")
+        raise RunError(f"{run_dir}: " + ("not a run folder (no config.yaml)" if run_dir.exists() else "no such folder"))
     try:
         cfg = load_config(run_dir / "config.yaml")
     except ConfigError as e:
         raise RunError(f"{run_dir}/config.yaml cannot be read: {e}") from None
     artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
     if not artifact.is_dir():
-        raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first "
-                       f"({command('train', run_dir / 'config.yaml', '--resume')})")
+        raise not_trained(run_dir, artifact.name)
     return cfg
 
 

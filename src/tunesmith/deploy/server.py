@@ -681,6 +681,22 @@ def check_bind(host: str, api_key: str | None) -> None:
                          f"use the models. Pass --api-key (or set {API_KEY_ENV}), or serve on 127.0.0.1")
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise ServeError when ``port`` is no port number or is already taken on ``host``: checked
+    before any model is loaded, so the user hears it at once (not as a traceback after loading)."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port {port}: a port is a number from 0 to 65535, e.g. 8000")
+    address = host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((address, port))
+        except OSError as e:
+            raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server there? choose "
+                             "another --port)") from None
+
+
 def serve(run_dirs: Sequence[str | Path], model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, **limits: Any) -> None:
     """Load the runs (and/or the base ``model``), and serve them until SIGINT/SIGTERM (requests in
@@ -692,6 +708,7 @@ def serve(run_dirs: Sequence[str | Path], model: str | None = None, host: str = 
     """
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key)
+    check_port(host, port)
     known = {f.name for f in fields(ServeSettings)} - {"api_key"}
     unknown = sorted(set(limits) - known)
     if unknown:

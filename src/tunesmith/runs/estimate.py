@@ -42,7 +42,7 @@ import torch
 from tunesmith import runtime
 from tunesmith.training import flops
 from tunesmith.runtime.commands import command
-from tunesmith.config import Config, to_dict
+from tunesmith.config import Config, to_dict, train_settings
 from tunesmith.io import atomic_write_json
 from tunesmith.training.losses import target_loss_sum
 
@@ -244,9 +244,10 @@ def calibrate(model: torch.nn.Module, cfg: Config, train_data: list[Any], val_da
     """Tokens per second of the real training loop on this machine: ``train`` runs this config
     for about ``seconds`` (at least 3 steps) in a scratch folder; the first step (warm-up) is
     timed apart. Validation speed: one validation of up to 4 batches. The model's weights change."""
-    from tunesmith.training.loop import train, validation_loss
+    from tunesmith.training.loop import train
+    from tunesmith.training.losses import validation_loss
 
-    base = cfg.train if cfg.method != "full" or cfg.full.lr is None else dataclasses.replace(cfg.train, lr=cfg.full.lr)
+    base = train_settings(cfg)
     cal = dataclasses.replace(base, eval_every=10**9, save_every=0, keep_checkpoints=1,
                               early_stopping=dataclasses.replace(cfg.train.early_stopping, patience=0))
     rows = val_data if not isinstance(val_data, dict) else [r for v in val_data.values() for r in v]

@@ -30,7 +30,7 @@ from tunesmith.runtime import threads
 from tunesmith.training import mitigations as training
 from tunesmith.evaluation import metrics as M
 from tunesmith.api import ApiModel
-from tunesmith.config import Config, ConfigError, diff, load_config, save_config, task_config
+from tunesmith.config import Config, ConfigError, diff, load_config, save_config, task_config, train_settings
 from tunesmith.data import Example
 from tunesmith.data.prepare import Splits, content_hash, load_splits
 from tunesmith.data.render import encode_examples
@@ -42,7 +42,7 @@ from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import (ModelError, context_length, load_base, load_classifier, load_model, load_tokenizer, needs_chat_template, ready_tokenizer, resolve_model, uses_head)
 from tunesmith.runtime.progress import make_progress
 from tunesmith.runs.data import multitask_data, print_data_summary
-from tunesmith.runs.errors import RunError
+from tunesmith.runs.errors import RunError, not_trained
 from tunesmith.runs.phase import clear_phase, set_phase
 from tunesmith.runtime.commands import command
 from tunesmith.runtime.stopping import StopRequests
@@ -130,38 +130,7 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         if cfg.replay.ratio > 0 and w.main:
             training.replay_source(cfg)  # a replay file that cannot serve fails now, not after preparing the data
 
-        console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
-        head = uses_head(cfg)
-        model, tokenizer = load_base(cfg)
-        if head and cfg.method == "prompt":
-            raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
-        if head and (cfg.replay.ratio > 0 or cfg.distill.weight > 0 or cfg.anchor.method == "ewc"):
-            raise RunError(f"{cfg.model} classifies with a head: replay, distillation and EWC work on next-token "
-                           "predictions (use anchor.method: l2sp, or classifier: lm)")
-        if cfg.method == "lora":  # a typo in the layer names is found before any data work
-            methods.lora.check_target_modules(model, cfg.lora.target_modules)
-        ready_tokenizer(tokenizer, cfg, console)
-        if cfg.tasks:  # several tasks: each prepared into data/<name>/, validated apart, trained on one mixed list
-            train_set, val_set, report = multitask_data(cfg, tokenizer, console)
-            if w.main:
-                atomic_write_json(run_dir / "data_report.json", report)
-        else:
-            splits = load_splits(cfg, run_dir / "data", tokenizer, say=lambda line: console.print(line, highlight=False))
-            console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
-            for note in splits.notes:
-                console.print(f"  {note}", highlight=False)
-            train_set, train_stats = encode_examples(cfg, tokenizer, splits.train, head)
-            val_set, val_stats = encode_examples(cfg, tokenizer, splits.validation, head)
-            report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
-            if w.main:
-                atomic_write_json(run_dir / "data_report.json", report)
-            print_data_summary(report, cfg, console, len(splits.test))
-        if not train_set or not val_set:
-            raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
-        with _progress(console) as progress:  # general data mixed in (replay.ratio); instructions answered by the base
-            if cfg.replay.ratio > 0:
-                model.to(runtime.device())  # the base may answer the replayed instructions: on the training device
-            train_set, replay = training.with_replay(cfg, tokenizer, train_set, model, progress)
+        model, tokenizer, train_set, val_set, splits, replay = _model_and_data(cfg, console, w.main)
     if replay:
         console.print(f"replay: {replay['rows']:,} row{'' if replay['rows'] == 1 else 's'} of {replay['data']} "
                       f"({replay['kind']}; {replay['achieved_ratio_' + replay['by']]:.1%} of the training {replay['by']})"
@@ -176,15 +145,8 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         model = model.to(runtime.device())
     trainable, total = methods.count_parameters(model)
     if cfg.method == "prompt":  # nothing to train: write the prompt, then evaluate it like any tuned model
-        distributed.shutdown()
-        if not w.main:
-            return Run(run_dir, cfg, {}, {})
-        console.print(f"[bold]method[/bold] prompt: {cfg.prompt.shots}-shot ({cfg.prompt.selection}), no training")
-        methods.prompt.save(cfg, splits.train, run_dir)
-        summary = {"steps": 0, "train_seconds": 0.0, "trainable_parameters": 0, "total_parameters": total}
-        atomic_write_json(run_dir / "train_result.json", summary)
         del model
-        return Run(run_dir, cfg, summary, evaluate_run(run_dir, console=console, base_from=base_from))
+        return _prompt_run(cfg, splits, total, console, base_from, w.main)
     console.print(f"[bold]method[/bold] {cfg.method}" + (f" on {w.size} processes ({cfg.train.strategy})" if w.distributed else "")
                   + f": {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%); {len(train_set)} train / "
@@ -193,9 +155,7 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
     if w.main and not w.distributed and not resume:  # what the run will cost (a resumed run: only part of it)
         predicted = _predict(cfg, model, train_set, val_set, tokenizer.pad_token_id, console)
     started = time.perf_counter()
-    train_cfg = cfg.train
-    if cfg.method == "full" and cfg.full.lr is not None:
-        train_cfg = dataclasses.replace(cfg.train, lr=cfg.full.lr)
+    train_cfg = train_settings(cfg)
     with distributed.main_first():  # EWC's Fisher: estimated and saved by process 0, read by the others
         objective, mitigations = training.build(cfg, model, tokenizer, run_dir, resume or not w.main,
                                                 tokenizer.pad_token_id)
@@ -211,23 +171,13 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         return Run(run_dir, cfg, result_dict(result), {})
     if resumed_at is not None and resumed_at >= result.total_steps:
         console.print(f"the run had already finished training ({result.steps} steps): saving and evaluating it")
-    summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total,
-                                     "processes": w.size, "strategy": cfg.train.strategy if w.distributed else "none"}
-    if "replay" in mitigations:  # the share the steps really trained (the plan above is for whole epochs)
-        steps = [r for r in result.history if r.get("type") == "train" and "replay_target_tokens" in r]
-        trained = sum(r["target_tokens"] for r in steps)
-        mitigations["replay"]["trained_ratio_tokens"] = sum(r["replay_target_tokens"] for r in steps) / max(trained, 1)
-    summary |= {"mitigations": mitigations} if mitigations else {}
+    summary = _train_summary(cfg, result, trainable, total, w, mitigations)
     if predicted is not None:
         summary["estimate"] = estimate.against_actual(predicted, summary, time.perf_counter() - started)
         _print_against(summary["estimate"], console)
     atomic_write_json(run_dir / "train_result.json", summary)
     if result.interrupted:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
-        again = f" --nproc {per_node}" + (f" --nnodes {w.size // per_node} and each machine's --node-rank, "
-                                          "--rdzv-endpoint" if per_node < w.size else "")
-        console.print(f"[yellow]stopped at step {result.steps}/{result.total_steps}; continue with: "
-                      f"{command('train', run_dir / 'config.yaml', '--resume')}{again if w.distributed else ''}[/yellow]")
+        console.print(f"[yellow]stopped at step {result.steps}/{result.total_steps}; continue with: {_resume_command(cfg, w)}[/yellow]")
         return Run(run_dir, cfg, summary, {})
     if sharded:  # the trained model is in shards: process 0 builds it whole again with the best weights
         del model
@@ -238,6 +188,80 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         return Run(run_dir, cfg, summary, {})
     evaluation = evaluate_run(run_dir, console=console, base_from=base_from)
     return Run(run_dir, cfg, summary, evaluation)
+
+
+def _prompt_run(cfg: Config, splits: Splits, total: int, console: Console, base_from: Path | None, main: bool) -> Run:
+    """Method prompt: the prompt (system prompt and shots) written, then evaluated like a tuned model."""
+    distributed.shutdown()
+    if not main:
+        return Run(cfg.run_dir, cfg, {}, {})
+    console.print(f"[bold]method[/bold] prompt: {cfg.prompt.shots}-shot ({cfg.prompt.selection}), no training")
+    methods.prompt.save(cfg, splits.train, cfg.run_dir)
+    summary = {"steps": 0, "train_seconds": 0.0, "trainable_parameters": 0, "total_parameters": total}
+    atomic_write_json(cfg.run_dir / "train_result.json", summary)
+    return Run(cfg.run_dir, cfg, summary, evaluate_run(cfg.run_dir, console=console, base_from=base_from))
+
+
+def _train_summary(cfg: Config, result: Any, trainable: int, total: int, w: distributed.World,
+                   mitigations: dict[str, Any]) -> dict[str, Any]:
+    """train_result.json: the loop's result, the model's size, the processes, the mitigations."""
+    summary = result_dict(result) | {"trainable_parameters": trainable, "total_parameters": total,
+                                     "processes": w.size, "strategy": cfg.train.strategy if w.distributed else "none"}
+    if "replay" in mitigations:  # the share the steps really trained (the plan above is for whole epochs)
+        steps = [r for r in result.history if r.get("type") == "train" and "replay_target_tokens" in r]
+        trained = sum(r["target_tokens"] for r in steps)
+        mitigations["replay"]["trained_ratio_tokens"] = sum(r["replay_target_tokens"] for r in steps) / max(trained, 1)
+    return summary | ({"mitigations": mitigations} if mitigations else {})
+
+
+def _resume_command(cfg: Config, w: distributed.World) -> str:
+    """The command that continues a stopped run (with the launch flags of a multi-process run)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
+    again = f" --nproc {per_node}" + (f" --nnodes {w.size // per_node} and each machine's --node-rank, "
+                                      "--rdzv-endpoint" if per_node < w.size else "")
+    return f"{command('train', cfg.run_dir / 'config.yaml', '--resume')}{again if w.distributed else ''}"
+
+
+def _model_and_data(cfg: Config, console: Console, main: bool) -> tuple[torch.nn.Module, Any, list[Any], Any, Splits | None,
+                                                                    dict[str, Any] | None]:
+    """The base model and its tokenizer, the encoded training and validation sets (with replay
+    rows mixed in), the prepared splits (None for a multi-task run) and the replay summary.
+    Raises RunError for a model and settings that cannot work together."""
+    run_dir = cfg.run_dir
+    splits = None
+    console.print(f"[bold]model[/bold] {resolve_model(cfg.model).display_name} ({cfg.model})")
+    head = uses_head(cfg)
+    model, tokenizer = load_base(cfg)
+    if head and cfg.method == "prompt":
+        raise RunError(f"{cfg.model} is an encoder: method prompt needs a generative model")
+    if head and (cfg.replay.ratio > 0 or cfg.distill.weight > 0 or cfg.anchor.method == "ewc"):
+        raise RunError(f"{cfg.model} classifies with a head: replay, distillation and EWC work on next-token "
+                       "predictions (use anchor.method: l2sp, or classifier: lm)")
+    if cfg.method == "lora":  # a typo in the layer names is found before any data work
+        methods.lora.check_target_modules(model, cfg.lora.target_modules)
+    ready_tokenizer(tokenizer, cfg, console)
+    if cfg.tasks:  # several tasks: each prepared into data/<name>/, validated apart, trained on one mixed list
+        train_set, val_set, report = multitask_data(cfg, tokenizer, console)
+        if main:
+            atomic_write_json(run_dir / "data_report.json", report)
+    else:
+        splits = load_splits(cfg, run_dir / "data", tokenizer, say=lambda line: console.print(line, highlight=False))
+        console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(run_dir / "data"))
+        for note in splits.notes:
+            console.print(f"  {note}", highlight=False)
+        train_set, train_stats = encode_examples(cfg, tokenizer, splits.train, head)
+        val_set, val_stats = encode_examples(cfg, tokenizer, splits.validation, head)
+        report = splits.report | {"notes": splits.notes, "encoded": {"train": train_stats, "validation": val_stats}}
+        if main:
+            atomic_write_json(run_dir / "data_report.json", report)
+        print_data_summary(report, cfg, console, len(splits.test))
+    if not train_set or not val_set:
+        raise RunError("no training or validation example has a target token left; check max_seq_len and the data")
+    with _progress(console) as progress:  # general data mixed in (replay.ratio); instructions answered by the base
+        if cfg.replay.ratio > 0:
+            model.to(runtime.device())  # the base may answer the replayed instructions: on the training device
+        train_set, replay = training.with_replay(cfg, tokenizer, train_set, model, progress)
+    return model, tokenizer, train_set, val_set, splits, replay
 
 
 def _predict(cfg: Config, model: torch.nn.Module, train_set: list[Any], val_set: Any, pad_id: int,
@@ -424,19 +448,9 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     """
     console = console or Console()
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir}: not a run folder (no config.yaml)")
     overrides = list(overrides or [])
-    if outside := [o for o in overrides if not o.strip().startswith(EVAL_OVERRIDABLE)]:
-        raise RunError(f"tunesmith eval --set takes evaluation settings only ({', '.join(EVAL_OVERRIDABLE)}); not "
-                       f"{', '.join(outside)}: other settings would no longer describe how the run was trained "
-                       "(train again with --set)")
+    cfg = _evaluation_config(run_dir, overrides)
     earlier_forgetting = (load_json(run_dir / "eval.json") or {}).get("forgetting") if overrides else None
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
-    if not artifact.is_dir():
-        raise RunError(f"{run_dir}: no trained {artifact.name}/ yet; finish training first "
-                       f"({command('train', run_dir / 'config.yaml', '--resume')})")
     dev = runtime.device()
     threads.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))
     bf16 = runtime.INFERENCE_BF16  # evaluated in the precision every answer is served in (generate, serve)
@@ -466,6 +480,7 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
             _evaluate_models(ctx, base, every, main, results, reused is None, console)
     except EvaluationStopped as e:
         clear_phase(run_dir)
+        index.record(run_dir)
         raise EvaluationStopped(f"{run_dir}: evaluation stopped ({stop.signal or 'on request'}): {e}; every answer made "
                                 f"so far is kept in {run_dir / CACHE}/. Continue with: {command('eval', run_dir)}") from None
     for job in every:
@@ -482,7 +497,24 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     _write_evaluation(run_dir, results, main, jobs if cfg.tasks else {}, earlier, console)
     shutil.rmtree(run_dir / CACHE, ignore_errors=True)  # the answers are in eval.json and predictions now
     clear_phase(run_dir)
+    index.record(run_dir)  # after the phase is cleared, so the index says evaluated (not evaluating)
     return results
+
+
+def _evaluation_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The finished run's config with this evaluation's ``eval.*`` overrides; RunError for a folder
+    that is no run, an unfinished run, or an override of anything but evaluation settings."""
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir}: " + ("not a run folder (no config.yaml)" if run_dir.exists() else "no such folder"))
+    if outside := [o for o in overrides if not o.strip().startswith(EVAL_OVERRIDABLE)]:
+        raise RunError(f"tunesmith eval --set takes evaluation settings only ({', '.join(EVAL_OVERRIDABLE)}); not "
+                       f"{', '.join(outside)}: other settings would no longer describe how the run was trained "
+                       "(train again with --set)")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
+    if not artifact.is_dir():
+        raise not_trained(run_dir, artifact.name)
+    return cfg
 
 
 @dataclass
@@ -552,7 +584,6 @@ def _write_evaluation(run_dir: Path, results: dict[str, Any], main: _TaskEval, t
         atomic_write_jsonl(run_dir / "predictions" / f"{name}.jsonl",
                            [prediction_row(ex, i, job.evals) for i, ex in enumerate(job.splits.test)])
     write_report(run_dir)
-    index.record(run_dir)
     trackers.sync(run_dir)
     if not tasks:
         print_table(results, console)

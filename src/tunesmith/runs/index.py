@@ -23,13 +23,14 @@ from typing import Any
 import yaml
 
 from tunesmith.config import METHODS
+from tunesmith.models import is_run_folder
 from tunesmith.runtime.commands import command
 from tunesmith.io import flatten_dict
 from tunesmith.runs.phase import current_phase
 
 COLUMNS = ("path", "name", "created", "updated", "status", "model", "method", "task", "data", "metric", "value",
            "low", "high", "base_value", "train_seconds", "tokens_per_s", "target_tokens", "cost", "config", "results")
-_SCHEMA = f"""CREATE TABLE IF NOT EXISTS runs (
+_SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
     path TEXT PRIMARY KEY, name TEXT, created TEXT, updated TEXT, status TEXT, model TEXT, method TEXT, task TEXT,
     data TEXT, metric TEXT, value REAL, low REAL, high REAL, base_value REAL, train_seconds REAL, tokens_per_s REAL,
     target_tokens INTEGER, cost REAL, config TEXT, results TEXT)"""
@@ -82,9 +83,10 @@ def _json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def is_run_folder(path: Path) -> bool:
-    """A folder tunesmith trained or evaluated a run in (its config plus any result)."""
-    return (path / "config.yaml").is_file() and any((path / f).exists() for f in _FILES[1:5] + ("checkpoints",))
+def has_results(path: Path) -> bool:
+    """A run folder (``models.is_run_folder``) that tunesmith trained or evaluated a run in: its
+    config plus any result (only those are indexed)."""
+    return is_run_folder(path) and any((path / f).exists() for f in _FILES[1:5] + ("checkpoints",))
 
 
 def training_now(run_dir: Path) -> bool:
@@ -119,7 +121,7 @@ def headline(evaluation: dict[str, Any]) -> dict[str, Any]:
 def row_from_folder(run_dir: str | Path) -> dict[str, Any] | None:
     """The index row of a run folder, from its files alone (None when it is not a run folder)."""
     run_dir = Path(run_dir).resolve()
-    if not is_run_folder(run_dir):
+    if not has_results(run_dir):
         return None
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
@@ -198,7 +200,7 @@ def find_run_folders(roots: Iterable[str | Path], depth: int = 3) -> list[Path]:
     found: set[Path] = set()
 
     def walk(folder: Path, left: int) -> None:
-        if is_run_folder(folder):
+        if has_results(folder):
             found.add(folder.resolve())
         if left == 0:
             return
@@ -272,7 +274,7 @@ def _refreshed(row: dict[str, Any], path: Path | None) -> dict[str, Any]:
     """A row whose run can no longer be training (killed without a last update) is read again from
     its folder; a row whose folder is gone says so (``--rebuild`` drops it)."""
     folder = Path(row["path"])
-    if not is_run_folder(folder):
+    if not has_results(folder):
         return row | {"status": "deleted"}
     if row["status"] == "training" and not training_now(folder):
         record(folder, path)

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tunesmith.errors import TunesmithError
 from tunesmith.api import ApiModel
 from tunesmith.runtime.commands import command
 from tunesmith.config import ApiConfig
@@ -48,7 +49,7 @@ DEFAULT_INSTRUCTIONS = (
     "previous answer.")
 
 
-class StudyError(ValueError):
+class StudyError(TunesmithError, ValueError):
     """A study cannot be made or read: the message names the run, file or option at fault."""
 
 

@@ -114,22 +114,8 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
     model = ApiModel(cfg)
     name = f"judge:{cfg.model or 'model'}"
     counts = {"asked": 0, "cached": 0, "judged": 0, "unreadable": 0, "failed": 0}
-    jobs = []
-    with store.connect(study_dir) as con:
-        for p in store.pairs(con):
-            item = by_id[p["item"]]
-            for left, right in ((p["a"], p["b"]), (p["b"], p["a"])):
-                msgs = messages(study, item, item["outputs"][left], item["outputs"][right])
-                jobs.append((p, left, right, msgs, cache_key(cfg, msgs, max_tokens)))
-        replies: dict[str, str] = {}
-        todo = []
-        for job in jobs:
-            hit = store.cached_reply(con, job[4])
-            if hit is None:
-                todo.append(job)
-            else:
-                replies[job[4]] = hit
-                counts["cached"] += 1
+    jobs, replies, todo = _jobs(study_dir, study, by_id, cfg, max_tokens)
+    counts["cached"] = len(replies)
     errors: list[str] = []
     stop = threading.Event()
 
@@ -180,3 +166,25 @@ def judge_study(study_dir: str | Path, cfg: ApiConfig, console: Console | None =
         console.print(f"[yellow]{len(errors)} judge request(s) got no answer (not cached; run again to retry): {errors[0]}[/yellow]",
                       highlight=False)
     return counts
+
+
+def _jobs(study_dir: Path, study: dict[str, Any], by_id: dict[Any, dict[str, Any]], cfg: ApiConfig,
+          max_tokens: int) -> tuple[list[tuple[Any, ...]], dict[str, str], list[tuple[Any, ...]]]:
+    """Every (pair, left, right, messages, cache key) in both orders, the replies already cached
+    (key -> reply), and the jobs still to ask."""
+    jobs: list[tuple[Any, ...]] = []
+    replies: dict[str, str] = {}
+    todo: list[tuple[Any, ...]] = []
+    with store.connect(study_dir) as con:
+        for p in store.pairs(con):
+            item = by_id[p["item"]]
+            for left, right in ((p["a"], p["b"]), (p["b"], p["a"])):
+                msgs = messages(study, item, item["outputs"][left], item["outputs"][right])
+                jobs.append((p, left, right, msgs, cache_key(cfg, msgs, max_tokens)))
+        for job in jobs:
+            hit = store.cached_reply(con, job[4])
+            if hit is None:
+                todo.append(job)
+            else:
+                replies[job[4]] = hit
+    return jobs, replies, todo

@@ -74,17 +74,9 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
         with store.connect(study_dir) as con:  # who is asking, before reading what they send
             if store.rater_by_token(con, token) is None:
                 return _forbidden()
-        too_large = _page("Too large", "<h1>That answer is too large</h1><p>Shorten the comment and send it again.</p>", 413)
-        if _int(request.headers.get("content-length")) is None and request.headers.get("content-length"):
-            return too_large
-        if (_int(request.headers.get("content-length")) or 0) > MAX_FORM_BYTES:
-            return too_large
-        body = b""
-        async for chunk in request.stream():  # capped, whatever the header said
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return too_large
-        form = {key: values[-1] for key, values in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+        form = await _read_form(request)
+        if form is None:
+            return _page("Too large", "<h1>That answer is too large</h1><p>Shorten the comment and send it again.</p>", 413)
         with store.connect(study_dir) as con:
             rater = store.rater_by_token(con, token)
             if rater is None:
@@ -105,6 +97,20 @@ def add_study_routes(app: FastAPI, study_dir: Path, prefix: str = "") -> None:
                 return _page("Refused", f"<h1>Not saved</h1><p>{html.escape(str(e))}</p>"
                              f"<p><a href='{prefix}/r/{html.escape(token)}'>Back to your ratings</a></p>", e.status)
         return RedirectResponse(f"{prefix}/r/{token}", status_code=303)
+
+
+async def _read_form(request: Request) -> dict[str, str] | None:
+    """The posted form (the last value of each field), or None when it is larger than
+    ``MAX_FORM_BYTES`` (the body is read capped, whatever its Content-Length header says)."""
+    declared = request.headers.get("content-length")
+    if declared and (_int(declared) is None or _int(declared) > MAX_FORM_BYTES):
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    return {key: values[-1] for key, values in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
 
 
 def create_study_app(study_dir: str | Path) -> FastAPI:

@@ -80,7 +80,7 @@ def estimate_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter
     """The empirical diagonal Fisher of ``params`` on ``windows`` (see the module docstring):
     name -> fp32 tensor of the parameter's shape. The model is left in its previous mode and
     its ``.grad`` untouched. Raises ValueError when ``windows`` is empty."""
-    from tunesmith.training.losses import target_loss_sum  # train.py does not import this package: no cycle
+    from tunesmith.training.losses import target_loss_sum  # the loop does not import anchoring: no cycle
 
     if not windows:
         raise ValueError("anchor: no general-text window to estimate the Fisher on")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.errors import TunesmithError
 from tunesmith import runtime
 from tunesmith.training import distributed
 from tunesmith.runtime.commands import command
@@ -44,7 +45,7 @@ BEST = "best"
 SHARDS = "dcp"  # the Distributed Checkpoint subfolder of an FSDP run's checkpoint
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TunesmithError, RuntimeError):
     """No usable checkpoint: every candidate was missing, damaged or unreadable (the message lists each)."""
 
 

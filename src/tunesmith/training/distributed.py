@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tunesmith.errors import TunesmithError
 from tunesmith.runtime.commands import PROGRAM_ENV, program
 
 
@@ -108,7 +109,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-class MainFailed(RuntimeError):
+class MainFailed(TunesmithError, RuntimeError):
     """Raised on the processes that did not fail when another one failed inside ``main_first``
     (the one that failed raises its own error; process 0 prints what failed where). They stop
     instead of waiting for it in the next collective or crashing on a closed link."""

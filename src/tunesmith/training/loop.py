@@ -7,7 +7,6 @@ The LM head runs only at target positions, so the (B, T, V) logits tensor is nev
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -19,8 +18,8 @@ from typing import Any
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from tunesmith.errors import TunesmithError
 from tunesmith import runtime
-from tunesmith.training import distributed
 from tunesmith.training import flops
 from tunesmith.runtime import threads
 from tunesmith.runtime.progress import make_progress
@@ -31,18 +30,20 @@ from tunesmith.models import unwrap
 from tunesmith.training.checkpoint import (CHECKPOINTS, latest_checkpoint, load_best, load_checkpoint, load_trainable,  # noqa: F401
                                   save_best, save_checkpoint)
 from tunesmith.io import append_jsonl, atomic_write_jsonl, read_jsonl
-from tunesmith.training.losses import target_loss_sum
+from tunesmith.training.layout import SUMMED_PARTS, Layout
+from tunesmith.training.state import LoopState
+from tunesmith.training.losses import TaskLoss
 
 METRICS = "metrics.jsonl"
 
 
-class OutOfMemoryError(RuntimeError):
+class OutOfMemoryError(TunesmithError, RuntimeError):
     """A training step did not fit in memory; the message names the step, the micro-batch and the
     settings that would use less (smaller micro-batch at the same step size, a token budget,
     gradient checkpointing, shorter rows)."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TunesmithError, RuntimeError):
     """A training or validation loss (or the gradient norm) became NaN or infinite; the message
     names the step, the likely causes and the last good checkpoint."""
 
@@ -63,62 +64,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- loss
-
-
-LossSum = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: list[Encoded], batch_size: int, pad_id: int, bf16: bool = False,
-                  loss_sum: LossSum | None = None) -> float:
-    """Mean loss per target token over ``data`` (model left in its previous mode).
-    ``loss_sum``: how a batch's summed loss and target count are computed (default
-    ``target_loss_sum(model, batch)``; under FSDP, through the sharded root module)."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        batch = {k: v.to(dev) for k, v in collate(data[i : i + batch_size], pad_id).items()}
-        with runtime.autocast(dev, bf16):
-            loss, n = loss_sum(batch) if loss_sum else target_loss_sum(model, batch)
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def validation_loss(model: torch.nn.Module, data: list[Encoded] | dict[str, list[Encoded]], batch_size: int,
-                    pad_id: int, bf16: bool = False, loss_sum: LossSum | None = None) -> tuple[float, dict[str, Any]]:
-    """The validation loss, and for several tasks (``data`` a dict name -> rows) their losses as
-    ``{"task_val_loss": {name: loss}}`` with the loss their macro average (each task counts once,
-    whatever its size); ``{}`` for one task."""
-    if not isinstance(data, dict):
-        return evaluate_loss(model, data, batch_size, pad_id, bf16, loss_sum), {}
-    losses = {name: evaluate_loss(model, rows, batch_size, pad_id, bf16, loss_sum) for name, rows in data.items()}
-    return sum(losses.values()) / len(losses), {"task_val_loss": losses}
-
-
-class TaskLoss:
-    """The loop's objective with no mitigation: the task cross-entropy, normalised over the step.
-
-    The null object of ``tunesmith.training.mitigations.Mitigations`` (distillation, weight anchoring), which
-    has the same four methods; see there. Costs nothing beyond ``target_loss_sum``."""
-
-    def begin_step(self, examples: list[Encoded]) -> None:
-        pass
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], examples: list[Encoded],
-             n_targets: int) -> torch.Tensor:
-        return target_loss_sum(model, batch)[0] / n_targets  # normalised over the whole optimizer step
-
-    def end_step(self) -> float:
-        return 0.0
-
-    def parts(self) -> dict[str, float]:
-        return {}
-
-
-# ---------------------------------------------------------------- the loop
 
 
 def train(
@@ -150,216 +95,250 @@ def train(
     ``objective``: the training loss (``TaskLoss`` by default; ``training.Mitigations`` adds
     distillation and weight anchoring, whose parts are logged with each step).
     """
-    objective = objective or TaskLoss()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     runtime.seed_everything(cfg.seed)
-    w = distributed.world()  # several processes (torchrun): each takes its share of every step; process 0 writes
-    sharded = w.distributed and cfg.strategy == "fsdp"  # FSDP2: each process holds a shard of every parameter
-    shards = model if cfg.strategy == "fsdp" else None  # checkpoints in Distributed Checkpoint's format (dcp/)
-    root = None  # the loss module that DDP or FSDP wraps (several processes)
-    if w.distributed:
-        root = _fully_sharded(model, objective, w) if sharded else _data_parallel(model, objective)
+    layout = Layout(model, objective or TaskLoss(), cfg.strategy)  # one process, DDP or FSDP: who does what
     dev = next(model.parameters()).device
     bf16 = runtime.use_bf16(cfg.precision, dev)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # under FSDP: DTensor shards
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        fused=None if sharded else _fused_adamw(dev),  # one kernel over all tensors: ~7x faster on CPU than foreach
-    )
-    lengths = [len(e.input_ids) for e in train_data]
-    groups = [(e.kind, e.task) for e in train_data]  # replay vs task rows, and each task: spread over the steps
-    groups = groups if len(set(groups)) > 1 else None
-    replaying = any(e.kind == "replay" for e in train_data)
-    share = sum(e.n_targets for e in train_data) / max(sum(lengths), 1)
-    flops_per_token = flops.flops_per_token(model, sum(lengths) / max(len(lengths), 1), share)
-    peak = flops.matmul_peak(dev.type, bf16)  # MFU is against what this machine's matmul reaches
-    plan = EpochPlan(lengths, cfg, groups)
-    state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "patience_ref": None,
-             "target_tokens": 0, "train_seconds": 0.0, "epoch": 0, "epoch_step": 0, "per_step": plan.per_step,
-             "rest": None, "val_fingerprint": data_fingerprint(val_data), "train_fingerprint": data_fingerprint(train_data)}
+    optimizer = _adamw(params, cfg, dev, layout.sharded)
+    data = _DataFacts.of(train_data, model, dev, bf16)
+    plan = EpochPlan(data.lengths, cfg, data.groups)
+    state = LoopState(per_step=plan.per_step, val_fingerprint=data_fingerprint(val_data),
+                      train_fingerprint=data_fingerprint(train_data))  # what a checkpoint saves besides the weights
     total_steps = plan.total_steps(state)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    progress = make_progress(disable=not (show_progress and w.main))
-    say = progress.console.print if w.main else (lambda *a, **k: None)  # process 0 alone speaks
+    progress = make_progress(disable=not (show_progress and layout.main))
+    say = progress.console.print if layout.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
-
-    if not w.distributed:  # one thread per CPU this process may use, or train.num_threads (tunesmith.runtime.threads)
-        threads.use_threads(cfg.num_threads, say if w.main else None)
-
-    def validate() -> tuple[float, dict[str, Any]]:
-        """The validation loss of the model as it is (process 0 measures; every process gets it)."""
-        if sharded:  # every process takes part in each forward (its shards are needed)
-            measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16, loss_sum=lambda b: root(b, evaluate=True))
-        else:
-            measured = validation_loss(model, val_data, cfg.batch_size, pad_id, bf16) if w.main else None
-        return distributed.broadcast(measured)
-
+    if not layout.distributed:  # one thread per CPU this process may use, or train.num_threads
+        threads.use_threads(cfg.num_threads, say if layout.main else None)
+    validate = lambda: layout.validation_loss(val_data, cfg.batch_size, pad_id, bf16)  # noqa: E731
     if resume:
-        state = load_checkpoint(run_dir, params, optimizer, scheduler, rank=w.rank, warn=warn, model=model,
-                                sharded=sharded)
-        state.pop("checkpoint")
-        if note := plan.resume(state):
-            warn(note)
-        if state.get("train_fingerprint") not in (None, data_fingerprint(train_data)):  # other training rows
-            state.update(epoch_step=0, rest=None, per_step=plan.per_step, train_fingerprint=data_fingerprint(train_data))
-            warn(f"the training data changed since this checkpoint: its place in the old data means nothing in the "
-                 f"new, so epoch {state['epoch'] + 1} starts again from the first example of the new data")
-        if plan.total_steps(state) != total_steps:  # epochs re-planned at another step size: the schedule's length too
-            total_steps, done = plan.total_steps(state), scheduler.last_epoch
-            scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-            scheduler.last_epoch = done
-        _apply_hyperparameters(optimizer, scheduler, cfg)  # a resume allowed to change them really changes them
-        if w.main:
-            _truncate_metrics(run_dir / METRICS, state["step"])
-        if state.get("val_fingerprint") not in (None, data_fingerprint(val_data)):
-            _revalidate(state, validate(), data_fingerprint(val_data), run_dir, params, warn, w.main,
-                        model if sharded else None)
-    elif (run_dir / METRICS).exists() and w.main:
+        state, scheduler, total_steps = _resume(layout, run_dir, params, optimizer, scheduler, total_steps, plan, cfg,
+                                                train_data, val_data, validate, warn)
+    elif (run_dir / METRICS).exists() and layout.main:
         (run_dir / METRICS).unlink()
-
-    if cfg.gradient_checkpointing:  # activations recomputed in backward; non-reentrant: frozen inputs are fine
-        inner = unwrap(model)
-        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name
-            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _gradient_checkpointing(model, cfg)
     model.train()
     runtime.reset_peak_memory(dev)
     stopped_early = interrupted = pruned = False
-    task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
-    window_tokens, window_start = 0, time.perf_counter()
+    task = progress.add_task("train", total=total_steps, completed=state.step, info="")
+    speed = _Speed()
     with progress, StopRequests() as stop:
-        while state["step"] < total_steps and not stopped_early:
+        while state.step < total_steps and not stopped_early:
             step_rng = runtime.rng_state()  # a Ctrl-C mid-step checkpoints this, so resume redoes the step exactly
-            micro: list[list[int]] = []  # this step's micro-batches (an out-of-memory message names their rows)
+            t0 = time.perf_counter()
+            chunk, epoch_reached, epoch_ends = plan.take(state)
+            micro = micro_batches(chunk, data.lengths, cfg, data.groups)
             try:
-                # ---- once in a while: nothing; the step first
-                t0 = time.perf_counter()
-                chunk, epoch_reached, epoch_ends = plan.take(state)
-                micro = micro_batches(chunk, lengths, cfg, groups)
-                n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
-                objective.begin_step([train_data[i] for mb in micro for i in mb])
-                step_loss = 0.0
-                mine = micro[w.rank :: w.size]  # this process's micro-batches (all of them in a single process)
-                # every process makes as many passes as the busiest one under FSDP (each forward gathers
-                # parameters from all), at least one under DDP; a pass beyond its share adds 0
-                passes = -(-len(micro) // w.size) if sharded else max(len(mine), 1)
-                for k in range(passes):
-                    mb = mine[k] if k < len(mine) else micro[0]
-                    examples = [train_data[i] for i in mb]
-                    rows = collate_packed(examples, pad_id, cfg.max_seq_len) if cfg.packing else collate(examples, pad_id)
-                    batch = {k: v.to(dev) for k, v in rows.items()}
-                    synced = root is None or k == passes - 1  # gradients are summed on the last pass
-                    with runtime.autocast(dev, bf16), _no_sync(root, synced):
-                        if root is None:
-                            loss = objective.loss(model, batch, examples, n_targets)  # normalised over the whole step
-                        else:
-                            loss = root(batch, examples, n_targets, counted=k < len(mine))
-                        # DDP and FSDP average gradients over the processes; the loss is already a share of the step's sum
-                        (loss * w.size if root is not None else loss).backward()
-                    step_loss += float(loss.detach())
-                    del loss, batch
-                    if dev.type == "cpu":
-                        runtime.trim_heap()  # keeps RSS near what is in use (glibc holds freed tensors' memory)
-                parts = objective.parts()
-                if root is not None:  # the step's loss and its parts over every process
-                    summed = [k for k in SUMMED_PARTS if k in parts]
-                    step_loss, *values = distributed.sum_floats([step_loss] + [parts[k] for k in summed])
-                    parts |= dict(zip(summed, values))
-                step_loss += objective.end_step()  # weight anchoring: its gradient goes straight into .grad
-                parts |= {k: v for k, v in objective.parts().items() if k not in SUMMED_PARTS}
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm over every process's shards
-                    grad_norm = grad_norm.full_tensor()
-                if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):  # before the update: weights stay good
-                    raise NonFiniteLossError(_non_finite(run_dir, state["step"] + 1, "training loss", step_loss,
-                                                         float(grad_norm), cfg))
-                step_lr = scheduler.get_last_lr()[0]  # the rate this step's update used (logged below)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                done = _step(layout, train_data, micro, params, optimizer, scheduler, cfg, pad_id, dev, bf16)
             except (torch.OutOfMemoryError, RuntimeError) as e:
+                optimizer.zero_grad(set_to_none=True)
                 if not _is_oom(e):
                     raise
-                optimizer.zero_grad(set_to_none=True)
-                rows = [len(train_data[i].input_ids) for mb in micro for i in mb]
-                raise OutOfMemoryError(_out_of_memory(run_dir, state["step"] + 1, cfg, max(rows, default=0), e)) from None
+                longest = max((len(train_data[i].input_ids) for mb in micro for i in mb), default=0)
+                raise OutOfMemoryError(_out_of_memory(run_dir, state.step + 1, cfg, longest, e)) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; the step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
-                if sharded:  # a sharded checkpoint needs every process, which may not be listening now
-                    warn("stopped at once: no checkpoint of this step (sharded run); the last one is kept")
-                elif w.main:  # no collective here: the other processes' RNG is not saved (they start from process 0's)
-                    save_checkpoint(run_dir, params, optimizer, scheduler, state, [step_rng], cfg.keep_checkpoints, warn,
-                                    model=shards)
+                layout.save_interrupted(run_dir, params, optimizer, scheduler, state, step_rng, cfg.keep_checkpoints, warn)
                 interrupted = True
                 break
-            state["step"] += 1
+            if not (math.isfinite(done.loss) and math.isfinite(done.grad_norm)):  # no update was made: weights stay good
+                raise NonFiniteLossError(_non_finite(run_dir, state.step + 1, "training loss", done.loss,
+                                                     done.grad_norm, cfg))
+            state.step += 1
             plan.advance(state, epoch_ends)
-            state["target_tokens"] += n_targets
-            dt = time.perf_counter() - t0
-            state["train_seconds"] += dt
-            tokens = sum(len(train_data[i].input_ids) for mb in micro for i in mb)
-            window_tokens += tokens
-            tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            record = {"type": "train", "step": state["step"], "epoch": epoch_reached,
-                      "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
-                      "tokens": tokens, "target_tokens": n_targets, "tokens_per_s": tok_s,
-                      "mfu": flops_per_token * tok_s / peak, "step_seconds": dt} | parts
-            if replaying:  # what this step really trained on of the replay rows (target tokens)
-                record["replay_target_tokens"] = sum(train_data[i].n_targets for mb in micro for i in mb
-                                                     if train_data[i].kind == "replay")
-            if w.main:
+            state.target_tokens += done.n_targets
+            seconds = time.perf_counter() - t0
+            state.train_seconds += seconds
+            record = _step_record(state.step, epoch_reached, done, train_data, micro, seconds, speed, data)
+            if layout.main:
                 append_jsonl(run_dir / METRICS, record)
-            progress.update(task, advance=1, info=f"loss {step_loss:.4f} | {tok_s:,.0f} tok/s | MFU {record['mfu']:.0%}")
+            progress.update(task, advance=1, info=f"loss {done.loss:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
+                                                  f"MFU {record['mfu']:.0%}")
 
             # ---- once in a while: evaluate, early-stop, checkpoint
-            step = state["step"]
+            step = state.step
             evaluate_now = step % cfg.eval_every == 0 or epoch_ends or step == total_steps
-            if evaluate_now:  # process 0 validates; every process gets its result (early stopping stays in step)
-                val_loss, task_losses = validate()
-                if not math.isfinite(val_loss):  # never "best", never the final model
-                    raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))
-                best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
-                if best:
-                    state.update(best_val_loss=val_loss, best_step=step)
-                    if w.main or sharded:  # sharded: the weights are gathered whole to process 0
-                        save_best(run_dir, params, step, val_loss, warn, model=model if sharded else None, main=w.main)
-                stopped_early = 0 < cfg.early_stopping.patience <= state["bad_evals"]
-                if on_validation is not None and on_validation(step, val_loss) and step < total_steps:
-                    stopped_early = pruned = True
-                if w.main:
-                    append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
-                                                     "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
-                say(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
-                window_tokens, window_start = 0, time.perf_counter()  # evaluation time is not training time
-            signalled = distributed.any_true(stop.signal is not None) if w.distributed else stop.signal is not None
-            out_of_time = until_seconds is not None and state["train_seconds"] >= until_seconds and step >= min_steps
+            if evaluate_now:
+                stopped_early, pruned = _evaluate(layout, state, validate(), run_dir, params, cfg, on_validation,
+                                                  step < total_steps, warn, say)
+                speed.restart()  # evaluation time is not training time
+            signalled = layout.any_true(stop.signal is not None)
+            out_of_time = until_seconds is not None and state.train_seconds >= until_seconds and step >= min_steps
             stop_here = ((until_step is not None and until_step <= step) or signalled or out_of_time) and step < total_steps
             if evaluate_now or stop_here or (cfg.save_every and step % cfg.save_every == 0):
-                rngs = distributed.gather(runtime.rng_state())  # every process's RNG, in rank order (on process 0)
-                if w.main or sharded:  # sharded: every process writes its shard
-                    save_checkpoint(run_dir, params, optimizer, scheduler, state, rngs, cfg.keep_checkpoints, warn,
-                                    model=shards, main=w.main)
+                layout.save_checkpoint(run_dir, params, optimizer, scheduler, state, cfg.keep_checkpoints, warn)
             if stop_here:
                 if signalled:
                     warn(f"{stop.signal or 'a stop signal'}: stopped after step {step} with a checkpoint")
                 interrupted = True
                 break
 
-    distributed.barrier()  # process 0's last writes (best, checkpoint) are complete for every process
-    if not interrupted and state["best_step"] is not None:  # the model ends at its best validation loss
-        load_best(run_dir, params, model=model if sharded else None, best_step=state["best_step"], warn=warn)
+    # the model ends at its best validation loss (an interrupted run keeps its weights: it continues from them)
+    layout.load_best(run_dir, params, None if interrupted else state.best_step, warn)
     return TrainResult(
-        steps=state["step"], total_steps=total_steps, best_step=state["best_step"],
-        best_val_loss=state["best_val_loss"], stopped_early=stopped_early, interrupted=interrupted,
-        train_seconds=state["train_seconds"], target_tokens=state["target_tokens"],
+        steps=state.step, total_steps=total_steps, best_step=state.best_step,
+        best_val_loss=state.best_val_loss, stopped_early=stopped_early, interrupted=interrupted,
+        train_seconds=state.train_seconds, target_tokens=state.target_tokens,
         peak_memory_mib=runtime.peak_memory_mib(dev), pruned=pruned, history=read_jsonl(run_dir / METRICS),
     )
+
+
+@dataclass
+class _DataFacts:
+    """What the loop needs to know of the training rows: lengths, groups spread over the steps,
+    replay, and the FLOPs per token and matmul peak the MFU is measured against."""
+
+    lengths: list[int]
+    groups: list[Any] | None
+    replaying: bool
+    flops_per_token: float
+    peak: float
+
+    @classmethod
+    def of(cls, train_data: list[Encoded], model: torch.nn.Module, dev: torch.device, bf16: bool) -> _DataFacts:
+        lengths = [len(e.input_ids) for e in train_data]
+        groups = [(e.kind, e.task) for e in train_data]  # replay vs task rows, and each task: spread over the steps
+        share = sum(e.n_targets for e in train_data) / max(sum(lengths), 1)
+        return cls(lengths, groups if len(set(groups)) > 1 else None, any(e.kind == "replay" for e in train_data),
+                   flops.flops_per_token(model, sum(lengths) / max(len(lengths), 1), share),
+                   flops.matmul_peak(dev.type, bf16))  # MFU is against what this machine's matmul reaches
+
+
+class _Speed:
+    """Tokens per second since the last validation (evaluation time is not training time)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+@dataclass
+class _StepDone:
+    loss: float  # the step's loss over every process (anchoring's penalty included)
+    parts: dict[str, float]
+    grad_norm: float
+    lr: float  # the rate this step's update used
+    n_targets: int
+
+
+def _adamw(params: dict[str, torch.nn.Parameter], cfg: TrainConfig, dev: torch.device, sharded: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    return torch.optim.AdamW(
+        [{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, fused=None if sharded else _fused_adamw(dev))  # one kernel over all tensors: ~7x faster on CPU
+
+
+def _step(layout: Layout, train_data: list[Encoded], micro: list[list[int]], params: dict[str, torch.nn.Parameter],
+          optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, pad_id: int, dev: torch.device,
+          bf16: bool) -> _StepDone:
+    """One optimizer step over ``micro`` (this process's share of it): forward and backward of each
+    micro-batch, the loss over every process, clipping, and the update unless the loss or the
+    gradient norm is not finite (then nothing changes and the caller raises)."""
+    objective = layout.objective
+    n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
+    objective.begin_step([train_data[i] for mb in micro for i in mb])
+    step_loss = 0.0
+    for mb, counted, synced in layout.passes(micro):
+        examples = [train_data[i] for i in mb]
+        rows = collate_packed(examples, pad_id, cfg.max_seq_len) if cfg.packing else collate(examples, pad_id)
+        step_loss += layout.backward({k: v.to(dev) for k, v in rows.items()}, examples, n_targets, counted, synced, bf16)
+        if dev.type == "cpu":
+            runtime.trim_heap()  # keeps RSS near what is in use (glibc holds freed tensors' memory)
+    step_loss, parts = layout.reduce(step_loss, objective.parts())
+    step_loss += objective.end_step()  # weight anchoring: its gradient goes straight into .grad
+    parts |= {k: v for k, v in objective.parts().items() if k not in SUMMED_PARTS}
+    grad_norm = layout.clip_grad_norm(params, cfg.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    if math.isfinite(step_loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _StepDone(step_loss, parts, grad_norm, lr, n_targets)
+
+
+def _step_record(step: int, epoch: int, done: _StepDone, train_data: list[Encoded], micro: list[list[int]],
+                 seconds: float, speed: _Speed, data: _DataFacts) -> dict[str, Any]:
+    """The step's line of metrics.jsonl."""
+    tokens = sum(len(train_data[i].input_ids) for mb in micro for i in mb)
+    tok_s = speed.add(tokens)
+    record = {"type": "train", "step": step, "epoch": epoch, "loss": done.loss, "lr": done.lr,
+              "grad_norm": done.grad_norm, "tokens": tokens, "target_tokens": done.n_targets, "tokens_per_s": tok_s,
+              "mfu": data.flops_per_token * tok_s / data.peak, "step_seconds": seconds} | done.parts
+    if data.replaying:  # what this step really trained on of the replay rows (target tokens)
+        record["replay_target_tokens"] = sum(train_data[i].n_targets for mb in micro for i in mb
+                                             if train_data[i].kind == "replay")
+    return record
+
+
+def _evaluate(layout: Layout, state: LoopState, measured: tuple[float, dict[str, Any]], run_dir: Path,
+              params: dict[str, torch.nn.Parameter], cfg: TrainConfig, on_validation: Callable[[int, float], bool] | None,
+              more_to_come: bool, warn: Callable[[str], None], say: Callable[..., None]) -> tuple[bool, bool]:
+    """A validation's consequences: the best weights kept, early stopping and pruning decided (the
+    same on every process), the line logged. Returns (stopped early, pruned)."""
+    val_loss, task_losses = measured
+    step = state.step
+    if not math.isfinite(val_loss):  # never "best", never the final model
+        raise NonFiniteLossError(_non_finite(run_dir, step, "validation loss", val_loss, None, cfg))
+    best = _early_stopping(state, val_loss, cfg.early_stopping.min_delta)
+    if best:
+        state.best_val_loss, state.best_step = val_loss, step
+        layout.save_best(run_dir, params, step, val_loss, warn)
+    stopped_early = 0 < cfg.early_stopping.patience <= state.bad_evals
+    pruned = bool(on_validation is not None and on_validation(step, val_loss)) and more_to_come  # a pruner may answer numpy's bool
+    if layout.main:
+        append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
+                                         "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
+    say(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
+    return stopped_early or pruned, pruned
+
+
+def _resume(layout: Layout, run_dir: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+            scheduler: Any, total_steps: int, plan: EpochPlan, cfg: TrainConfig, train_data: list[Encoded], val_data: Any,
+            validate: Callable[[], tuple[float, dict[str, Any]]], warn: Callable[[str], None]) -> tuple[dict[str, Any], Any, int]:
+    """The state, scheduler and total steps of the newest checkpoint, with what changed since
+    (training data, step size, hyperparameters, validation data) taken into account."""
+    state = LoopState.from_json(layout.load_checkpoint(run_dir, params, optimizer, scheduler, warn))
+    if note := plan.resume(state):
+        warn(note)
+    if state.train_fingerprint not in (None, data_fingerprint(train_data)):  # other training rows
+        state.epoch_step, state.rest, state.per_step = 0, None, plan.per_step
+        state.train_fingerprint = data_fingerprint(train_data)
+        warn(f"the training data changed since this checkpoint: its place in the old data means nothing in the "
+             f"new, so epoch {state.epoch + 1} starts again from the first example of the new data")
+    if plan.total_steps(state) != total_steps:  # epochs re-planned at another step size: the schedule's length too
+        total_steps, done = plan.total_steps(state), scheduler.last_epoch
+        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+        scheduler.last_epoch = done
+    _apply_hyperparameters(optimizer, scheduler, cfg)  # a resume allowed to change them really changes them
+    if layout.main:
+        _truncate_metrics(run_dir / METRICS, state.step)
+    if state.val_fingerprint not in (None, data_fingerprint(val_data)):
+        _revalidate(state, validate(), data_fingerprint(val_data), run_dir, params, warn, layout.main,
+                    layout.model if layout.sharded else None)
+    return state, scheduler, total_steps
+
+
+def _gradient_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Activations recomputed in backward (``train.gradient_checkpointing``); non-reentrant, so
+    frozen inputs are fine."""
+    if not cfg.gradient_checkpointing:
+        return
+    inner = unwrap(model)
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> None:
@@ -376,19 +355,19 @@ def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, cfg
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def _early_stopping(state: dict[str, Any], val_loss: float, min_delta: float) -> bool:
+def _early_stopping(state: LoopState, val_loss: float, min_delta: float) -> bool:
     """Update the patience count for ``val_loss``; return whether it is the lowest seen so far.
 
     Two questions with two answers: the best model is simply the lowest validation loss (a lower
     one always replaces it); ``min_delta`` only decides whether an evaluation counts as progress
     for patience, measured from the loss of the last evaluation that did count (as Keras does).
     """
-    ref = state.get("patience_ref", state["best_val_loss"])  # checkpoints written before this key existed
+    ref = state.patience_ref
     if ref is None or val_loss < ref - min_delta:
-        state.update(patience_ref=val_loss, bad_evals=0)
+        state.patience_ref, state.bad_evals = val_loss, 0
     else:
-        state["bad_evals"] += 1
-    return state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+        state.bad_evals += 1
+    return state.best_val_loss is None or val_loss < state.best_val_loss
 
 
 def _non_finite(run_dir: Path, step: int, what: str, value: float, grad_norm: float | None, cfg: TrainConfig) -> str:
@@ -501,57 +480,56 @@ class EpochPlan:
         self.per_step = cfg.batch_size * cfg.grad_accum
         self._cached: tuple[tuple[int, int], list[list[int]]] | None = None
 
-    def steps(self, state: dict[str, Any]) -> list[list[int]]:
+    def steps(self, state: LoopState) -> list[list[int]]:
         """The steps of the current epoch (the rest of it, re-cut, after a change of step size)."""
-        if state.get("rest") is not None:
-            rest, k = state["rest"], state["per_step"]
+        if state.rest is not None:
+            rest, k = state.rest, state.per_step
             return [rest[i : i + k] for i in range(0, len(rest), k)]
-        key = (state["epoch"], state["per_step"])
+        key = (state.epoch, state.per_step)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, epoch_steps(self.lengths, self.cfg, state["epoch"], self.groups, state["per_step"]))
+            self._cached = (key, epoch_steps(self.lengths, self.cfg, state.epoch, self.groups, state.per_step))
         return self._cached[1]
 
-    def take(self, state: dict[str, Any]) -> tuple[list[int], float, bool]:
+    def take(self, state: LoopState) -> tuple[list[int], float, bool]:
         """This step's examples, the epoch reached once it is done (fractional: examples seen / all)
         and whether it ends the epoch."""
         steps = self.steps(state)
-        k = state["epoch_step"]
-        before = len(self.lengths) - len(state["rest"]) if state.get("rest") is not None else 0
+        k = state.epoch_step
+        before = len(self.lengths) - len(state.rest) if state.rest is not None else 0
         seen = before + sum(len(s) for s in steps[: k + 1])
-        return steps[k], state["epoch"] + seen / max(len(self.lengths), 1), k + 1 >= len(steps)
+        return steps[k], state.epoch + seen / max(len(self.lengths), 1), k + 1 >= len(steps)
 
-    def advance(self, state: dict[str, Any], epoch_ended: bool) -> None:
+    def advance(self, state: LoopState, epoch_ended: bool) -> None:
         if epoch_ended:
-            state.update(epoch=state["epoch"] + 1, epoch_step=0, rest=None, per_step=self.per_step)
+            state.epoch, state.epoch_step, state.rest, state.per_step = state.epoch + 1, 0, None, self.per_step
         else:
-            state["epoch_step"] += 1
+            state.epoch_step += 1
 
-    def resume(self, state: dict[str, Any]) -> str | None:
+    def resume(self, state: LoopState) -> str | None:
         """Bring a checkpoint's position to this config (checkpoints of older versions held only the
         step count); a message when the step size changed and the epoch's rest was re-planned."""
-        if "epoch" not in state:
-            per_step = state.get("per_step", self.per_step)
-            state["epoch"], state["epoch_step"] = divmod(state["step"], math.ceil(len(self.lengths) / per_step))
-        state.setdefault("per_step", self.per_step)
-        state.setdefault("rest", None)
-        if state["per_step"] == self.per_step:
+        if state.epoch is None:
+            state.epoch, state.epoch_step = divmod(state.step, math.ceil(len(self.lengths) / (state.per_step or self.per_step)))
+        if state.per_step is None:
+            state.per_step = self.per_step
+        if state.per_step == self.per_step:
             return None
-        old = state["per_step"]
-        rest = [i for step in self.steps(state)[state["epoch_step"]:] for i in step]
-        state.update(rest=rest, epoch_step=0, per_step=self.per_step)
+        old = state.per_step
+        rest = [i for step in self.steps(state)[state.epoch_step:] for i in step]
+        state.rest, state.epoch_step, state.per_step = rest, 0, self.per_step
         return (f"examples per step changed from {old} to {self.per_step} (train.batch_size x train.grad_accum): the "
-                f"{len(rest)} examples of epoch {state['epoch'] + 1} not yet trained are trained next, at the new size, "
+                f"{len(rest)} examples of epoch {state.epoch + 1} not yet trained are trained next, at the new size, "
                 "from where the run stopped")
 
-    def total_steps(self, state: dict[str, Any]) -> int:
+    def total_steps(self, state: LoopState) -> int:
         """``max_steps``, else the steps done plus those left in this epoch and the epochs after it."""
         if self.cfg.max_steps:
             return self.cfg.max_steps
-        if state["epoch"] >= self.cfg.epochs:
-            return state["step"]
+        if state.epoch >= self.cfg.epochs:
+            return state.step
         per_epoch = math.ceil(len(self.lengths) / self.per_step)
-        left = len(self.steps(state)) - state["epoch_step"]
-        return state["step"] + left + (self.cfg.epochs - state["epoch"] - 1) * per_epoch
+        left = len(self.steps(state)) - state.epoch_step
+        return state.step + left + (self.cfg.epochs - state.epoch - 1) * per_epoch
 
 
 def data_fingerprint(data: list[Encoded] | dict[str, list[Encoded]]) -> str:
@@ -565,23 +543,23 @@ def data_fingerprint(data: list[Encoded] | dict[str, list[Encoded]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _revalidate(state: dict[str, Any], measured: tuple[float, dict[str, Any]], fingerprint: str, run_dir: Path,
+def _revalidate(state: LoopState, measured: tuple[float, dict[str, Any]], fingerprint: str, run_dir: Path,
                 params: dict[str, torch.nn.Parameter], warn: Callable[[str], None], main: bool,
                 model: torch.nn.Module | None) -> None:
     """The validation set changed since the checkpoint (new data, another split, another length):
     the best-so-far loss was measured on the old one and means nothing now. The resumed weights
     are measured on the new set and become the best so far; patience starts again."""
     val_loss, task_losses = measured
-    old, old_step = state.get("best_val_loss"), state.get("best_step")
-    state.update(best_val_loss=val_loss, best_step=state["step"], patience_ref=val_loss, bad_evals=0,
-                 val_fingerprint=fingerprint)
+    old, old_step = state.best_val_loss, state.best_step
+    state.best_val_loss, state.best_step, state.patience_ref, state.bad_evals = val_loss, state.step, val_loss, 0
+    state.val_fingerprint = fingerprint
     if main or model is not None:
-        save_best(run_dir, params, state["step"], val_loss, warn, model=model, main=main)
+        save_best(run_dir, params, state.step, val_loss, warn, model=model, main=main)
     if main:
-        append_jsonl(run_dir / METRICS, {"type": "eval", "step": state["step"], "val_loss": val_loss,
+        append_jsonl(run_dir / METRICS, {"type": "eval", "step": state.step, "val_loss": val_loss,
                                          "val_ppl": math.exp(min(val_loss, 50)), "best": True, "revalidated": True}
                      | task_losses)
-    warn(f"the validation set changed since this checkpoint: the weights of step {state['step']} score {val_loss:.4f} "
+    warn(f"the validation set changed since this checkpoint: the weights of step {state.step} score {val_loss:.4f} "
          f"on the new one and are the best so far (the earlier best, "
          + (f"{old:.4f} at step {old_step}" if old is not None else "none")
          + ", was measured on the old validation set and is discarded)")
@@ -600,75 +578,6 @@ def _token_budget_batches(chunk: list[int], lengths: list[int], max_examples: in
             current = []
         current.append(i)
     return out + ([current] if current else [])
-
-
-SUMMED_PARTS = ("ce", "kl")  # loss parts accumulated over micro-batches: summed over the processes too
-
-
-class _StepLoss(torch.nn.Module):
-    """The objective's loss as a module, so DistributedDataParallel can wrap it: DDP's forward
-    prepares its gradient sync, then this runs the objective on the real model (whose fused
-    head loss calls the decoder and the head directly)."""
-
-    def __init__(self, model: torch.nn.Module, objective: TaskLoss) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, batch: dict[str, torch.Tensor], examples: list[Encoded] | None = None, n_targets: int = 0,
-                counted: bool = True, evaluate: bool = False) -> Any:
-        if evaluate:  # validation: the summed loss and its target count (FSDP: through the root's hooks)
-            return target_loss_sum(self.model, batch)
-        if not counted:  # a process with no micro-batch this step: the same graph, contributing 0
-            return target_loss_sum(self.model, batch)[0] * 0.0
-        return self.objective.loss(self.model, batch, examples, n_targets)
-
-
-def _data_parallel(model: torch.nn.Module, objective: TaskLoss) -> torch.nn.Module:
-    """The loss wrapped in DistributedDataParallel (process group already joined)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    dev = next(model.parameters()).device
-    return DistributedDataParallel(_StepLoss(model, objective), device_ids=[dev.index] if dev.type == "cuda" else None)
-
-
-def _fully_sharded(model: torch.nn.Module, objective: TaskLoss, w: distributed.World) -> torch.nn.Module:
-    """The loss module with FSDP2 (``fully_shard``): each transformer block (the model's
-    ``_no_split_modules``, as transformers and Accelerate shard) is its own group, gathered just
-    before it runs and freed after; the rest (embeddings, final norm, head) belongs to the root,
-    the loss module, so the fused head loss sees whole weights inside its forward. Parameters
-    become DTensor shards (in place: same names) and move to this process's device. LoRA works
-    as is: FSDP2 shards frozen and trainable tensors alike."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (w.size,))
-    blocks = set(getattr(unwrap(model), "_no_split_modules", None) or ())
-    for module in list(model.modules()):
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
-    root = _StepLoss(model, objective)
-    fully_shard(root, mesh=mesh)
-    return root
-
-
-def _no_sync(root: torch.nn.Module | None, synced: bool) -> contextlib.AbstractContextManager[Any]:
-    """Gradients of a micro-batch that is not the step's last stay local (no all-reduce or
-    reduce-scatter): DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``."""
-    if root is None or synced:
-        return contextlib.nullcontext()
-    if hasattr(root, "no_sync"):
-        return root.no_sync()
-    return _fsdp_no_sync(root)
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(root: Any) -> Any:
-    root.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        root.set_requires_gradient_sync(True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -15,12 +15,14 @@ student logits s (a = log p_s - log p_t, KL the row's unscaled value):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tunesmith.data.render import IGNORE
+from tunesmith import runtime
+from tunesmith.data.render import IGNORE, Encoded, collate
 from tunesmith.models import unwrap
 
 def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, int]:
@@ -143,6 +145,62 @@ def plain_head(model: torch.nn.Module) -> bool:
     return not scaled and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
+LossSum = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data: list[Encoded], batch_size: int, pad_id: int, bf16: bool = False,
+                  loss_sum: LossSum | None = None) -> float:
+    """Mean loss per target token over ``data`` (model left in its previous mode).
+    ``loss_sum``: how a batch's summed loss and target count are computed (default
+    ``target_loss_sum(model, batch)``; under FSDP, through the sharded root module)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = {k: v.to(dev) for k, v in collate(data[i : i + batch_size], pad_id).items()}
+        with runtime.autocast(dev, bf16):
+            loss, n = loss_sum(batch) if loss_sum else target_loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def validation_loss(model: torch.nn.Module, data: list[Encoded] | dict[str, list[Encoded]], batch_size: int,
+                    pad_id: int, bf16: bool = False, loss_sum: LossSum | None = None) -> tuple[float, dict[str, Any]]:
+    """The validation loss, and for several tasks (``data`` a dict name -> rows) their losses as
+    ``{"task_val_loss": {name: loss}}`` with the loss their macro average (each task counts once,
+    whatever its size); ``{}`` for one task."""
+    if not isinstance(data, dict):
+        return evaluate_loss(model, data, batch_size, pad_id, bf16, loss_sum), {}
+    losses = {name: evaluate_loss(model, rows, batch_size, pad_id, bf16, loss_sum) for name, rows in data.items()}
+    return sum(losses.values()) / len(losses), {"task_val_loss": losses}
+
+
+class TaskLoss:
+    """The loop's objective with no mitigation: the task cross-entropy, normalised over the step.
+
+    The null object of ``tunesmith.training.mitigations.Mitigations`` (distillation, weight anchoring), which
+    has the same four methods; see there. Costs nothing beyond ``target_loss_sum``."""
+
+    def begin_step(self, examples: list[Encoded]) -> None:
+        pass
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], examples: list[Encoded],
+             n_targets: int) -> torch.Tensor:
+        return target_loss_sum(model, batch)[0] / n_targets  # normalised over the whole optimizer step
+
+    def end_step(self) -> float:
+        return 0.0
+
+    def parts(self) -> dict[str, float]:
+        return {}
+
+
+# ---------------------------------------------------------------- the loop
+
+
 DIRECTIONS = ("forward", "reverse")
 
 
@@ -164,7 +222,7 @@ def head_kl_sum(h: torch.Tensor, weight: torch.Tensor, h_teacher: torch.Tensor, 
     """sum over N positions of the T^2-scaled KL between ``softmax(h W^T / T)`` (student, with
     gradients for ``h`` (N, d) and ``weight`` (V, d)) and ``softmax(h_teacher W_t^T / T)``
     (teacher, no gradient). Under autocast, the matmuls run in the autocast dtype and the
-    softmaxes in fp32, as the fused cross-entropy in train.py does. A scalar (fp32)."""
+    softmaxes in fp32, as the fused cross-entropy (HeadCrossEntropy) does. A scalar (fp32)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"distill.direction: {direction!r} is not one of {', '.join(DIRECTIONS)}")
     dev = h.device.type

@@ -39,7 +39,7 @@ from tunesmith.data.render import IGNORE, Encoded, pack
 from tunesmith.data.replay import conversation_rows, mix, read_replay_file, replay_rows, with_replies
 from tunesmith.models import ModelError, load_model
 from tunesmith.generation.replies import cached_replies
-from tunesmith.training.loop import TaskLoss
+from tunesmith.training.losses import TaskLoss
 from tunesmith.training.losses import HeadCrossEntropy, decoder_inputs, plain_head, target_loss_sum
 from tunesmith.models import unwrap
 from tunesmith.training.anchoring import Anchor, estimate_fisher, load_fisher, save_fisher

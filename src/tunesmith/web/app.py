@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from tunesmith.runtime.commands import command
 from tunesmith.deploy import protocol as P
-from tunesmith.deploy.server import APIError, error_body, install_error_handlers
+from tunesmith.deploy.server import APIError, check_port, error_body, install_error_handlers
 from tunesmith.io import read_jsonl
 from tunesmith.runs import index
 from tunesmith.runs.phase import current_phase
@@ -99,6 +99,16 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
     install_error_handlers(app)
     app.state.playground = playground
 
+    _guard(app, token)
+    _run_routes(app, src)
+    _playground_routes(app, src, playground)
+    _study_routes(app, src)
+    return app
+
+
+def _guard(app: FastAPI, token: str | None) -> None:
+    """Who may use the dashboard: with a token, whoever has it (once per browser: a cookie);
+    without, this machine's own pages only (host names and same-origin POSTs)."""
     if not token:
         # only this machine's names: a web page elsewhere cannot rebind its own domain to 127.0.0.1
         # and read the dashboard (DNS rebinding); with a token the token protects it
@@ -125,6 +135,9 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
                 response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
             return response
 
+
+def _run_routes(app: FastAPI, src: Sources) -> None:
+    """The run list, each run's page, report, live metrics, and two runs compared."""
     @app.get("/favicon.ico")
     def favicon() -> Response:
         return Response(status_code=204)
@@ -172,6 +185,9 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
             return _missing("run", a if ra is None else b)
         return HTMLResponse(pages.compare_page(ra, rb, index.diff_runs(ra, rb)))
 
+
+def _playground_routes(app: FastAPI, src: Sources, playground: Playground) -> None:
+    """The chat playground: base and tuned model of a run side by side (OpenAI chat protocol)."""
     @app.get("/playground", response_class=HTMLResponse)
     def playground_page(run: str | None = None) -> HTMLResponse:
         chat_runs = [r for r in src.runs() if r["exists"] and _can_chat(r)]
@@ -204,6 +220,9 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
         serving, _, _ = await asyncio.to_thread(playground.load, Path(row["path"]))
         return await serving.chat(req, request)
 
+
+def _study_routes(app: FastAPI, src: Sources) -> None:
+    """Each rating study's results page (read only)."""
     @app.get("/studies/{name}", response_class=HTMLResponse)
     def study_page(name: str) -> HTMLResponse:
         folder = src.study(name)
@@ -219,8 +238,6 @@ def create_ui_app(run_roots: list[str | Path], study_roots: list[str | Path] | N
         except (sqlite3.Error, KeyError, TypeError, ValueError) as e:
             raise StudyError(f"{folder}: cannot be read ({type(e).__name__}: {e})") from None
         return HTMLResponse(pages.page(f"study {name}", pages.nav() + body(doc)))
-
-    return app
 
 
 def _study_summary(folder: Path) -> dict[str, Any]:
@@ -291,6 +308,7 @@ def serve_ui(run_roots: list[str | Path], study_roots: list[str | Path], host: s
     if not loopback and not token:
         raise ServeError(f"refusing to show the dashboard on {host} without a token: anyone who can reach it could "
                          "read your runs and use the playground. Pass --token (or stay on 127.0.0.1)")
+    check_port(host, port)
     app = create_ui_app(run_roots, study_roots, token)
     print(f"tunesmith ui: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
           + (f"?token={token}" if token else ""), flush=True)
