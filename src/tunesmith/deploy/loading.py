@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from tunesmith import methods, runtime
-from tunesmith.config import Config, ConfigError, load_config
+from tunesmith.config import Config
 from tunesmith.runtime.commands import command
 from tunesmith.models import load_classifier, load_model, resolve_model
 from tunesmith.models import ready_tokenizer, uses_head
 from tunesmith.runs import RunError
-from tunesmith.runs.errors import not_trained
+from tunesmith.runs.folder import run_config
 
 KINDS = ("lora", "full", "head", "prompt")
 
@@ -41,21 +41,6 @@ class LoadedRun:
     kind: str  # one of KINDS
     model: torch.nn.Module
     tokenizer: Any
-
-
-def run_config(run_dir: str | Path) -> Config:
-    """The saved config of a finished run. Raises RunError when ``run_dir`` is no finished run."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir}: " + ("not a run folder (no config.yaml)" if run_dir.exists() else "no such folder"))
-    try:
-        cfg = load_config(run_dir / "config.yaml")
-    except ConfigError as e:
-        raise RunError(f"{run_dir}/config.yaml cannot be read: {e}") from None
-    artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
-    if not artifact.is_dir():
-        raise not_trained(run_dir, artifact.name)
-    return cfg
 
 
 def run_kind(cfg: Config) -> str:

@@ -449,7 +449,7 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     console = console or Console()
     run_dir = Path(run_dir)
     overrides = list(overrides or [])
-    cfg = _evaluation_config(run_dir, overrides)
+    cfg = run_config(run_dir, overrides)
     earlier_forgetting = (load_json(run_dir / "eval.json") or {}).get("forgetting") if overrides else None
     dev = runtime.device()
     threads.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))
@@ -501,16 +501,23 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     return results
 
 
-def _evaluation_config(run_dir: Path, overrides: list[str]) -> Config:
-    """The finished run's config with this evaluation's ``eval.*`` overrides; RunError for a folder
-    that is no run, an unfinished run, or an override of anything but evaluation settings."""
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The saved config of a finished run, with ``overrides`` (``eval.*`` settings for one
+    evaluation). Raises RunError for a folder that is no run, a config that cannot be read, an
+    unfinished run, or an override of anything but evaluation settings (ConfigError for a bad one)."""
+    run_dir, overrides = Path(run_dir), list(overrides or [])
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir}: " + ("not a run folder (no config.yaml)" if run_dir.exists() else "no such folder"))
     if outside := [o for o in overrides if not o.strip().startswith(EVAL_OVERRIDABLE)]:
         raise RunError(f"tunesmith eval --set takes evaluation settings only ({', '.join(EVAL_OVERRIDABLE)}); not "
                        f"{', '.join(outside)}: other settings would no longer describe how the run was trained "
                        "(train again with --set)")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    try:
+        cfg = load_config(run_dir / "config.yaml", overrides)
+    except ConfigError as e:
+        if overrides:  # the overrides' own problems, as the user typed them
+            raise
+        raise RunError(f"{run_dir}/config.yaml cannot be read: {e}") from None
     artifact = run_dir / methods.METHODS[cfg.method].ARTIFACT
     if not artifact.is_dir():
         raise not_trained(run_dir, artifact.name)
