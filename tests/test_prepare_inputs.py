@@ -349,7 +349,8 @@ def test_rows_without_a_label_are_what_labeling_functions_label(tmp_path, tokeni
     rows = ([{"text": f"win a prize number {i} now", "label": "spam"} for i in range(6)]
             + [{"text": f"lunch at {i} today?", "label": "ham"} for i in range(6)]
             + [{"text": f"claim your prize {i}", "label": None} for i in range(5)]
-            + [{"text": f"lunch with team {i}", "label": ""} for i in range(5)])
+            + [{"text": f"lunch with team {i}", "label": ""} for i in range(5)]
+            + [{"text": f"prize draw {i} tonight", "label": "  "} for i in range(3)])  # blank is no label either
     train = jsonl(tmp_path / "train.jsonl", rows)
     cfg = cfg_for(tmp_path, "classification", train=str(train), labels={"spam": "spam", "ham": "ham"},
                   validation_size=6, prepare={"labeling_functions": str(lfs)})
@@ -358,3 +359,4 @@ def test_rows_without_a_label_are_what_labeling_functions_label(tmp_path, tokeni
     assert {r["label"] for r in kept} == {"spam", "ham"}
     assert any(r["text"].startswith("claim your prize") and r["label"] == "spam" for r in kept)
     assert any(r["text"].startswith("lunch with team") and r["label"] == "ham" for r in kept)
+    assert any(r["text"].startswith("prize draw") and r["label"] == "spam" for r in kept)

@@ -219,7 +219,7 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
             no_refs += any(s.kind == "column" and row.values.get(s.spec) in (None, "") for s in layout.references)
             _split_keys(rec, row.values, p, where)
             state = check_record(rec, layout.name, layout.columns, labels, where, p.labeling_functions is not None)
-            unlabeled = layout.name == "text_label" and rec.get("label") in (None, "")  # for the labeling functions
+            unlabeled = layout.name == "text_label" and not _filled(rec.get("label"))  # for the labeling functions
             if state is None and not unlabeled and cfg.task != "text" and getattr(tokenizer, "chat_template", None):
                 _check_renders(tokenizer, to_example(rec, layout.name, labels, d.system_prompt, where))  # heads need none
         except DataError as e:
