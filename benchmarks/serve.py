@@ -96,13 +96,13 @@ def step_costs(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import DynamicCache
 
-    from tunesmith.deploy.engine import _AdapterRouter
+    from tunesmith.generation.adapters import AdapterRouter
 
     if args.threads:
         torch.set_num_threads(args.threads)
     groups, (a1, a2) = build_groups(args.model, args.runs)
     peft_model, plain = groups[0].model, groups[-1].model
-    router = _AdapterRouter(peft_model, torch.device("cpu"))
+    router = AdapterRouter(peft_model, torch.device("cpu"))
     out: dict[str, Any] = {}
     with torch.inference_mode():
         for rows in (1, 8, 32):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config import load_config
-from tunesmith.deploy.engine import SamplingParams
+from tunesmith.generation.engine import SamplingParams
 from tunesmith.deploy.export import TOLERANCE, export
 from tunesmith.deploy.generate import generate_file
 from tunesmith.runs import finetune

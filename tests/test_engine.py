@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tunesmith.data.render import chat_format, encode_prompt
-from tunesmith.deploy.engine import (Engine, EngineClosed, EngineError, GenerationRequest, QueueFull, SamplingParams,
-                                     _partial_stop)
 from tunesmith.deploy.loading import load_for_serving
+from tunesmith.generation.engine import Engine, EngineClosed, EngineError, GenerationRequest, QueueFull, SamplingParams
+from tunesmith.generation.rows import partial_stop
 
 QUESTIONS = ["Say hello 3", "Say hello 12 to the quick brown fox", "what is the capital of france ?"]
 
@@ -148,10 +148,10 @@ def test_stop_string_cut_and_never_streamed(engine, group):
 
 
 def test_partial_stop_holds_back_possible_starts():
-    assert _partial_stop("hello wor", ("world",)) == 3
-    assert _partial_stop("hello", ("xyz",)) == 0
-    assert _partial_stop("ab", ("abc", "b")) == 2
-    assert _partial_stop("a", ()) == 0
+    assert partial_stop("hello wor", ("world",)) == 3
+    assert partial_stop("hello", ("xyz",)) == 0
+    assert partial_stop("ab", ("abc", "b")) == 2
+    assert partial_stop("a", ()) == 0
 
 
 def test_max_tokens_and_length(engine, group):
@@ -270,7 +270,8 @@ def test_async_stream(engine, group):
 
 
 def test_prefill_groups_bound_padding():
-    from tunesmith.deploy.engine import PREFILL_PADDING, RequestHandle, prefill_groups
+    from tunesmith.generation.batch import PREFILL_PADDING, prefill_groups
+    from tunesmith.generation.requests import RequestHandle
 
     handles = [RequestHandle(GenerationRequest([1] * n)) for n in (10, 100, 11, 12, 95, 300, 10)]
     groups = prefill_groups(handles)
@@ -297,7 +298,7 @@ def test_router_logits_equal_peft_mixed_batch_bit_for_bit(group):
     """One forward pass, rows on alpha, the base, beta and alpha: the engine's LoRA routing gives
     exactly the logits of PEFT's own ``adapter_names`` path, and the uniform batches those of
     PEFT's active-adapter path."""
-    from tunesmith.deploy.engine import _AdapterRouter
+    from tunesmith.generation.adapters import AdapterRouter
 
     model = group.model
     x = torch.randint(0, len(group.tokenizer), (4, 7), generator=torch.Generator().manual_seed(0))
@@ -307,7 +308,7 @@ def test_router_logits_equal_peft_mixed_batch_bit_for_bit(group):
     want_beta = model(input_ids=x).logits
     with model.disable_adapter():
         want_base = model(input_ids=x).logits
-    router = _AdapterRouter(model, torch.device("cpu"))
+    router = AdapterRouter(model, torch.device("cpu"))
     try:
         with router.route(names):
             got = model(input_ids=x).logits

@@ -13,7 +13,6 @@ from tunesmith.data import encode
 from tunesmith.data.formats import Example
 from tunesmith.data.render import render
 from tunesmith.evaluation.evaluate import evaluate_model, latency
-from tunesmith.generation.generate import reply_tokens
 from tunesmith.runs import finetune
 
 from test_cli import write_config
@@ -28,12 +27,6 @@ def ex(user, label):
 
 
 QUESTIONS = [ex("a funny film", "1"), ex("one long string of cliches", "0"), ex("lazy dog", "0")]
-
-
-def test_reply_tokens_stop_at_the_first_end_token():
-    new = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
-    assert reply_tokens(new, 2) == 2 + 4 + 1
-    assert reply_tokens(new, None) == 12
 
 
 def test_label_scoring_counts_every_candidate_token(tiny_model, tokenizer):

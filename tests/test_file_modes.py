@@ -27,7 +27,7 @@ from pathlib import Path
 from tunesmith import finetune, load_config
 from tunesmith.deploy.export import export
 from tunesmith.deploy.generate import generate_file
-from tunesmith.deploy.engine import SamplingParams
+from tunesmith.generation.engine import SamplingParams
 from tunesmith.studies import create_study
 
 root = Path(sys.argv[2])

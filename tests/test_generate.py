@@ -9,7 +9,7 @@ import pytest
 from tunesmith.cli import main
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import chat_format, encode_prompt
-from tunesmith.deploy.engine import Engine, GenerationRequest, SamplingParams
+from tunesmith.generation.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.deploy.generate import done_lines, generate_file, read_prompts
 from tunesmith.deploy.loading import load_for_serving, run_config
 

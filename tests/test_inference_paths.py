@@ -15,7 +15,7 @@ from conftest import make_model
 from tunesmith import finetune, load_config
 from tunesmith.data.formats import Example
 from tunesmith.data.render import PromptCut, answer_room, encode_for_head, encode_plain, encode_prompt, encode_text, fit_prompt
-from tunesmith.deploy.engine import SamplingParams
+from tunesmith.generation.engine import SamplingParams
 from tunesmith.deploy.generate import generate_file
 from tunesmith.deploy.loading import load_for_serving
 from tunesmith.deploy.server import ServeSettings, create_app

@@ -116,7 +116,7 @@ def test_evaluation_generate_and_serve_answer_alike_on_the_real_model(tmp_path, 
     from openai import OpenAI
 
     from test_serve import running
-    from tunesmith.deploy.engine import SamplingParams
+    from tunesmith.generation.engine import SamplingParams
     from tunesmith.deploy.generate import generate_file
     from tunesmith.deploy.loading import load_for_serving
     from tunesmith.deploy.server import ServeSettings, create_app

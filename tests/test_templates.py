@@ -14,7 +14,7 @@ from conftest import make_model, make_tokenizer
 from tunesmith.cli import main
 from tunesmith.data.formats import DataError, Example
 from tunesmith.data.render import IGNORE, chat_format, encode, encode_all, encode_prompt, render, set_chat_template
-from tunesmith.generation.generate import generate, reply_tokens
+from tunesmith.generation.generate import generate
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "hello world"}]
@@ -51,21 +51,25 @@ def test_end_of_turn_comes_from_the_template_not_the_eos(eos_endoftext):
 
 
 def test_generation_stops_on_the_end_of_turn_token(eos_endoftext):
+    """Generation ends at the template's end of turn and at the end of sequence, each counted as
+    one token of the reply; a reply with neither gets max_new_tokens tokens."""
     tok = eos_endoftext
     model = make_model(len(tok))
-    seen = {}
-    real = model.generate
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    prompt = len(encode_prompt(tok, CHAT[:-1], 512))
+    forced = {}
 
-    def spy(**kw):
-        seen.update(kw)
-        return real(**kw)
+    def force(module, inputs, out):  # every step predicts forced["token"]
+        fake = torch.zeros_like(out)
+        fake[..., forced["token"]] = 1.0
+        return fake
 
-    model.generate = spy
-    generate(model, tok, [Example(CHAT)], max_new_tokens=4, batch_size=1, bf16=False)
-    assert seen["eos_token_id"] == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    im_end, eos = seen["eos_token_id"]
-    new = torch.tensor([[5, im_end, 0, 0], [5, 6, eos, 0], [5, 6, 7, 8]])
-    assert reply_tokens(new, [im_end, eos]) == 2 + 3 + 4
+    model.lm_head.register_forward_hook(force)
+    for token, reply_tokens in ((im_end, 1), (eos, 1), (5, 4)):
+        forced["token"] = token
+        texts, tokens = generate(model, tok, [Example(CHAT)], max_new_tokens=4, batch_size=1, bf16=False)
+        assert tokens == prompt + reply_tokens, token
+        assert (texts[0] == "") == (token != 5)
 
 
 def test_common_conversations_tokenize_exactly_as_the_template_does(tokenizer):

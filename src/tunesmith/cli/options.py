@@ -67,7 +67,7 @@ def decoding_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampling(args: argparse.Namespace) -> object:
     """``SamplingParams`` from the decoding options; RunError naming every bad one."""
-    from tunesmith.deploy.engine import SamplingParams
+    from tunesmith.generation.engine import SamplingParams
 
     problems = [m for bad, m in [(args.max_tokens < 1, "--max-tokens must be at least 1"),
                                  (args.temperature < 0, "--temperature must be >= 0"),

@@ -25,7 +25,7 @@ from tunesmith.data.extract import extract_fields
 from tunesmith.data.formats import DataError, read_table
 from tunesmith.data.layouts import SPEAKERS, SYNONYMS, parse_source
 from tunesmith.data.render import PromptCut, answer_room, chat_format, encode_plain, fit_prompt
-from tunesmith.deploy.engine import Engine, GenerationRequest, SamplingParams
+from tunesmith.generation.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.deploy.loading import load_for_serving, run_config
 from tunesmith.runtime.progress import make_progress
 from tunesmith.runs import RunError

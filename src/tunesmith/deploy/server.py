@@ -43,7 +43,7 @@ from tunesmith.deploy.errors import ServeError
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import chat_format, encode_prompt
 from tunesmith.deploy import protocol as P
-from tunesmith.deploy.engine import (Delta, Engine, EngineClosed, EngineError, GenerationRequest, QueueFull,
+from tunesmith.generation.engine import (Delta, Engine, EngineClosed, EngineError, GenerationRequest, QueueFull,
                                      RequestHandle, SamplingParams)
 from tunesmith.deploy.loading import ServedGroup, load_for_serving
 from tunesmith.deploy.safety import OutputFilter, StreamFilter

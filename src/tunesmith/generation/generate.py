@@ -1,7 +1,9 @@
-"""Greedy replies to each example's conversation, with transformers' ``generate``.
+"""Greedy replies to each example's conversation, by the generation engine (``generation.engine``).
 
 Prompts are fitted into the model's context by the one prompt rule (``data.render.fit_prompt``);
-a stop request (Ctrl-C, SIGTERM) ends generation between decoding steps with ``EvaluationStopped``.
+every prompt is queued at once and decoded with continuous batching, so a reply that ends early
+frees its row for the next prompt. A stop request (Ctrl-C, SIGTERM) ends generation between
+decoding steps with ``EvaluationStopped``.
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from typing import Any
 
 import torch
 from rich.progress import Progress
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from tunesmith import runtime
 from tunesmith.data.formats import Example
 from tunesmith.data.render import PromptCut, answer_room, chat_format, fit_prompt
+from tunesmith.generation.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.models import context_length
-from tunesmith.runtime.stopping import EvaluationStopped
+
+KV_BUDGET_BYTES = 1 << 30  # the KV cache of the rows decoded together stays within this (1 GiB)
+MAX_ROWS = 32  # rows decoded together at most: beyond this a 2-core CPU gains little per row
 
 
-@torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_new_tokens: int,
              batch_size: int, bf16: bool, progress: Progress | None = None, side: str = "middle",
              should_stop: Callable[[], bool] | None = None) -> tuple[list[str], int]:
@@ -31,69 +33,59 @@ def generate(model: torch.nn.Module, tokenizer: Any, examples: list[Example], ma
     return texts, tokens
 
 
-@torch.no_grad()
 def generate_replies(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_new_tokens: int,
                      batch_size: int, bf16: bool, progress: Progress | None = None, side: str = "middle",
                      should_stop: Callable[[], bool] | None = None) -> tuple[list[str], int, list[PromptCut | None]]:
     """Greedy replies to each example's conversation up to its last assistant turn, the number of
-    tokens read and written (prompt tokens, then each reply up to its end token), and each
-    prompt's cut (None where it fit).
+    tokens read and written (prompt tokens, then each reply up to and including its end token),
+    and each prompt's cut (None where it fit).
 
     Prompts are encoded like training prompts (special strings in the data as text) and fitted
     into the model's context (``data.render.fit_prompt``: cut only when longer than the model
     can read, never to make room for the reply); a reply gets ``max_new_tokens`` or what the
     context has left. Generation stops at the chat template's end-of-turn token or the end of
-    sequence. ``should_stop()`` is asked between decoding steps: when it turns true the replies
-    are abandoned and EvaluationStopped is raised.
+    sequence. The model answers as it stands (a ``PeftModel`` with its active adapter), in eval
+    mode (left so). Rows decoded together: at least ``batch_size``, more while their KV cache
+    fits ``KV_BUDGET_BYTES`` (``decode_rows``). ``should_stop()`` is asked between decoding
+    steps: when it turns true the replies are abandoned and EvaluationStopped is raised.
     """
     model.eval()
-    dev = next(model.parameters()).device
-    stops = list(chat_format(tokenizer).stop_ids)
+    stops = tuple(chat_format(tokenizer).stop_ids)
     context = context_length(model, tokenizer)
     room = answer_room(context, max_new_tokens)
     fitted = [fit_prompt(tokenizer, ex.messages[: last_answer(ex)], context - 1, side, ex.source, context - room)
               for ex in examples]
     prompts, cuts = [f[0] for f in fitted], [f[1] for f in fitted]
+    if not prompts:
+        return [], 0, []
     task = progress.add_task("generating", total=len(prompts), info="") if progress else None
-    criteria = StoppingCriteriaList([_AskedToStop(should_stop)]) if should_stop else None
-    out, tokens = [], 0
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        width = max(len(p) for p in chunk)  # left-padded: generation continues from the right edge
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=dev)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
-        with runtime.autocast(dev, bf16):
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=min(max_new_tokens, context - width),
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None,
-                                 stopping_criteria=criteria)
-        if should_stop is not None and should_stop():
-            raise EvaluationStopped("stopped while generating; the replies of this batch are made again")
-        new = gen[:, width:]
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
-        tokens += int(mask.sum()) + reply_tokens(new, stops)
-        if progress is not None:
-            progress.update(task, advance=len(chunk))
-    return [s.strip() for s in out], tokens, cuts
+    longest = min(context, max(map(len, prompts)) + max_new_tokens)
+    engine = Engine(model, tokenizer, max_batch_size=decode_rows(model, longest, batch_size), context_length=context,
+                    bf16=bf16, per_row_adapters=False)
+    params = SamplingParams(max_tokens=max_new_tokens, stop_ids=stops)
+    try:
+        results = engine.generate([GenerationRequest(p, None, params) for p in prompts], should_stop,
+                                  lambda i, r: progress.update(task, advance=1) if progress is not None else None)
+    finally:
+        engine.shutdown(drain=False)
+    texts = [tokenizer.decode(r.choices[0].token_ids, skip_special_tokens=True).strip() for r in results]
+    return texts, sum(r.prompt_tokens + r.completion_tokens for r in results), cuts
 
 
-class _AskedToStop(StoppingCriteria):
-    """Ends ``generate`` at the next decoding step once a stop was requested (SIGTERM, Ctrl-C)."""
-
-    def __init__(self, should_stop: Callable[[], bool]) -> None:
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
-
-
-def reply_tokens(new: torch.Tensor, stops: int | list[int] | None) -> int:
-    """Tokens generated per row up to and including the first stop token (padding after it excluded)."""
-    stops = [stops] if isinstance(stops, int) else list(stops or [])
-    if not stops or new.shape[1] == 0:
-        return new.numel()
-    ended = torch.isin(new, torch.tensor(stops, device=new.device))
-    first = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full_like(ended[:, 0], new.shape[1], dtype=torch.long))
-    return int(first.sum())
+def decode_rows(model: torch.nn.Module, tokens_per_row: int, at_least: int = 1, budget: int = KV_BUDGET_BYTES,
+                most: int = MAX_ROWS) -> int:
+    """How many rows to decode together: as many as fit ``budget`` bytes of KV cache at
+    ``tokens_per_row`` tokens each (keys and values of every layer, in the weights' dtype), at most
+    ``most``, at least ``at_least`` (the caller's batch size) and 1."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+    dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // max(1, getattr(cfg, "num_attention_heads", 1) or 1))
+    if not (layers and heads and dim):
+        return max(1, at_least)
+    per_token = 2 * layers * heads * dim * next(model.parameters()).element_size()
+    return max(1, at_least, min(most, budget // max(1, per_token * tokens_per_row)))
 
 
 def last_answer(ex: Example) -> int:

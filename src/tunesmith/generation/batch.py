@@ -1,0 +1,77 @@
+"""The running batch's KV cache (left-padded rows, merged and trimmed as requests come and go) and
+how newcomers are grouped for prefill."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from tunesmith.generation.requests import RequestHandle
+from tunesmith.generation.rows import Row
+
+
+def left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x`` padded with zeros at the start of ``dim`` up to ``width``."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class RunningBatch:
+    """The running rows and their KV cache: keys/values (B, H, T, D) per layer, left-padded, and the
+    attention mask (B, T) saying which of the T positions of each row are real."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.cache = DynamicCache()
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+
+    def merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Newcomers join: both caches left-padded to the longer one, then stacked row-wise."""
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([left_pad(mine.keys, width, 2), left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([left_pad(mine.values, width, 2), left_pad(theirs.values, width, 2)])
+        self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(mask, width, 1)])
+        self.rows = self.rows + rows
+
+    def keep(self, keep: list[int]) -> None:
+        """Only rows ``keep`` stay; then padding columns that no row uses any more are cut."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.__init__()  # type: ignore[misc]
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask.index_select(0, idx)
+        lead = int((self.mask.cumsum(1) == 0).sum(1).min())  # padding every remaining row has
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, lead:]
+            layer.values = layer.values.index_select(0, idx)[:, :, lead:]
+        self.mask = self.mask[:, lead:]
+        self.rows = [self.rows[i] for i in keep]
+
+
+PREFILL_PADDING = 1.25  # padded tokens allowed per real token when prompts are prefilled together
+
+
+def prefill_groups(handles: Sequence[RequestHandle]) -> list[list[RequestHandle]]:
+    """Newcomers grouped by prompt length so that one forward pass computes at most
+    ``PREFILL_PADDING`` times their real tokens (prefill is compute-bound: padding is wasted work)."""
+    groups: list[list[RequestHandle]] = []
+    for h in sorted(handles, key=lambda h: h.prompt_tokens):
+        g = groups[-1] if groups else None
+        if g is not None and h.prompt_tokens * (len(g) + 1) <= PREFILL_PADDING * (
+                sum(x.prompt_tokens for x in g) + h.prompt_tokens):
+            g.append(h)
+        else:
+            groups.append([h])
+    return groups
