@@ -357,3 +357,29 @@ def test_real_model_mixed_batch_equals_each_alone():
     finally:
         eng.shutdown()
     assert [r.choices[0].token_ids for r in got] == want
+
+
+def test_spare_room_cache_layer_equals_dynamic_layer_and_writes_in_place():
+    """The engine's cache layer holds what transformers' DynamicLayer holds after every update,
+    writes decoding steps into its buffer (no new buffer per step), and takes keys/values that
+    were assigned from outside (rows merged or dropped) into a new buffer at the next update."""
+    from transformers.cache_utils import DynamicLayer
+
+    from tunesmith.generation.batch import SPARE_POSITIONS, SpareRoomLayer
+
+    ours, ref = SpareRoomLayer(), DynamicLayer()
+    torch.manual_seed(0)
+    steps = [torch.randn(2, 3, 7, 4)] + [torch.randn(2, 3, 1, 4) for _ in range(SPARE_POSITIONS + 5)]
+    buffers = set()
+    with torch.inference_mode():
+        for i, k in enumerate(steps):
+            got, want = ours.update(k, -k), ref.update(k, -k)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), i
+            buffers.add(ours._buf_k.data_ptr())
+        assert len(buffers) == 2  # the first buffer, and one more once the spare room ran out
+        ours.keys, ours.values = ours.keys[:1], ours.values[:1]  # a row dropped from outside
+        ref.keys, ref.values = ref.keys[:1], ref.values[:1]
+        k = torch.randn(1, 3, 1, 4)
+        got, want = ours.update(k, k), ref.update(k, k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert ours.get_seq_length() == ref.get_seq_length() == 7 + SPARE_POSITIONS + 6

@@ -11,7 +11,7 @@ from tunesmith.runs.compare import MethodResult, summarize, verdict
 from tunesmith.config import load_config
 from tunesmith.data import encode
 from tunesmith.data.formats import Example
-from tunesmith.data.render import render
+from tunesmith.data.render import collate, encode_prompt, render
 from tunesmith.evaluation.evaluate import evaluate_model, latency
 from tunesmith.runs import finetune
 
@@ -29,11 +29,13 @@ def ex(user, label):
 QUESTIONS = [ex("a funny film", "1"), ex("one long string of cliches", "0"), ex("lazy dog", "0")]
 
 
-def test_label_scoring_counts_every_candidate_token(tiny_model, tokenizer):
+def test_label_scoring_reads_each_prompt_once_and_every_label(tiny_model, tokenizer):
     result = evaluate_model(tiny_model, tokenizer, QUESTIONS, "classification", LABELS, 64, 2, 4, False, resamples=100)
-    expected = sum(len(encode(tokenizer, Example(q.messages[:2] + [{"role": "assistant", "content": w}]), 64).input_ids)
-                   for q in QUESTIONS for w in LABELS.values())
-    assert result.tokens == expected
+    prompts = [len(encode_prompt(tokenizer, q.messages[:2], 64)) for q in QUESTIONS]
+    whole = [[len(encode(tokenizer, Example(q.messages[:2] + [{"role": "assistant", "content": w}]), 64).input_ids)
+              for w in LABELS.values()] for q in QUESTIONS]
+    # each prompt read once, then each label's own tokens after it
+    assert result.tokens == sum(p + sum(n - p for n in ns) for p, ns in zip(prompts, whole))
 
 
 def test_generation_counts_prompt_reply_and_loss_tokens(tiny_model, tokenizer):
@@ -143,3 +145,34 @@ def test_compare_ranks_by_eval_metric_and_lower_perplexity_is_better(tmp_path):
     assert rows["full"]["p_vs_best"] < 0.01
     assert "lora scores best on perplexity" in doc["verdict"] and "down from 50.000" in doc["verdict"]
     assert "full: " in doc["verdict"] and "significantly higher" in doc["verdict"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_scoring_each_prompt_once_equals_scoring_every_whole_candidate(tokenizer, lora):
+    """Golden: prompt-once label scoring (evaluation.scoring) gives the summed target log-probability
+    and target count of scoring each (prompt, label) sequence whole, for prompts of different
+    lengths, labels of different token lengths and more labels than rows, on a plain model and
+    with a LoRA adapter (non-zero B) active."""
+    from conftest import make_model
+    from tunesmith.evaluation.scoring import score_candidates
+    from tunesmith.training.losses import target_logprob_per_row
+
+    torch.manual_seed(0)
+    model = make_model(len(tokenizer))
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    words = {"a": "funny", "b": "one long string of cliches", "c": "lazy dog", "d": "the quick brown fox is funny"}
+    prompts = [[{"role": "user", "content": t}] for t in ("a", "one long string of cliches and a lazy dog", "funny film",
+                                                           "the quick brown fox " * 5)]
+    cands = [[encode(tokenizer, Example(p + [{"role": "assistant", "content": w}]), 256, last_turn_only=True)
+              for w in words.values()] for p in prompts]
+    scores, counts, tokens = score_candidates(model, cands, tokenizer.pad_token_id, 3, False)
+    flat = [c for cs in cands for c in cs]
+    with torch.no_grad():
+        want, n = target_logprob_per_row(model, collate(flat, tokenizer.pad_token_id))
+    assert torch.equal(counts.reshape(-1), n)
+    assert torch.allclose(scores.reshape(-1), want, atol=1e-4), (scores.reshape(-1), want)
+    assert tokens < sum(len(c.input_ids) for c in flat)  # prompts read once

@@ -32,11 +32,13 @@ from tunesmith import runtime
 from tunesmith.api import ApiModel
 from tunesmith.data.formats import Example
 from tunesmith.data.render import PromptCut, collate, encode, encode_for_head, encode_text
+from tunesmith.evaluation.scoring import score_candidates
 from tunesmith.evaluation.answers import AnswerStore, EvaluationStopped, answer_all
 from tunesmith.generation.generate import generate_replies, last_answer
 from tunesmith.models import context_length
 from tunesmith.training.losses import target_logprob_per_row
 
+GENERATION_WINDOW = 64  # free-generation answers queued to the engine at once (continuous batching refills rows)
 NLL = tuple[list[float], list[int]]  # per example: summed negative log-likelihood (nats), target tokens
 
 
@@ -77,13 +79,13 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
     """The most likely label of each example, by the log-probability of its words: summed
     (``normalize="sum"``) or per token (``"mean"``).
 
-    Also returns each example's negative log-likelihood of its true label (and token count), from
-    the same forward passes, the number of tokens read (every label's candidate counts: that
-    is the work done), and each example's prompt cut (None where it fit: a prompt is cut only
+    Each prompt is read once and every label's words after it (``evaluation.scoring``). Also
+    returns each example's negative log-likelihood of its true label (and token count), from the
+    same forward passes, the number of tokens read (each prompt once, then every label's own
+    tokens: the work done), and each example's prompt cut (None where it fit: a prompt is cut only
     beyond the model's context, never to a training length).
     """
     model.eval()
-    dev = next(model.parameters()).device
     keys = list(label_words)
     context = context_length(model, tokenizer)  # the prompt budget is the model's, not train.max_seq_len
     candidates = []  # one encoding per (example, label), the label's words as the only target
@@ -93,25 +95,15 @@ def predict_labels(model: torch.nn.Module, tokenizer: Any, examples: list[Exampl
             answer = {"role": "assistant", "content": label_words[k]}
             candidates.append(encode(tokenizer, Example(prompt + [answer], source=ex.source), context,
                                      last_turn_only=True, side=side))
-    task = progress.add_task("label scoring", total=len(candidates), info="") if progress else None
-    scores = torch.empty(len(candidates))
-    counts = torch.empty(len(candidates), dtype=torch.long)
-    order = sorted(range(len(candidates)), key=lambda j: len(candidates[j].input_ids))  # similar lengths: little padding
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        batch = {k: v.to(dev) for k, v in collate([candidates[j] for j in idx], tokenizer.pad_token_id).items()}
-        with runtime.autocast(dev, bf16):
-            logprob, count = target_logprob_per_row(model, batch)
-        scores[idx] = logprob.float().cpu()
-        counts[idx] = count.cpu()
-        if progress is not None:
-            progress.update(task, advance=len(idx))
-    scores, counts = scores.view(len(examples), len(keys)), counts.view(len(examples), len(keys))
+    task = progress.add_task("label scoring", total=len(examples), info="") if progress else None
+    per_example = [candidates[i * len(keys) : (i + 1) * len(keys)] for i in range(len(examples))]
+    scores, counts, tokens = score_candidates(model, per_example, tokenizer.pad_token_id, batch_size, bf16,
+                                              lambda n: progress.update(task, advance=n) if progress is not None else None)
     true = torch.tensor([keys.index(ex.label) for ex in examples]).unsqueeze(1)  # (E, 1)
     nll = ((-scores.gather(1, true).squeeze(1)).tolist(), counts.gather(1, true).squeeze(1).tolist())
     ranking = scores / counts.clamp(min=1) if normalize == "mean" else scores
     cuts = [candidates[i * len(keys)].cut for i in range(len(examples))]  # the first label's prompt stands for all
-    return [keys[j] for j in ranking.argmax(dim=1).tolist()], nll, sum(len(c.input_ids) for c in candidates), cuts
+    return [keys[j] for j in ranking.argmax(dim=1).tolist()], nll, tokens, cuts
 
 
 @torch.no_grad()
@@ -237,7 +229,8 @@ def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: 
     ``head``: the model is a sequence classifier (logits per label) rather than a generative model.
     An ``ApiModel`` (a remote endpoint) answers freely; its answers are parsed (classification)
     or scored as generations, with no loss (an API gives no log-likelihoods to compare).
-    Answers are made ``batch_size`` examples at a time and kept in ``store`` (``evaluation.answers``:
+    Answers are made ``batch_size`` examples at a time (free generation: ``GENERATION_WINDOW``, decoded
+    together by the generation engine) and kept in ``store`` (``evaluation.answers``:
     a stopped evaluation continues from there); ``should_stop()`` is checked between batches and
     between decoding steps (EvaluationStopped). ``progress`` shows one bar named ``description``.
     """
@@ -258,7 +251,9 @@ def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: 
         else:
             progress.update(task_bar, advance=n)
 
-    done = answer_all(examples, answer, batch_size, store or AnswerStore(None, ""), should_stop or (lambda: False),
+    generating = not remote and task != "text" and not (task == "classification" and (head or classify_by == "scoring"))
+    window = max(batch_size, GENERATION_WINDOW) if generating else batch_size  # replies decoded together, kept together
+    done = answer_all(examples, answer, window, store or AnswerStore(None, ""), should_stop or (lambda: False),
                       advance if progress is not None else None,
                       with_nll=not remote)  # every local way of answering also gives each example's loss
     nll = done.nll if not remote else None

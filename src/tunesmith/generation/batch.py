@@ -4,12 +4,59 @@ how newcomers are grouped for prefill."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from tunesmith.generation.requests import RequestHandle
 from tunesmith.generation.rows import Row
+
+
+SPARE_POSITIONS = 64  # positions a cache layer keeps free beyond what it holds
+
+
+class SpareRoomLayer(DynamicLayer):
+    """transformers' ``DynamicLayer`` with its keys and values held in a buffer that has room for
+    ``SPARE_POSITIONS`` more: a decoding step writes its token in place instead of copying the
+    whole cache with ``torch.cat`` (on SmolLM2-135M, 16 rows x 240 positions, the copies took a
+    fifth of every step). ``keys``/``values`` stay (B, H, T, D) views of the buffer. Whoever
+    assigns them a tensor of their own (merging rows, dropping rows) may: the next ``update``
+    moves them into a new buffer."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized or self.keys.numel() == 0:
+            self.lazy_initialization(key_states, value_states)
+            self._rebuffer(key_states, value_states, 0)
+            return self.keys, self.values
+        n, t = self.keys.shape[-2], key_states.shape[-2]
+        ours = self.keys is getattr(self, "_view_k", None) and self.values is getattr(self, "_view_v", None)
+        if not ours or n + t > self._buf_k.shape[-2]:  # assigned from outside, or full
+            self._rebuffer(self.keys, self.values, t)
+        self._buf_k[:, :, n : n + t] = key_states
+        self._buf_v[:, :, n : n + t] = value_states
+        self.keys = self._view_k = self._buf_k[:, :, : n + t]
+        self.values = self._view_v = self._buf_v[:, :, : n + t]
+        return self.keys, self.values
+
+    def _rebuffer(self, keys: torch.Tensor, values: torch.Tensor, coming: int) -> None:
+        """Move ``keys``/``values`` into new buffers with room for ``coming`` positions and the spare."""
+        b, h, n, d = keys.shape
+        self._buf_k = keys.new_empty(b, h, n + coming + SPARE_POSITIONS, d)
+        self._buf_v = values.new_empty(b, values.shape[1], n + coming + SPARE_POSITIONS, values.shape[3])
+        self._buf_k[:, :, :n] = keys
+        self._buf_v[:, :, :n] = values
+        self.keys = self._view_k = self._buf_k[:, :, :n]
+        self.values = self._view_v = self._buf_v[:, :, :n]
+
+
+class SpareRoomCache(DynamicCache):
+    """A ``DynamicCache`` of ``SpareRoomLayer``s (every layer full attention, as ``DynamicCache()``)."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=SpareRoomLayer)
 
 
 def left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -28,7 +75,7 @@ class RunningBatch:
 
     def __init__(self) -> None:
         self.rows: list[Row] = []
-        self.cache = DynamicCache()
+        self.cache: DynamicCache = SpareRoomCache()
         self.mask = torch.zeros(0, 0, dtype=torch.long)
 
     def merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:

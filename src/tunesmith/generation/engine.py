@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from tunesmith import models, runtime
 from tunesmith.generation.adapters import AdapterRouter
-from tunesmith.generation.batch import RunningBatch, prefill_groups
+from tunesmith.generation.batch import RunningBatch, SpareRoomCache, prefill_groups
 from tunesmith.generation.requests import (Choice, Delta, EngineClosed, EngineError, EngineStats, GenerationRequest,
                                            GenerationResult, QueueFull, RequestHandle, SamplingParams)
 from tunesmith.generation.rows import Row, sample
@@ -239,7 +239,7 @@ class Engine:
         ids = torch.tensor([[self.pad_id] * (width - h.prompt_tokens) + list(h.request.prompt_ids) for h in handles])
         mask = torch.tensor([[0] * (width - h.prompt_tokens) + [1] * h.prompt_tokens for h in handles])
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # (b, T): real tokens count from 0 after the padding
-        cache = DynamicCache()
+        cache = SpareRoomCache()
         logits = self._forward(ids, mask, pos, cache, handles)  # (b, V)
         repeat = torch.tensor([i for i, h in enumerate(handles) for _ in range(h.n)])
         if len(repeat) != len(handles):  # n > 1: the prompt is computed once, its cache copied per choice
