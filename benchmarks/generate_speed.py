@@ -5,8 +5,9 @@ template), greedy, exactly ``--max-tokens`` new tokens each (end tokens ignored,
 does the same work), with the same number of threads, in one process, one side after another,
 ``--repeats`` passes in alternation (tokens/s is the median over passes):
 
-- ``engine_fp32``: ``generation.engine.Engine`` on the fp32 model, as evaluation, ``generate`` and
-  ``serve`` run it (``runtime.INFERENCE_PRECISION``);
+- ``engine_fp32``: ``generation.engine.Engine`` on the fp32 model (``runtime.INFERENCE_PRECISION``),
+  decoding in the caller's thread, as evaluation and ``generate`` run it;
+- ``engine_fp32_thread``: the same with the engine's own thread, as ``serve`` runs it;
 - ``engine_bf16``: the same engine on a bf16 copy of the weights (half the bytes read per token);
 - ``hf_generate``: transformers' ``model.generate`` on the fp32 model (the floor; 8 streams as one
   left-padded batch);
@@ -49,11 +50,13 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, m, 2048) for m in msgs]
 
 
-def engine_side(model: Any, tokenizer: Any, batches: list[list[list[int]]], max_tokens: int) -> tuple[int, float, list]:
+def engine_side(model: Any, tokenizer: Any, batches: list[list[list[int]]], max_tokens: int,
+                background: bool = False) -> tuple[int, float, list]:
     """Tokens generated, seconds, and the token ids of each answer (batches submitted in turn)."""
     from tunesmith.generation.engine import Engine, GenerationRequest, SamplingParams
 
-    engine = Engine(model, tokenizer, max_batch_size=max(len(b) for b in batches), per_row_adapters=False)
+    engine = Engine(model, tokenizer, max_batch_size=max(len(b) for b in batches), per_row_adapters=False,
+                    background=background)
     params = SamplingParams(max_tokens=max_tokens)
     try:
         engine.generate([GenerationRequest(batches[0][0], None, SamplingParams(max_tokens=2))])  # warm-up
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per pass (8 streams: all of them at once)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--sides", default="engine_fp32,engine_bf16,hf_generate,llamacpp_f16")
+    ap.add_argument("--sides", default="engine_fp32,engine_fp32_thread,engine_bf16,hf_generate,llamacpp_f16")
     ap.add_argument("--out", type=Path, default=OUT / "generate_speed")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model)
     model.eval()
     sides = args.sides.split(",")
-    models = {"engine_fp32": model, "hf_generate": model}
+    models = {"engine_fp32": model, "hf_generate": model}  # engine_fp32_thread: the same model
     if "engine_bf16" in sides:
         import copy
 
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                     elif side == "hf_generate":
                         n, secs, ans = hf_side(model, tok, batches, args.max_tokens)
                     else:
-                        n, secs, ans = engine_side(models[side], tok, batches, args.max_tokens)
+                        n, secs, ans = engine_side(models[side.removesuffix("_thread")], tok, batches, args.max_tokens,
+                                                   side.endswith("_thread"))
                     runs[side][shape].append(n / secs)
                     answers.setdefault(f"{side}/{shape}", ans)
                     print(f"pass {rep + 1} {side:14s} {shape:9s} {n / secs:7.1f} tokens/s", flush=True)
@@ -174,10 +178,10 @@ def summarize(runs: dict[str, dict[str, list[float]]], answers: dict[str, list],
     med = {s: {k: statistics.median(v) for k, v in shapes.items()} for s, shapes in runs.items()}
     targets: dict[str, Any] = {}
     if "llamacpp_f16" in med:
-        for side in ("engine_fp32", "engine_bf16"):
+        for side in ("engine_fp32", "engine_fp32_thread", "engine_bf16", "hf_generate"):
             if side in med:
                 targets[f"{side} 1 stream vs llama.cpp f16"] = round(med[side]["1_stream"] / med["llamacpp_f16"]["1_stream"], 2)
-    for side in ("engine_fp32", "engine_bf16", "hf_generate"):
+    for side in ("engine_fp32", "engine_fp32_thread", "engine_bf16", "hf_generate"):
         if side in med:
             targets[f"{side} 8 streams vs 1 stream"] = round(med[side]["8_streams"] / med[side]["1_stream"], 2)
     ref = answers.get("engine_fp32/1_stream")

@@ -119,6 +119,34 @@ def test_generate_keeps_order_and_batches(group):
     assert eng.stats.max_rows == 4
 
 
+def test_foreground_engine_answers_alike_reports_in_order_and_stops_between_steps(group):
+    """background=False: generate decodes in the caller's thread with the same answers (mixed
+    adapters, fewer rows than requests), reports each answer in request order, stops between
+    decoding steps with EvaluationStopped and an empty batch, and refuses streaming submits."""
+    from tunesmith.runtime.stopping import EvaluationStopped
+
+    tok = group.tokenizer
+    reqs = [GenerationRequest(prompt(tok, q), a, greedy(tok, 8)) for q in QUESTIONS for a in ("beta-lora", None)]
+    eng = Engine(group.model, tok, max_batch_size=4, background=False)
+    try:
+        seen: list[int] = []
+        results = eng.generate(reqs, on_result=lambda i, r: seen.append(i))
+        assert [r.choices[0].token_ids for r in results] == [reference(group, list(r.prompt_ids), r.adapter, 8)
+                                                             for r in reqs]
+        assert seen == list(range(len(reqs)))
+        steps = []
+        with pytest.raises(EvaluationStopped, match="stopped while generating"):
+            eng.generate(reqs, should_stop=lambda: steps.append(1) or len(steps) > 3)
+        assert eng.snapshot().running == 0 and eng.snapshot().waiting == 0
+        again = eng.generate(reqs[:2])  # still usable after a stop
+        assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in results[:2]]
+        with pytest.raises(EngineError, match="use generate"):
+            eng.submit(reqs[0])
+    finally:
+        eng.shutdown()
+    assert not eng.running
+
+
 def test_full_finetuned_model(finished_runs):
     (g,) = load_for_serving([finished_runs["gamma-full"]])
     eng = Engine(g.model, g.tokenizer)

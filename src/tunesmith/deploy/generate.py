@@ -29,7 +29,7 @@ from tunesmith.generation.engine import Engine, GenerationRequest, SamplingParam
 from tunesmith.deploy.loading import load_for_serving, run_config
 from tunesmith.runtime.progress import make_progress
 from tunesmith.runs import RunError
-from tunesmith.runtime.stopping import StopRequests, Stopped
+from tunesmith.runtime.stopping import EvaluationStopped, StopRequests, Stopped
 
 # columns that hold what the model reads, in the order they are joined (as an instruction row is in training)
 PROMPT_ROLES = ("instruction", "input", "prompt", "text")
@@ -152,7 +152,8 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
     skipped, bad_rows, seconds, completion_tokens}. ``skip_bad_rows``: leave out (and list) input rows
     with no usable prompt instead of stopping. Prompts may fill the model's context (``context`` in
     the result); a longer one is cut and its row says how (``prompt_cut``; ``prompts_cut`` counts
-    them). SIGTERM/Ctrl-C stops after the current answer (``Stopped``: rerun to continue).
+    them). SIGTERM/Ctrl-C stops at the next decoding step, the rows answered so far written (``Stopped``:
+    rerun to continue).
     Raises RunError, DataError (input or output), ModelError."""
     console = console or Console()
     params = params or SamplingParams()
@@ -177,7 +178,8 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
     adapter = group.names[run_dir.name]
     stops = tuple(chat_format(group.tokenizer).stop_ids) if cfg.task != "text" else (group.tokenizer.eos_token_id,)
     params = SamplingParams(**{**vars(params), "stop_ids": tuple(dict.fromkeys(params.stop_ids + stops))})
-    engine = Engine(group.model, group.tokenizer, max_batch_size=max_batch_size, bf16=runtime.INFERENCE_BF16)
+    engine = Engine(group.model, group.tokenizer, max_batch_size=max_batch_size, bf16=runtime.INFERENCE_BF16,
+                    background=False)
     budget = engine.context_length - 1  # the model's context, as serve allows; the answer gets what is left
     t0 = time.perf_counter()
     summary["prompts_cut"] = 0
@@ -186,19 +188,22 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
         with stop, make_progress(console) as progress:
             room = answer_room(engine.context_length, params.max_tokens)  # kept for the answer when a prompt is cut
             prompts = [_prompt_ids(group.tokenizer, r, cfg, budget, engine.context_length - room) for r in todo]
-            handles = [engine.submit(GenerationRequest(ids, adapter, params), block=True) for ids, _ in prompts]
             task = progress.add_task("generating", total=len(todo), info="")
-            for row, (_, cut), handle in zip(todo, prompts, handles):
-                if stop.requested:
-                    raise Stopped(f"{output}: stopped ({stop.signal}) with {summary['generated'] + summary['skipped']} of "
-                                  f"{len(rows)} rows answered; run the same command again to answer the rest")
-                result = handle.result()
+
+            def write(i: int, result: Any) -> None:  # each answer as soon as it and those before it are made
                 summary["generated"] += 1
                 summary["completion_tokens"] += result.completion_tokens
-                summary["prompts_cut"] += cut is not None
-                _append(output, _output_row(row, result, params.n, cut))
+                summary["prompts_cut"] += prompts[i][1] is not None
+                _append(output, _output_row(todo[i], result, params.n, prompts[i][1]))
                 rate = summary["completion_tokens"] / max(time.perf_counter() - t0, 1e-9)
                 progress.update(task, advance=1, info=f"{rate:.0f} tok/s")
+
+            try:
+                engine.generate([GenerationRequest(ids, adapter, params) for ids, _ in prompts],
+                                should_stop=lambda: stop.requested, on_result=write)
+            except EvaluationStopped:
+                raise Stopped(f"{output}: stopped ({stop.signal}) with {summary['generated'] + summary['skipped']} of "
+                              f"{len(rows)} rows answered; run the same command again to answer the rest") from None
     finally:
         engine.shutdown(drain=False)
     return summary | {"seconds": time.perf_counter() - t0, "context": engine.context_length}

@@ -61,7 +61,7 @@ def generate_replies(model: torch.nn.Module, tokenizer: Any, examples: list[Exam
     task = progress.add_task("generating", total=len(prompts), info="") if progress else None
     longest = min(context, max(map(len, prompts)) + max_new_tokens)
     engine = Engine(model, tokenizer, max_batch_size=decode_rows(model, longest, batch_size), context_length=context,
-                    bf16=bf16, per_row_adapters=False)
+                    bf16=bf16, per_row_adapters=False, background=False)
     params = SamplingParams(max_tokens=max_new_tokens, stop_ids=stops)
     try:
         results = engine.generate([GenerationRequest(p, None, params) for p in prompts], should_stop,
