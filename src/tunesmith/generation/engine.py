@@ -65,7 +65,10 @@ class Engine:
     name no adapter): how evaluation answers with the model it just trained. ``background=False``:
     no thread of its own; only ``generate`` answers, decoding in the caller's thread (for offline
     work: one OpenMP thread team instead of two; a decoding step on SmolLM2-135M, 8 rows, 2 cores
-    took ~25% longer in a second Python thread once the first had run torch work).
+    took ~25% longer in a second Python thread once the first had run torch work: libgomp shortens
+    its spin-waits when it manages more threads than there are CPUs). The engine's thread uses the
+    torch thread count of the thread that made the engine; ``deploy.server.serve`` loads models
+    with one thread, so that the engines' threads own the only OpenMP teams.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 32, max_waiting: int = 128,
@@ -85,6 +88,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = self._stop = self._abort = False
         self._thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()
         if background:
             self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
             self._thread.start()
@@ -197,6 +201,7 @@ class Engine:
     # ------------------------------------------------------------ the loop (engine thread)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)  # this thread's OpenMP team (the count is per thread)
         try:
             self._run()
         finally:
