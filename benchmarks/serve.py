@@ -77,7 +77,10 @@ def run_server(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # load as `tunesmith serve` does: the engines' threads own the only OpenMP teams
     groups, adapters = build_groups(args.model, args.runs)
+    torch.set_num_threads(threads)
     base = next(n for n, a in groups[0].names.items() if a is None)
     app = create_app(groups, ServeSettings(max_batch_size=args.max_batch_size, max_waiting=512,
                                            max_tokens=args.max_tokens))
@@ -108,7 +111,8 @@ def step_costs(args: argparse.Namespace) -> dict[str, Any]:
         for rows in (1, 8, 32):
             variants = {"merged": (plain, [None] * rows), "base_rows": (peft_model, [None] * rows),
                         "adapter": (peft_model, [a1] * rows),
-                        "mixed": (peft_model, [(None, a1, a2)[i % 3] for i in range(rows)])}
+                        # rows of each adapter together, as the engine keeps them (generation.batch)
+                        "mixed": (peft_model, sorted([(None, a1, a2)[i % 3] for i in range(rows)], key=lambda a: a or ""))}
             times: dict[str, list[float]] = {k: [] for k in variants}
             for _ in range(args.step_repeats):
                 for name, (model, adapters) in variants.items():

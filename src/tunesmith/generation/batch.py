@@ -79,7 +79,9 @@ class RunningBatch:
         self.mask = torch.zeros(0, 0, dtype=torch.long)
 
     def merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Newcomers join: both caches left-padded to the longer one, then stacked row-wise."""
+        """Newcomers join: both caches left-padded to the longer one, then stacked row-wise, and the
+        rows ordered by adapter (stable), so a forward pass adapts each adapter's rows as one run
+        (``generation.adapters``: views instead of gathers)."""
         if not self.rows:
             self.rows, self.cache, self.mask = rows, cache, mask
             return
@@ -89,10 +91,11 @@ class RunningBatch:
             mine.values = torch.cat([left_pad(mine.values, width, 2), left_pad(theirs.values, width, 2)])
         self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(mask, width, 1)])
         self.rows = self.rows + rows
+        self.keep(sorted(range(len(self.rows)), key=lambda i: self.rows[i].adapter or ""))  # adapters' rows together
 
     def keep(self, keep: list[int]) -> None:
-        """Only rows ``keep`` stay; then padding columns that no row uses any more are cut."""
-        if len(keep) == len(self.rows):
+        """Only rows ``keep`` stay, in that order; then padding columns that no row uses any more are cut."""
+        if keep == list(range(len(self.rows))):
             return
         if not keep:
             self.__init__()  # type: ignore[misc]
