@@ -72,6 +72,7 @@ bench: setup
 	$(PY) benchmarks/near_dup.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/generate_speed.py
 	$(PY) benchmarks/forgetting.py
 	$(PY) benchmarks/multitask.py
 	$(PY) benchmarks/crash_soak.py

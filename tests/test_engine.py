@@ -366,9 +366,9 @@ def test_real_model_mixed_batch_equals_each_alone():
 
     model, tok = load_model("default")
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
-    model = peft.get_peft_model(model, cfg, adapter_name="one")
+    torch.manual_seed(0)  # before the adapters are made: lora_A's initialisation draws from it too (a test
+    model = peft.get_peft_model(model, cfg, adapter_name="one")  # seeded after it drew other adapters each run)
     model.add_adapter("two", cfg)
-    torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)

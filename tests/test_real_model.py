@@ -82,17 +82,15 @@ def test_generation_stops_at_the_end_of_turn_even_when_eos_differs():
     """With eos <|endoftext|> (as many tokenizers ship) the reply still ends at <|im_end|>: the
     real model answers and stops instead of inventing further turns."""
     from tunesmith.data.formats import Example
+    from tunesmith.data.render import chat_format
     from tunesmith.generation.generate import generate
 
     model, tok = load_model("default")
     tok.eos_token = "<|endoftext|>"
     question = Example([{"role": "user", "content": "What is the capital of France? Answer in one word."},
                         {"role": "assistant", "content": "Paris"}])
-    seen = {}
-    real = model.generate
-    model.generate = lambda **kw: seen.update(kw) or real(**kw)
-    (answer,), _ = generate(model, tok, [question], max_new_tokens=40, batch_size=1, bf16=False)
-    assert tok.convert_tokens_to_ids("<|im_end|>") in seen["eos_token_id"]
+    (answer,), tokens = generate(model, tok, [question], max_new_tokens=40, batch_size=1, bf16=False)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in chat_format(tok).stop_ids
     assert "Paris" in answer and "user" not in answer.lower() and len(tok(answer)["input_ids"]) < 30, answer
 
 
