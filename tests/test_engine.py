@@ -134,9 +134,13 @@ def test_foreground_engine_answers_alike_reports_in_order_and_stops_between_step
         assert [r.choices[0].token_ids for r in results] == [reference(group, list(r.prompt_ids), r.adapter, 8)
                                                              for r in reqs]
         assert seen == list(range(len(reqs)))
-        steps = []
+        steps, reported = [], {}
+        long_first = [GenerationRequest(reqs[0].prompt_ids, None, greedy(tok, 40))] + [
+            GenerationRequest(r.prompt_ids, r.adapter, greedy(tok, 2)) for r in reqs[1:]]
         with pytest.raises(EvaluationStopped, match="stopped while generating"):
-            eng.generate(reqs, should_stop=lambda: steps.append(1) or len(steps) > 3)
+            eng.generate(long_first, should_stop=lambda: steps.append(1) or len(steps) > 6,
+                         on_result=lambda i, r: reported.update({i: r}))
+        assert 0 not in reported and set(reported) == set(range(1, len(reqs)))  # made behind the long one: kept
         assert eng.snapshot().running == 0 and eng.snapshot().waiting == 0
         again = eng.generate(reqs[:2])  # still usable after a stop
         assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in results[:2]]

@@ -4,8 +4,10 @@
 readers as training data (JSONL/JSON/CSV/TSV/Parquet, any encoding), builds each prompt the way
 the run was trained (its system prompt, its chat template, its column mapping), and answers with
 the serving engine (the same decoding options as ``tunesmith serve``). Each answer is appended to
-the output as soon as it is ready, in input order; an interrupted job continues where it stopped
-(rows already in the output are not generated again; a half-written last line is discarded).
+the output as soon as it and those before it are ready (input order); a stop writes the answers
+already made behind an unfinished one too (out of order), and an interrupted job continues where
+it stopped (rows already in the output, by ``line``, are not generated again; a half-written last
+line is discarded).
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ class Engine:
         For offline work (evaluation, ``tunesmith generate``, the forgetting check): every request
         is queued at once, before the engine admits any, so the batches formed, and with them
         the answers to the last bit, are the same run to run (``max_waiting`` does not apply).
-        ``on_result(i, result)`` is called for each request in order as it is answered.
+        ``on_result(i, result)`` is called for each request in order as it is answered; on a stop,
+        also for the answers already made behind an unfinished one (out of order), so none is lost.
         ``should_stop()`` is asked between decoding steps (every 50 ms with a background thread):
         when it turns true the requests are cancelled and EvaluationStopped is raised. Raises EngineError for a bad request (none is queued then),
         EngineClosed after ``shutdown``."""
@@ -151,9 +152,13 @@ class Engine:
                         raise EvaluationStopped(f"stopped while generating, with {len(results)} of {len(handles)} "
                                                 "answers made")
                 report()
-        except BaseException:
+        except BaseException as stop:
             for h in handles:
                 h.cancel()
+            if isinstance(stop, EvaluationStopped) and on_result is not None:
+                for i in range(len(results), len(handles)):  # made after one still unfinished: not lost
+                    if handles[i].finished.is_set():
+                        on_result(i, handles[i].result())
             raise
         return results
 
