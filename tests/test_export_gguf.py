@@ -575,7 +575,12 @@ def test_default_model_in_llama_cpp_agrees_and_stops_at_the_end_of_turn(tmp_path
     assert all(d["prompt_ids_equal"] for d in result["details"]), result
     assert result["agree_first_token"] >= 4, result
     assert result["relative_diff"] <= SMOLLM_TOLERANCE["q8_0"], result
-    assert result["stopped_at_end_of_turn"] >= 2, result  # short answers end with <|im_end|> within 24 tokens
+    # llama.cpp stops at <|im_end|> (the GGUF's end of turn): some short answer ends with it within 24 tokens,
+    # and no answer goes on past one. (How many end within 24 tokens depends on the CPU's q8_0 kernels: 2 of 5
+    # on AVX-512 machines, 1 of 5 on an AVX2-only AMD EPYC, 2026-12-07.)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert result["stopped_at_end_of_turn"] >= 1, result
+    assert all(eot not in d["consumer"][:-1] for d in result["details"]), result
 
 
 LLAMA_CONVERTER = Path(sys.prefix) / "llama.cpp-convert" / "convert_hf_to_gguf.py"  # `make llama-convert`
