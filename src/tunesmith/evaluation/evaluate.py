@@ -38,7 +38,6 @@ from tunesmith.generation.generate import generate_replies, last_answer
 from tunesmith.models import context_length
 from tunesmith.training.losses import target_logprob_per_row
 
-GENERATION_WINDOW = 64  # free-generation answers queued to the engine at once (continuous batching refills rows)
 NLL = tuple[list[float], list[int]]  # per example: summed negative log-likelihood (nats), target tokens
 
 
@@ -229,8 +228,8 @@ def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: 
     ``head``: the model is a sequence classifier (logits per label) rather than a generative model.
     An ``ApiModel`` (a remote endpoint) answers freely; its answers are parsed (classification)
     or scored as generations, with no loss (an API gives no log-likelihoods to compare).
-    Answers are made ``batch_size`` examples at a time (free generation: ``GENERATION_WINDOW``, decoded
-    together by the generation engine) and kept in ``store`` (``evaluation.answers``:
+    Answers are made ``batch_size`` examples at a time (free generation: decoded together by the
+    generation engine) and kept in ``store`` (``evaluation.answers``:
     a stopped evaluation continues from there); ``should_stop()`` is checked between batches and
     between decoding steps (EvaluationStopped). ``progress`` shows one bar named ``description``.
     """
@@ -251,9 +250,7 @@ def evaluate_model(model: torch.nn.Module | ApiModel, tokenizer: Any, examples: 
         else:
             progress.update(task_bar, advance=n)
 
-    generating = not remote and task != "text" and not (task == "classification" and (head or classify_by == "scoring"))
-    window = max(batch_size, GENERATION_WINDOW) if generating else batch_size  # replies decoded together, kept together
-    done = answer_all(examples, answer, window, store or AnswerStore(None, ""), should_stop or (lambda: False),
+    done = answer_all(examples, answer, batch_size, store or AnswerStore(None, ""), should_stop or (lambda: False),
                       advance if progress is not None else None,
                       with_nll=not remote)  # every local way of answering also gives each example's loss
     nll = done.nll if not remote else None
