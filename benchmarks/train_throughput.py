@@ -33,9 +33,12 @@ SIDES = {  # name -> (implementation, method, bf16, packing)
     "ours_bf16": ("ours", "lora", True, False),
     "ours_bf16_budget": ("ours", "lora", True, False),  # micro-batches capped at --batch-tokens padded tokens
     "ours_bf16_packed": ("ours", "lora", True, True),
+    "ours_fp32_budget": ("ours", "lora", False, False),  # as ours_bf16_budget, fp32 (CPUs without bf16 math: AVX2)
     "trl_bf16": ("trl", "lora", True, False),
     "trl_bf16_same": ("trl", "lora", True, False),  # fed exactly our steps' examples, in order (for the eval loss)
     "trl_fp32": ("trl", "lora", False, False),
+    "trl_fp32_grouped": ("trl", "lora", False, False),  # train_sampling_strategy="group_by_length" (its best on AVX2)
+    "trl_bf16_grouped": ("trl", "lora", True, False),  # the same, bf16 (its best where the CPU has bf16 math)
     "ours_full_bf16": ("ours", "full", True, False),
     "trl_full_bf16": ("trl", "full", True, False),
 }
@@ -71,7 +74,8 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     if impl == "ours":
         model, steps = _train_ours(model, tok, train_convs, method, bf16, packing, args, side)
     else:
-        model, steps = _train_trl(model, tok, train_convs, method, bf16, args, same=side == "trl_bf16_same")
+        model, steps = _train_trl(model, tok, train_convs, method, bf16, args, same=side == "trl_bf16_same",
+                                  grouped=side.endswith("_grouped"))
     wall = time.perf_counter() - t0
     eval_loss = evaluate_loss(model, eval_set, args.micro_batch, tok.pad_token_id, bf16=bf16)  # same batch for every side
     steady = steps[args.warmup :]
@@ -96,7 +100,7 @@ def _train_ours(model, tok, convs, method, bf16, packing, args, side):
     # same examples per optimizer step as TRL; smaller micro-batches cost nothing in quality (the
     # loss is normalised over the whole step) and cut activation memory about 4x
     micro = min(args.micro_batch, args.batch)
-    budget = args.batch_tokens if side == "ours_bf16_budget" else 0
+    budget = args.batch_tokens if side.endswith("_budget") else 0
     if budget:  # the whole step is one "batch", split by the token budget alone
         micro = args.batch
     tcfg = TrainConfig(max_steps=args.steps, batch_size=micro, grad_accum=args.batch // micro, batch_tokens=budget,
@@ -131,7 +135,7 @@ def _our_order(tok, convs, args) -> list[int]:
     return order
 
 
-def _train_trl(model, tok, convs, method, bf16, args, same=False):
+def _train_trl(model, tok, convs, method, bf16, args, same=False, grouped=False):
     import peft
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -154,7 +158,8 @@ def _train_trl(model, tok, convs, method, bf16, args, same=False):
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps,
                        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=3, weight_decay=0.01,
                        max_grad_norm=1.0, bf16=bf16, max_length=args.max_len, packing=False, logging_steps=1,
-                       save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, use_cpu=True)
+                       save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, use_cpu=True,
+                       train_sampling_strategy="group_by_length" if grouped else "random")
     from tunesmith.config import LoraConfig
 
     ours = LoraConfig()  # the same adapter settings as our side's defaults: r 16, alpha 32, dropout 0, all linear
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="first steps reported apart (warm-up, allocations)")
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (both sides)")
     p.add_argument("--micro-batch", type=int, default=4, help="our micro-batch (accumulated to --batch)")
-    p.add_argument("--batch-tokens", type=int, default=1024, help="token budget per micro-batch (side ours_bf16_budget)")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="token budget per micro-batch (sides *_budget)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--repeats", type=int, default=3)
@@ -295,12 +300,25 @@ def summarize(runs: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> di
     for side, m in med.items():
         m["mfu_vs_bf16_peak"] = m["flops_per_token"] * m["real_tokens_per_s"] / info["matmul_peak_flops"]["bf16"]
         m["mfu_vs_fp32_peak"] = m["flops_per_token"] * m["real_tokens_per_s"] / info["matmul_peak_flops"]["fp32"]
+        m["mfu_own_precision"] = m["mfu_vs_bf16_peak"] if SIDES[side][2] else m["mfu_vs_fp32_peak"]
         for base in ("trl_bf16", "trl_fp32", "trl_full_bf16"):
             if base in med and med[base]["real_tokens_per_s"]:
                 m[f"speed_vs_{base}"] = m["real_tokens_per_s"] / med[base]["real_tokens_per_s"]
                 m[f"rss_vs_{base}"] = m["peak_rss_mib"] / med[base]["peak_rss_mib"]
                 m[f"eval_loss_vs_{base}"] = m["eval_loss"] / med[base]["eval_loss"] - 1
+        best = best_trl(med, SIDES[side][1])  # TRL at its best in this run: its fastest side of the same method
+        if best:
+            m["trl_best"] = best
+            m["speed_vs_trl_best"] = m["real_tokens_per_s"] / med[best]["real_tokens_per_s"]
+            m["rss_vs_trl_best"] = m["peak_rss_mib"] / med[best]["peak_rss_mib"]
+            m["eval_loss_vs_trl_best"] = m["eval_loss"] / med[best]["eval_loss"] - 1
     return med
+
+
+def best_trl(med: dict[str, dict[str, float]], method: str) -> str | None:
+    """The fastest TRL side (real tokens/s) of ``method`` measured in this run, or None."""
+    trl = [s for s in med if SIDES[s][0] == "trl" and SIDES[s][1] == method and s != "trl_bf16_same"]
+    return max(trl, key=lambda s: med[s]["real_tokens_per_s"]) if trl else None
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
@@ -316,21 +334,20 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         f"- Settings: {s['steps']} steps of {s['batch']} examples (ours: micro-batches of {s['micro_batch']}), max length {s['max_len']}, lr {s['lr']}, "
         f"first {s['warmup']} steps apart, {s['repeats']} repeats (medians), data {Path(s['data']).name}",
         f"- Token lengths: {dict(zip(results['token_length_histogram']['bins'], results['token_length_histogram']['counts']))}",
-        "", "Ratios: LoRA sides against TRL's LoRA runs (bf16 = baseline b, fp32 = its defaults, baseline a); full "
-        "fine-tuning sides against TRL's full fine-tuning in bf16. Eval loss change against the same baseline.", "",
-        "| side | real tok/s | vs TRL bf16 | vs TRL fp32 | peak RSS MiB | RSS vs TRL bf16 | eval loss | eval loss vs TRL bf16 "
-        "| MFU (bf16 peak) | MFU (fp32 peak) | warm-up s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "", "Ratios against TRL at its best in this run: the fastest TRL side of the same method (LoRA or full). "
+        "MFU against the measured matmul peak of the side's own precision (bf16 sides: bf16 peak; fp32: fp32 peak). "
+        "Eval loss change against the same TRL side.", "",
+        "| side | precision | real tok/s | vs TRL at its best (side) | peak RSS MiB | RSS vs that side | eval loss "
+        "| eval loss vs that side | MFU (own precision's peak) | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for side, r in results["summary"].items():
-        full = "full" in side
-        bf16 = "trl_full_bf16" if full else "trl_bf16"
-        fp32 = "" if full else f"{r.get('speed_vs_trl_fp32', nan):.2f}x"
-        lines.append(f"| {side} | {r['real_tokens_per_s']:.1f} | {r.get(f'speed_vs_{bf16}', nan):.2f}x | {fp32} | "
-                     f"{r['peak_rss_mib']:.0f} | {r.get(f'rss_vs_{bf16}', nan):.2f} | {r['eval_loss']:.4f} | "
-                     f"{r.get(f'eval_loss_vs_{bf16}', nan):+.2%} | {r['mfu_vs_bf16_peak']:.1%} | "
-                     f"{r['mfu_vs_fp32_peak']:.1%} | {r['warmup_seconds']:.1f} |")
+        best = r.get("trl_best", "")
+        lines.append(f"| {side} | {'bf16' if SIDES[side][2] else 'fp32'} | {r['real_tokens_per_s']:.1f} | "
+                     f"{r.get('speed_vs_trl_best', nan):.2f}x ({best}) | {r['peak_rss_mib']:.0f} | "
+                     f"{r.get('rss_vs_trl_best', nan):.2f} | {r['eval_loss']:.4f} | {r.get('eval_loss_vs_trl_best', nan):+.2%} | "
+                     f"{r['mfu_own_precision']:.1%} | {r['warmup_seconds']:.1f} |")
     lines += ["", "FLOPs model: see `src/tunesmith/training/flops.py` (4N + 12·L·d·T + 6·N_lora for LoRA, 6N + 12·L·d·T for full;",
               "the LM head counted only at target positions for our loop, as it runs)."]
     (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
