@@ -6,6 +6,7 @@ attention mask: the causal kernel), keeps their KV cache, and then runs only eac
 tokens on a copy of its example's cache. The sums are those of scoring each whole candidate
 (the same forward pass, split at the prompt's end), while the prompt's work is done once instead
 of once per label: about K times less work for K labels when prompts are long and answers short.
+The tokens all prompts of a batch start with (a system prompt) run once too (``training.prefix``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tunesmith import runtime
 from tunesmith.data.render import IGNORE, Encoded
 from tunesmith.models import unwrap
 from tunesmith.training.losses import plain_head
+from tunesmith.training.prefix import can_share, decode_shared, shared_length
 
 SUFFIX_POSITIONS = 512  # candidate rows x answer positions whose log-probabilities are held at once
 
@@ -110,8 +112,13 @@ def _prompt_logprobs(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.T
     rows = torch.arange(ids.shape[0], device=ids.device)
     base = unwrap(model)
     if plain_head(base):  # the head on each row's last prompt position only
-        hidden = base.get_decoder()(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
-        logits = base.get_output_embeddings()(hidden[rows, lengths - 1])
+        decoder = base.get_decoder()
+        q = shared_length(ids, most=int(lengths.min()) - 1)  # the prompts' common start (a system prompt)
+        if q and can_share(model, decoder):
+            hidden, _ = decode_shared(decoder, ids, q, cache)  # (B, P-q, d), cache of all P positions
+        else:
+            q, hidden = 0, decoder(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[rows, lengths - 1 - q])
     else:  # models that post-process logits (soft-capping): their own full path
         logits = model(input_ids=ids, cache=cache, use_cache=True).logits[rows, lengths - 1]
     return F.log_softmax(logits.float(), -1)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tunesmith import runtime
 from tunesmith.data.render import IGNORE, Encoded, collate
 from tunesmith.models import unwrap
+from tunesmith.training.prefix import can_share, decode_shared, shared_length
 
 def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target positions, and their count.
@@ -79,7 +80,13 @@ def target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     next tokens (N,), and the batch row of each (N,)."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != IGNORE
-    hidden = unwrap(model).get_decoder()(**decoder_inputs(batch)).last_hidden_state
+    decoder = unwrap(model).get_decoder()
+    p = 0 if "position_ids" in batch else shared_length(batch["input_ids"], batch["labels"])
+    if p and can_share(model, decoder):  # the rows' common start (a system prompt) runs once
+        hidden, _ = decode_shared(decoder, batch["input_ids"], p)  # (B, T-p, d): positions p..T-1
+        mask, labels = mask[:, p:], labels[:, p:]  # no target is predicted from positions < p
+    else:
+        hidden = decoder(**decoder_inputs(batch)).last_hidden_state
     return hidden[:, :-1][mask], labels[mask], mask.nonzero()[:, 0]
 
 
