@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from tunesmith.cli import main
-from tunesmith.config import Config
 from tunesmith.data.formats import Example
 from tunesmith.evaluation.evaluate import INVALID, evaluate_model, parse_label
 from tunesmith.methods import prompt

@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import pytest
 
@@ -199,3 +198,19 @@ def test_an_answer_is_cut_rather_than_the_example_dropped_when_the_question_cann
     assert len(tokenizer(question)["input_ids"]) >= limit // 4 - 1
     _, stats = encode_all(tokenizer, [ex], limit)
     assert stats["truncated_answer"] == 1 and stats["dropped_no_target"] == 0
+
+
+def test_the_truncation_line_gives_how_many_were_longer():
+    """The console line counts the examples longer than max_seq_len, then how each was cut (a newcomer
+    read "of those longer than max_seq_len=256, 50 had their answer cut" and could not tell of how many)."""
+    from rich.console import Console
+
+    from tunesmith.config import load_config
+    from tunesmith.runs.data import print_data_summary
+
+    cfg = load_config(data={"name": "x", "data": {"train": "x.jsonl"}, "train": {"max_seq_len": 256}})
+    console = Console(record=True, width=300)
+    report = {"encoded": {"train": {"examples": 6910, "truncated_prompt": 12, "truncated_answer": 50, "dropped_no_target": 3}}}
+    print_data_summary(report, cfg, console, 0)
+    assert ("train (6,910 examples): 62 longer than max_seq_len=256: 12 had their prompt shortened (middle), the answer "
+            "kept, 50 had their answer cut too; 3 dropped (no answer token left within max_seq_len)") in console.export_text()

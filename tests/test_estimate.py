@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from tunesmith import methods, runtime
+from tunesmith import methods
 from tunesmith.training import flops
 from tunesmith.cli import main
 from tunesmith.config import load_config
@@ -111,3 +111,12 @@ def test_estimate_then_train_records_predicted_against_actual(tmp_path, tiny_mod
     out = capsys.readouterr().out.replace("\n", " ")
     assert "time: not predicted" in out and (cfg.run_dir / "estimate.json").is_file()  # kept by --overwrite, not used
     assert "predicted_seconds" not in json.loads((cfg.run_dir / "train_result.json").read_text())["estimate"]
+
+
+def test_estimate_vs_actual_says_which_way_it_was_off():
+    """(predicted - actual) / actual printed bare as "-45%" read either way (a newcomer's finding)."""
+    from tunesmith.runs.folder import _off
+
+    assert _off(-0.45) == "the prediction was 45% low: actual 1.8x it"
+    assert _off(0.3) == "the prediction was 30% high"
+    assert _off(-0.1) == "the prediction was 10% low" and _off(0.001) == "as predicted"

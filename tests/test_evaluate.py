@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from tunesmith.runs.compare import MethodResult, summarize, verdict
 from tunesmith.config import load_config

@@ -4,7 +4,6 @@ transformers (logits against the in-memory tuned model), prompt runs as JSON, an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import peft
 import pytest

@@ -149,6 +149,40 @@ def test_generate_splits_new_inputs_as_the_training_data_was(tmp_path):
     assert rows[-1].messages == [{"role": "user", "content": f"{COLUMNS['instruction']}\n\nPlease send the report by Friday."}]
 
 
+def test_generate_reads_inputs_laid_out_otherwise_than_the_training_data(tmp_path):
+    """A run trained on HH transcripts (data.extract over 'chosen') answers ordinary prompt files too:
+    extraction applies only where the input has its column, the row keeps the input's own fields,
+    and a data.columns mapping the input lacks gives way to the usual names, each said in a note."""
+    cfg = cfg_for(tmp_path, task="chat", train=str(HH), extract={"column": "chosen", "turns": TURNS})
+    path = tmp_path / "new.jsonl"
+    path.write_text(json.dumps({"instruction": "Name a colour.", "id": 1}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "hi"}], "id": 2}) + "\n")
+    notes: list[str] = []
+    rows = read_prompts(path, cfg, notes=notes)
+    assert [r.messages for r in rows] == [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "hi"}]]
+    assert notes == [f"{path}: no column 'chosen', so data.extract does not apply; prompts are read from the file's own columns"]
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: How are you?\n\nAssistant: Fine.", "rejected": "x"}) + "\n")
+    notes.clear()
+    row = read_prompts(hh, cfg, notes=notes)[0]
+    assert row.messages == [{"role": "user", "content": "How are you?"}] and notes == []
+    assert row.values == {"chosen": "\n\nHuman: How are you?\n\nAssistant: Fine.", "rejected": "x"}  # the input's own
+
+    mail = cfg_for(tmp_path, train=str(AESLC / "train"), columns=COLUMNS, extract={"markers": MARKERS, "before": "body"})
+    (tmp_path / "q.csv").write_text("text,id\nPlease send the report by Friday.,3\n")  # 'text' holds the mail here
+    notes.clear()
+    row = read_prompts(tmp_path / "q.csv", mail, notes=notes)[0]  # the folder's 'text' column is there: split as in training
+    assert row.messages[-1]["content"] == f"{COLUMNS['instruction']}\n\nPlease send the report by Friday."
+    (tmp_path / "r.csv").write_text("prompt,id\nPlease send the report.,3\n")
+    notes.clear()
+    row = read_prompts(tmp_path / "r.csv", mail, notes=notes)[0]
+    assert row.messages[-1]["content"] == f"{COLUMNS['instruction']}\n\nPlease send the report."
+    assert any("data.columns.input" in n and "no column 'body'" in n for n in notes), notes
+    (tmp_path / "s.csv").write_text("a,b\nx,y\n")  # nothing but the constant instruction: refused, mappings named
+    with pytest.raises(DataError, match=r"no column holds a prompt.*data.columns.input"):
+        read_prompts(tmp_path / "s.csv", mail)
+
+
 def test_config_lists_every_extract_problem_at_once():
     with pytest.raises(ConfigError) as e:
         load_config(data={"task": "chat", "data": {"train": "x.jsonl", "extract": {

@@ -16,7 +16,6 @@ from tunesmith.config import load_config
 from tunesmith.data import general
 from tunesmith.data.formats import DataError
 
-from conftest import make_model
 
 
 def _cfg(tmp_path: Path, **eval_settings: object):

@@ -75,6 +75,18 @@ def test_paired_p_value():
     assert noisy > 0.2
 
 
+def test_a_p_value_at_the_bootstrap_floor_is_printed_as_a_bound():
+    """With 200 resamples no resample as extreme gives p = 1/201: the true p may be far smaller, so
+    it reads "p<=0.005", never as an exact "p=0.005" (a newcomer's finding); 1000 resamples: "<0.001"."""
+    n = 200
+    a, b = np.ones(n), np.ones(n)
+    b[:40] = 0
+    p = metrics.paired_p_value(lambda i: float(a[i].mean()), lambda i: float(b[i].mean()), n, resamples=200)
+    assert p == pytest.approx(1 / 201)
+    assert metrics.p_is(p, 1 / 201) == "p<=0.005" and metrics.p_is(p) == "p=0.005"
+    assert metrics.p_is(0.0123, 1 / 201) == "p=0.012" and metrics.p_text(1 / 1001, 1 / 1001) == "<0.001"
+
+
 def test_several_references_follow_each_metric_s_own_rule():
     refs = [["the cat sat on the mat", "a cat was sitting on the mat"], ["hello there"], ["good night", "sleep well", "bye"]]
     preds = ["a cat was sitting on the mat", "hello", "sleep well"]

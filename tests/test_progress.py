@@ -57,7 +57,7 @@ def test_threads_sleep_only_when_other_work_keeps_the_cpus_busy(monkeypatch):
         monkeypatch.setattr(threads, "_chosen", {})
         monkeypatch.setattr(threads, "cpus_available", lambda: 2)
         monkeypatch.setattr(threads, "load_average", lambda: load)
-        monkeypatch.setattr(threads, "busy_elsewhere", lambda seconds=0.2: busy)
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda *a, **k: busy)
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
         monkeypatch.delitem(__import__("sys").modules, "torch", raising=False)  # as when tunesmith is imported first
         if env:
@@ -66,7 +66,7 @@ def test_threads_sleep_only_when_other_work_keeps_the_cpus_busy(monkeypatch):
 
     assert decide(0.1, 0.0) == ("threads spin between operations (no other work keeps the CPUs busy)", None)
     why, policy = decide(9.7, 1.9)
-    assert policy == "PASSIVE" and "other work keeps 1.9 of 2 CPUs busy (load average 9.7)" in why
+    assert policy == "PASSIVE" and "other processes are using about 1.9 of the 2 CPUs (load average 9.7 over the last minute)" in why
     assert decide(1.8, 0.1)[1] is None  # the load a finished run left in the average: nobody is busy now
     assert decide(9.7, 1.9, env="ACTIVE") == ("OpenMP wait policy ACTIVE (set in the environment)", "ACTIVE")
     monkeypatch.setattr(threads, "_chosen", {})

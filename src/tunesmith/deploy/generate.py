@@ -25,7 +25,7 @@ from tunesmith.runtime import threads
 from tunesmith.config import Config
 from tunesmith.data.extract import extract_fields
 from tunesmith.data.formats import DataError, read_table
-from tunesmith.data.layouts import SPEAKERS, SYNONYMS, parse_source
+from tunesmith.data.layouts import SPEAKERS, SYNONYMS, Source, parse_source
 from tunesmith.data.render import PromptCut, answer_room, chat_format, encode_plain, fit_prompt
 from tunesmith.generation.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.deploy.loading import load_for_serving, run_config
@@ -47,42 +47,59 @@ class PromptRow:
     values: dict[str, Any]
 
 
-def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None) -> list[PromptRow]:
+def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None,
+                 notes: list[str] | None = None) -> list[PromptRow]:
     """The prompts of ``path`` as conversations, built as the run's training examples were: a
     ``messages`` column (OpenAI or ShareGPT turns; a trailing assistant turn is dropped), else the
     run's ``data.columns`` for instruction/input/prompt/text, else the usual column names for them,
-    joined by a blank line; the run's system prompt first. Raises DataError naming the file, line
-    and field of a row with no prompt, or the columns when none holds a prompt; with ``skipped``
-    (a list), bad rows are left out and their messages appended to it instead."""
+    joined by a blank line; the run's system prompt first.
+
+    The input need not be laid out like the training file: ``data.extract`` applies only when the
+    input has its column, and a ``data.columns`` mapping whose column the input lacks gives way to
+    the usual names (each such fallback is said in ``notes``). Each row keeps the input's own
+    values (not the extracted fields). Raises DataError naming the file, line and field of a row
+    with no prompt, or the columns (and the mappings that did not apply) when none holds a prompt;
+    with ``skipped`` (a list), bad rows are left out and their messages appended to it instead."""
+    notes = notes if notes is not None else []
     table = read_table(path, delimiter=cfg.data.delimiter, encoding=cfg.data.encoding)
-    if cfg.data.extract is not None:  # fields marked inside a text, split as the training data's were
-        table = extract_fields(table, cfg.data.extract, skip_bad=skipped is not None)
-        if skipped is not None:
-            skipped.extend(table.skipped)
     if not table.rows:
         raise DataError(f"{path}: no rows")
+    given = {row.line: row.values for row in table.rows}
+    spec = cfg.data.extract
+    if spec is not None and spec.column in table.columns:  # fields marked inside a text, split as in training
+        table = extract_fields(table, spec, skip_bad=skipped is not None)
+        if skipped is not None:
+            skipped.extend(table.skipped)
+    elif spec is not None:
+        notes.append(f"{path}: no column {spec.column!r}, so data.extract does not apply; prompts are read "
+                     "from the file's own columns")
     columns = list(dict.fromkeys(k for r in table.rows[:50] for k in r.values))
-    chat = _column(cfg, "messages", columns)
+    misses: list[str] = []
+    chat_source = _source(cfg, "messages", columns, path, misses)
+    chat = chat_source.spec if chat_source is not None and chat_source.kind == "column" else None
     sources = {}
     configured = set((cfg.data.columns or {}).values())
     for role in PROMPT_ROLES:
-        found = _column(cfg, role, columns)
-        if found and not (found in configured and cfg.data.columns.get(role) != found):  # a mapped column is read once
-            sources[role] = parse_source(found, columns, f"data.columns.{role} ({path})")
-    if chat is None and not sources:
+        found = _source(cfg, role, columns, path, misses)
+        if found and not (found.spec in configured and cfg.data.columns.get(role) != found.spec):  # a mapped column is read once
+            sources[role] = found
+    if chat is None and all(s.kind == "constant" for s in sources.values()):  # nothing read from the file
         if len(columns) != 1:
             raise DataError(f"{path}: no column holds a prompt; expected messages, or one of "
                             f"{', '.join(n for r in PROMPT_ROLES for n in SYNONYMS.get(r, (r,)))}; "
-                            f"columns: {', '.join(map(repr, columns))}")
-        sources["text"] = parse_source(columns[0], columns, str(path))
+                            f"columns: {', '.join(map(repr, columns))}" + "".join(f"; {m}" for m in misses))
+        sources["text"] = parse_source(columns[0], columns, str(path))  # after any constant instruction
+    notes.extend(f"{m}; the usual column names are used instead" for m in misses)
     out = []
     for row in table.rows:
         try:
-            out.append(_prompt_row(row, table.where(row.line), chat, sources, cfg))
+            prompt = _prompt_row(row, table.where(row.line), chat, sources, cfg)
         except DataError as e:
             if skipped is None:
                 raise
             skipped.append(str(e))
+            continue
+        out.append(PromptRow(prompt.line, prompt.messages, given[row.line]))
     return out
 
 
@@ -101,12 +118,18 @@ def _prompt_row(row: Any, where: str, chat: str | None, sources: dict[str, Any],
     return PromptRow(row.line, messages, row.values)
 
 
-def _column(cfg: Config, role: str, columns: list[str]) -> str | None:
+def _source(cfg: Config, role: str, columns: list[str], path: str | Path, misses: list[str]) -> Source | None:
+    """Where ``role`` is read from: the run's ``data.columns`` mapping when it applies to these
+    columns (else its error goes to ``misses``), else the first usual name for the role present."""
     configured = (cfg.data.columns or {}).get(role)
     if configured:
-        return configured
+        try:
+            return parse_source(configured, columns, f"data.columns.{role} ({path})")
+        except DataError as e:
+            misses.append(str(e))
     lower = {c.lower(): c for c in columns}
-    return next((lower[n] for n in SYNONYMS.get(role, (role,)) if n in lower), None)
+    name = next((lower[n] for n in SYNONYMS.get(role, (role,)) if n in lower), None)
+    return Source("column", name) if name is not None else None
 
 
 def _turns(value: Any, name: str, where: str) -> list[dict[str, str]]:
@@ -162,7 +185,10 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
     run_dir, output = Path(run_dir), Path(output)
     cfg = run_config(run_dir)
     bad: list[str] = []
-    rows = read_prompts(input, cfg, bad if skip_bad_rows else None)
+    notes: list[str] = []
+    rows = read_prompts(input, cfg, bad if skip_bad_rows else None, notes)
+    for note in notes:  # the input is laid out otherwise than the training data: say how it was read
+        console.print(f"note: {note}", highlight=False)
     for message in bad[:5]:
         console.print(f"[yellow]skipped: {message}[/yellow]", highlight=False)
     if len(bad) > 5:

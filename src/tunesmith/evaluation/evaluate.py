@@ -354,7 +354,8 @@ def references(ex: Example) -> list[str]:
 
 
 def compare(a: Evaluation, b: Evaluation, n: int, resamples: int = M.RESAMPLES) -> dict[str, dict[str, float]]:
-    """For every metric both have: A's value minus B's and the paired bootstrap p-value.
+    """For every metric both have: A's value minus B's, the paired bootstrap p-value and its floor
+    (1 / (1 + resamples), the value when no resample was as extreme).
 
     Perplexity is exp(loss): "same perplexity" and "same loss" are one hypothesis, so perplexity
     takes the loss's p-value (the shifted bootstrap test is not invariant to the exp, and two
@@ -363,7 +364,8 @@ def compare(a: Evaluation, b: Evaluation, n: int, resamples: int = M.RESAMPLES) 
     for name in sorted(a.stats.keys() & b.stats.keys(), key=lambda k: k == "perplexity"):
         p = out["loss"]["p_value"] if name == "perplexity" and "loss" in out else \
             M.paired_p_value(a.stats[name], b.stats[name], n, resamples)
-        out[name] = {"difference": float(a.metrics[name] - b.metrics[name]), "p_value": p}
+        out[name] = {"difference": float(a.metrics[name] - b.metrics[name]), "p_value": p,
+                     "p_floor": 1 / (1 + resamples)}  # the smallest p the bootstrap can give
     return out
 
 

@@ -114,7 +114,7 @@ class Probe:
         p = M.paired_p_value(tuned_stats["loss"], base_stats["loss"], n_text, resamples) if n_text else float("nan")
         change = tuned_values["perplexity"] / base_values["perplexity"] - 1 if base_values["perplexity"] else float("nan")
         block["change"] = {"perplexity": tuned_values["perplexity"] - base_values["perplexity"],
-                           "perplexity_relative": change, "p_value": p}
+                           "perplexity_relative": change, "p_value": p, "p_floor": 1 / (1 + resamples)}
         if self.instructions:
             replies = cached_replies(tuned, self.tokenizer, self._conversations(), self.cfg.eval.general_max_new_tokens,
                                      self.batch_size, self.bf16, progress, self.should_stop)
@@ -252,7 +252,7 @@ def summary_line(block: dict[str, Any]) -> str:
     """One console line for a ``forgetting`` block."""
     b, t, c = block["base"], block["tuned"], block["change"]
     line = (f"forgetting ({block['general_texts']} general texts, {block['general_tokens']:,} tokens): perplexity "
-            f"{b['perplexity']:.2f} -> {t['perplexity']:.2f} ({c['perplexity_relative']:+.1%}, p={c['p_value']:.3f})")
+            f"{b['perplexity']:.2f} -> {t['perplexity']:.2f} ({c['perplexity_relative']:+.1%}, {M.p_is(c['p_value'], c.get('p_floor'))})")
     if "agreement_rougeL" in t:
         line += (f"; agreement with the base's replies (ROUGE-L) {t['agreement_rougeL']:.2f}; "
                  f"KL(base||tuned) {t['kl']:.3f} nats/token")

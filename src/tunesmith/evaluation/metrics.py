@@ -194,6 +194,21 @@ def paired_p_value(stat_a: Stat, stat_b: Stat, n: int, resamples: int = RESAMPLE
     return float((1 + extreme) / (1 + resamples))
 
 
+def p_text(p: float, floor: float | None = None) -> str:
+    """A p-value as people read it: three decimals, "<0.001", or "<=0.005" where a bootstrap's
+    smallest possible value (``floor`` = 1 / (1 + resamples): no resample was as extreme) was hit,
+    since the true p may be far smaller."""
+    if p < 0.001:
+        return "<0.001"
+    return f"<={floor:.3f}" if floor is not None and p <= floor * (1 + 1e-9) else f"{p:.3f}"
+
+
+def p_is(p: float, floor: float | None = None) -> str:
+    """"p=0.012", "p<0.001" or "p<=0.005" (see ``p_text``), for running text."""
+    text = p_text(p, floor)
+    return f"p{text}" if text[0] == "<" else f"p={text}"
+
+
 def with_intervals(values: dict[str, float], stats: dict[str, Stat], n: int, resamples: int = RESAMPLES,
                    seed: int = 0) -> dict[str, dict[str, float]]:
     """``{metric: {"value", "low", "high"}}`` for every metric that has a resamplable stat."""

@@ -11,7 +11,6 @@ The tokens all prompts of a batch start with (a system prompt) run once too (``t
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -90,8 +89,7 @@ def _score_batch(model: torch.nn.Module, batch: list[list[Encoded]], prefixes: l
         s_mask = torch.arange(longest) < torch.tensor([len(x) for x in suffix]).unsqueeze(1)  # (R, S)
         mask = torch.cat([prompt_mask.index_select(0, owner), s_mask.long()], 1)  # prompt pads masked out
         pos = torch.tensor([prefixes[r] for r, _ in part]).unsqueeze(1) + torch.arange(longest)
-        sub = copy.deepcopy(cache)
-        sub.batch_select_indices(owner.to(dev))
+        sub = _rows_of(cache, owner.to(dev))
         logits = model(input_ids=s_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), cache=sub,
                        use_cache=True).logits
         # the token at suffix position j is predicted by the prompt's last position (j = 0) or suffix position j-1
@@ -104,6 +102,13 @@ def _score_batch(model: torch.nn.Module, batch: list[list[Encoded]], prefixes: l
         flat = torch.tensor([r * k + j for r, j in part])
         scores[flat], counts[flat] = (lp * hit).sum(1), hit.sum(1)
     return scores.view(b, k), counts.view(b, k)
+
+
+def _rows_of(cache: DynamicCache, owner: torch.Tensor) -> DynamicCache:
+    """A cache of the prompt rows ``owner`` names (R,), each row's keys and values copied once
+    (not the whole batch's cache copied, then cut down)."""
+    return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, owner), layer.values.index_select(0, owner))
+                                        for layer in cache.layers])
 
 
 def _prompt_logprobs(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache) -> torch.Tensor:

@@ -129,7 +129,7 @@ def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]
         b = base.get(k)
         delta = "" if b is None else f"{tuned[k] - b:+.4f}"
         if k in paired:
-            delta += f" ({p_is(paired[k]['p_value'])})"
+            delta += f" ({p_is(paired[k]['p_value'], paired[k].get('p_floor'))})"
         rows.append((k, "" if b is None else _with_ci(b, base, k), _with_ci(tuned[k], tuned, k), delta))
     return rows
 
@@ -186,7 +186,7 @@ def forgetting_section(block: dict[str, Any] | None) -> str:
     b, t, c = block["base"], block["tuned"], block["change"]
     rows = [("general-text perplexity (lower is better)", _with_ci(b["perplexity"], b, "perplexity"),
              _with_ci(t["perplexity"], t, "perplexity"),
-             f"{c['perplexity_relative']:+.1%} ({p_is(c['p_value'])})", "bad" if c["perplexity"] > 0 else "good")]
+             f"{c['perplexity_relative']:+.1%} ({p_is(c['p_value'], c.get('p_floor'))})", "bad" if c["perplexity"] > 0 else "good")]
     if "agreement_rougeL" in t:
         rows += [("agreement with the base's replies, ROUGE-L (1 = unchanged)", "1", _with_ci(t["agreement_rougeL"], t, "agreement_rougeL"),
                   f"{t['agreement_rougeL'] - 1:+.4f}", "bad" if t["agreement_rougeL"] < 1 else ""),

@@ -8,15 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def p_text(p: float) -> str:
-    """A p-value as people read it: three decimals, or "<0.001"."""
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def p_is(p: float) -> str:
-    """"p=0.012" or "p<0.001", for running text."""
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+from tunesmith.evaluation.metrics import p_is, p_text
 
 
 def or_dash(v: float | None, spec: str) -> str:
@@ -42,7 +34,7 @@ def table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["method", f"{doc['metric']} [95% CI]", "p vs best", "base", "trainable params", "train time",
               "train tok/s", "peak RSS MiB", "latency ms (p95)", "batched ex/s", "batched tok/s", "artifact MiB",
               "train loss", "val loss", "gap", "general ppl change", "general KL"] + (["data needs"] if needs else [])
-    rows = [[r["method"], f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]", _pval(r["p_vs_best"]),
+    rows = [[r["method"], f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]", _pval(r["p_vs_best"], doc.get("p_floor")),
              or_dash(r["base_value"], ".4f"), f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f} s",
              or_dash(r["tokens_per_s"], ".0f"), or_dash(r["peak_rss_mib"], ".0f"),
              "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ({r['latency_p95_ms']:.0f})",
@@ -64,7 +56,7 @@ def learning_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]] | N
     for method, points in curves.items():
         at = {p["train_examples"]: p for p in points}
         rows.append([method] + [f"{at[n]['value']:.4f} [{at[n]['low']:.4f}, {at[n]['high']:.4f}]"
-                                + ("" if at[n]["p_vs_all_data"] is None else f" {p_is(at[n]['p_vs_all_data'])}")
+                                + ("" if at[n]["p_vs_all_data"] is None else f" {p_is(at[n]['p_vs_all_data'], doc.get('p_floor'))}")
                                 if n in at else "-" for n in sizes])
     return header, rows
 
@@ -90,6 +82,6 @@ def _needs(r: dict[str, Any]) -> str:
     return f"{r['data_needs']:,}" + (" (all)" if r["data_needs"] == r.get("train_examples") else "")
 
 
-def _pval(p: float | None) -> str:
-    return "best" if p is None else p_text(p)
+def _pval(p: float | None, floor: float | None = None) -> str:
+    return "best" if p is None else p_text(p, floor)
 

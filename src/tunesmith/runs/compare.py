@@ -207,6 +207,7 @@ def summarize(results: list[MethodResult], task: str, resamples: int = M.RESAMPL
             r.data_needs = r.data_needs or r.train_examples
     fits = {m: learning_curve.fit(points, metric in M.LOWER_IS_BETTER) for m, points in learning.items()}
     return {"task": task, "metric": best.metric, "test_examples": n, "best": best.method,
+            "p_floor": 1 / (1 + resamples),  # the smallest p the bootstrap can give
             "methods": [asdict(r) for r in results], "learning_curve": learning, "learning_fit": fits,
             "learning_fit_words": [learning_curve.in_words(f, metric, m) for m, f in fits.items()],
             "verdict": verdict(results, best)}

@@ -70,15 +70,17 @@ def print_data_summary(report: dict[str, Any], cfg: Config, console: Console, te
         console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
     for split, st in (report.get("encoded") or {}).items():
         parts = []
+        longer = st.get("truncated_prompt", 0) + st.get("truncated_answer", 0)
         if st.get("truncated_prompt"):
-            parts.append(f"{st['truncated_prompt']} had their prompt shortened ({cfg.data.truncation_side}), the answer kept")
+            parts.append(f"{st['truncated_prompt']:,} had their prompt shortened ({cfg.data.truncation_side}), the answer kept")
         if st.get("truncated_answer"):
-            parts.append(f"{st['truncated_answer']} had their answer cut too")
+            parts.append(f"{st['truncated_answer']:,} had their answer cut too")
+        if longer:
+            parts = [f"{longer:,} longer than max_seq_len={cfg.train.max_seq_len}: " + ", ".join(parts)]
         if st.get("dropped_no_target"):
-            parts.append(f"{st['dropped_no_target']} were dropped (no answer token left)")
+            parts.append(f"{st['dropped_no_target']:,} dropped (no answer token left within max_seq_len)")
         if parts:
-            console.print(f"[yellow]{split} ({st['examples']:,} examples): of those longer than max_seq_len="
-                          f"{cfg.train.max_seq_len}, {'; '.join(parts)}[/yellow]", highlight=False)
+            console.print(f"[yellow]{split} ({st['examples']:,} examples): {'; '.join(parts)}[/yellow]", highlight=False)
         if st.get("texts_in_windows"):
             console.print(f"  {split}: {st['texts_in_windows']} texts longer than max_seq_len={cfg.train.max_seq_len} "
                           f"are trained on whole, in windows ({st['kept']:,} windows from {st['examples']:,} texts)",

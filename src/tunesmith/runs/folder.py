@@ -290,13 +290,23 @@ def _print_against(row: dict[str, Any], console: Console) -> None:
     parts = []
     if row.get("actual_seconds") is not None and row.get("predicted_seconds") is not None:
         parts.append(f"time {estimate._hms(row['predicted_seconds'])} predicted, {estimate._hms(row['actual_seconds'])} "
-                     f"taken ({row['error_seconds']:+.0%})")
+                     f"taken ({_off(row['error_seconds'])})")
     if row.get("actual_peak_mib") and row.get("predicted_peak_mib"):
         parts.append(f"peak memory {row['predicted_peak_mib']:,.0f} MiB predicted, {row['actual_peak_mib']:,.0f} MiB used "
-                     f"({row['error_peak_mib']:+.0%})")
+                     f"({_off(row['error_peak_mib'])})")
     if parts:
         console.print("estimate vs actual: " + "; ".join(parts) + (f" ({row['note']})" if row.get("note") else ""),
                       highlight=False)
+
+
+def _off(error: float) -> str:
+    """How far a prediction was from what happened, in words: ``error`` = (predicted - actual) / actual,
+    e.g. -0.45 -> "the prediction was 45% low: actual 1.8x it" (a bare "-45%" read either way)."""
+    if abs(error) < 0.005:
+        return "as predicted"
+    side = "low" if error < 0 else "high"
+    ratio = f": actual {1 / (1 + error):.1f}x it" if error <= -0.2 else ""
+    return f"the prediction was {abs(error):.0%} {side}{ratio}"
 
 
 def _whole_model(cfg: Config, run_dir: Path) -> torch.nn.Module:

@@ -45,9 +45,12 @@ def load_average() -> float | None:
         return None
 
 
-def busy_elsewhere(seconds: float = 0.2) -> float | None:
-    """How many CPUs other processes keep busy now: the machine's busy time over ``seconds``
-    (``/proc/stat``) less this process's own (``/proc/self/stat``), in CPUs. None off Linux."""
+def busy_elsewhere(seconds: float = 0.5, windows: int = 5) -> float | None:
+    """How many CPUs other processes keep busy now, in CPUs: the machine's busy time (``/proc/stat``)
+    less this process's own (``/proc/self/stat``), in each of ``windows`` slices of ``seconds``,
+    the busiest slice. Other work comes in bursts (a training step, then its data loading), so one
+    short sample can catch a lull: a newcomer saw load average 2.7 on 2 CPUs, one 0.2 s sample
+    said "not busy", and spinning threads made no progress for 35 s. None off Linux."""
     def sample() -> tuple[float, float, float]:
         with open("/proc/stat", encoding="ascii") as f:
             fields = [float(x) for x in f.readline().split()[1:]]
@@ -56,23 +59,30 @@ def busy_elsewhere(seconds: float = 0.2) -> float | None:
             mine = f.read().rsplit(")", 1)[1].split()
         return sum(fields) - idle, sum(fields), float(mine[11]) + float(mine[12])  # utime + stime, in ticks
 
+    busiest = None
     try:
-        busy0, total0, own0 = sample()
-        time.sleep(seconds)
-        busy1, total1, own1 = sample()
+        before = sample()
+        for _ in range(max(1, windows)):
+            time.sleep(seconds / max(1, windows))
+            after = sample()
+            per_cpu = (after[1] - before[1]) / (os.cpu_count() or 1)  # ticks one CPU had in the slice
+            if per_cpu > 0:
+                busy = max(0.0, (after[0] - before[0] - (after[2] - before[2])) / per_cpu)
+                busiest = busy if busiest is None else max(busiest, busy)
+            before = after
     except (OSError, ValueError, IndexError):
         return None
-    per_cpu = (total1 - total0) / (os.cpu_count() or 1)  # ticks one CPU had in the window
-    return max(0.0, (busy1 - busy0 - (own1 - own0)) / per_cpu) if per_cpu > 0 else None
+    return busiest
 
 
 def choose_wait_policy() -> str:
     """Set ``OMP_WAIT_POLICY`` for this process (before torch is imported) and say why, once.
 
     Sleep when other work keeps at least half the CPUs busy both over the last minute (the load
-    average: sustained, not a burst) and now (a 0.2 s sample of the machine's CPU time, taken only
-    when the load average is high, so a run started right after another is not misled by the
-    load the first one left in the average)."""
+    average: sustained, not a burst) and now (the busiest of five 0.1 s samples of the machine's CPU
+    time, taken only when the load average is high, so a run started right after another is not
+    misled by the load the first one left in the average). Sleeping threads cost 12-20% on a quiet
+    machine and spinning ones 3-4x on a busy one, so a doubtful sample counts as busy."""
     if "why" in _chosen:
         return _chosen["why"]
     if "torch" in sys.modules and not os.environ.get(WAIT_POLICY):  # OpenMP already read its settings
@@ -85,8 +95,8 @@ def choose_wait_policy() -> str:
         why = f"OpenMP wait policy {os.environ[WAIT_POLICY]} (set in the environment)"
     elif busy is not None and busy >= cpus / 2:
         os.environ[WAIT_POLICY] = "PASSIVE"
-        why = (f"threads sleep between operations: other work keeps {busy:.1f} of {cpus} CPUs busy "
-               f"(load average {load:.1f}); set OMP_WAIT_POLICY=ACTIVE to make them spin")
+        why = (f"threads sleep between operations: other processes are using about {busy:.1f} of the {cpus} CPUs "
+               f"(load average {load:.1f} over the last minute); set OMP_WAIT_POLICY=ACTIVE to make them spin")
     else:
         why = "threads spin between operations (no other work keeps the CPUs busy)"
     _chosen["why"] = why

@@ -157,7 +157,7 @@ def train(
             if layout.main:
                 append_jsonl(run_dir / METRICS, record)
             progress.update(task, advance=1, info=f"loss {done.loss:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
-                                                  f"MFU {record['mfu']:.0%}")
+                                                  f"MFU {record['mfu']:.0%} of {data.peak / 1e9:,.0f} GFLOP/s")
 
             # ---- once in a while: evaluate, early-stop, checkpoint
             step = state.step
