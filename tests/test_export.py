@@ -183,6 +183,14 @@ def test_model_card_numbers_are_what_was_trained_and_evaluated(tmp_path, tiny_mo
     assert "Measured on 2 held-out test examples" in card and "lr 0.02," in card  # full.lr, not train.lr
     assert "test 4 rows" not in card
     assert "- evaluated in fp32, the precision `tunesmith serve` and `generate` answer in" in card
+    # a classifier evaluated by label scoring: free answers may differ, and the card says so (a newcomer's finding)
+    from tunesmith.deploy.export import _card_header
+    from tunesmith.deploy.loading import run_config
+
+    cfg = run_config(run)
+    cfg.task, cfg.eval.classify_by = "classification", "scoring"
+    header = _card_header(run, cfg, "hf", "fp32")
+    assert "by scoring each label and taking the likeliest" in header and "greedy answers there equal" not in header
 
 
 @pytest.mark.parametrize("shots", [2, 0])

@@ -177,7 +177,8 @@ def test_generate_reads_inputs_laid_out_otherwise_than_the_training_data(tmp_pat
     notes.clear()
     row = read_prompts(tmp_path / "r.csv", mail, notes=notes)[0]
     assert row.messages[-1]["content"] == f"{COLUMNS['instruction']}\n\nPlease send the report."
-    assert any("data.columns.input" in n and "no column 'body'" in n for n in notes), notes
+    assert notes[-1].endswith("r.csv: the run read input from 'body' (data.columns.input), which this file lacks; "
+                              "prompts are read from column 'prompt'"), notes
     (tmp_path / "s.csv").write_text("a,b\nx,y\n")  # nothing but the constant instruction: refused, mappings named
     with pytest.raises(DataError, match=r"no column holds a prompt.*data.columns.input"):
         read_prompts(tmp_path / "s.csv", mail)

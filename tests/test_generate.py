@@ -80,6 +80,45 @@ def test_an_interrupted_job_resumes_without_repeating_rows(finished_runs, tmp_pa
     assert rows_of(out) == full
 
 
+def test_an_output_written_for_another_input_is_refused_not_mixed(finished_runs, tmp_path):
+    """A newcomer copied the answers to one file as the output for another: it said "23 of 24 rows
+    already answered" and left 23 prompts unanswered. Each answered row must answer the input row
+    of its line (the fields it carries), else nothing is generated and the message names both."""
+    run = finished_runs["gamma-full"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"prompt": f"hello {i}", "id": i}) + "\n" for i in range(3)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"prompt": f"bye {i}", "id": i}) + "\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    generate_file(run, tmp_path / "a.jsonl", out, SamplingParams(max_tokens=2))
+    before = out.read_text()
+    with pytest.raises(DataError, match=r"out.jsonl:1: answers another input's line 1: field 'prompt' is 'hello 0' "
+                                        r"there, 'bye 0' in .*b.jsonl; choose another --output"):
+        generate_file(run, tmp_path / "b.jsonl", out, SamplingParams(max_tokens=2))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "hello 0", "id": 0}) + "\n")
+    with pytest.raises(DataError, match=r"out.jsonl:2: answers line 2, which .*c.jsonl does not have"):
+        generate_file(run, tmp_path / "c.jsonl", out, SamplingParams(max_tokens=2))
+    assert out.read_text() == before  # nothing written, nothing lost
+    assert generate_file(run, tmp_path / "a.jsonl", out, SamplingParams(max_tokens=2))["generated"] == 0
+
+
+def test_generate_says_which_columns_it_read_when_the_layout_differs(finished_runs, tmp_path, capsys):
+    """Mappings of the training data that a new input lacks give way to its own prompt columns; the
+    note names what was read. A row's own system message replaces the run's (as in training): said."""
+    from tunesmith.config import load_config
+
+    cfg = load_config(data={"name": "x", "data": {"train": "x.jsonl", "columns": {"text": "instruction", "label": "category"},
+                                                   "system_prompt": "Pick a category."}, "task": "instruction"})
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "yo"}]}) + "\n")
+    notes = []
+    rows = read_prompts(path, cfg, notes=notes)
+    assert rows[0].messages[0] == {"role": "system", "content": "Pick a category."}
+    assert rows[1].messages[0] == {"role": "system", "content": "Be brief."}
+    assert notes == [f"{path}: the run read text from 'instruction' (data.columns.text), which this file lacks; "
+                     "prompts are read from column 'messages'",
+                     f"{path}: 1 row(s) bring their own system message, which replaces the run's system prompt (as in training)"]
+
+
 def test_generate_verb_with_sampling_options(finished_runs, tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     out = tmp_path / "o.jsonl"
@@ -106,4 +145,4 @@ def test_bad_rows_can_be_skipped_and_are_counted(finished_runs, tmp_path, capsys
     assert main(args + ["--skip-bad-rows"]) == 0
     assert [r["line"] for r in rows_of(out)] == [2, 4]
     printed = " ".join(capsys.readouterr().out.split())  # the terminal wraps long lines
-    assert "skipped: " in printed and "q.csv:3: empty prompt" in printed and "1 bad rows skipped" in printed
+    assert "skipped: " in printed and "q.csv:3: empty prompt" in printed and "1 bad skipped" in printed

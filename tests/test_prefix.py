@@ -127,3 +127,32 @@ def test_label_scoring_with_shared_system_prompt_equals_whole_candidates(tokeniz
         want, n = target_logprob_per_row(model, collate(flat, tokenizer.pad_token_id))
     assert torch.equal(counts.reshape(-1), n)
     torch.testing.assert_close(scores.reshape(-1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_training_records_what_the_shared_start_saved_and_mfu_counts_only_work_done(tokenizer, sst_files, tmp_path,
+                                                                                       monkeypatch):
+    """A newcomer saw "MFU 112%": the FLOPs of positions a shared pass never ran were counted as work.
+    Each step's record gives the positions saved, (B - 1)·p per micro-batch, and its MFU leaves them out."""
+    from tunesmith import methods
+    from tunesmith.config import Config, TrainConfig
+    from tunesmith.training.loop import train
+
+    rows = examples(sst_files["train"], "classification", labels=LABELS,
+                    system_prompt="Classify the sentiment of the movie review as positive or negative.")[:16]
+    data, _ = encode_all(tokenizer, rows, 128)
+    c = Config(method="lora")
+    c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, 0.0
+    torch.manual_seed(0)
+    model = methods.prepare(make_model(len(tokenizer)), c)
+    expected = []
+    real = prefix.decode_shared
+    monkeypatch.setattr(losses, "decode_shared", lambda d, ids, p, *a, **k: (
+        expected.append((ids.shape[0] - 1) * p) if torch.is_grad_enabled() else None) or real(d, ids, p, *a, **k))
+    cfg = TrainConfig(max_steps=2, batch_size=8, lr=1e-3, warmup_steps=0, eval_every=100, precision="fp32", seed=0)
+    result = train(model, data, data[:4], cfg, tmp_path / "run", tokenizer.pad_token_id, show_progress=False)
+    steps = [r for r in result.history if r["type"] == "train"]
+    assert [r["shared_positions"] for r in steps] == expected and all(n > 0 for n in expected)
+    for r in steps:  # MFU = model FLOPs of the positions really run, per second, over the peak
+        done = 1 - r["shared_positions"] / r["tokens"]
+        assert 0 < done < 1 and r["mfu"] > 0
+    assert prefix.take_saved() == 0  # nothing left over for the next run (validation passes are not counted)

@@ -172,8 +172,9 @@ def generate(args: argparse.Namespace, ctx: Context) -> None:
         ctx.console.print(f"[yellow]{done['prompts_cut']} prompt(s) were longer than the model's context "
                           f"({done['context']:,} tokens) and were cut, leaving room for the answer: each such row "
                           "says how much and where (prompt_cut)[/yellow]", highlight=False)
-    ctx.console.print(f"{done['generated']} answered, {done['skipped']} already there, {done['bad_rows']} bad rows skipped, "
-                      f"{done['rows']} rows: {args.output}", highlight=False)
+    rows = f"{done['rows']} row" + ("" if done["rows"] == 1 else "s")
+    ctx.console.print(f"{rows} in the input: {done['generated']} answered now, {done['skipped']} answered before, "
+                      f"{done['bad_rows']} bad skipped; answers in {args.output}", highlight=False)
 
 
 def estimate_arguments(p: argparse.ArgumentParser) -> None:

@@ -256,7 +256,11 @@ def _card_header(run_dir: Path, cfg: Config, format: str, dtype: str) -> str:
                      f"seed {cfg.train.seed}")
     if cfg.data.system_prompt:
         lines.append(f"- system prompt: {cfg.data.system_prompt!r}")
-    if ev.get("precision"):  # what the metrics describe: the model as served
+    if ev.get("precision") and cfg.task == "classification" and cfg.eval.classify_by == "scoring":
+        lines.append(f"- evaluated in {ev['precision']} by scoring each label and taking the likeliest; `tunesmith "
+                     "serve` and `generate` answer by free generation (same precision), which can name another "
+                     "label or none: the metrics describe label scoring, not free answers")
+    elif ev.get("precision"):  # what the metrics describe: the model as served
         lines.append(f"- evaluated in {ev['precision']}, the precision `tunesmith serve` and `generate` answer in "
                      "(greedy answers there equal the evaluated ones)")
     return "\n".join(lines) + "\n"

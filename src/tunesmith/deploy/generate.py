@@ -74,7 +74,7 @@ def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None
         notes.append(f"{path}: no column {spec.column!r}, so data.extract does not apply; prompts are read "
                      "from the file's own columns")
     columns = list(dict.fromkeys(k for r in table.rows[:50] for k in r.values))
-    misses: list[str] = []
+    misses: list[tuple[str, str]] = []
     chat_source = _source(cfg, "messages", columns, path, misses)
     chat = chat_source.spec if chat_source is not None and chat_source.kind == "column" else None
     sources = {}
@@ -87,9 +87,13 @@ def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None
         if len(columns) != 1:
             raise DataError(f"{path}: no column holds a prompt; expected messages, or one of "
                             f"{', '.join(n for r in PROMPT_ROLES for n in SYNONYMS.get(r, (r,)))}; "
-                            f"columns: {', '.join(map(repr, columns))}" + "".join(f"; {m}" for m in misses))
+                            f"columns: {', '.join(map(repr, columns))}"
+                            + "".join(f"; the run read {r} from {g!r} (data.columns.{r})" for r, g in misses))
         sources["text"] = parse_source(columns[0], columns, str(path))  # after any constant instruction
-    notes.extend(f"{m}; the usual column names are used instead" for m in misses)
+    read = [chat] if chat is not None else [f for s in sources.values() for f in ((s.spec,) if s.kind == "column" else s.fields)]
+    used = ("column " if len(read) == 1 else "columns ") + ", ".join(map(repr, read))
+    notes.extend(f"{path}: the run read {role} from {given_as!r} (data.columns.{role}), which this file lacks; "
+                 f"prompts are read from {used}" for role, given_as in misses)
     out = []
     for row in table.rows:
         try:
@@ -100,6 +104,10 @@ def read_prompts(path: str | Path, cfg: Config, skipped: list[str] | None = None
             skipped.append(str(e))
             continue
         out.append(PromptRow(prompt.line, prompt.messages, given[row.line]))
+    own = sum(r.messages[0]["role"] == "system" and r.messages[0]["content"] != cfg.data.system_prompt for r in out)
+    if own and cfg.data.system_prompt:
+        notes.append(f"{path}: {own} row(s) bring their own system message, which replaces the run's system prompt "
+                     "(as in training)")
     return out
 
 
@@ -118,15 +126,16 @@ def _prompt_row(row: Any, where: str, chat: str | None, sources: dict[str, Any],
     return PromptRow(row.line, messages, row.values)
 
 
-def _source(cfg: Config, role: str, columns: list[str], path: str | Path, misses: list[str]) -> Source | None:
+def _source(cfg: Config, role: str, columns: list[str], path: str | Path,
+            misses: list[tuple[str, str]]) -> Source | None:
     """Where ``role`` is read from: the run's ``data.columns`` mapping when it applies to these
-    columns (else its error goes to ``misses``), else the first usual name for the role present."""
+    columns (else (role, mapping) goes to ``misses``), else the first usual name for the role present."""
     configured = (cfg.data.columns or {}).get(role)
     if configured:
         try:
             return parse_source(configured, columns, f"data.columns.{role} ({path})")
-        except DataError as e:
-            misses.append(str(e))
+        except DataError:
+            misses.append((role, configured))
     lower = {c.lower(): c for c in columns}
     name = next((lower[n] for n in SYNONYMS.get(role, (role,)) if n in lower), None)
     return Source("column", name) if name is not None else None
@@ -151,8 +160,13 @@ def _turns(value: Any, name: str, where: str) -> list[dict[str, str]]:
     return turns
 
 
-def done_lines(output: Path) -> set[int]:
-    """Input lines already answered in ``output``; a half-written last line (a crash mid-write) is cut off."""
+def done_lines(output: Path, rows: list[PromptRow] | None = None, input: str | Path = "the input") -> set[int]:
+    """Input lines already answered in ``output``; a half-written last line (a crash mid-write) is cut off.
+
+    With ``rows`` (the input's prompts), each answered row must be the answer to the input row of
+    its line: the fields it carries equal that row's. Raises DataError naming the output line, the
+    field and both values when it is not (``output`` was written for another input, or the input
+    changed), or when a line is not one tunesmith generate wrote."""
     if not output.is_file():
         return set()
     data = output.read_bytes()
@@ -160,13 +174,33 @@ def done_lines(output: Path) -> set[int]:
     if end < len(data):  # the process died while writing this line: drop it, it is generated again
         with open(output, "r+b") as f:
             f.truncate(end)
+    by_line = {r.line: r for r in rows} if rows is not None else None
     lines = set()
     for i, raw in enumerate(data[:end].splitlines(), 1):
         try:
-            lines.add(int(json.loads(raw)["line"]))
+            answer = json.loads(raw)
+            line = int(answer["line"])
         except (ValueError, KeyError, TypeError):
             raise DataError(f"{output}:{i}: not a line tunesmith generate wrote; choose another --output") from None
+        if by_line is not None:
+            _same_input(answer, by_line.get(line), f"{output}:{i}", input, line)
+        lines.add(line)
     return lines
+
+
+def _same_input(answer: dict[str, Any], row: PromptRow | None, where: str, input: str | Path, line: int) -> None:
+    """DataError unless ``answer`` (a line of the output) answers ``row`` (the input's row of its line)."""
+    again = "; choose another --output, or delete it to answer every row again"
+    if row is None:
+        raise DataError(f"{where}: answers line {line}, which {input} does not have (the output was written for "
+                        f"another input){again}")
+    for key, value in row.values.items():
+        if key.startswith("_"):
+            continue
+        value = json.loads(json.dumps(value, ensure_ascii=False, default=str))  # as the output stores it
+        if key not in answer or answer[key] != value:
+            raise DataError(f"{where}: answers another input's line {line}: field {key!r} is "
+                            f"{answer.get(key, '(missing)')!r:.60} there, {value!r:.60} in {input}{again}")
 
 
 def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, params: SamplingParams | None = None,
@@ -193,11 +227,11 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
         console.print(f"[yellow]skipped: {message}[/yellow]", highlight=False)
     if len(bad) > 5:
         console.print(f"[yellow]... and {len(bad) - 5} more bad row(s)[/yellow]")
-    done = done_lines(output)
+    done = done_lines(output, rows, input)
     todo = [r for r in rows if r.line not in done]
     summary: dict[str, Any] = {"rows": len(rows), "skipped": len(rows) - len(todo), "bad_rows": len(bad), "generated": 0,
                                "completion_tokens": 0}
-    if done:
+    if done and todo:
         console.print(f"{output}: {len(rows) - len(todo)} of {len(rows)} rows already answered; generating the rest")
     if not todo:
         return summary | {"seconds": 0.0}
@@ -230,7 +264,7 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
                 engine.generate([GenerationRequest(ids, adapter, params) for ids, _ in prompts],
                                 should_stop=lambda: stop.requested, on_result=write)
             except EvaluationStopped:
-                raise Stopped(f"{output}: stopped ({stop.signal}) with {summary['generated'] + summary['skipped']} of "
+                raise Stopped(f"{output}: {stop.signal} with {summary['generated'] + summary['skipped']} of "
                               f"{len(rows)} rows answered; run the same command again to answer the rest") from None
     finally:
         engine.shutdown(drain=False)

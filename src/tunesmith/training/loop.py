@@ -20,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from tunesmith.errors import TunesmithError
 from tunesmith import runtime
-from tunesmith.training import flops
+from tunesmith.training import flops, prefix
 from tunesmith.runtime import threads
 from tunesmith.runtime.progress import make_progress
 from tunesmith.runtime.stopping import StopRequests
@@ -112,8 +112,7 @@ def train(
     progress = make_progress(disable=not (show_progress and layout.main))
     say = progress.console.print if layout.main else (lambda *a, **k: None)  # process 0 alone speaks
     warn = lambda message: say(f"[yellow]{message}[/yellow]", highlight=False)  # noqa: E731
-    if not layout.distributed:  # one thread per CPU this process may use, or train.num_threads
-        threads.use_threads(cfg.num_threads, say if layout.main else None)
+    _announce(layout, cfg, data, bf16, say)
     validate = lambda: layout.validation_loss(val_data, cfg.batch_size, pad_id, bf16)  # noqa: E731
     if resume:
         state, scheduler, total_steps = _resume(layout, run_dir, params, optimizer, scheduler, total_steps, plan, cfg,
@@ -157,7 +156,7 @@ def train(
             if layout.main:
                 append_jsonl(run_dir / METRICS, record)
             progress.update(task, advance=1, info=f"loss {done.loss:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
-                                                  f"MFU {record['mfu']:.0%} of {data.peak / 1e9:,.0f} GFLOP/s")
+                                                  f"MFU {record['mfu']:.0%}")
 
             # ---- once in a while: evaluate, early-stop, checkpoint
             step = state.step
@@ -229,6 +228,7 @@ class _StepDone:
     grad_norm: float
     lr: float  # the rate this step's update used
     n_targets: int
+    shared: int = 0  # token positions a shared-prefix pass did not run (training.prefix)
 
 
 def _adamw(params: dict[str, torch.nn.Parameter], cfg: TrainConfig, dev: torch.device, sharded: bool) -> torch.optim.AdamW:
@@ -248,6 +248,7 @@ def _step(layout: Layout, train_data: list[Encoded], micro: list[list[int]], par
     objective = layout.objective
     n_targets = sum(train_data[i].n_targets for mb in micro for i in mb)
     objective.begin_step([train_data[i] for mb in micro for i in mb])
+    prefix.take_saved()  # from here on, count this step's passes only
     step_loss = 0.0
     for mb, counted, synced in layout.passes(micro):
         examples = [train_data[i] for i in mb]
@@ -264,7 +265,16 @@ def _step(layout: Layout, train_data: list[Encoded], micro: list[list[int]], par
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return _StepDone(step_loss, parts, grad_norm, lr, n_targets)
+    return _StepDone(step_loss, parts, grad_norm, lr, n_targets, prefix.take_saved())
+
+
+def _announce(layout: Layout, cfg: TrainConfig, data: _DataFacts, bf16: bool, say: Callable[..., None]) -> None:
+    """The thread count (one per CPU this process may use, or train.num_threads) and the peak the
+    progress bar's MFU is measured against, said once."""
+    if not layout.distributed:
+        threads.use_threads(cfg.num_threads, say if layout.main else None)
+    say(f"MFU: model FLOPs done per second against this machine's {'bf16' if bf16 else 'fp32'} matmul peak, "
+        f"{data.peak / 1e9:,.0f} GFLOP/s (measured now)", highlight=False)
 
 
 def _step_record(step: int, epoch: int, done: _StepDone, train_data: list[Encoded], micro: list[list[int]],
@@ -272,9 +282,12 @@ def _step_record(step: int, epoch: int, done: _StepDone, train_data: list[Encode
     """The step's line of metrics.jsonl."""
     tokens = sum(len(train_data[i].input_ids) for mb in micro for i in mb)
     tok_s = speed.add(tokens)
+    run = 1 - done.shared / max(tokens, 1)  # share of the tokens' positions the passes really ran
     record = {"type": "train", "step": step, "epoch": epoch, "loss": done.loss, "lr": done.lr,
               "grad_norm": done.grad_norm, "tokens": tokens, "target_tokens": done.n_targets, "tokens_per_s": tok_s,
-              "mfu": data.flops_per_token * tok_s / data.peak, "step_seconds": seconds} | done.parts
+              "mfu": data.flops_per_token * tok_s * run / data.peak, "step_seconds": seconds} | done.parts
+    if done.shared:  # the rows' common start (a system prompt) ran once per micro-batch
+        record["shared_positions"] = done.shared
     if data.replaying:  # what this step really trained on of the replay rows (target tokens)
         record["replay_target_tokens"] = sum(train_data[i].n_targets for mb in micro for i in mb
                                              if train_data[i].kind == "replay")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tunesmith import runtime
 from tunesmith.data.render import IGNORE, Encoded, collate
 from tunesmith.models import unwrap
-from tunesmith.training.prefix import can_share, decode_shared, shared_length
+from tunesmith.training.prefix import can_share, decode_shared, note_saved, shared_length
 
 def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target positions, and their count.
@@ -85,6 +85,8 @@ def target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     if p and can_share(model, decoder):  # the rows' common start (a system prompt) runs once
         hidden, _ = decode_shared(decoder, batch["input_ids"], p)  # (B, T-p, d): positions p..T-1
         mask, labels = mask[:, p:], labels[:, p:]  # no target is predicted from positions < p
+        if torch.is_grad_enabled():  # a training pass: its MFU counts what really ran
+            note_saved((batch["input_ids"].shape[0] - 1) * p)
     else:
         hidden = decoder(**decoder_inputs(batch)).last_hidden_state
     return hidden[:, :-1][mask], labels[mask], mask.nonzero()[:, 0]

@@ -25,6 +25,20 @@ from tunesmith.data.render import IGNORE
 
 MIN_SAVED_POSITIONS = 64  # below this the second decoder call costs about what it saves
 
+_saved = {"positions": 0}  # token positions not run in training passes since the last ``take_saved``
+
+
+def note_saved(positions: int) -> None:
+    """Count ``positions`` (B - 1)·p not run by a shared pass that training's gradients flow through."""
+    _saved["positions"] += positions
+
+
+def take_saved() -> int:
+    """Token positions training passes skipped since the last call (then 0 again): the training
+    loop's MFU counts the arithmetic really done, and metrics.jsonl says sharing happened."""
+    n, _saved["positions"] = _saved["positions"], 0
+    return n
+
 
 def shared_length(input_ids: torch.Tensor, labels: torch.Tensor | None = None, most: int | None = None) -> int:
     """How many leading tokens the rows of ``input_ids`` (B, T) can run once: the tokens identical
