@@ -36,6 +36,8 @@ def test_adapter_export_loads_in_stock_peft_with_the_same_logits(finished_runs, 
     assert result.verify["consumer"].startswith("peft") and result.verify["argmax_agree"] == result.verify["prompts"]
     tok = AutoTokenizer.from_pretrained(result.path)  # the training template travels with the adapter
     assert tok.chat_template == load_run(finished_runs["alpha-lora"]).tokenizer.chat_template
+    card = (result.path / "README.md").read_text()  # its "Load it" code runs as written
+    exec(compile(card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(result.path)), "card", "exec"), {})
 
 
 def test_merged_export_equals_the_unmerged_tuned_model_and_differs_from_base(finished_runs, tiny_model_dir, tmp_path):
@@ -183,6 +185,10 @@ def test_model_card_numbers_are_what_was_trained_and_evaluated(tmp_path, tiny_mo
     assert "Measured on 2 held-out test examples" in card and "lr 0.02," in card  # full.lr, not train.lr
     assert "test 4 rows" not in card
     assert "- evaluated in fp32, the precision `tunesmith serve` and `generate` answer in" in card
+    # the card's "Load it" code runs as written and asks with the run's system prompt
+    code = card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(tmp_path / "h"))
+    assert "'Answer briefly.'" in code or "Answer briefly." in code
+    exec(compile(code, "model card", "exec"), {})
     # a classifier evaluated by label scoring: free answers may differ, and the card says so (a newcomer's finding)
     from tunesmith.deploy.export import _card_header
     from tunesmith.deploy.loading import run_config

@@ -208,19 +208,41 @@ def model_card(run: LoadedRun, format: str, dtype: str) -> str:
     """A short README: what the model is, how it was made and measured, and how to load this export."""
     how = {
         "adapter": ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                    "# the base weights the adapter was trained on (on this machine; elsewhere, the same model's folder)\n"
                     f"base = AutoModelForCausalLM.from_pretrained({_base_folder(run.config)!r})\n"
                     "model = PeftModel.from_pretrained(base, \"<this folder>\")\n"
-                    "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n```\n"
+                    "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n" + _ask(run) + "```\n"
                     "vLLM: `vllm serve <base folder> --enable-lora --lora-modules "
                     f"{run.name}=<this folder>`\n"),
         "hf": ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
                "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\")\n"
-               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n```\n"
+               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n" + _ask(run) + "```\n"
                "vLLM: `vllm serve <this folder>`; tunesmith: `tunesmith serve` on the run folder\n"),
         "gguf": (f"llama.cpp: `llama-cli -m {run.name}.{dtype}.gguf -cnv` (or `llama-server -m ...`); "
                  f"Ollama: `ollama create {run.name} -f Modelfile && ollama run {run.name}`\n"),
     }[format]
     return _card_header(run.dir, run.config, format, dtype) + _card_metrics(run.dir) + "\n## Load it\n\n" + how
+
+
+def _ask(run: LoadedRun) -> str:
+    """Python lines that ask the exported model one question as the run was trained: its system
+    prompt first (folded into the user turn where the chat template has no system role)."""
+    if run.config.task == "text" or not getattr(run.tokenizer, "chat_template", None):
+        return ""
+    system = run.config.data.system_prompt
+    try:
+        folds = bool(system) and not chat_format(run.tokenizer).system_role
+    except DataError:
+        folds = False
+    if system and not folds:
+        messages = f"[{{\"role\": \"system\", \"content\": {system!r}}}, {{\"role\": \"user\", \"content\": \"...\"}}]"
+    else:
+        user = (system + "\n\n..." if folds else "...")
+        messages = f"[{{\"role\": \"user\", \"content\": {user!r}}}]"
+    return (f"messages = {messages}  # as in training\n"
+            "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+            "return_tensors=\"pt\")[\"input_ids\"]\n"
+            "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))\n")
 
 
 def _base_folder(cfg: Config) -> str:
