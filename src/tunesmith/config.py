@@ -28,7 +28,7 @@ METRICS = {"accuracy": ("classification",), "f1": ("classification",), "rougeL":
            "chrf": ("instruction", "chat"), "exact_match": ("instruction", "chat"),
            "perplexity": ("classification", "instruction", "chat", "text")}
 TRUNCATION_SIDES = ("middle", "left", "right")
-CHAT_TEMPLATES = ("chatml", "alpaca")  # named templates (data.chat_template); the Jinja lives in data/render.py
+CHAT_TEMPLATES = ("chatml", "alpaca", "gemma")  # named templates (data.chat_template); the Jinja lives in data/render.py
 ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
 CHAT_ROLES = ("system", "user", "assistant")  # data.extract.turns values
 SPLIT_KINDS = ("random", "ordered")  # data.prepare.split
@@ -141,7 +141,7 @@ class DataConfig:
     skip_bad_rows: bool = False  # skip and count bad records instead of stopping
     labels: dict[str, str] = field(default_factory=dict)  # raw label -> target words
     system_prompt: str | None = None
-    chat_template: str | None = None  # for models without one (or to replace it): a Jinja template, or chatml | alpaca
+    chat_template: str | None = None  # for models without one (or to replace it): a Jinja template, or chatml | alpaca | gemma
     truncation_side: str = "middle"  # an over-long prompt loses its middle | left (start) | right (end); the answer is kept
     validation_size: float = 0.1  # fraction (<1) or count (>=1) of train held out
     max_train_examples: int | None = None

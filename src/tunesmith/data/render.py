@@ -50,7 +50,20 @@ TEMPLATES = {
         "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),
+    # Gemma's turn format (its instruction-tuned models' template): roles user and model, no system
+    # role (tunesmith folds a system prompt into the first user turn), each turn closed by <end_of_turn>
+    "gemma": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' "
+        "+ message['content'] + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
 }
+# the control tokens of each named template: marked special where the vocabulary has them as single
+# tokens (a GGUF's tokenizer may carry them as plain tokens), so the end of turn is found and user
+# text that spells them is encoded as text
+CONTROL_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"), "gemma": ("<start_of_turn>", "<end_of_turn>")}
 
 
 @dataclass(frozen=True)
@@ -117,9 +130,16 @@ def require_chat_template(tokenizer: Any, model: str) -> None:
 
 
 def set_chat_template(tokenizer: Any, setting: str | None) -> None:
-    """Apply ``data.chat_template`` (a name in TEMPLATES, or Jinja) to the tokenizer; None keeps its own."""
-    if setting:
-        tokenizer.chat_template = TEMPLATES.get(setting, setting)
+    """Apply ``data.chat_template`` (a name in TEMPLATES, or Jinja) to the tokenizer; None keeps its own.
+    A named template's control tokens (``CONTROL_TOKENS``) that the vocabulary holds as single tokens
+    are marked special (no new tokens: the vocabulary and the model's embeddings keep their size)."""
+    if not setting:
+        return
+    tokenizer.chat_template = TEMPLATES.get(setting, setting)
+    vocab = tokenizer.get_vocab()
+    marks = [t for t in CONTROL_TOKENS.get(setting, ()) if t in vocab and t not in tokenizer.all_special_tokens]
+    if marks:
+        tokenizer.add_special_tokens({"extra_special_tokens": marks}, replace_extra_special_tokens=False)
 
 
 def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:

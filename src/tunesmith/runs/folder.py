@@ -270,7 +270,7 @@ def _predict(cfg: Config, model: torch.nn.Module, train_set: list[Any], val_set:
     time of the run folder's ``estimate.json`` when it was made for this config. Never fails the run."""
     try:
         weights = sum(p.numel() * p.element_size() for p in model.parameters()) / estimate.MIB
-        est = estimate.estimate_for(cfg, model, train_set, val_set, pad_id, estimate.rss_mib() - weights)
+        est = estimate.estimate_for(cfg, model, train_set, val_set, pad_id, max(0.0, estimate.rss_mib() - weights))  # weights not yet read in (mapped) count 0
         saved = estimate.saved_for(cfg)
         if saved and (saved.get("time") or {}).get("source") == "calibration":  # timed here; not a device's figure
             est["time"], est["cost"] = saved["time"], saved.get("cost")
