@@ -146,3 +146,5 @@ def test_bad_rows_can_be_skipped_and_are_counted(finished_runs, tmp_path, capsys
     assert [r["line"] for r in rows_of(out)] == [2, 4]
     printed = " ".join(capsys.readouterr().out.split())  # the terminal wraps long lines
     assert "skipped: " in printed and "q.csv:3: empty prompt" in printed and "1 bad skipped" in printed
+    lengths = sum(r["finish_reason"] == "length" for r in rows_of(out))  # answers cut by --max-tokens are counted
+    assert (f"{lengths} of 2 answers ran to --max-tokens (2) without ending" in printed) == (lengths > 0)

@@ -421,7 +421,8 @@ def ready_tokenizer(tokenizer: Any, cfg: Config, console: Console | None = None)
         raise ModelError(f"model {cfg.model!r} has no chat template (a base model?), so conversations cannot be "
                          f"rendered. Set data.chat_template to a Jinja template or to one of: {', '.join(TEMPLATES)} "
                          "(alpaca: the plain '### Instruction: / ### Response:' format, each reply ended by the eos "
-                         "token), or use task: text for plain language modelling")
+                         "token the model already knows: the one to start with for a base model, e.g. "
+                         "--set data.chat_template=alpaca), or use task: text for plain language modelling")
     try:
         fmt = chat_format(tokenizer)
     except DataError as e:

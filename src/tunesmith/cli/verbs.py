@@ -172,6 +172,11 @@ def generate(args: argparse.Namespace, ctx: Context) -> None:
         ctx.console.print(f"[yellow]{done['prompts_cut']} prompt(s) were longer than the model's context "
                           f"({done['context']:,} tokens) and were cut, leaving room for the answer: each such row "
                           "says how much and where (prompt_cut)[/yellow]", highlight=False)
+    if done.get("hit_max_tokens"):
+        ctx.console.print(f"[yellow]{done['hit_max_tokens']} of {done['generated']} answers ran to --max-tokens "
+                          f"({done['max_tokens']}) without ending (finish_reason length): allow more tokens, or the "
+                          "model has not learnt to end its answers (more training, or another chat template)[/yellow]",
+                          highlight=False)
     rows = f"{done['rows']} row" + ("" if done["rows"] == 1 else "s")
     ctx.console.print(f"{rows} in the input: {done['generated']} answered now, {done['skipped']} answered before, "
                       f"{done['bad_rows']} bad skipped; answers in {args.output}", highlight=False)

@@ -231,9 +231,12 @@ def _ask(run: LoadedRun) -> str:
         return ""
     system = run.config.data.system_prompt
     try:
-        folds = bool(system) and not chat_format(run.tokenizer).system_role
+        fmt = chat_format(run.tokenizer)
     except DataError:
-        folds = False
+        fmt = None
+    folds = bool(system) and fmt is not None and not fmt.system_role
+    # replies were trained to end with the template's end of turn: stock generate stops on the eos only
+    stop = f", eos_token_id={list(fmt.stop_ids)}" if fmt is not None and len(fmt.stop_ids) > 1 else ""
     if system and not folds:
         messages = f"[{{\"role\": \"system\", \"content\": {system!r}}}, {{\"role\": \"user\", \"content\": \"...\"}}]"
     else:
@@ -242,7 +245,7 @@ def _ask(run: LoadedRun) -> str:
     return (f"messages = {messages}  # as in training\n"
             "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
             "return_tensors=\"pt\")[\"input_ids\"]\n"
-            "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))\n")
+            f"print(tokenizer.decode(model.generate(ids, max_new_tokens=64{stop})[0, ids.shape[1]:], skip_special_tokens=True))\n")
 
 
 def _base_folder(cfg: Config) -> str:

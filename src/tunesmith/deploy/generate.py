@@ -244,7 +244,7 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
                     background=False)
     budget = engine.context_length - 1  # the model's context, as serve allows; the answer gets what is left
     t0 = time.perf_counter()
-    summary["prompts_cut"] = 0
+    summary["prompts_cut"], summary["hit_max_tokens"], summary["max_tokens"] = 0, 0, params.max_tokens
     stop = StopRequests()
     try:
         with stop, make_progress(console) as progress:
@@ -256,6 +256,7 @@ def generate_file(run_dir: str | Path, input: str | Path, output: str | Path, pa
                 summary["generated"] += 1
                 summary["completion_tokens"] += result.completion_tokens
                 summary["prompts_cut"] += prompts[i][1] is not None
+                summary["hit_max_tokens"] += all(c.finish_reason == "length" for c in result.choices)
                 _append(output, _output_row(todo[i], result, params.n, prompts[i][1]))
                 rate = summary["completion_tokens"] / max(time.perf_counter() - t0, 1e-9)
                 progress.update(task, advance=1, info=f"{rate:.0f} tok/s")
