@@ -97,6 +97,9 @@ def test_an_output_written_for_another_input_is_refused_not_mixed(finished_runs,
     with pytest.raises(DataError, match=r"out.jsonl:2: answers line 2, which .*c.jsonl does not have"):
         generate_file(run, tmp_path / "c.jsonl", out, SamplingParams(max_tokens=2))
     assert out.read_text() == before  # nothing written, nothing lost
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}", "response": "gold"}) + "\n" for i in range(2)))
+    generate_file(run, tmp_path / "d.jsonl", tmp_path / "d-out.jsonl", SamplingParams(max_tokens=2))  # 'response' overwritten
+    assert generate_file(run, tmp_path / "d.jsonl", tmp_path / "d-out.jsonl", SamplingParams(max_tokens=2))["skipped"] == 2
     assert generate_file(run, tmp_path / "a.jsonl", out, SamplingParams(max_tokens=2))["generated"] == 0
 
 

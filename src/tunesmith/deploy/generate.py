@@ -35,6 +35,9 @@ from tunesmith.runtime.stopping import EvaluationStopped, StopRequests, Stopped
 
 # columns that hold what the model reads, in the order they are joined (as an instruction row is in training)
 PROMPT_ROLES = ("instruction", "input", "prompt", "text")
+# what an output row adds to the input's fields (an input column of the same name is overwritten)
+OUTPUT_FIELDS = frozenset({"line", "response", "finish_reason", "prompt_tokens", "completion_tokens", "prompt_cut",
+                           "responses", "finish_reasons"})
 
 
 @dataclass
@@ -195,7 +198,7 @@ def _same_input(answer: dict[str, Any], row: PromptRow | None, where: str, input
         raise DataError(f"{where}: answers line {line}, which {input} does not have (the output was written for "
                         f"another input){again}")
     for key, value in row.values.items():
-        if key.startswith("_"):
+        if key.startswith("_") or key in OUTPUT_FIELDS:  # not written, or written over by the answer
             continue
         value = json.loads(json.dumps(value, ensure_ascii=False, default=str))  # as the output stores it
         if key not in answer or answer[key] != value:
