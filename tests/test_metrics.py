@@ -115,3 +115,15 @@ def test_perplexity_pools_tokens_and_resamples():
     assert metrics.headline("text") == "perplexity" and metrics.headline("chat") == "rougeL"
     assert metrics.headline("classification", "f1") == "f1"
     assert metrics.better("perplexity", 3.0, 4.0) and metrics.better("accuracy", 0.9, 0.8)
+
+
+def test_huge_values_in_the_metrics_table_read_in_e_notation():
+    """A base model's perplexity on labels it never saw (~1e8) printed as 457576677.8258 [384310554.3440, ...]
+    and its change as -457576506.3383: noise to read (a newcomer's finding). Ordinary values keep four decimals."""
+    from tunesmith.report.html import metrics_table
+
+    ev = {"base": {"perplexity": 457576677.8, "accuracy": 0.825, "ci": {"perplexity": [384310554.3, 540000000.0]}},
+          "tuned": {"perplexity": 171.2, "accuracy": 0.9, "ci": {"accuracy": [0.8, 0.97]}}}
+    rows = {r[0]: r for r in metrics_table(ev)}
+    assert rows["perplexity"][1:] == ("4.576e+08 [3.843e+08, 5.400e+08]", "171.2000", "-4.576e+08")
+    assert rows["accuracy"][1:] == ("0.8250", "0.9000 [0.8000, 0.9700]", "+0.0750")

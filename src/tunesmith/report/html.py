@@ -127,7 +127,7 @@ def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]
         if k not in tuned:
             continue
         b = base.get(k)
-        delta = "" if b is None else f"{tuned[k] - b:+.4f}"
+        delta = "" if b is None else _num(tuned[k] - b, "+")
         if k in paired:
             delta += f" ({p_is(paired[k]['p_value'], paired[k].get('p_floor'))})"
         rows.append((k, "" if b is None else _with_ci(b, base, k), _with_ci(tuned[k], tuned, k), delta))
@@ -136,7 +136,13 @@ def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]
 
 def _with_ci(value: float, side: dict[str, Any], key: str) -> str:
     ci = (side.get("ci") or {}).get(key)
-    return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+    return _num(value) + (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else "")
+
+
+def _num(value: float, sign: str = "") -> str:
+    """Four decimals, or three significant digits in e-notation from 100,000 on (a base model's
+    perplexity of 457576677.8258 on labels it never saw is read as 4.58e+08)."""
+    return format(value, f"{sign}.3e" if abs(value) >= 1e5 else f"{sign}.4f")
 
 
 def write_report(run_dir: Path) -> Path:
