@@ -19,6 +19,7 @@ transformers' GGUF loader and compares greedy generations with the in-memory mod
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -41,12 +42,43 @@ DTYPES = {  # dtype -> (general.file_type, the type of 2-D weights)
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, Q.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
 }
-# HF class -> (llama.cpp architecture, whether q/k rows are permuted), as convert_hf_to_gguf.py
-# registers them: Mistral is written as "llama", Qwen2 keeps HF's rotate-half layout.
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How llama.cpp's converter writes one HF model class (``convert_hf_to_gguf.py``'s ``*Model``).
+
+    ``permute``: q/k rows go from HF's rotate-half layout to llama.cpp's interleaved one
+    (``LlamaModel``; Qwen, Gemma and Phi-3 keep HF's). ``norm_shift``: added to every ``*norm.weight``
+    (Gemma's RMSNorm scales by ``1 + w``, llama.cpp's by ``w``). ``swa_pattern``: llama.cpp builds
+    these models with a fixed sliding/full layer pattern (every n-th layer full), so a config
+    whose ``layer_types`` differ cannot be written.
+    """
+
+    arch: gguf.MODEL_ARCH
+    permute: bool = False
+    norm_shift: float = 0.0
+    swa_pattern: int | None = None
+
+
+# HF class -> how it is written, as convert_hf_to_gguf.py registers them: Mistral is written as
+# "llama"; SmolLM3 is a Llama whose every 4th layer has no rope (llama.cpp's fixed step).
 ARCHITECTURES = {
-    "LlamaForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
-    "MistralForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
-    "Qwen2ForCausalLM": (gguf.MODEL_ARCH.QWEN2, False),
+    "LlamaForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute=True),
+    "MistralForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute=True),
+    "SmolLM3ForCausalLM": Architecture(gguf.MODEL_ARCH.SMOLLM3, permute=True),
+    "Qwen2ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN2),
+    "Qwen3ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN3),
+    "Gemma2ForCausalLM": Architecture(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, swa_pattern=2),
+    "Gemma3ForCausalLM": Architecture(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, swa_pattern=6),
+}
+# Classes whose GGUF llama.cpp (0.3.36, the version `make llama` builds) does not read back as written,
+# refused by name with what was seen rather than written as a file that fails later.
+REFUSED = {
+    "Phi3ForCausalLM": "llama.cpp refuses a phi3 file with a byte-level BPE vocabulary written this way "
+                       "(\"error loading model vocabulary: unordered_map::at\"), and Phi-3's own SentencePiece "
+                       "vocabulary is not written by this export; use llama.cpp's convert_hf_to_gguf.py on a merged "
+                       "export (tunesmith export --format hf)",
 }
 # Byte-level BPE pre-tokenizers llama.cpp knows, by the HF pre-tokenizer's shape -> tokenizer.ggml.pre.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -80,17 +112,17 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, dtype: 
     path = Path(path)
     if dtype not in DTYPES:
         raise ExportError(f"GGUF dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
-    arch, permute = _architecture(model)
+    arch = _architecture(model)
     fmt = _chat_format(tokenizer)
     config = model.config
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, default_file_mode())  # mkstemp makes 0600
     os.close(fd)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.arch])
     try:
-        _add_hparams(writer, config, name or Path(str(config.name_or_path)).name or "model", DTYPES[dtype][0])
-        _add_tensors(writer, model, arch, permute, DTYPES[dtype][1])
+        _add_hparams(writer, config, arch, name or Path(str(config.name_or_path)).name or "model", DTYPES[dtype][0])
+        _add_tensors(writer, model, arch, DTYPES[dtype][1])
         if source_gguf is not None:
             _copy_vocab(writer, Path(source_gguf), config.vocab_size, fmt)
         else:
@@ -110,11 +142,30 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, dtype: 
     return path
 
 
-def _architecture(model: torch.nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
+def _architecture(model: torch.nn.Module) -> Architecture:
     name = type(model).__name__
+    if name in REFUSED:
+        raise ExportError(f"cannot export {name} to GGUF: {REFUSED[name]}")
     if name not in ARCHITECTURES:
         raise ExportError(f"cannot export {name} to GGUF: supported architectures are {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    arch = ARCHITECTURES[name]
+    config = model.config
+    if arch.swa_pattern is not None:
+        want = ["full_attention" if i % arch.swa_pattern == arch.swa_pattern - 1 else "sliding_attention"
+                for i in range(config.num_hidden_layers)]
+        if list(getattr(config, "layer_types", None) or want) != want:
+            raise ExportError(f"cannot export {name} to GGUF: llama.cpp builds it with every {arch.swa_pattern}th layer "
+                              f"full attention and the rest sliding-window, this model's layers are {config.layer_types}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
+            raise ExportError(f"cannot export {name} to GGUF: llama.cpp scales attention by 1/sqrt(head_dim = {head_dim}), "
+                              f"this model by 1/sqrt(query_pre_attn_scalar = {config.query_pre_attn_scalar})")
+    if name == "SmolLM3ForCausalLM":
+        want = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+        if list(config.no_rope_layers) != want:
+            raise ExportError(f"cannot export {name} to GGUF: llama.cpp leaves out rope on every 4th layer, "
+                              f"this model's rope layers are {config.no_rope_layers}")
+    return arch
 
 
 def _chat_format(tokenizer: Any) -> ChatFormat:
@@ -124,12 +175,11 @@ def _chat_format(tokenizer: Any) -> ChatFormat:
         raise ExportError(f"cannot export the chat format: {e}") from None
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config: Any, name: str, file_type: gguf.LlamaFileType) -> None:
-    """general.* and <arch>.* keys, as TextModel/LlamaModel.set_gguf_parameters write them."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise ExportError(f"rope scaling {rope_type!r} is not supported by this GGUF export (only the default rope)")
+def _add_hparams(writer: gguf.GGUFWriter, config: Any, arch: Architecture, name: str,
+                 file_type: gguf.LlamaFileType) -> None:
+    """general.* and <arch>.* keys, as the converter's TextModel and per-model set_gguf_parameters
+    write them (Gemma's soft-capping and sliding window, Phi-3's original context)."""
+    rope = _rope(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_type(gguf.GGUFType.MODEL)
@@ -143,35 +193,110 @@ def _add_hparams(writer: gguf.GGUFWriter, config: Any, name: str, file_type: ggu
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_dimension_count(head_dim)
+    rotary = int(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0) * head_dim)
+    writer.add_rope_dimension_count(rotary)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_key_length(head_dim)  # as the converter does for configs that state head_dim
     writer.add_value_length(head_dim)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rope_type not in ("default", "llama3") and not (rope_type == "longrope" and arch.arch == gguf.MODEL_ARCH.PHI3):
+        raise ExportError(f"rope scaling {rope_type!r} is not supported by this GGUF export "
+                          "(supported: the default rope, linear, yarn, llama3, and Phi-3's longrope)")
+    if arch.arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
+    elif arch.arch == gguf.MODEL_ARCH.GEMMA3:
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise ExportError("cannot export Gemma3ForCausalLM with attn_logit_softcapping: llama.cpp's gemma3 has none")
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+        if float(local.get("rope_theta", 10000.0)) != 10000.0:
+            raise ExportError("cannot export Gemma3ForCausalLM: llama.cpp gives sliding-window layers a rope base of "
+                              f"10000, this model {local['rope_theta']}")
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            writer.add_sliding_window(int(config.sliding_window))
+    elif arch.arch == gguf.MODEL_ARCH.PHI3:
+        original = rope.get("original_max_position_embeddings",
+                            getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
+        if rope.get("long_factor"):
+            scale = config.max_position_embeddings / original
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, arch: gguf.MODEL_ARCH, permute: bool,
+def _rope(config: Any) -> dict[str, Any]:
+    """The rope parameters of the full-attention layers (transformers 5: ``rope_parameters``, per
+    layer type for Gemma 3)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(rope.get("full_attention", rope))
+
+
+def _extra_tensors(config: Any, arch: Architecture) -> dict[str, torch.Tensor]:
+    """Tensors the converter generates: Llama 3's ``rope_freqs`` (LlamaModel.generate_extra_tensors,
+    the frequency-dependent scaling of Meta's llama3 rope) and Phi-3's long/short rope factors."""
+    rope = _rope(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    names = gguf.TENSOR_NAMES
+    if rope.get("rope_type") == "llama3":
+        base = float(rope.get("rope_theta", 10000.0))
+        freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+        old = rope.get("original_max_position_embeddings", 8192)
+        factors = []
+        for freq in freqs.tolist():
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / high:
+                factors.append(1.0)
+            elif wavelen > old / low:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        return {names[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": torch.tensor(factors, dtype=torch.float32)}
+    if arch.arch == gguf.MODEL_ARCH.PHI3 and rope.get("long_factor"):
+        return {names[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight": torch.tensor(rope["long_factor"], dtype=torch.float32),
+                names[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": torch.tensor(rope["short_factor"], dtype=torch.float32)}
+    return {}
+
+
+def _add_tensors(writer: gguf.GGUFWriter, model: torch.nn.Module, arch: Architecture,
                  weight_type: gguf.GGMLQuantizationType) -> None:
     """Every parameter under its GGUF name; the tied output matrix is left out (llama.cpp reuses
     token_embd for it, and the converter never sees it since HF does not save it)."""
     config = model.config
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tied = _tied(model)
+    output = next((f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    for gguf_name, data in _extra_tensors(config, arch).items():
+        writer.add_tensor(gguf_name, data.numpy(), raw_dtype=Q.F32)
     for hf_name, tensor in model.state_dict().items():
+        if hf_name == output and tied:
+            continue
         found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
-            raise ExportError(f"tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]} "
+            raise ExportError(f"tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch.arch]} "
                               "(a model change this export does not know)")
         kind, gguf_name = found
-        if kind == gguf.MODEL_TENSOR.OUTPUT and tied:
-            continue
         data = tensor.detach().to("cpu", torch.float32)
-        if permute and kind == gguf.MODEL_TENSOR.ATTN_Q:
+        if arch.permute and kind == gguf.MODEL_TENSOR.ATTN_Q:
             data = permute_qk(data, heads, heads)
-        elif permute and kind == gguf.MODEL_TENSOR.ATTN_K:
+        elif arch.permute and kind == gguf.MODEL_TENSOR.ATTN_K:
             data = permute_qk(data, heads, kv_heads)
+        if arch.norm_shift and hf_name.endswith("norm.weight"):
+            data = data + arch.norm_shift
         array = data.numpy()
         qtype = tensor_type(gguf_name, array.shape, weight_type)
         writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
