@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LLAMA_STAMP := $(VENV)/.llama-installed-no-amx
 LLAMA_CONVERT := $(VENV)/llama.cpp-convert
 
-.PHONY: setup browser llama llama-convert demo test test-fast bench clean
+.PHONY: setup browser llama llama-convert demo test test-fast bench support-table clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,11 @@ test: setup browser llama llama-convert
 
 test-fast: setup browser llama llama-convert
 	$(PY) -m pytest -q -m "not slow"
+
+# docs/support.md, the model-family support table, regenerated from what tests/test_families.py measures
+# (`make test` fails when the committed table and the tests disagree)
+support-table: setup llama
+	TUNESMITH_WRITE_SUPPORT=1 $(PY) -m pytest -q tests/test_families.py
 
 bench: setup
 	$(PY) benchmarks/near_dup.py

@@ -53,9 +53,9 @@ def score_candidates(model: torch.nn.Module, candidates: list[list[Encoded]], pa
     scores, counts = torch.zeros(n_ex, k), torch.zeros(n_ex, k, dtype=torch.long)
     prefixes = [shared_prefix(c) for c in candidates]
     order = sorted(range(n_ex), key=lambda e: prefixes[e])
+    window = sliding_window(model)
     tokens = 0
-    for i in range(0, n_ex, max(1, batch_size)):
-        idx = order[i : i + batch_size]
+    for idx in _batches(order, prefixes, candidates, max(1, batch_size), window):
         with runtime.autocast(dev, bf16):
             s, c = _score_batch(model, [candidates[e] for e in idx], [prefixes[e] for e in idx], pad_id, dev)
         scores[idx], counts[idx] = s, c
@@ -63,6 +63,38 @@ def score_candidates(model: torch.nn.Module, candidates: list[list[Encoded]], pa
         if on_batch is not None:
             on_batch(len(idx))
     return scores, counts, tokens
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window (tokens) of the model's sliding-window layers, or None when every layer
+    attends to all earlier tokens (``layer_types`` of Gemma 2/3; Mistral's ``sliding_window``)."""
+    config = unwrap(model).config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def _batches(order: list[int], prefixes: list[int], candidates: list[list[Encoded]], size: int,
+             window: int | None) -> list[list[int]]:
+    """Examples in batches of ``size``, shortest prompt first. With a sliding window that a batch's
+    padded prompt plus its longest answer could exceed, only prompts of one length share a batch:
+    a shorter prompt's padding would sit inside the window (it counts cache slots, not tokens) and
+    push real tokens out of it."""
+    out = [order[i : i + size] for i in range(0, len(order), size)]
+    if window is None:
+        return out
+    split = []
+    for idx in out:
+        width = max(prefixes[e] for e in idx)
+        longest = max(len(c.input_ids) - prefixes[e] for e in idx for c in candidates[e])
+        if width + longest <= window or len({prefixes[e] for e in idx}) == 1:
+            split.append(idx)
+        else:
+            for length in sorted({prefixes[e] for e in idx}):
+                split.append([e for e in idx if prefixes[e] == length])
+    return split
 
 
 def _score_batch(model: torch.nn.Module, batch: list[list[Encoded]], prefixes: list[int], pad_id: int,
