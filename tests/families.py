@@ -139,7 +139,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("qwen2.5", "Qwen2ForCausalLM", "qwen2_5.jinja", CHATML, None, "<|im_end|>", "<|endoftext|>",
            ("", "<|im_end|>"), _qwen2, notes="q/k/v biases; a default system prompt"),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3.jinja", CHATML, None, "<|im_end|>", "<|endoftext|>",
-           ("<think>\n\n</think>\n\n", "<|im_end|>"), _qwen3, extra_tokens=("<think>", "</think>"),
+           ("", "<|im_end|>"), _qwen3, extra_tokens=("<think>", "</think>"),
            notes="q/k norms; thinking tags in the template"),
     Family("gemma2", "Gemma2ForCausalLM", "gemma.jinja", GEMMA, "<bos>", "<eos>", "<pad>", ("", "<end_of_turn>"),
            _gemma2, system_role=False, notes="soft-capping, sliding window, (1 + w) norms; no system role"),

@@ -35,7 +35,7 @@ from tunesmith.training.loop import train
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "support.md"
 CHECKS = {  # column -> what it shows
-    "mask": "chat template renders (system prompt folded where the template has no system role); loss on the reply and its end-of-turn token only, token by token",
+    "mask": "chat template renders (system prompt folded where the template has no system role); loss on the replies (one turn and two) and their end-of-turn tokens only, token by token; training's prompt = inference's",
     "lora": "LoRA `all-linear` wraps every linear layer of the decoder, not the output head",
     "resume": "LoRA training step; stopped at step 3 and resumed, bit-identical to a straight run of 6 steps",
     "merge": "merged export gives the unmerged model's logits",
@@ -134,6 +134,12 @@ def test_loss_mask_token_by_token(built, name):
         assert SYSTEM in tok.decode(prompt)  # folded into the first user turn, not lost
     fmt = chat_format(tok)
     assert tok.convert_tokens_to_ids(after) in fmt.stop_ids
+    # two turns: both replies are targets, each with its end of turn (Qwen3 renders earlier turns
+    # without the thinking block: found by content, not by rendering turn by turn)
+    turns = messages(fam, "hello", "one") + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "two"}]
+    enc = encode(tok, Example(turns), 512)
+    targets = [i for i, y in zip(enc.input_ids, enc.labels) if y != IGNORE]
+    assert tok.decode(targets) == f"{before}one{after}{before}two{after}"
     record(name, "mask")
 
 

@@ -76,6 +76,10 @@ class ChatFormat:
     system_role: bool  # False: the template rejects (or drops) system turns; they are folded into the first user turn
     stop_ids: tuple[int, ...]  # generation stops on any of these: the end of turn and the end of sequence
     specials: tuple[str, ...]  # special-token strings, longest first
+    # What the template writes inside an assistant turn before the reply, e.g. Qwen3's empty thinking
+    # block "<think>\n\n</think>\n\n". Generation prompts end with it (Qwen's non-thinking mode, what
+    # `enable_thinking=False` renders), so it is prompt, never a target, and answers do not start with it.
+    reply_prefix: str = ""
 
 
 _FORMATS: weakref.WeakKeyDictionary[Any, tuple[str, ChatFormat]] = weakref.WeakKeyDictionary()
@@ -118,7 +122,18 @@ def _learn_format(tokenizer: Any) -> ChatFormat:
     eot = min(found)[1] if found else (tokenizer.eos_token or "")
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
     stops = tuple(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if isinstance(i, int)))
-    return ChatFormat(eot, eot_id, bool(found), system_role, stops, specials)
+    return ChatFormat(eot, eot_id, bool(found), system_role, stops, specials, _reply_prefix(tokenizer, text))
+
+
+def _reply_prefix(tokenizer: Any, text: str) -> str:
+    """The non-blank text between the generation prompt and the reply in ``text`` (a rendered user
+    turn "hi" and the probe reply), or ""."""
+    try:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - Jinja templates raise whatever they like
+        return ""
+    between = text[len(prompt):text.rfind(_PROBE)] if text.startswith(prompt) else ""
+    return between if between.strip() else ""
 
 
 def require_chat_template(tokenizer: Any, model: str) -> None:
@@ -163,10 +178,12 @@ def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False, source: str = "") -> str:
     """The conversation as the chat template writes it; DataError (naming ``source``) when the
     template rejects it, e.g. roles that do not alternate."""
-    if not chat_format(tokenizer).system_role:
+    fmt = chat_format(tokenizer)
+    if not fmt.system_role:
         messages = fold_system(messages)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return text + fmt.reply_prefix if add_generation_prompt else text
     except Exception as e:  # noqa: BLE001 - a Jinja template can raise anything
         raise DataError(f"{source or 'a conversation'}: the chat template cannot render it ({e})") from None
 
@@ -212,6 +229,9 @@ def target_spans(tokenizer: Any, messages: list[dict[str, str]], source: str = "
             at = upto.rfind(m["content"]) if m["content"] else -1
             before = upto[:at] if at >= 0 else before
         if before is None or not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
+            located = _spans_by_content(tokenizer, messages, text, fmt)
+            if located is not None:  # a template that renders earlier turns otherwise (Qwen3 drops their thinking)
+                return text, located
             raise DataError(
                 f"{source or 'a conversation'}: the tokenizer's chat template does not render conversations "
                 "incrementally, so assistant tokens cannot be located; use a model with a standard chat template "
@@ -225,6 +245,28 @@ def target_spans(tokenizer: Any, messages: list[dict[str, str]], source: str = "
             at = upto.rfind(reply, start, end) if reply else -1
             spans.append((start, at + len(reply) if at >= 0 else end))
     return text, spans
+
+
+def _spans_by_content(tokenizer: Any, messages: list[dict[str, str]], text: str,
+                      fmt: ChatFormat) -> list[tuple[int, int]] | None:
+    """Assistant spans found in the whole rendering by their content, for templates that do not
+    render incrementally: from each reply's first character to the end-of-turn token after it
+    (inclusive). None when a reply cannot be found or the template closes no turn."""
+    if not fmt.from_template:
+        return None
+    msgs = messages if fmt.system_role else fold_system(messages)
+    found = _content_spans(tokenizer, msgs, text)
+    spans = []
+    for m, where in zip(msgs, found):
+        if m["role"] != "assistant":
+            continue
+        if where is None or not m["content"]:
+            return None
+        end = text.find(fmt.end_of_turn, where[1])
+        if end < 0:
+            return None
+        spans.append((where[0], end + len(fmt.end_of_turn)))
+    return spans
 
 
 def _content_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int] | None]:

@@ -242,9 +242,13 @@ def _ask(run: LoadedRun) -> str:
     else:
         user = (system + "\n\n..." if folds else "...")
         messages = f"[{{\"role\": \"user\", \"content\": {user!r}}}]"
-    return (f"messages = {messages}  # as in training\n"
-            "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
-            "return_tensors=\"pt\")[\"input_ids\"]\n"
+    if fmt is not None and fmt.reply_prefix:  # e.g. Qwen3's empty thinking block: trained as part of the prompt
+        encode = (f"text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + {fmt.reply_prefix!r}\n"
+                  "ids = tokenizer(text, add_special_tokens=False, return_tensors=\"pt\")[\"input_ids\"]\n")
+    else:
+        encode = ("ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+                  "return_tensors=\"pt\")[\"input_ids\"]\n")
+    return (f"messages = {messages}  # as in training\n" + encode +
             f"print(tokenizer.decode(model.generate(ids, max_new_tokens=64{stop})[0, ids.shape[1]:], skip_special_tokens=True))\n")
 
 
