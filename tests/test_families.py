@@ -2,7 +2,8 @@
 mask token by token, LoRA ``all-linear`` targets, training with exact resume, merged = unmerged,
 GGUF read back by llama.cpp with the same logits, a served batch of mixed adapters equal to each
 alone, and label scoring equal to whole forward passes (each family's own cache type: Gemma's
-sliding windows, hybrid sliding/full layers).
+sliding windows, hybrid sliding/full layers). Encoders (BERT, ModernBERT) with a classification head:
+LoRA targets, exact resume and merge.
 
 The support table in docs/support.md is generated from what these tests measured
 (``make support-table``): each test records its cell only once all its assertions passed, and a
@@ -80,7 +81,8 @@ def support_table():
     """After the module: the table measured here, written by ``make support-table`` (env
     TUNESMITH_WRITE_SUPPORT=1) or compared with docs/support.md."""
     yield
-    if set(RESULTS) != set(FAMILIES) or any(len(r) != len(CHECKS) for r in RESULTS.values()):
+    if set(RESULTS) != set(FAMILIES) | set(ENCODERS) or any(
+            len(RESULTS[n]) != len(ENCODER_CHECKS if n in ENCODERS else CHECKS) for n in RESULTS):
         return  # a partial run (-k, a failure): nothing to compare
     text = render_table(RESULTS)
     if os.environ.get("TUNESMITH_WRITE_SUPPORT"):
@@ -110,6 +112,12 @@ def render_table(results: dict[str, dict[str, str]]) -> str:
     lines += ["", "Columns:", ""] + [f"- **{c}**: {d}" for c, d in CHECKS.items()]
     if refusals:
         lines += ["", "Refusals:", ""] + refusals
+    lines += ["", "## Encoders (classification heads: `classifier: head`)", "",
+              "| family | architecture | " + " | ".join(ENCODER_CHECKS) + " |", "|---|---|" + "---|" * len(ENCODER_CHECKS)]
+    for name, (model_class, _, notes) in ENCODERS.items():
+        lines.append(f"| {name} | `{model_class}` + sequence-classification head; {notes} | "
+                     + " | ".join(results[name][c] for c in ENCODER_CHECKS) + " |")
+    lines += ["", "Columns:", ""] + [f"- **{c}**: {d}" for c, d in ENCODER_CHECKS.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -296,8 +304,86 @@ def test_label_scoring_equals_whole_forward_passes(built, name):
 
 
 def test_table_renders_refusals_and_every_column():
-    fake = {n: {c: "yes" for c in CHECKS} for n in FAMILIES}
+    fake = {n: {c: "yes" for c in CHECKS} for n in FAMILIES} | {n: {c: "yes" for c in ENCODER_CHECKS} for n in ENCODERS}
     fake["phi3"]["gguf"] = "refused: because"
     text = render_table(fake)
     assert "| phi3 |" in text and "refused" in text and "- phi3, gguf: because" in text
     assert all(f"**{c}**" in text for c in CHECKS) and json.dumps(text)
+
+
+# ---------------------------------------------------------------------- encoders (classification heads)
+
+ENCODERS = {  # name -> (base class, config class, notes)
+    "bert": ("BertModel", "BertConfig", "classifies from the first token"),
+    "modernbert": ("ModernBertModel", "ModernBertConfig", "local/global attention layers, no token-type ids"),
+}
+ENCODER_CHECKS = {
+    "lora": "LoRA `all-linear` on the encoder's linear layers; the new classification head trains in full",
+    "resume": "stopped at step 3 and resumed, bit-identical to a straight run of 6 steps",
+    "merge": "merged head model gives the unmerged model's logits",
+}
+
+
+@pytest.fixture(scope="module")
+def encoder_dirs(tmp_path_factory) -> dict[str, Path]:
+    import transformers
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    out = {}
+    for name, (model_class, config_class, _) in ENCODERS.items():
+        config = getattr(transformers, config_class)(vocab_size=len(tok), hidden_size=64, num_hidden_layers=3,
+                                                     num_attention_heads=4, intermediate_size=128,
+                                                     max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        getattr(transformers, model_class)(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encoder_heads_train_resume_and_merge(encoder_dirs, name, tmp_path):
+    from conftest import SST_LINES
+    from tunesmith.data import encode_for_head
+    from tunesmith.models import load_classifier
+
+    def prepared():
+        model, tok = load_classifier(str(encoder_dirs[name]), ["negative", "positive"], seed=0)
+        torch.manual_seed(0)
+        c = Config(method="lora")
+        c.lora.r, c.lora.alpha, c.lora.dropout = 4, 8, 0.1
+        c.train.precision = "fp32"
+        return lora.prepare(model, c), tok
+
+    plain, _ = load_classifier(str(encoder_dirs[name]), ["negative", "positive"], seed=0)
+    linear = {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and (".layers." in n or ".layer." in n)}
+    model, tok = prepared()
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert linear and linear <= wrapped
+    assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n and "modules_to_save" in n)
+    record(name, "lora")
+    rows = [Example([{"role": "user", "content": line[2:]}, {"role": "assistant", "content": ""}], label=line[0])
+            for line in SST_LINES * 3]
+    data = [encode_for_head(tok, e, {"0": 0, "1": 1}, 64) for e in rows]
+    cfg = TrainConfig(max_steps=6, batch_size=4, lr=2e-2, warmup_steps=1, eval_every=100, save_every=3, precision="fp32", seed=0)
+    train(prepared()[0], data, data[:4], TrainConfig(max_steps=1, batch_size=4, precision="fp32"), tmp_path / "warm",
+          tok.pad_token_id, show_progress=False)  # the same numerics for every run below (see the causal test)
+    first = train(model, data, data[:4], cfg, tmp_path / "straight", tok.pad_token_id, show_progress=False)
+    resumed, _ = prepared()
+    assert train(resumed, data, data[:4], cfg, tmp_path / "resumed", tok.pad_token_id, until_step=3, show_progress=False).interrupted
+    resumed, _ = prepared()
+    again = train(resumed, data, data[:4], cfg, tmp_path / "resumed", tok.pad_token_id, resume=True, show_progress=False)
+    losses = [r["loss"] for r in first.history if r["type"] == "train"]
+    assert len(losses) == 6 and [r["loss"] for r in again.history if r["type"] == "train"] == losses
+    want = dict(model.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in resumed.named_parameters() if p.requires_grad)
+    record(name, "resume")
+    model.eval()
+    batch = tok(["a stirring , funny film", "one long string of cliches ."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        merged = model.merge_and_unload()(**batch).logits
+    assert float((merged - unmerged).abs().max()) < 1e-5 * max(1.0, float(unmerged.abs().max()))
+    record(name, "merge")
