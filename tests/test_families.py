@@ -140,6 +140,8 @@ def test_loss_mask_token_by_token(built, name):
     assert enc.input_ids[:first] == prompt
     if not fam.system_role:
         assert SYSTEM in tok.decode(prompt)  # folded into the first user turn, not lost
+    if "strftime_now" in fam.chat_template():  # today's date would change the text from day to day
+        assert "Today Date: 26 Jul 2024" in tok.decode(prompt)
     fmt = chat_format(tok)
     assert tok.convert_tokens_to_ids(after) in fmt.stop_ids
     # two turns: both replies are targets, each with its end of turn (Qwen3 renders earlier turns

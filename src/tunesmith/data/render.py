@@ -35,6 +35,10 @@ from tunesmith.config import Config
 from tunesmith.data.formats import DataError, Example
 
 IGNORE = -100
+# Templates that write today's date (Llama 3.1-3.3: "Today Date: ...") get this one, their own fallback,
+# so a run's text is the same whatever day it is rendered: a resume after midnight, a rerun next week
+# and the prompts sent at inference see what training saw.
+TEMPLATE_DATE = "26 Jul 2024"
 _PROBE = "tunesmith probe reply 7"
 
 # Named templates for models without one (``data.chat_template``): {{ }} Jinja, like the tokenizer's own.
@@ -182,7 +186,8 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
     if not fmt.system_role:
         messages = fold_system(messages)
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             date_string=TEMPLATE_DATE)
         return text + fmt.reply_prefix if add_generation_prompt else text
     except Exception as e:  # noqa: BLE001 - a Jinja template can raise anything
         raise DataError(f"{source or 'a conversation'}: the chat template cannot render it ({e})") from None
