@@ -153,6 +153,26 @@ def test_gguf_export_of_a_run_verifies_and_has_a_modelfile(finished_runs, tmp_pa
     assert "PARAMETER stop" in (result.path / "Modelfile").read_text()
 
 
+def test_a_template_ollama_cannot_express_still_gets_its_gguf_with_a_note(finished_runs, tmp_path, monkeypatch):
+    """Llama 3.x's template (a system header with a date whatever the messages) has no Ollama form:
+    the GGUF is written anyway (llama.cpp applies the template stored in it), with a note, and the
+    model card does not point at a Modelfile that is not there."""
+    from tunesmith.deploy import gguf_export
+    from tunesmith.deploy.errors import ExportError
+    from tunesmith.deploy.export import describe
+
+    def refuse(*a, **k):
+        raise ExportError("the chat template is not a fixed prefix + content + suffix per role")
+
+    monkeypatch.setattr(gguf_export, "ollama_modelfile", refuse)
+    result = export(finished_runs["alpha-lora"], "gguf", "f32", out=tmp_path / "g")
+    assert set(result.files) == {"alpha-lora.f32.gguf", "README.md"}
+    said = describe(result)
+    assert "note: no Ollama Modelfile: the chat template is not a fixed prefix" in said and "llama.cpp" in said
+    card = (result.path / "README.md").read_text()
+    assert "ollama create" not in card and "no Modelfile was written" in card
+
+
 NO_SYSTEM_TEMPLATE = (  # a template that refuses the system role (as Gemma's and Mistral's do)
     "{% for message in messages %}{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"

@@ -41,6 +41,7 @@ CHECKS = {  # column -> what it shows
     "resume": "LoRA training step; stopped at step 3 and resumed, bit-identical to a straight run of 6 steps",
     "merge": "merged export gives the unmerged model's logits",
     "gguf": "GGUF (f32) read by llama.cpp: same greedy tokens and next-token logits within 2e-3 of the largest",
+    "ollama": "an Ollama Modelfile whose Go template renders what the chat template renders (else `export` writes the GGUF alone and says why)",
     "serve": "a batch of two adapters and the base in the serving engine equals each alone (transformers' generate)",
     "score": "label scoring (prompt read once, candidates on its cache) equals whole forward passes",
 }
@@ -229,7 +230,8 @@ def test_gguf_in_llama_cpp_gives_the_same_logits(built, name, tmp_path):
         return
     if not llama_consumer.available():
         pytest.skip("llama.cpp's binding is not installed (make llama)")
-    path = write_gguf(model, tok, tmp_path / f"{name}.gguf", dtype="f32")
+    # named as a user's run would be ("phi3-run": llama.cpp reads general.name, see _general_name)
+    path = write_gguf(model, tok, tmp_path / f"{name}.gguf", dtype="f32", name=f"{name}-run")
     prompts = [tok.apply_chat_template(messages(fam, q) if fam.system_role else messages(fam, q)[1:], tokenize=False,
                                        add_generation_prompt=True) for q in QUESTIONS]
     result = verify_gguf(path, model, tok, prompts, max_new_tokens=6)
@@ -237,6 +239,21 @@ def test_gguf_in_llama_cpp_gives_the_same_logits(built, name, tmp_path):
     assert result["agree_all_tokens"] == len(prompts), result["details"]
     assert result["relative_diff"] is not None and result["relative_diff"] < 2e-3, result
     record(name, "gguf")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_ollama_modelfile_or_a_named_reason(built, name):
+    from tunesmith.deploy.gguf_export import ollama_modelfile
+
+    tok, _ = tokenizer_and_model(built, name)
+    try:
+        text = ollama_modelfile(tok, f"{name}.gguf", system_prompt=SYSTEM)
+    except ExportError as e:
+        assert "Ollama" in str(e) or "template" in str(e)
+        record(name, "ollama", "refused: " + str(e).split(" (")[0].split(":")[0])
+        return
+    assert f"FROM ./{name}.gguf" in text and "TEMPLATE" in text
+    record(name, "ollama")
 
 
 def _two_adapters(fam: Family, tok):

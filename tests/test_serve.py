@@ -699,3 +699,33 @@ def test_sigterm_ends_open_streams_and_waiting_requests_properly(endless_model_d
     assert "shutdown: 1 s grace period over; ended 2 open streams and 1 unfinished whole answer with 503" in log, log
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert 1 <= took < 15, took
+
+
+def test_a_run_trained_with_a_system_prompt_is_served_with_it(finished_runs, tmp_path):
+    """Training and evaluation put the run's system prompt first, so serving does too when the
+    request brings no system message; a request's own system message replaces it; the base gets none."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "sys-lora"
+    shutil.copytree(finished_runs["alpha-lora"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["name"] = "sys-lora"
+    cfg["data"]["system_prompt"] = "Answer with one greeting."
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (g,) = load_for_serving([run])
+    base = next(n for n, a in g.names.items() if a is None)
+    tok = g.tokenizer
+    question = [{"role": "user", "content": "Say hello 3"}]
+    own = [{"role": "system", "content": "Be terse."}] + question
+    with running(create_app([g], ServeSettings(api_key=KEY, max_tokens=4))) as s:
+        c = client(s)
+
+        def prompt_tokens(model, messages):
+            return c.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0).usage.prompt_tokens
+
+        assert prompt_tokens("sys-lora", question) == len(encode_prompt(
+            tok, [{"role": "system", "content": "Answer with one greeting."}] + question, 10**6))
+        assert prompt_tokens("sys-lora", own) == len(encode_prompt(tok, own, 10**6))
+        assert prompt_tokens(base, question) == len(encode_prompt(tok, question, 10**6))

@@ -49,6 +49,7 @@ class Exported:
     dtype: str
     files: list[str] = field(default_factory=list)
     verify: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)  # what was left out, and why (said with the result)
 
 
 def export(run_dir: str | Path, format: str, dtype: str | None = None, out: str | Path | None = None,
@@ -75,13 +76,14 @@ def export(run_dir: str | Path, format: str, dtype: str | None = None, out: str 
         return Exported(target, format, "-", sorted(p.name for p in target.iterdir()))
     loaded = load_run(run_dir, merge=format != "adapter")
     writers = {"adapter": _write_adapter, "hf": _write_hf, "gguf": _write_gguf}
+    notes: list[str] = []
 
     def fill(tmp: Path) -> None:
-        writers[format](loaded, tmp, dtype)
-        (tmp / "README.md").write_text(model_card(loaded, format, dtype))
+        notes.extend(writers[format](loaded, tmp, dtype) or [])
+        (tmp / "README.md").write_text(model_card(loaded, format, dtype, modelfile=(tmp / "Modelfile").exists()))
 
     atomic_dir(target, fill)
-    result = Exported(target, format, dtype, sorted(p.name for p in target.iterdir()))
+    result = Exported(target, format, dtype, sorted(p.name for p in target.iterdir()), notes=notes)
     if verify:
         result.verify = verify_export(loaded, result)
     return result
@@ -144,15 +146,23 @@ def _write_hf(run: LoadedRun, out: Path, dtype: str) -> None:
     run.tokenizer.save_pretrained(out)
 
 
-def _write_gguf(run: LoadedRun, out: Path, dtype: str) -> None:
-    """``<run>.gguf`` (llama.cpp's format, written with the ``gguf`` package) and an Ollama ``Modelfile``."""
+def _write_gguf(run: LoadedRun, out: Path, dtype: str) -> list[str]:
+    """``<run>.gguf`` (llama.cpp's format, written with the ``gguf`` package) and an Ollama
+    ``Modelfile`` when Ollama's template language can express the chat template; else the GGUF
+    alone and a note saying why (llama.cpp itself reads the template from the GGUF)."""
     from tunesmith.deploy import gguf_export
 
     source = resolve_model(run.config.model)
     source_gguf = Path(source.location) if source.kind == "gguf" else None
     name = f"{run.name}.{dtype}.gguf"
     gguf_export.write_gguf(run.model, run.tokenizer, out / name, dtype=dtype, name=run.name, source_gguf=source_gguf)
-    (out / "Modelfile").write_text(gguf_export.ollama_modelfile(run.tokenizer, name, system_prompt=run.config.data.system_prompt))
+    try:
+        modelfile = gguf_export.ollama_modelfile(run.tokenizer, name, system_prompt=run.config.data.system_prompt)
+    except ExportError as e:
+        return [f"no Ollama Modelfile: {e}. The GGUF carries the chat template, which llama.cpp (llama-cli, llama-server) "
+                "applies itself"]
+    (out / "Modelfile").write_text(modelfile)
+    return []
 
 
 def _write_prompt(run_dir: Path, cfg: Config, out: Path) -> None:
@@ -204,7 +214,7 @@ def _has_system_role(cfg: Config) -> bool:
         return True
 
 
-def model_card(run: LoadedRun, format: str, dtype: str) -> str:
+def model_card(run: LoadedRun, format: str, dtype: str, modelfile: bool = True) -> str:
     """A short README: what the model is, how it was made and measured, and how to load this export."""
     how = {
         "adapter": ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -218,8 +228,10 @@ def model_card(run: LoadedRun, format: str, dtype: str) -> str:
                "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\")\n"
                "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n" + _ask(run) + "```\n"
                "vLLM: `vllm serve <this folder>`; tunesmith: `tunesmith serve` on the run folder\n"),
-        "gguf": (f"llama.cpp: `llama-cli -m {run.name}.{dtype}.gguf -cnv` (or `llama-server -m ...`); "
-                 f"Ollama: `ollama create {run.name} -f Modelfile && ollama run {run.name}`\n"),
+        "gguf": (f"llama.cpp: `llama-cli -m {run.name}.{dtype}.gguf -cnv` (or `llama-server -m ...`)"
+                 + (f"; Ollama: `ollama create {run.name} -f Modelfile && ollama run {run.name}`\n" if modelfile else
+                    " (it applies the chat template stored in the file; Ollama's template language cannot express this "
+                    "model's template, so no Modelfile was written)\n")),
     }[format]
     return _card_header(run.dir, run.config, format, dtype) + _card_metrics(run.dir) + "\n## Load it\n\n" + how
 
@@ -430,6 +442,7 @@ def _last(logits: torch.Tensor) -> torch.Tensor:
 def describe(result: Exported) -> str:
     """One paragraph for the terminal: where the export is and what the verification found."""
     text = f"exported {result.format}" + (f" ({result.dtype})" if result.dtype != "-" else "") + f" to {result.path}: {', '.join(result.files)}"
+    text += "".join(f"\nnote: {n}" for n in result.notes)
     if result.verify:
         text += "\nverified: " + json.dumps({k: v for k, v in result.verify.items() if k not in ("details", "note")})
         if result.verify.get("note"):

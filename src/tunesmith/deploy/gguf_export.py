@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,17 +70,13 @@ ARCHITECTURES = {
     "SmolLM3ForCausalLM": Architecture(gguf.MODEL_ARCH.SMOLLM3, permute=True),
     "Qwen2ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN2),
     "Qwen3ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN3),
+    "Phi3ForCausalLM": Architecture(gguf.MODEL_ARCH.PHI3),
     "Gemma2ForCausalLM": Architecture(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, swa_pattern=2),
     "Gemma3ForCausalLM": Architecture(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, swa_pattern=6),
 }
-# Classes whose GGUF llama.cpp (0.3.36, the version `make llama` builds) does not read back as written,
-# refused by name with what was seen rather than written as a file that fails later.
-REFUSED = {
-    "Phi3ForCausalLM": "llama.cpp refuses a phi3 file with a byte-level BPE vocabulary written this way "
-                       "(\"error loading model vocabulary: unordered_map::at\"), and Phi-3's own SentencePiece "
-                       "vocabulary is not written by this export; use llama.cpp's convert_hf_to_gguf.py on a merged "
-                       "export (tunesmith export --format hf)",
-}
+# Classes whose GGUF llama.cpp does not read back as written, refused by name (none at present;
+# tests/test_families.py records each in docs/support.md).
+REFUSED: dict[str, str] = {}
 # Byte-level BPE pre-tokenizers llama.cpp knows, by the HF pre-tokenizer's shape -> tokenizer.ggml.pre.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -121,7 +118,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, dtype: 
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.arch])
     try:
-        _add_hparams(writer, config, arch, name or Path(str(config.name_or_path)).name or "model", DTYPES[dtype][0])
+        _add_hparams(writer, config, arch, _general_name(name or Path(str(config.name_or_path)).name or "model", arch, tokenizer),
+                     DTYPES[dtype][0])
         _add_tensors(writer, model, arch, DTYPES[dtype][1])
         if source_gguf is not None:
             _copy_vocab(writer, Path(source_gguf), config.vocab_size, fmt)
@@ -142,6 +140,16 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, dtype: 
     return path
 
 
+def _general_name(name: str, arch: Architecture, tokenizer: Any) -> str:
+    """``general.name``. llama.cpp reads it: a phi3 file named like Phi-3 ("phi3", "Phi-3-mini") is
+    taken to carry Phi-3's SentencePiece tokens, and one whose vocabulary lacks ``<s>`` then fails
+    to load ("error loading model vocabulary: unordered_map::at", seen with llama.cpp 0.3.36), so such
+    a name loses the "3" there (a run named "phi3-sst2" is written as "phi-sst2")."""
+    if arch.arch == gguf.MODEL_ARCH.PHI3 and "<s>" not in tokenizer.get_vocab():
+        return re.sub(r"(?i)(phi)-?3", r"\1", name)
+    return name
+
+
 def _architecture(model: torch.nn.Module) -> Architecture:
     name = type(model).__name__
     if name in REFUSED:
@@ -155,16 +163,19 @@ def _architecture(model: torch.nn.Module) -> Architecture:
                 for i in range(config.num_hidden_layers)]
         if list(getattr(config, "layer_types", None) or want) != want:
             raise ExportError(f"cannot export {name} to GGUF: llama.cpp builds it with every {arch.swa_pattern}th layer "
-                              f"full attention and the rest sliding-window, this model's layers are {config.layer_types}")
+                              f"full attention and the rest sliding-window, this model's layers are {config.layer_types}; "
+                              "export --format hf (transformers, vLLM and tunesmith serve run it as it is)")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
             raise ExportError(f"cannot export {name} to GGUF: llama.cpp scales attention by 1/sqrt(head_dim = {head_dim}), "
-                              f"this model by 1/sqrt(query_pre_attn_scalar = {config.query_pre_attn_scalar})")
+                              f"this model by 1/sqrt(query_pre_attn_scalar = {config.query_pre_attn_scalar}); "
+                              "export --format hf (transformers, vLLM and tunesmith serve run it as it is)")
     if name == "SmolLM3ForCausalLM":
         want = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
         if list(config.no_rope_layers) != want:
             raise ExportError(f"cannot export {name} to GGUF: llama.cpp leaves out rope on every 4th layer, "
-                              f"this model's rope layers are {config.no_rope_layers}")
+                              f"this model's rope layers are {config.no_rope_layers}; "
+                              "export --format hf (transformers, vLLM and tunesmith serve run it as it is)")
     return arch
 
 

@@ -8,7 +8,8 @@ Bearer key) and the request-body limit are one ASGI middleware (``_Guard``); req
 another (``_Observe``), outermost, so refused requests are counted too.
 
 Prompts: chat messages go through ``data.render.encode_prompt``, exactly as in training and
-evaluation; ``/v1/completions`` tokenizes the prompt text plainly (no chat template). Both stop
+evaluation, after the run's system prompt when the request brings no system message (a request's
+own system message replaces it; the base model gets none); ``/v1/completions`` tokenizes the prompt text plainly (no chat template). Both stop
 at the chat template's end-of-turn and end-of-sequence tokens (``chat_format(...).stop_ids``).
 """
 
@@ -42,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tunesmith.deploy.errors import ServeError
 from tunesmith.data.formats import DataError
 from tunesmith.data.render import chat_format, encode_prompt
+from tunesmith.runs.folder import run_config
 from tunesmith.deploy import protocol as P
 from tunesmith.generation.engine import (Delta, Engine, EngineClosed, EngineError, GenerationRequest, QueueFull,
                                      RequestHandle, SamplingParams)
@@ -288,6 +290,7 @@ class ServedModel:
     chat: bool  # the tokenizer has a chat template
     root: str
     parent: str | None
+    system_prompt: str | None = None  # the run's data.system_prompt: sent first when a request brings none
 
 
 class _ChoiceOutput:
@@ -318,6 +321,13 @@ class _ChoiceOutput:
         return out
 
 
+def _system_prompt(run_dir: Path | None) -> str | None:
+    """A run's training system prompt (None for a base model or a run trained without one)."""
+    if run_dir is None:
+        return None
+    return run_config(run_dir).data.system_prompt or None
+
+
 class OpenAIServing:
     """Owns the engines and answers the OpenAI endpoints (the routes only hand it validated requests)."""
 
@@ -336,7 +346,7 @@ class OpenAIServing:
             stops, chat = _stop_ids(g.tokenizer)
             for name, adapter in g.names.items():
                 self.models[name] = ServedModel(name, eng, adapter, g.tokenizer, stops, chat, g.base,
-                                                base_name if adapter else None)
+                                                base_name if adapter else None, _system_prompt(g.runs.get(name)))
         self.metrics = Metrics(self.engines, settings.output_filter)
         self.in_flight = {"streams": 0, "answers": 0}  # requests waiting for the engine now, by kind
 
@@ -368,6 +378,8 @@ class OpenAIServing:
             raise APIError(400, f"model {m.name!r} has no chat template; use /v1/completions", "messages")
         try:
             conversation = req.conversation()
+            if m.system_prompt and conversation and conversation[0]["role"] != "system":  # as trained and evaluated
+                conversation = [{"role": "system", "content": m.system_prompt}] + conversation
             # never truncated here (too long is a 400); in a thread: a long prompt must not stall other requests
             ids = await asyncio.to_thread(encode_prompt, m.tokenizer, conversation, 10**9)
         except (ValueError, DataError) as e:
