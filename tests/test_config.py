@@ -34,6 +34,17 @@ def test_nested_unknown_key_gets_dotted_suggestion(tmp_path: Path) -> None:
     assert "train.batch_sise: unknown key; did you mean 'train.batch_size'?" in str(err.value)
 
 
+def test_other_tools_names_for_our_settings_are_suggested(tmp_path: Path) -> None:
+    """transformers'/PEFT's names, too far from ours for spelling to find (a newcomer's --set)."""
+    path = write(tmp_path, "data: {train: x}\ntrain: {learning_rate: 0.001, num_train_epochs: 2}\nlora: {rank: 4, lora_alpha: 8}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    for wrong, right in [("train.learning_rate", "train.lr"), ("train.num_train_epochs", "train.epochs"),
+                         ("lora.rank", "lora.r"), ("lora.lora_alpha", "lora.alpha")]:
+        assert f"{wrong}: unknown key; did you mean '{right}'?" in text
+
+
 def test_overrides_and_types(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {train: x}\ntrain: {lr: 3e-4}\n")  # YAML 1.1 reads 3e-4 as text
     cfg = load_config(path, ["train.lr=1e-3", "train.early_stopping.patience=5", "lora.target_modules=[q_proj, v_proj]"])

@@ -406,3 +406,33 @@ def test_encoder_heads_train_resume_and_merge(encoder_dirs, name, tmp_path):
         merged = model.merge_and_unload()(**batch).logits
     assert float((merged - unmerged).abs().max()) < 1e-5 * max(1.0, float(unmerged.abs().max()))
     record(name, "merge")
+
+
+def test_the_families_a_run_calls_tested_are_the_ones_tested_here():
+    from tunesmith.models import TESTED_FAMILIES
+
+    here = {f.hf_class for f in FAMILIES.values()} | {cls.replace("Model", "ForSequenceClassification")
+                                                     for cls, _, _ in ENCODERS.values()}
+    assert here <= TESTED_FAMILIES and TESTED_FAMILIES - here == {"LlamaForSequenceClassification"}  # tests/test_encoder.py
+
+
+def test_a_run_on_an_untested_family_says_so(tmp_path, capsys):
+    import yaml
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import make_tokenizer
+    from tunesmith import finetune, load_config
+
+    tok = make_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    rows = [{"instruction": f"Say hello {i}", "output": f"hello {i} !"} for i in range(8)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    cfg = {"name": "g", "model": str(tmp_path / "gpt2"), "task": "instruction", "method": "lora", "output_dir": str(tmp_path / "runs"),
+           "data": {"train": str(tmp_path / "d.json"), "validation_size": 2, "prepare": {"test_size": 2}},
+           "train": {"max_steps": 1, "batch_size": 2, "precision": "fp32"},
+           "eval": {"max_new_tokens": 2, "compare_with_base": False, "latency_examples": 0, "general": "none"}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    finetune(load_config(tmp_path / "g.yaml"))
+    said = " ".join(capsys.readouterr().out.split())
+    assert "note: GPT2LMHeadModel is not among the model families tunesmith tests end to end (docs/support.md)" in said

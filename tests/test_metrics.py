@@ -127,3 +127,12 @@ def test_huge_values_in_the_metrics_table_read_in_e_notation():
     rows = {r[0]: r for r in metrics_table(ev)}
     assert rows["perplexity"][1:] == ("4.576e+08 [3.843e+08, 5.400e+08]", "171.2000", "-4.576e+08")
     assert rows["accuracy"][1:] == ("0.8250", "0.9000 [0.8000, 0.9700]", "+0.0750")
+
+
+def test_bleu_and_chrf_say_their_0_to_100_scale_where_they_sit_beside_0_to_1_scores():
+    """A newcomer read chrF 0.196 (of 100, for garbage answers) as a real gain next to ROUGE's 0-1."""
+    from tunesmith.report.html import metrics_table
+
+    ev = {"base": {"rougeL": 0.1, "bleu": 0.0, "chrf": 0.03}, "tuned": {"rougeL": 0.2, "bleu": 1.5, "chrf": 0.2}}
+    labels = [row[0] for row in metrics_table(ev)]
+    assert labels == ["rougeL", "bleu (0-100)", "chrf (0-100)"]

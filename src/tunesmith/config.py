@@ -887,6 +887,19 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# The names other tools give our settings (transformers' TrainingArguments, PEFT's LoraConfig, TRL),
+# suggested for an unknown key when spelling alone finds nothing close ("learning_rate" -> "lr").
+SYNONYMS = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_steps", "gradient_clipping": "max_grad_norm",
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target": "target_modules",
+    "eval_steps": "eval_every", "save_steps": "save_every", "save_total_limit": "keep_checkpoints",
+    "bf16": "precision", "fp16": "precision", "model_name": "model", "model_name_or_path": "model",
+    "per_device_eval_batch_size": "batch_size", "max_new_token": "max_new_tokens", "system": "system_prompt",
+}
+
+
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     """Turn a mapping into dataclass ``cls``, appending every problem to ``problems``."""
     if raw is None:
@@ -900,7 +913,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         key = str(key)
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            close = [SYNONYMS[key]] if SYNONYMS.get(key) in names else difflib.get_close_matches(key, names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             problems.append(f"{prefix}{key}: unknown key{hint}")
             continue

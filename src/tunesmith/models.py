@@ -405,6 +405,15 @@ def uses_head(cfg: Config) -> bool:
     return cfg.classifier == "head" or not is_causal_lm(cfg.model)
 
 
+# Model classes tests/test_families.py runs end to end (docs/support.md is generated from it; a test
+# keeps the two lists equal). Others still load through transformers; a run says it is outside these.
+TESTED_FAMILIES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM", "Phi3ForCausalLM", "SmolLM3ForCausalLM", "BertForSequenceClassification",
+    "ModernBertForSequenceClassification", "LlamaForSequenceClassification",
+})
+
+
 def needs_chat_template(cfg: Config) -> bool:
     """Whether the run renders conversations (everything but raw text and classification heads)."""
     return cfg.task in ("instruction", "chat") or (cfg.task == "classification" and not uses_head(cfg))

@@ -231,7 +231,8 @@ def _read_split(cfg: Config, split: str, path: str, tokenizer: Any | None,
     bad.sort(key=_line_of)  # reader faults (bad JSON, a CSV row of the wrong width) and row faults, in file order
     if bad and not d.skip_bad_rows:
         n = len(bad) - 1
-        more = f" (and {n} more bad row{'s' if n > 1 else ''}; data.skip_bad_rows: true skips and counts them)" if n else ""
+        more = (f" (and {n} more bad row{'s' if n > 1 else ''}; --skip-bad-rows, or data.skip_bad_rows: true, skips and "
+                "counts them)" if n else " (--skip-bad-rows, or data.skip_bad_rows: true, skips and counts such rows)")
         raise DataError(bad[0] + more)
     details = {"bad_rows_skipped": len(bad), "skipped": bad[:5], "empty_rows": empty}
     if layout.references:

@@ -24,6 +24,7 @@ from tunesmith.data.formats import DataError
 from tunesmith.data.render import chat_format, encode_prompt, fold_system
 from tunesmith.deploy.errors import ExportError
 from tunesmith.deploy.loading import LoadedRun, load_run, run_config, run_kind
+from tunesmith.evaluation.metrics import metric_label
 from tunesmith.io import atomic_dir, atomic_write_json
 from tunesmith.models import context_length, load_tokenizer, ready_tokenizer, resolve_model
 from tunesmith.report.html import load_json
@@ -340,7 +341,7 @@ def _metric_table(ev: dict[str, Any]) -> str:
             continue
         ci = (ev["tuned"].get("ci") or {}).get(k)
         base = (ev.get("base") or {}).get(k)
-        rows.append(f"| {k} | {base:.4f} |" if isinstance(base, (int, float)) else f"| {k} | - |")
+        rows.append(f"| {metric_label(k)} | {base:.4f} |" if isinstance(base, (int, float)) else f"| {metric_label(k)} | - |")
         rows[-1] += f" {v:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") + " |"
     return "\n".join(rows)
 

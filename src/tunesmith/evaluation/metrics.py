@@ -102,6 +102,14 @@ def _streams(references: References) -> list[list[str | None]]:
     return [[r[j] if j < len(r) else None for r in multi] for j in range(k)]
 
 
+SCALES = {"bleu": "0-100", "chrf": "0-100"}  # sacrebleu's scale; every other score here is 0-1
+
+
+def metric_label(key: str) -> str:
+    """A metric's name as tables show it, with its scale where it is not 0-1 (``chrf (0-100)``)."""
+    return f"{key} ({SCALES[key]})" if key in SCALES else key
+
+
 def bleu(references: References, predictions: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing), 0-100; with several
     references, n-gram matches are clipped by the most in any reference and the closest reference

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tunesmith.io import atomic_write_text, read_jsonl  # noqa: E402
+from tunesmith.evaluation.metrics import metric_label  # noqa: E402
 from tunesmith.report.tables import learning_table, or_dash, p_is, table
 
 HEADLINE = ("accuracy", "f1", "precision", "recall", "invalid_rate", "rouge1", "rouge2", "rougeL", "bleu", "chrf",
@@ -130,7 +131,7 @@ def metrics_table(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]
         delta = "" if b is None else _num(tuned[k] - b, "+")
         if k in paired:
             delta += f" ({p_is(paired[k]['p_value'], paired[k].get('p_floor'))})"
-        rows.append((k, "" if b is None else _with_ci(b, base, k), _with_ci(tuned[k], tuned, k), delta))
+        rows.append((metric_label(k), "" if b is None else _with_ci(b, base, k), _with_ci(tuned[k], tuned, k), delta))
     return rows
 
 

@@ -39,7 +39,7 @@ from tunesmith.evaluation.evaluate import (Evaluation, compare, evaluate_model, 
 from tunesmith.evaluation.answers import CACHE, AnswerStore, EvaluationStopped
 from tunesmith.evaluation.answers import fingerprint as answers_fingerprint
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from tunesmith.models import (ModelError, context_length, load_base, load_classifier, load_model, load_tokenizer, needs_chat_template, ready_tokenizer, resolve_model, uses_head)
+from tunesmith.models import (ModelError, context_length, load_base, load_classifier, load_model, load_tokenizer, needs_chat_template, ready_tokenizer, resolve_model, uses_head, unwrap, TESTED_FAMILIES)
 from tunesmith.runtime.progress import make_progress
 from tunesmith.runs.data import multitask_data, print_data_summary
 from tunesmith.runs.errors import RunError, not_trained
@@ -239,6 +239,10 @@ def _model_and_data(cfg: Config, console: Console, main: bool) -> tuple[torch.nn
                        "predictions (use anchor.method: l2sp, or classifier: lm)")
     if cfg.method == "lora":  # a typo in the layer names is found before any data work
         methods.lora.check_target_modules(model, cfg.lora.target_modules)
+    if (family := type(unwrap(model)).__name__) not in TESTED_FAMILIES:
+        console.print(f"  note: {family} is not among the model families tunesmith tests end to end "
+                      "(docs/support.md): training, evaluation and hf export use transformers' own code for it; "
+                      "GGUF export and serving are untested", highlight=False)
     ready_tokenizer(tokenizer, cfg, console)
     if cfg.tasks:  # several tasks: each prepared into data/<name>/, validated apart, trained on one mixed list
         train_set, val_set, report = multitask_data(cfg, tokenizer, console)
