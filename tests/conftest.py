@@ -53,6 +53,23 @@ def make_model(vocab_size: int, seed: int = 0, **overrides: object) -> LlamaForC
     return LlamaForCausalLM(config)
 
 
+@torch.no_grad()
+def generate_alone(model, ids: list[int], adapter: str | None, max_new_tokens: int, stop_ids: list[int],
+                   pad_id: int | None) -> list[int]:
+    """transformers' greedy ``generate`` on one prompt with one adapter active (None: the base, the
+    adapters disabled): the reference the engine and the server are held to, token for token."""
+    x = torch.tensor([ids])
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
+              pad_token_id=pad_id if pad_id is not None else stop_ids[0], attention_mask=torch.ones_like(x))
+    if adapter is None:
+        with model.disable_adapter():
+            out = model.generate(input_ids=x, **kw)
+    else:
+        model.set_adapter(adapter)
+        out = model.generate(input_ids=x, **kw)
+    return out[0, len(ids):].tolist()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def run_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run index of this test session (never the user's): $TUNESMITH_INDEX, inherited by subprocesses."""

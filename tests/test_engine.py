@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import generate_alone
 from tunesmith.data.render import chat_format, encode_prompt
 from tunesmith.deploy.loading import load_for_serving
 from tunesmith.generation.engine import Engine, EngineClosed, EngineError, GenerationRequest, QueueFull, SamplingParams
@@ -54,17 +55,8 @@ def reference(group, ids: list[int], adapter: str | None, max_tokens: int) -> li
 
 
 def _generate(group, ids: list[int], adapter: str | None, max_tokens: int) -> list[int]:
-    model = group.model
-    x = torch.tensor([ids])
-    kw = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(chat_format(group.tokenizer).stop_ids),
-              pad_token_id=group.tokenizer.pad_token_id, attention_mask=torch.ones_like(x))
-    if adapter is None:
-        with model.disable_adapter():
-            out = model.generate(input_ids=x, **kw)
-    else:
-        model.set_adapter(adapter)
-        out = model.generate(input_ids=x, **kw)
-    return out[0, len(ids):].tolist()
+    return generate_alone(group.model, ids, adapter, max_tokens, list(chat_format(group.tokenizer).stop_ids),
+                          group.tokenizer.pad_token_id)
 
 
 def test_alone_equals_transformers_generate(engine, group):

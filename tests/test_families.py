@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import generate_alone
 from families import FAMILIES, Family
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data.formats import Example
@@ -268,17 +269,6 @@ def _two_adapters(fam: Family, tok):
     return model.eval()
 
 
-@torch.no_grad()
-def _alone(model, ids: list[int], adapter: str | None, n: int, stop: list[int]) -> list[int]:
-    x = torch.tensor([ids])
-    kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=stop, pad_token_id=stop[0], attention_mask=torch.ones_like(x))
-    if adapter is None:
-        with model.disable_adapter():
-            out = model.generate(input_ids=x, **kw)
-    else:
-        model.set_adapter(adapter)
-        out = model.generate(input_ids=x, **kw)
-    return out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -289,7 +279,7 @@ def test_served_batch_of_mixed_adapters_equals_each_alone(built, name):
     stop = list(chat_format(tok).stop_ids)
     jobs = [(encode_prompt(tok, messages(fam, q), 256), a) for q in QUESTIONS for a in ("one", None, "two")]
     assert min(len(ids) for ids, _ in jobs) > 8  # longer than the sliding windows (8 tokens)
-    want = [_alone(model, ids, a, 12, stop) for ids, a in jobs]
+    want = [generate_alone(model, ids, a, 12, stop, tok.pad_token_id) for ids, a in jobs]
     assert len({tuple(w) for w in want[:3]}) == 3  # the adapters really differ
     engine = Engine(model, tok, max_batch_size=8)
     try:

@@ -25,6 +25,7 @@ import pytest
 import torch
 import uvicorn
 
+from conftest import generate_alone
 from tunesmith.data.render import chat_format, encode_prompt
 from tunesmith.deploy.loading import ServedGroup, load_for_serving
 from tunesmith.deploy.safety import BlockRule, OutputFilter
@@ -103,20 +104,11 @@ def assert_healthy(srv) -> None:
     assert status == 200 and body == {"status": "ok"}
 
 
-@torch.no_grad()
 def reference_text(group, ids: list[int], adapter: str | None, max_tokens: int) -> str:
     """transformers' greedy generate on this prompt alone with this adapter alone, as text."""
-    model, tok = group.model, group.tokenizer
-    x = torch.tensor([ids])
-    kw = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(chat_format(tok).stop_ids),
-              pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(x))
-    if adapter is None:
-        with model.disable_adapter():
-            out = model.generate(input_ids=x, **kw)
-    else:
-        model.set_adapter(adapter)
-        out = model.generate(input_ids=x, **kw)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    tok = group.tokenizer
+    out = generate_alone(group.model, ids, adapter, max_tokens, list(chat_format(tok).stop_ids), tok.pad_token_id)
+    return tok.decode(out, skip_special_tokens=True)
 
 
 class ScriptedLM(torch.nn.Module):
