@@ -410,6 +410,9 @@ def _parse(items, i, stop=("end",)):
         elif re.match(r"\$\w+ :=", code):
             name, expr = code.split(":=", 1)
             body.append(("set", name.strip(), expr))
+        elif re.match(r"\$\w+ =", code):  # assignment to a variable declared in an enclosing scope
+            name, expr = code.split("=", 1)
+            body.append(("assign", name.strip(), expr))
         else:
             body.append(("print", code))
         i += 1
@@ -423,7 +426,9 @@ def _run(tree, env, dot, out):
         elif node[0] == "print":
             out.append(str(_eval(node[1], env, dot)))
         elif node[0] == "set":
-            env[node[1]] = _eval(node[2], env, dot)
+            env[node[1]] = [_eval(node[2], env, dot)]  # a box: blocks copy env, an assignment reaches the declaration
+        elif node[0] == "assign":
+            env[node[1]][0] = _eval(node[2], env, dot)
         elif node[0] == "if":
             for cond, block in node[1]:
                 if cond == "true" or _eval(cond, env, dot):
@@ -467,7 +472,8 @@ def _operand(tokens, env, dot):
     if tok.startswith("$."):
         return env["$"][tok[2:]], rest
     if tok.startswith("$"):
-        return env[tok], rest
+        value = env[tok]
+        return (value[0] if isinstance(value, list) else value), rest  # := variables are boxed (see _run)
     if tok.startswith("."):
         return dot[tok[1:]], rest
     if tok.isdigit():
@@ -520,7 +526,8 @@ def test_modelfile_lines():
 @pytest.mark.parametrize("template", [
     "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '\n' }}{% endfor %}",  # rewrites content
     "{% for m in messages %}{{ loop.index|string + ' ' + m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}",  # numbers turns
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ m['content'] }}{% endfor %}",
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+    "{{ loop.index|string + m['content'] }}{% endfor %}",  # no system role, and numbers turns
 ])
 def test_templates_ollama_cannot_express_are_refused(template):
     tok = make_tokenizer()

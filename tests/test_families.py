@@ -25,7 +25,7 @@ from conftest import generate_alone
 from families import FAMILIES, Family
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data.formats import Example
-from tunesmith.data.render import IGNORE, chat_format, encode, encode_all, encode_prompt
+from tunesmith.data.render import IGNORE, chat_format, encode, encode_all, encode_prompt, render
 from tunesmith.deploy import llama_consumer
 from tunesmith.deploy.errors import ExportError
 from tunesmith.deploy.gguf_export import REFUSED, verify_gguf, write_gguf
@@ -42,7 +42,7 @@ CHECKS = {  # column -> what it shows
     "resume": "LoRA training step; stopped at step 3 and resumed, bit-identical to a straight run of 6 steps",
     "merge": "merged export gives the unmerged model's logits",
     "gguf": "GGUF (f32) read by llama.cpp: same greedy tokens and next-token logits within 2e-3 of the largest",
-    "ollama": "an Ollama Modelfile whose Go template renders what the chat template renders (else `export` writes the GGUF alone and says why)",
+    "ollama": "an Ollama Modelfile whose Go template renders what training renders (system prompt folded where the template has no system role; else `export` writes the GGUF alone and says why)",
     "serve": "a batch of two adapters and the base in the serving engine equals each alone (transformers' generate)",
     "score": "label scoring (prompt read once, candidates on its cache) equals whole forward passes",
 }
@@ -254,6 +254,13 @@ def test_ollama_modelfile_or_a_named_reason(built, name):
         record(name, "ollama", "refused: " + str(e).split(" (")[0].split(":")[0])
         return
     assert f"FROM ./{name}.gguf" in text and "TEMPLATE" in text
+    from test_export_gguf import go_render, template_of
+
+    go = template_of(text)
+    for convo in ([{"role": "user", "content": "Hi"}], messages(FAMILIES[name], QUESTIONS[0]),
+                  messages(FAMILIES[name], "Hi", "Hello! How can I help?") + [{"role": "user", "content": "Why?"}]):
+        want = render(tok, convo, add_generation_prompt=True)  # what training and serving send (folded, fixed date)
+        assert go_render(go, convo) == want, convo
     record(name, "ollama")
 
 

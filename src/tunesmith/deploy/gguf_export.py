@@ -18,6 +18,7 @@ transformers' GGUF loader and compares greedy generations with the in-memory mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import gguf
 import torch
 
 from tunesmith.data.formats import DataError
-from tunesmith.data.render import ChatFormat, chat_format
+from tunesmith.data.render import TEMPLATE_DATE, ChatFormat, chat_format, render
 from tunesmith.deploy import llama_consumer
 from tunesmith.deploy.errors import ExportError
 from tunesmith.io import default_file_mode
@@ -493,14 +494,23 @@ class RoleTemplate:
     prefix: dict[str, str]
     suffix: dict[str, str]
     generation: str
+    # the system message is written into the next user turn (content + blank line), as
+    # ``data.render.fold_system`` does for templates without a system role (and Gemma 3's does itself)
+    fold: bool = False
+    trims: bool = False  # the template strips whitespace at the ends of each message (Llama 3, Gemma)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """What the HF template renders, when the template is expressible this way."""
-        text = self.begin
+        text, pending = self.begin, ""
         for i, m in enumerate(messages):
+            if self.fold and m["role"] == "system":
+                pending = m["content"] + "\n\n"
+                continue
             if i == 0 and m["role"] != "system":
                 text += self.default_system
-            text += self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]]
+            content = pending + m["content"] if m["role"] == "user" else m["content"]
+            pending = "" if m["role"] == "user" else pending
+            text += self.prefix[m["role"]] + content + self.suffix[m["role"]]
         return text + (self.generation if add_generation_prompt else "")
 
 
@@ -511,9 +521,24 @@ def role_template(tokenizer: Any) -> RoleTemplate:
     position beyond the first message, rejects system messages...)."""
     def render(messages: list[tuple[str, str]], gen: bool) -> str:
         convo = [{"role": r, "content": c} for r, c in messages]
-        return tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen, date_string=TEMPLATE_DATE)
 
     s, u, a = (("system", _PROBES["system"]), ("user", _PROBES["user"]), ("assistant", _PROBES["assistant"]))
+    try:
+        trims = " \x01trim-probe\x01 " not in render([u, ("assistant", " \x01trim-probe\x01 ")], False)
+    except Exception:  # noqa: BLE001
+        trims = False
+    try:
+        return dataclasses.replace(_plain(tokenizer, render, s, u, a), trims=trims)
+    except ExportError as plain_failed:
+        try:  # no system role, or one folded into the first user turn: derive from user/assistant turns alone
+            return dataclasses.replace(_folded(render, u, a), trims=trims)
+        except ExportError:
+            raise plain_failed from None
+
+
+def _plain(tokenizer: Any, render: Any, s: tuple[str, str], u: tuple[str, str], a: tuple[str, str]) -> RoleTemplate:
+    """Every role written as prefix + content + suffix, the system message in place."""
     try:
         try:
             begin = render([], False)
@@ -560,6 +585,35 @@ def _derive(begin: str, full: str, with_gen: str, user_last: str, no_system: str
                         {"system": suf_s, "user": suf_u, "assistant": suf_a}, with_gen[len(user_last):])
 
 
+def _folded(render: Any, u: tuple[str, str], a: tuple[str, str]) -> RoleTemplate:
+    """The pieces of a template read off conversations without a system message; the system
+    message is then folded into the first user turn (``RoleTemplate.fold``)."""
+    fail = ExportError("the chat template is not a fixed prefix + content + suffix per role, so Ollama's "
+                       "template language cannot reproduce it; write the Modelfile's TEMPLATE by hand")
+    try:
+        full, with_gen, user_last = render([u, a, u, a], False), render([u], True), render([u], False)
+    except Exception as e:  # noqa: BLE001 - Jinja raises what it likes
+        raise ExportError(f"the chat template cannot be turned into an Ollama template: {e}") from None
+    segments, rest = [], full
+    for probe in (_PROBES["user"], _PROBES["assistant"], _PROBES["user"], _PROBES["assistant"]):
+        head, sep, rest = rest.partition(probe)
+        if not sep:
+            raise fail
+        segments.append(head)
+    segments.append(rest)  # begin+pre_u | suf_u+pre_a | suf_a+pre_u | suf_u+pre_a | suf_a
+    suf_a = segments[4]
+    if not segments[2].startswith(suf_a):
+        raise fail
+    pre_u = segments[2][len(suf_a):]
+    suf_u = user_last[user_last.index(_PROBES["user"]) + len(_PROBES["user"]):]
+    if not (segments[0].endswith(pre_u) and segments[1].startswith(suf_u) and segments[3] == segments[1]
+            and with_gen.startswith(user_last)):
+        raise fail
+    begin, pre_a = segments[0][: len(segments[0]) - len(pre_u)], segments[1][len(suf_u):]
+    return RoleTemplate(begin, "", {"system": "", "user": pre_u, "assistant": pre_a},
+                        {"system": "", "user": suf_u, "assistant": suf_a}, with_gen[len(user_last):], fold=True)
+
+
 def _check(tokenizer: Any, template: RoleTemplate) -> None:
     """The derived pieces must reproduce the HF template on conversations they were not read from."""
     words = ["Hi there", "Hello! How can I help?", "Tell me a joke.", "  spaced  \n", "Why?"]
@@ -568,8 +622,8 @@ def _check(tokenizer: Any, template: RoleTemplate) -> None:
               [("system", words[4]), ("user", words[0]), ("assistant", words[1]), ("user", words[2]),
                ("assistant", words[3]), ("user", words[4])]]
     for convo in convos:
-        messages = [{"role": r, "content": c} for r, c in convo]
-        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = [{"role": r, "content": c.strip() if template.trims else c} for r, c in convo]
+        want = render(tokenizer, messages, add_generation_prompt=True)  # as training renders: folded, fixed date
         if template.render(messages) != want:
             raise ExportError("the chat template is not a fixed prefix + content + suffix per role (it changes "
                               f"content or depends on position: {want[:120]!r}), so Ollama's template language "
@@ -591,8 +645,12 @@ def ollama_modelfile(tokenizer: Any, gguf_filename: str, system_prompt: str | No
     """
     fmt = _chat_format(tokenizer)
     template = role_template(tokenizer)
+    template = dataclasses.replace(template, generation=template.generation + fmt.reply_prefix)  # Qwen3's empty thinking
     _check(tokenizer, template)
     lines = [f"FROM ./{gguf_filename}", "", f'TEMPLATE """{go_template(template)}"""', ""]
+    if template.trims:
+        lines[1:1] = ["# The chat template strips whitespace at the ends of each message; this TEMPLATE sends messages",
+                      "# as they are (the same text for any message that neither starts nor ends with whitespace)."]
     if system_prompt:
         if '"""' in system_prompt:
             raise ExportError('the system prompt contains """, which an Ollama Modelfile cannot quote')
@@ -614,12 +672,19 @@ def _go(text: str) -> str:
 
 def go_template(t: RoleTemplate) -> str:
     """The Ollama (Go text/template) TEMPLATE for ``t``. ``$last`` is Ollama's own idiom."""
+    def content(role: str) -> str:  # a folded system message opens the next user turn
+        held = '{{ if $system }}{{ $system }}{{ "\\n\\n" }}{{ $system = "" }}{{ end }}' if t.fold and role == "user" else ""
+        return held + "{{ .Content }}"
+
     roles = "".join(
-        f'{{{{- {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{_go(t.prefix[role])}{{{{ .Content }}}}'
-        + (f"{{{{ if not $last }}}}{_go(t.suffix[role])}{{{{ end }}}}" if role == "assistant" else _go(t.suffix[role]))
+        (f'{{{{- {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
+         + ("{{ $system = .Content }}" if t.fold and role == "system" else
+            _go(t.prefix[role]) + content(role)
+            + (f"{{{{ if not $last }}}}{_go(t.suffix[role])}{{{{ end }}}}" if role == "assistant" else _go(t.suffix[role]))))
         + "\n"
         for i, role in enumerate(("system", "user", "assistant")))
     text = (_go(t.begin) + "\n"
+            + ('{{- $system := "" }}\n' if t.fold else "")
             + "{{- range $i, $_ := .Messages }}\n"
             + "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
             + (f'{{{{- if and (eq $i 0) (ne .Role "system") }}}}{_go(t.default_system)}{{{{ end }}}}\n'
