@@ -32,7 +32,7 @@ import gguf
 import torch
 
 from tunesmith.data.formats import DataError
-from tunesmith.data.render import TEMPLATE_DATE, ChatFormat, chat_format, render
+from tunesmith.data.render import TEMPLATE_DATE, ChatFormat, chat_format, fold_system, render
 from tunesmith.deploy import llama_consumer
 from tunesmith.deploy.errors import ExportError
 from tunesmith.io import default_file_mode
@@ -166,7 +166,7 @@ def _architecture(model: torch.nn.Module) -> Architecture:
             raise ExportError(f"cannot export {name} to GGUF: llama.cpp builds it with every {arch.swa_pattern}th layer "
                               f"full attention and the rest sliding-window, this model's layers are {config.layer_types}; "
                               "export --format hf (transformers, vLLM and tunesmith serve run it as it is)")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = _head_dim(config)
         if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
             raise ExportError(f"cannot export {name} to GGUF: llama.cpp scales attention by 1/sqrt(head_dim = {head_dim}), "
                               f"this model by 1/sqrt(query_pre_attn_scalar = {config.query_pre_attn_scalar}); "
@@ -193,7 +193,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: Any, arch: Architecture, name:
     write them (Gemma's soft-capping and sliding window, Phi-3's original context)."""
     rope = _rope(config)
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = _head_dim(config)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(file_type)
@@ -247,6 +247,12 @@ def _add_hparams(writer: gguf.GGUFWriter, config: Any, arch: Architecture, name:
             writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
 
 
+def _head_dim(config: Any) -> int:
+    """Size of one attention head: the config's ``head_dim`` when it states one (Gemma, Qwen3), else
+    hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _rope(config: Any) -> dict[str, Any]:
     """The rope parameters of the full-attention layers (transformers 5: ``rope_parameters``, per
     layer type for Gemma 3)."""
@@ -258,7 +264,7 @@ def _extra_tensors(config: Any, arch: Architecture) -> dict[str, torch.Tensor]:
     """Tensors the converter generates: Llama 3's ``rope_freqs`` (LlamaModel.generate_extra_tensors,
     the frequency-dependent scaling of Meta's llama3 rope) and Phi-3's long/short rope factors."""
     rope = _rope(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     names = gguf.TENSOR_NAMES
     if rope.get("rope_type") == "llama3":
         base = float(rope.get("rope_theta", 10000.0))
@@ -501,16 +507,11 @@ class RoleTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """What the HF template renders, when the template is expressible this way."""
-        text, pending = self.begin, ""
-        for i, m in enumerate(messages):
-            if self.fold and m["role"] == "system":
-                pending = m["content"] + "\n\n"
-                continue
+        text = self.begin
+        for i, m in enumerate(fold_system(messages) if self.fold else messages):
             if i == 0 and m["role"] != "system":
                 text += self.default_system
-            content = pending + m["content"] if m["role"] == "user" else m["content"]
-            pending = "" if m["role"] == "user" else pending
-            text += self.prefix[m["role"]] + content + self.suffix[m["role"]]
+            text += self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]]
         return text + (self.generation if add_generation_prompt else "")
 
 
@@ -553,18 +554,26 @@ def _plain(tokenizer: Any, render: Any, s: tuple[str, str], u: tuple[str, str], 
     return _derive(begin, full, with_gen, user_last, no_system)
 
 
-def _derive(begin: str, full: str, with_gen: str, user_last: str, no_system: str) -> RoleTemplate:
-    """Solve for the pieces from the renderings (see ``role_template``)."""
-    fail = ExportError("the chat template is not a fixed prefix + content + suffix per role, so Ollama's "
-                       "template language cannot reproduce it; write the Modelfile's TEMPLATE by hand")
-    order = [_PROBES[r] for r in ("system", "user", "assistant", "user", "assistant")]
+_NOT_ROLEWISE = ("the chat template is not a fixed prefix + content + suffix per role, so Ollama's "
+                 "template language cannot reproduce it; write the Modelfile's TEMPLATE by hand")
+
+
+def _segments(full: str, roles: tuple[str, ...], fail: ExportError) -> list[str]:
+    """``full`` cut at each role's probe, in order: the text before each probe, then the rest.
+    Raises ``fail`` when a probe is missing (the template dropped or rewrote that message)."""
     segments, rest = [], full
-    for probe in order:
-        head, sep, rest = rest.partition(probe)
+    for role in roles:
+        head, sep, rest = rest.partition(_PROBES[role])
         if not sep:
             raise fail
         segments.append(head)
-    segments.append(rest)
+    return segments + [rest]
+
+
+def _derive(begin: str, full: str, with_gen: str, user_last: str, no_system: str) -> RoleTemplate:
+    """Solve for the pieces from the renderings (see ``role_template``)."""
+    fail = ExportError(_NOT_ROLEWISE)
+    segments = _segments(full, ("system", "user", "assistant", "user", "assistant"), fail)
     # segments: begin+pre_s | suf_s+pre_u | suf_u+pre_a | suf_a+pre_u | suf_u+pre_a | suf_a
     suf_a = segments[5]
     if not (segments[3].startswith(suf_a) and user_last.startswith(full[:full.index(_PROBES["user"])])):
@@ -588,19 +597,13 @@ def _derive(begin: str, full: str, with_gen: str, user_last: str, no_system: str
 def _folded(render: Any, u: tuple[str, str], a: tuple[str, str]) -> RoleTemplate:
     """The pieces of a template read off conversations without a system message; the system
     message is then folded into the first user turn (``RoleTemplate.fold``)."""
-    fail = ExportError("the chat template is not a fixed prefix + content + suffix per role, so Ollama's "
-                       "template language cannot reproduce it; write the Modelfile's TEMPLATE by hand")
+    fail = ExportError(_NOT_ROLEWISE)
     try:
         full, with_gen, user_last = render([u, a, u, a], False), render([u], True), render([u], False)
     except Exception as e:  # noqa: BLE001 - Jinja raises what it likes
         raise ExportError(f"the chat template cannot be turned into an Ollama template: {e}") from None
-    segments, rest = [], full
-    for probe in (_PROBES["user"], _PROBES["assistant"], _PROBES["user"], _PROBES["assistant"]):
-        head, sep, rest = rest.partition(probe)
-        if not sep:
-            raise fail
-        segments.append(head)
-    segments.append(rest)  # begin+pre_u | suf_u+pre_a | suf_a+pre_u | suf_u+pre_a | suf_a
+    segments = _segments(full, ("user", "assistant", "user", "assistant"), fail)
+    # segments: begin+pre_u | suf_u+pre_a | suf_a+pre_u | suf_u+pre_a | suf_a
     suf_a = segments[4]
     if not segments[2].startswith(suf_a):
         raise fail
