@@ -5,8 +5,9 @@ A family here is what a user brings: the architecture (with the features where t
 Llama 3 rope scaling, Qwen's q/k/v biases and Qwen3's q/k norms, Gemma's soft-capping, sliding
 windows and (1 + w) norms, Phi-3's fused projections, SmolLM3's layers without rope) and the
 tokenizer conventions (no pad token for Llama 3 and Mistral, templates without a system role,
-thinking tags). The tokenizer is a small byte-level BPE trained on ``CORPUS`` with the family's
-control tokens added, so the templates render and tokenize as they do for the real models.
+thinking tags, the BOS token that Llama 3's, Gemma's and Mistral's tokenizers put before every
+text). The tokenizer is a small byte-level BPE trained on ``CORPUS`` with the family's control
+tokens added, so the templates render and tokenize as they do for the real models.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import CHAT_TEMPLATE, CORPUS
@@ -62,6 +63,9 @@ class Family:
         tok.train_from_iterator(CORPUS * 5, trainer)
         if self.extra_tokens:
             tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in self.extra_tokens])
+        if self.bos:  # the family's tokenizer puts its BOS before every text, as the real one does
+            tok.post_processor = processors.TemplateProcessing(single=f"{self.bos} $A", pair=f"{self.bos} $A $B",
+                                                               special_tokens=[(self.bos, tok.token_to_id(self.bos))])
         kw = {k: v for k, v in (("bos_token", self.bos), ("eos_token", self.eos), ("pad_token", self.pad)) if v}
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
         fast.chat_template = self.chat_template()

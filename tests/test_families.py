@@ -13,6 +13,7 @@ compared with the committed one, so the docs cannot claim what the tests did not
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -25,7 +26,8 @@ from conftest import generate_alone
 from families import FAMILIES, Family
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data.formats import Example
-from tunesmith.data.render import IGNORE, chat_format, encode, encode_all, encode_prompt, render
+from tunesmith.data.render import (IGNORE, bos_ids, chat_format, encode, encode_all, encode_plain, encode_prompt,
+                                   encode_text, render, set_chat_template)
 from tunesmith.deploy import llama_consumer
 from tunesmith.deploy.errors import ExportError
 from tunesmith.deploy.gguf_export import REFUSED, verify_gguf, write_gguf
@@ -156,6 +158,42 @@ def test_loss_mask_token_by_token(built, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_text_starts_where_the_family_s_pretraining_did(built, name):
+    """Llama 3, Gemma and Mistral were pretrained with every document starting at their BOS token
+    (their tokenizers put it there): conversations in their own or a named template, raw text, the
+    general-text windows and ``task: text`` prompts start with it, exactly once; the other families
+    get none. (Gemma 3 270M on the alpaca template without it answered '### Response:' in a loop.)"""
+    from tunesmith.deploy.generate import PromptRow, _prompt_ids
+    from tunesmith.evaluation.forgetting import _windows
+
+    fam = FAMILIES[name]
+    tok, _ = tokenizer_and_model(built, name)
+    bos = [tok.bos_token_id] if fam.bos else []
+    assert bos_ids(tok) == bos
+
+    def starts_once(ids: list[int]) -> bool:
+        return ids[:len(bos)] == bos and (not bos or ids.count(bos[0]) == 1)
+
+    assert starts_once(encode(tok, Example(messages(fam, QUESTIONS[1], "paris .")), 512).input_ids)
+    for named in ("alpaca", "chatml"):
+        other = copy.deepcopy(tok)
+        set_chat_template(other, named)
+        enc = encode(other, Example(messages(fam, QUESTIONS[1], "paris .")), 512)
+        assert starts_once(enc.input_ids) and enc.labels[0] == IGNORE, named
+        assert starts_once(encode_prompt(other, messages(fam, QUESTIONS[1]), 512)), named
+    text = QUESTIONS[0]
+    window = encode_text(tok, Example(messages=[], text=text), 512)[0]
+    assert window.input_ids == bos + encode_plain(tok, text) + [tok.eos_token_id]
+    assert window.labels == [IGNORE] + window.input_ids[1:]
+    assert _windows(tok, [text], 8)[0].input_ids == (bos + encode_plain(tok, text))[:8]
+    cfg = Config(task="text")
+    whole, _ = _prompt_ids(tok, PromptRow(1, [{"role": "user", "content": text}], {}), cfg, 512, 512)
+    cut, how = _prompt_ids(tok, PromptRow(1, [{"role": "user", "content": text}], {}), cfg, 6, 6)
+    assert whole == bos + encode_plain(tok, text) and len(cut) == 6 and starts_once(cut) and cut[-3:] == whole[-3:]
+    assert how is not None and how.kept == 6
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_lora_all_linear_targets_every_decoder_linear(built, name):
     tok, _ = tokenizer_and_model(built, name)
     model = FAMILIES[name].model(tok)
@@ -260,6 +298,9 @@ def test_ollama_modelfile_or_a_named_reason(built, name):
     for convo in ([{"role": "user", "content": "Hi"}], messages(FAMILIES[name], QUESTIONS[0]),
                   messages(FAMILIES[name], "Hi", "Hello! How can I help?") + [{"role": "user", "content": "Why?"}]):
         want = render(tok, convo, add_generation_prompt=True)  # what training and serving send (folded, fixed date)
+        if bos_ids(tok):  # Ollama puts the BOS token first itself (the GGUF's add_bos_token): not in the TEMPLATE
+            assert want.startswith(tok.bos_token) and "Ollama adds it" in text
+            want = want[len(tok.bos_token):]
         assert go_render(go, convo) == want, convo
     record(name, "ollama")
 

@@ -26,7 +26,7 @@ from tunesmith.config import Config
 from tunesmith.data.extract import extract_fields
 from tunesmith.data.formats import DataError, read_table
 from tunesmith.data.layouts import SPEAKERS, SYNONYMS, Source, parse_source
-from tunesmith.data.render import PromptCut, answer_room, chat_format, encode_plain, fit_prompt
+from tunesmith.data.render import PromptCut, answer_room, bos_ids, chat_format, encode_document, fit_prompt
 from tunesmith.generation.engine import Engine, GenerationRequest, SamplingParams
 from tunesmith.deploy.loading import load_for_serving, run_config
 from tunesmith.runtime.progress import make_progress
@@ -279,10 +279,11 @@ def _prompt_ids(tokenizer: Any, row: PromptRow, cfg: Config, budget: int, cut_to
     """The row's prompt ids: whole within ``budget`` tokens (the model's context), else cut to
     ``cut_to`` (room left for the answer), and how it was cut, if it was."""
     if cfg.task == "text":  # a language model of raw text continues it: its end is kept
-        ids = encode_plain(tokenizer, row.messages[-1]["content"])
+        ids = encode_document(tokenizer, row.messages[-1]["content"])
         if len(ids) <= budget:
             return ids, None
-        return ids[-cut_to:], PromptCut(len(ids), cut_to, "the start of the text")
+        bos = bos_ids(tokenizer)  # kept at the start, as the model was trained
+        return bos + ids[len(ids) - cut_to + len(bos):], PromptCut(len(ids), cut_to, "the start of the text")
     return fit_prompt(tokenizer, row.messages, budget, cfg.data.truncation_side, f"line {row.line}", cut_to)
 
 

@@ -32,7 +32,7 @@ import gguf
 import torch
 
 from tunesmith.data.formats import DataError
-from tunesmith.data.render import TEMPLATE_DATE, ChatFormat, chat_format, fold_system, render
+from tunesmith.data.render import TEMPLATE_DATE, ChatFormat, bos_ids, chat_format, fold_system, render
 from tunesmith.deploy import llama_consumer
 from tunesmith.deploy.errors import ExportError
 from tunesmith.io import default_file_mode
@@ -617,8 +617,23 @@ def _folded(render: Any, u: tuple[str, str], a: tuple[str, str]) -> RoleTemplate
                         {"system": "", "user": suf_u, "assistant": suf_a}, with_gen[len(user_last):], fold=True)
 
 
-def _check(tokenizer: Any, template: RoleTemplate) -> None:
-    """The derived pieces must reproduce the HF template on conversations they were not read from."""
+def _without_leading(t: RoleTemplate, bos: str) -> RoleTemplate:
+    """``t`` without the ``bos`` text it writes first: off ``begin``, or, when a template writes
+    it with the first message (Llama 3.x: ``begin`` is empty), off the default system prompt and
+    the system prefix (a system message comes first). Unchanged when it does neither."""
+    if not bos:
+        return t
+    if t.begin.startswith(bos):
+        return dataclasses.replace(t, begin=t.begin[len(bos):])
+    if not t.begin and t.default_system.startswith(bos) and t.prefix["system"].startswith(bos):
+        return dataclasses.replace(t, default_system=t.default_system[len(bos):],
+                                   prefix=t.prefix | {"system": t.prefix["system"][len(bos):]})
+    return t
+
+
+def _check(tokenizer: Any, template: RoleTemplate, bos: str = "") -> None:
+    """The derived pieces must reproduce the HF template on conversations they were not read from
+    (less its leading ``bos`` text, which the GGUF's reader adds)."""
     words = ["Hi there", "Hello! How can I help?", "Tell me a joke.", "  spaced  \n", "Why?"]
     convos = [[("user", words[0])], [("system", words[2]), ("user", words[0])],
               [("user", words[0]), ("assistant", words[1]), ("user", words[3])],
@@ -627,6 +642,8 @@ def _check(tokenizer: Any, template: RoleTemplate) -> None:
     for convo in convos:
         messages = [{"role": r, "content": c.strip() if template.trims else c} for r, c in convo]
         want = render(tokenizer, messages, add_generation_prompt=True)  # as training renders: folded, fixed date
+        if bos and want.startswith(bos):
+            want = want[len(bos):]
         if template.render(messages) != want:
             raise ExportError("the chat template is not a fixed prefix + content + suffix per role (it changes "
                               f"content or depends on position: {want[:120]!r}), so Ollama's template language "
@@ -649,8 +666,15 @@ def ollama_modelfile(tokenizer: Any, gguf_filename: str, system_prompt: str | No
     fmt = _chat_format(tokenizer)
     template = role_template(tokenizer)
     template = dataclasses.replace(template, generation=template.generation + fmt.reply_prefix)  # Qwen3's empty thinking
-    _check(tokenizer, template)
+    # the GGUF says add_bos_token (written from the same tokenizer): Ollama puts the BOS first itself
+    # and warns of a second one ("adding bos token to prompt which already has it"), so it leaves
+    # the TEMPLATE, and the TEMPLATE must render the rest
+    bos = tokenizer.bos_token if bos_ids(tokenizer) else ""
+    template = _without_leading(template, bos)
+    _check(tokenizer, template, bos)
     lines = [f"FROM ./{gguf_filename}", "", f'TEMPLATE """{go_template(template)}"""', ""]
+    if bos:
+        lines[1:1] = [f"# {bos} is not in the TEMPLATE: Ollama adds it before every prompt (the GGUF's add_bos_token)."]
     if template.trims:
         lines[1:1] = ["# The chat template strips whitespace at the ends of each message; this TEMPLATE sends messages",
                       "# as they are (the same text for any message that neither starts nor ends with whitespace)."]

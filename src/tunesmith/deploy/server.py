@@ -9,7 +9,8 @@ another (``_Observe``), outermost, so refused requests are counted too.
 
 Prompts: chat messages go through ``data.render.encode_prompt``, exactly as in training and
 evaluation, after the run's system prompt when the request brings no system message (a request's
-own system message replaces it; the base model gets none); ``/v1/completions`` tokenizes the prompt text plainly (no chat template). Both stop
+own system message replaces it; the base model gets none); ``/v1/completions`` tokenizes the prompt text as training read raw text (``data.render.encode_document``:
+no chat template, the model's BOS token first where its tokenizer adds one, special-token strings as text). Both stop
 at the chat template's end-of-turn and end-of-sequence tokens (``chat_format(...).stop_ids``).
 """
 
@@ -42,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunesmith.deploy.errors import ServeError
 from tunesmith.data.formats import DataError
-from tunesmith.data.render import chat_format, encode_prompt
+from tunesmith.data.render import chat_format, encode_document, encode_prompt
 from tunesmith.runs.folder import run_config
 from tunesmith.deploy import protocol as P
 from tunesmith.generation.engine import (Delta, Engine, EngineClosed, EngineError, GenerationRequest, QueueFull,
@@ -398,7 +399,7 @@ class OpenAIServing:
         ``k * n + i`` is choice ``i`` of prompt ``k``. Raises APIError like ``chat``."""
         m = self._start(req, http)
         texts = req.prompts()
-        encoded = await asyncio.to_thread(lambda: [m.tokenizer(p)["input_ids"] for p in texts if isinstance(p, str)])
+        encoded = await asyncio.to_thread(lambda: [encode_document(m.tokenizer, p) for p in texts if isinstance(p, str)])
         prompts = [p if isinstance(p, list) else encoded.pop(0) for p in texts]
         if any(not p for p in prompts):
             raise APIError(400, "a prompt is empty", "prompt")

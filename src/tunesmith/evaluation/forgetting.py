@@ -36,7 +36,7 @@ from tunesmith import runtime
 from tunesmith.config import Config
 from tunesmith.data import general
 from tunesmith.data.formats import Example
-from tunesmith.data.render import IGNORE, Encoded, collate, encode, encode_plain
+from tunesmith.data.render import IGNORE, Encoded, collate, encode, encode_document
 from tunesmith.generation.replies import cached_replies
 from tunesmith.training.losses import plain_head, target_hidden, target_logprob_per_row
 from tunesmith.models import unwrap
@@ -207,9 +207,9 @@ def _windows(tokenizer: Any, texts: list[str], per_text: int) -> list[Encoded]:
     for text in texts:
         # a prefix is enough (whole articles took ~0.5 s per run); with a margin of tokens beyond the
         # window, the cut word cannot change the window's tokens; else the whole text
-        ids = encode_plain(tokenizer, text[: per_text * 12])
+        ids = encode_document(tokenizer, text[: per_text * 12])
         if len(ids) < per_text + 32 and len(text) > per_text * 12:
-            ids = encode_plain(tokenizer, text)
+            ids = encode_document(tokenizer, text)
         ids = ids[:per_text]
         if len(ids) >= 2:
             out.append(Encoded(ids, [IGNORE] + ids[1:], source="general text"))
