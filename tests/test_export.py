@@ -154,8 +154,8 @@ def test_gguf_export_of_a_run_verifies_and_has_a_modelfile(finished_runs, tmp_pa
 
 
 def test_a_template_ollama_cannot_express_still_gets_its_gguf_with_a_note(finished_runs, tmp_path, monkeypatch):
-    """Llama 3.x's template (a system header with a date whatever the messages) has no Ollama form:
-    the GGUF is written anyway (llama.cpp applies the template stored in it), with a note, and the
+    """A chat template with no Ollama form (one that rewrites messages or depends on position): the
+    GGUF is written anyway (llama.cpp applies the template stored in it), with a note, and the
     model card does not point at a Modelfile that is not there."""
     from tunesmith.deploy import gguf_export
     from tunesmith.deploy.errors import ExportError

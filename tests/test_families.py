@@ -44,7 +44,7 @@ CHECKS = {  # column -> what it shows
     "resume": "LoRA training step; stopped at step 3 and resumed, bit-identical to a straight run of 6 steps",
     "merge": "merged export gives the unmerged model's logits",
     "gguf": "GGUF (f32) read by llama.cpp: same greedy tokens and next-token logits within 2e-3 of the largest",
-    "ollama": "an Ollama Modelfile whose Go template renders what training renders (system prompt folded where the template has no system role; else `export` writes the GGUF alone and says why)",
+    "ollama": "an Ollama Modelfile whose Go template renders what training renders (system prompt folded where the template has no system role; the BOS token left to Ollama where the GGUF says add_bos_token; else `export` writes the GGUF alone and says why)",
     "serve": "a batch of two adapters and the base in the serving engine equals each alone (transformers' generate)",
     "score": "label scoring (prompt read once, candidates on its cache) equals whole forward passes",
 }

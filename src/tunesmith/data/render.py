@@ -335,8 +335,9 @@ def bos_ids(tokenizer: Any) -> list[int]:
     """``[bos_token_id]`` when the tokenizer puts its beginning-of-sequence token before a text by
     itself (Gemma, Llama, Mistral, Phi-3: ``add_special_tokens=True``), else ``[]`` (SmolLM2, Qwen,
     GPT-2, and encoders, whose ``[CLS]`` is not a BOS). Such models were pretrained with every
-    document starting at that token and are off their distribution without it (Gemma 3 270M read
-    Wikipedia at perplexity 50.7 without it, about 3x its perplexity with it)."""
+    document starting at that token and are off their distribution without it: Gemma 3 270M read
+    the shipped Wikipedia text at perplexity 50.7 without it and 14.3 with it, and scored SST-2
+    zero-shot 0.612 without it in the alpaca template, 0.667 with it."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if not isinstance(bos, int):
         return []

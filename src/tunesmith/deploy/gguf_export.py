@@ -18,6 +18,7 @@ transformers' GGUF loader and compares greedy generations with the in-memory mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -522,7 +523,17 @@ def role_template(tokenizer: Any) -> RoleTemplate:
     position beyond the first message, rejects system messages...)."""
     def render(messages: list[tuple[str, str]], gen: bool) -> str:
         convo = [{"role": r, "content": c} for r, c in messages]
-        return tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen, date_string=TEMPLATE_DATE)
+        text = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen, date_string=TEMPLATE_DATE)
+        # Phi-3's template closes a conversation that gets no generation prompt with its eos: never
+        # part of a prompt Ollama sends (a user turn, then the generation prompt; or an open reply)
+        return text[: len(text) - len(closing)] if closing and not gen and text.endswith(closing) else text
+
+    closing = ""
+    eos = tokenizer.eos_token or ""
+    with contextlib.suppress(Exception):  # noqa: BLE001 - Jinja raises what it likes
+        user_last = render([("user", _PROBES["user"])], False)
+        if eos and user_last.endswith(eos) and not render([("user", _PROBES["user"])], True).endswith(eos):
+            closing = eos  # a conversation ending with a user turn is closed by eos: not a turn's suffix
 
     s, u, a = (("system", _PROBES["system"]), ("user", _PROBES["user"]), ("assistant", _PROBES["assistant"]))
     try:
