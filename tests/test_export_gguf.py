@@ -294,7 +294,7 @@ def test_bad_dtype_and_sentencepiece_style_tokenizer_are_refused(tmp_path, token
     fast = PreTrainedTokenizerFast(tokenizer_object=spm, eos_token="<|im_end|>")
     fast.chat_template = CHAT_TEMPLATE
     (tmp_path / "x.gguf").write_bytes(b"an older export")
-    with pytest.raises(ExportError, match="not a byte-level.*source_gguf"):
+    with pytest.raises(ExportError, match="not a byte-level.*SentencePiece-style.*base model was itself a GGUF.*--format hf"):
         write_gguf(make_model(len(fast)), fast, tmp_path / "x.gguf")
     assert (tmp_path / "x.gguf").read_bytes() == b"an older export" and len(list(tmp_path.iterdir())) == 1  # atomic
 

@@ -185,6 +185,10 @@ def test_every_text_starts_where_the_family_s_pretraining_did(built, name):
     window = encode_text(tok, Example(messages=[], text=text), 512)[0]
     assert window.input_ids == bos + encode_plain(tok, text) + [tok.eos_token_id]
     assert window.labels == [IGNORE] + window.input_ids[1:]
+    long = " ".join([text] * 6)  # several windows: each starts with the BOS, each token a target once
+    windows = encode_text(tok, Example(messages=[], text=long), 16)
+    assert len(windows) > 2 and all(starts_once(w.input_ids) and len(w.input_ids) <= 16 for w in windows)
+    assert [y for w in windows for y in w.labels if y != IGNORE] == (encode_plain(tok, long) + [tok.eos_token_id])[0 if bos else 1:]
     assert _windows(tok, [text], 8)[0].input_ids == (bos + encode_plain(tok, text))[:8]
     cfg = Config(task="text")
     whole, _ = _prompt_ids(tok, PromptRow(1, [{"role": "user", "content": text}], {}), cfg, 512, 512)

@@ -721,3 +721,30 @@ def test_a_run_trained_with_a_system_prompt_is_served_with_it(finished_runs, tmp
             tok, [{"role": "system", "content": "Answer with one greeting."}] + question, 10**6))
         assert prompt_tokens("sys-lora", own) == len(encode_prompt(tok, own, 10**6))
         assert prompt_tokens(base, question) == len(encode_prompt(tok, question, 10**6))
+
+
+def test_runs_on_one_base_with_different_templates_are_served_together(finished_runs, tmp_path):
+    """A chat run beside a run with another chat template on the same base (a newcomer's alpaca run
+    and task: text run): both served, the base once (it was 'served model names clash'); the base
+    also answers to its config ``model:`` value (gemma3-270m for "gemma-3-270m (Q4_K_M)")."""
+    import shutil
+
+    import yaml
+
+    from tunesmith.deploy.server import OpenAIServing
+
+    other = tmp_path / "alpha-alpaca"
+    shutil.copytree(finished_runs["alpha-lora"], other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["name"], cfg["data"]["chat_template"] = "alpha-alpaca", "alpaca"
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    groups = load_for_serving([finished_runs["alpha-lora"], other])
+    names = [n for g in groups for n in g.names]
+    assert len(groups) == 2 and len(names) == len(set(names)) == 3 and {"alpha-lora", "alpha-alpaca"} <= set(names)
+    serving = OpenAIServing(groups, ServeSettings())
+    try:
+        base = next(n for g in groups for n in g.names if n not in g.runs)
+        assert serving.resolve(groups[0].base).name == base and serving.resolve(base).name == base
+        assert serving.resolve("alpha-alpaca").tokenizer.chat_template != serving.resolve("alpha-lora").tokenizer.chat_template
+    finally:
+        serving.shutdown(drain=False)

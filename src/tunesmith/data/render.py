@@ -410,16 +410,26 @@ def encode(tokenizer: Any, example: Example, max_seq_len: int, last_turn_only: b
 def encode_text(tokenizer: Any, example: Example, max_seq_len: int) -> list[Encoded]:
     """A raw text, then the end-of-text token, in windows of at most ``max_seq_len`` tokens that
     overlap by one token: every token after the text's first is a target exactly once (the first
-    token of a window is context only), so a long document is trained on whole, not cut short."""
-    ids = encode_document(tokenizer, example.text) + [tokenizer.eos_token_id]
-    step = max(1, max_seq_len - 1)
+    token of a window is context only), so a long document is trained on whole, not cut short.
+    For a model whose tokenizer puts a BOS token before every text (``bos_ids``), every window
+    starts with it, not only the first: such a model reads a window without it as far off its
+    distribution (Gemma 3 270M: loss 5.7 against 3.3 on the same second window of a Wikipedia text)."""
+    bos = bos_ids(tokenizer)
+    ids = encode_plain(tokenizer, example.text) + [tokenizer.eos_token_id]
+    body = max(2, max_seq_len - len(bos))
+    special = has_special_text(tokenizer, example.text)
     out = []
-    for start in range(0, max(1, len(ids) - 1), step):
-        window = ids[start : start + max_seq_len]
-        out.append(Encoded(window, [IGNORE] + window[1:], "window" if len(ids) > max_seq_len else None, example.source,
-                           special_text=has_special_text(tokenizer, example.text)))
-        if start + max_seq_len >= len(ids):
+    start = 0
+    while True:
+        chunk = ids[start : start + body]
+        # the text's first token is a target when a BOS precedes it; a later window's first token
+        # was the previous window's last target: context only
+        first = chunk[:1] if (bos and start == 0) else [IGNORE]
+        out.append(Encoded(bos + chunk, [IGNORE] * len(bos) + first + chunk[1:],
+                           "window" if len(ids) > body else None, example.source, special_text=special))
+        if start + body >= len(ids) or len(ids) < 2:
             break
+        start += body - 1
     return out
 
 

@@ -100,7 +100,9 @@ def load_for_serving(run_dirs: list[str | Path], base: str | None = None) -> lis
 
     LoRA runs on the same base model and chat template become adapters of one ``PeftModel``,
     each under its run's name; the base model is served too under its display name (e.g.
-    ``SmolLM2-135M-Instruct``). Full fine-tuning runs are served each as its own model. ``base``
+    ``SmolLM2-135M-Instruct``; its ``model:`` value, e.g. ``gemma3-270m``, is accepted too). Runs on
+    one base with different chat templates get one copy of the base's weights per template (the
+    base served once). Full fine-tuning runs are served each as its own model. ``base``
     (a config ``model:`` value) serves a base model with no run, or names the base of the LoRA
     runs. Raises RunError for classification-head runs (nothing to generate), prompt runs, two
     runs with the same name, or a run that is not finished.
@@ -129,6 +131,7 @@ def load_for_serving(run_dirs: list[str | Path], base: str | None = None) -> lis
             lora.setdefault((cfg.model, cfg.data.chat_template), []).append((name, d))
     if base is not None and not any(m == base for m, _ in lora):
         lora.setdefault((base, None), [])
+    bases_served: set[str] = set()
     for (spec, template), runs in lora.items():
         model, tokenizer = load_model(spec)
         if runs:
@@ -137,7 +140,10 @@ def load_for_serving(run_dirs: list[str | Path], base: str | None = None) -> lis
             from tunesmith.data.render import set_chat_template
             set_chat_template(tokenizer, template)
         base_name = resolve_model(spec).display_name
-        names: dict[str, str | None] = {base_name: None}
+        # runs on one base with different chat templates (alpaca and a task: text run's none) get a
+        # copy of the base each; the base itself is served once, with the first one's template
+        names: dict[str, str | None] = {} if spec in bases_served else {base_name: None}
+        bases_served.add(spec)
         paths: dict[str, Path] = {}
         for i, (name, d) in enumerate(runs):
             artifact = str(d / methods.lora.ARTIFACT)

@@ -348,6 +348,9 @@ class OpenAIServing:
             for name, adapter in g.names.items():
                 self.models[name] = ServedModel(name, eng, adapter, g.tokenizer, stops, chat, g.base,
                                                 base_name if adapter else None, _system_prompt(g.runs.get(name)))
+        # a base model is also found by its config ``model:`` value (gemma3-270m for "gemma-3-270m (Q4_K_M)")
+        self.aliases = {g.base: name for g in groups for name in g.names
+                        if name not in g.runs and g.base and g.base not in self.models}
         self.metrics = Metrics(self.engines, settings.output_filter)
         self.in_flight = {"streams": 0, "answers": 0}  # requests waiting for the engine now, by kind
 
@@ -366,6 +369,7 @@ class OpenAIServing:
 
     def resolve(self, name: str) -> ServedModel:
         """The served model called ``name``; 404 naming those served."""
+        name = name if name in self.models else self.aliases.get(name, name)
         if name not in self.models:
             raise APIError(404, f"The model {name!r} does not exist; served models: {', '.join(self.models)}",
                            "model", "model_not_found")
