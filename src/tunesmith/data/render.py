@@ -25,7 +25,6 @@ that is not enough is the end of the sequence cut, the answer with it.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import weakref
 from dataclasses import dataclass
@@ -333,7 +332,7 @@ def encode_plain(tokenizer: Any, text: str, add_special_tokens: bool = False) ->
 
 def bos_ids(tokenizer: Any) -> list[int]:
     """``[bos_token_id]`` when the tokenizer puts its beginning-of-sequence token before a text by
-    itself (Gemma, Llama, Mistral, Phi-3: ``add_special_tokens=True``), else ``[]`` (SmolLM2, Qwen,
+    itself (Gemma, Llama, Mistral: ``add_special_tokens=True``), else ``[]`` (SmolLM2, Qwen,
     GPT-2, and encoders, whose ``[CLS]`` is not a BOS). Such models were pretrained with every
     document starting at that token and are off their distribution without it: Gemma 3 270M read
     the shipped Wikipedia text at perplexity 50.7 without it and 14.3 with it, and scored SST-2

@@ -431,7 +431,7 @@ def bpe_pre_tokenizer(backend: dict[str, Any]) -> str:
     if model_type != "BPE" or not any(s.get("type") == "ByteLevel" for s in steps):
         raise ExportError(f"the tokenizer is not a byte-level (GPT-2 style) BPE tokenizer (model {model_type}, "
                           f"pre-tokenizer {pre.get('type')}): a SentencePiece-style vocabulary (Gemma's, Llama 2's, "
-                          "Mistral v0.1's) is written to GGUF only when the run's base model was itself a GGUF "
+                          "Mistral v0.1's, Phi-3-mini's) is written to GGUF only when the run's base model was itself a GGUF "
                           "(model: a .gguf file, default, gemma3-270m), whose vocabulary is copied. For this model "
                           "use --format hf and llama.cpp's convert_hf_to_gguf.py")
     shape = tuple(_step_key(s) for s in steps)
