@@ -415,7 +415,8 @@ def _add_hf_vocab(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> N
     special.add_special_token.pop("bos", None)
     special.add_to_gguf(writer, quiet=True)
     probe = tokenizer("a").input_ids  # llama.cpp adds BOS/EOS only when told; say what HF does
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    # the one reading of "adds a BOS" that training and the Modelfile (BOS left to Ollama) also use
+    writer.add_add_bos_token(bool(bos_ids(tokenizer)))
     writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
 
 
