@@ -119,7 +119,7 @@ def test_chat_template_names_and_column_roles_are_checked():
     assert err.value.problems == [
         "data.chat_template: 'chatm1' is neither a template name (chatml, alpaca, gemma) nor a Jinja template; did you mean 'chatml'?",
         "data.columns.txt: unknown role; did you mean 'text'? (roles: text, label, instruction, input, output, prompt, "
-        "completion, messages)"]
+        "completion, messages, chosen, rejected)"]
     assert load_config(data={"data": {"train": "x", "chat_template": "{{ messages }}"}}).data.chat_template == "{{ messages }}"
 
 

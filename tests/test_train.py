@@ -239,7 +239,7 @@ def test_fused_head_under_bf16_autocast_matches_the_unfused_path(tiny_model, tok
     params = list(tiny_model.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, n = target_loss_sum(tiny_model, batch)
-        nll, _ = losses._target_nll(tiny_model, batch)  # plain autograd through chunked logits
+        nll, _ = losses.target_nll(tiny_model, batch)  # plain autograd through chunked logits
     g_fused = torch.autograd.grad(fused / n, params)
     g_plain = torch.autograd.grad(nll.sum() / n, params)
     torch.testing.assert_close(fused, nll.sum())

@@ -21,15 +21,17 @@ from typing import Any, Union
 
 import yaml
 
-TASKS = ("classification", "instruction", "chat", "text")
+TASKS = ("classification", "instruction", "chat", "text", "preference")
 # headline metrics (eval.metric) and the tasks that have them
 METRICS = {"accuracy": ("classification",), "f1": ("classification",), "rougeL": ("instruction", "chat"),
            "rouge1": ("instruction", "chat"), "rouge2": ("instruction", "chat"), "bleu": ("instruction", "chat"),
            "chrf": ("instruction", "chat"), "exact_match": ("instruction", "chat"),
-           "perplexity": ("classification", "instruction", "chat", "text")}
+           "perplexity": ("classification", "instruction", "chat", "text"),
+           "preference_accuracy": ("preference",)}
 TRUNCATION_SIDES = ("middle", "left", "right")
 CHAT_TEMPLATES = ("chatml", "alpaca", "gemma")  # named templates (data.chat_template); the Jinja lives in data/render.py
-ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages")  # data.columns keys
+ROLES = ("text", "label", "instruction", "input", "output", "prompt", "completion", "messages", "chosen",
+         "rejected")  # data.columns keys
 CHAT_ROLES = ("system", "user", "assistant")  # data.extract.turns values
 SPLIT_KINDS = ("random", "ordered")  # data.prepare.split
 METHODS = ("lora", "full", "prompt")
@@ -41,6 +43,8 @@ LAYOUTS = ("text_label", "instruction", "prompt_completion", "chat", "text")
 GENERAL = "general"  # the shipped general set (Wikipedia text, general instructions): eval.general, replay.data
 INSTRUCTIONS = "instructions"  # replay.data: the shipped everyday instructions the check does not score, base-answered
 ANCHORS = ("none", "l2sp", "ewc")
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo", "kto")  # preference.objective (training/preference.py)
+REFERENCES = ("precomputed", "adapter")  # preference.reference
 DISTILL_ON = ("replay", "prompts", "both")
 
 
@@ -270,6 +274,22 @@ class AnchorConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """``task: preference``: how the pairs (or thumbs up/down) train the model (training/preference.py has the formulas)."""
+
+    objective: str = "dpo"  # dpo | ipo | simpo (no reference) | orpo (no reference) | kto (unpaired rows)
+    beta: float = 0.1  # strength: DPO/IPO/KTO's KL weight, SimPO's reward scale (use ~2), ORPO's odds-ratio weight
+    label_smoothing: float = 0.0  # dpo/simpo: the share of labels assumed flipped (cDPO)
+    sft_weight: float = 0.0  # adds this times the chosen answers' token cross-entropy (TRL's rpo_alpha)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
+    desirable_weight: float = 1.0  # kto: weight of the good answers' loss
+    undesirable_weight: float = 1.0  # kto: weight of the bad answers' loss
+    reference: str = "precomputed"  # precomputed (once, saved with the run) | adapter (lora: each step, adapters off)
+    max_prompt_len: int | None = None  # tokens of prompt kept when a pair is too long (default: max_seq_len / 2)
+    length_examples: int = 32  # test prompts answered by base and tuned (greedy) to compare answer lengths; 0 = skip
+
+
+@dataclass
 class TaskConfig:
     """One task of a multi-task run: its own data, task type and weight (``tasks:``)."""
 
@@ -349,6 +369,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     tasks: list[TaskConfig] = field(default_factory=list)  # several tasks trained together (then data/task per task)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
@@ -716,7 +737,7 @@ def _validate_forgetting(cfg: Config) -> list[str]:
         check(not (on and cfg.train.strategy == "fsdp"), f"{key}: not available with train.strategy: fsdp yet (the teacher "
               "and anchor read whole weights); use train.strategy: ddp")
     check(not (r.ratio > 0 and not trains), "replay.ratio: method prompt trains nothing to replay into")
-    return p + _tasks_problems(cfg) + _search_problems(cfg) + _other_problems(cfg)
+    return p + _tasks_problems(cfg) + _search_problems(cfg) + _other_problems(cfg) + _preference_problems(cfg)
 
 
 def _tasks_problems(cfg: Config) -> list[str]:
@@ -748,6 +769,38 @@ def _tasks_problems(cfg: Config) -> list[str]:
     check(cfg.mixing.by in ("weight", "temperature", "size"),
           f"mixing.by: {cfg.mixing.by!r} is not one of weight, temperature, size")
     check(cfg.mixing.temperature > 0, "mixing.temperature: must be > 0")
+    return p
+
+
+def _preference_problems(cfg: Config) -> list[str]:
+    """The ``preference:`` block, and the settings ``task: preference`` cannot train with."""
+    p, check = _checker()
+    pr = cfg.preference
+    if pr.objective not in PREFERENCE_OBJECTIVES:
+        close = difflib.get_close_matches(pr.objective, PREFERENCE_OBJECTIVES, n=1, cutoff=0.5)
+        p.append(f"preference.objective: {pr.objective!r} is not one of {', '.join(PREFERENCE_OBJECTIVES)}"
+                 + (f"; did you mean {close[0]!r}?" if close else ""))
+    check(pr.reference in REFERENCES, f"preference.reference: {pr.reference!r} is not one of {', '.join(REFERENCES)}")
+    check(pr.beta > 0, "preference.beta: must be > 0")
+    check(0 <= pr.label_smoothing < 0.5, "preference.label_smoothing: must be in [0, 0.5)")
+    check(pr.sft_weight >= 0, "preference.sft_weight: must be >= 0")
+    check(pr.length_examples >= 0, "preference.length_examples: must be >= 0")
+    check(pr.desirable_weight > 0 and pr.undesirable_weight > 0, "preference.desirable_weight, undesirable_weight: must be > 0")
+    check(pr.max_prompt_len is None or 1 <= pr.max_prompt_len < cfg.train.max_seq_len,
+          "preference.max_prompt_len: must be at least 1 and below train.max_seq_len")
+    if cfg.task != "preference":
+        return p
+    check(pr.reference != "adapter" or cfg.method == "lora",
+          f"preference.reference: adapter needs method: lora (method {cfg.method} has no adapters to switch off; "
+          "use precomputed)")
+    check(cfg.method in ("lora", "full"), f"method: {cfg.method} cannot learn from preferences (use lora or full)")
+    check(not cfg.train.packing, "train.packing: preference pairs are trained side by side, not packed; set it false")
+    check(cfg.classifier != "head", "classifier: head cannot learn from preferences")
+    check(cfg.replay.ratio == 0 and cfg.distill.weight == 0 and cfg.anchor.method == "none",
+          "replay, distill and anchor are not yet combined with task: preference (the objective's own reference, "
+          "beta, keeps the model near where it started)")
+    check(cfg.train.strategy != "fsdp", "train.strategy: fsdp is not yet supported with task: preference (use ddp)")
+    check(not cfg.tasks, "tasks: a preference run is single-task")
     return p
 
 

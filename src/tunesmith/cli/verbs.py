@@ -17,7 +17,7 @@ from pathlib import Path
 from tunesmith.cli import options
 from tunesmith.cli.options import Context
 from tunesmith.cli.study import study, study_arguments
-from tunesmith.config import load_config
+from tunesmith.config import Config, load_config
 from tunesmith.runs import RunError, evaluate_run, finetune, prepare_data
 from tunesmith.runtime.commands import command
 from tunesmith.runtime.stopping import EXIT_RESUMABLE
@@ -69,11 +69,26 @@ def train(args: argparse.Namespace, ctx: Context) -> int | None:
     cfg = load_config(args.config, _overrides(args))
     if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:  # start the processes; each runs this verb again
         return options.launch(args, cfg, ctx.argv)
+    if cfg.task == "preference" and not args.resume:
+        _export_studies(cfg, ctx)
     run = finetune(cfg, resume=args.resume, overwrite=args.overwrite, console=ctx.console,
                    allow_changes=args.allow_changes or args.allow_change, until_step=args.until_step)
     if run.eval:
         ctx.console.print(f"report: {run.dir / 'report.html'}")
     return EXIT_RESUMABLE if run.train.get("interrupted") else None
+
+
+def _export_studies(cfg: Config, ctx: Context) -> None:
+    """A preference run whose data names a rating study: the study's decided pairs exported now (the people's
+    majority; ties and split votes left out) into STUDY/preferences.jsonl, which the run reads."""
+    from tunesmith.studies.export import default_path, export_preferences
+
+    for split in ("train", "validation", "test"):
+        path = getattr(cfg.data, split)
+        if path and Path(path, "study.json").is_file():
+            n = export_preferences(path, default_path(path))
+            ctx.console.print(f"data.{split}: {n} decided pair{'' if n == 1 else 's'} of the study {path} (the people's "
+                              f"majority; ties and split votes left out) -> {default_path(path)}", highlight=False)
 
 
 def prepare(args: argparse.Namespace, ctx: Context) -> None:

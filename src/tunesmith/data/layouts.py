@@ -53,6 +53,8 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "completion": ("completion",),
     "text": ("text", "sentence", "sms", "review", "content", "document", "message", "body"),
     "label": ("label", "labels", "class", "sentiment", "target", "category", "intent"),
+    "chosen": ("chosen",),  # task: preference (data/preference.py reads those layouts)
+    "rejected": ("rejected",),
 }
 REQUIRED = {"text_label": ("text", "label"), "instruction": ("instruction", "output"),
             "prompt_completion": ("prompt", "completion"), "chat": ("messages",), "text": ("text",)}

@@ -85,12 +85,12 @@ def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None,
     test = loaded.get("test") or loaded["validation"]
     notes = list(report.get("notes", [])) + (["test: the validation split (no test split)"] if "test" not in loaded else [])
     ordered = d.prepare.split == "ordered"
-    return Splits(_cap(loaded["train"], d.max_train_examples, cfg.train.seed, ordered),
-                  _cap(loaded["validation"], d.max_validation_examples, cfg.train.seed, ordered),
+    return Splits(cap_examples(loaded["train"], d.max_train_examples, cfg.train.seed, ordered),
+                  cap_examples(loaded["validation"], d.max_validation_examples, cfg.train.seed, ordered),
                   cap_test(test, d.max_test_examples, ordered), notes, report, reused)
 
 
-def _cap(examples: list[Example], n: int | None, seed: int, ordered: bool = False) -> list[Example]:
+def cap_examples(examples: list[Example], n: int | None, seed: int, ordered: bool = False) -> list[Example]:
     """A seeded random subset of ``n`` examples (all when ``n`` is None or larger), in file order;
     ``ordered`` (time-ordered rows): the newest ``n``, the last ones.
 

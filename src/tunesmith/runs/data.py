@@ -132,3 +132,37 @@ def print_prepared(prepared: Any, console: Console, title: str = "") -> None:
         console.print(note, highlight=False)
     for w in prepared.report.get("warnings") or []:
         console.print(f"[yellow]warning: {w}[/yellow]", highlight=False)
+
+
+def preference_data(cfg: Config, tokenizer: Any, console: Console) -> tuple[list[Any], list[Any], Any, dict[str, Any]]:
+    """A ``task: preference`` run's data: read, checked, split (``data.preference.load_preference_splits``) and
+    encoded as pairs. Returns the training and validation pairs, the splits and the data report."""
+    from tunesmith.data.pairs import encode_pairs
+    from tunesmith.data.preference import load_preference_splits
+    from tunesmith.training.preference import mismatched
+
+    out = cfg.run_dir / "data"
+    splits = load_preference_splits(cfg, out, say=lambda line: console.print(line, highlight=False))
+    console.print(("reusing the prepared data in " if splits.reused else "prepared the data into ") + str(out))
+    for note in splits.notes:
+        console.print(f"  {note}", highlight=False)
+    kto = cfg.preference.objective == "kto"
+    paired = [r for r in splits.train + splits.validation if r.paired]
+    if not kto and len(paired) < len(splits.train) + len(splits.validation):
+        raise RunError(f"{cfg.data.train}: preference.objective {cfg.preference.objective} learns from pairs, but "
+                       f"{len(splits.train) + len(splits.validation) - len(paired)} rows have one answer and a label "
+                       "(unpaired thumbs up/down): use preference.objective: kto")
+    stats = {}
+    sets = []
+    for name, rows in (("train", splits.train), ("validation", splits.validation)):
+        encoded, stats[name] = encode_pairs(tokenizer, rows, cfg.train.max_seq_len, cfg.preference.max_prompt_len,
+                                            unpaired=kto)
+        if kto:
+            mismatched(encoded)
+        sets.append(encoded)
+    for name, s in stats.items():
+        if s["prompt_cut"] or s["answer_cut"]:
+            console.print(f"  {name}: {s['prompt_cut']} rows had their prompt's start cut and {s['answer_cut']} their "
+                          f"answers' ends too, to fit train.max_seq_len={cfg.train.max_seq_len}", highlight=False)
+    report = splits.report | {"notes": splits.notes, "encoded": stats}
+    return sets[0], sets[1], splits, report

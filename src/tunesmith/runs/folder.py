@@ -28,6 +28,7 @@ from tunesmith.training import distributed
 from tunesmith.evaluation import forgetting
 from tunesmith.runtime import threads
 from tunesmith.training import mitigations as training
+from tunesmith.training import preference
 from tunesmith.evaluation import metrics as M
 from tunesmith.api import ApiModel
 from tunesmith.config import Config, ConfigError, diff, load_config, save_config, task_config, train_settings
@@ -41,7 +42,8 @@ from tunesmith.evaluation.answers import fingerprint as answers_fingerprint
 from tunesmith.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunesmith.models import (ModelError, context_length, load_base, load_classifier, load_model, load_tokenizer, needs_chat_template, ready_tokenizer, resolve_model, uses_head, unwrap, TESTED_FAMILIES)
 from tunesmith.runtime.progress import make_progress
-from tunesmith.runs.data import multitask_data, print_data_summary
+from tunesmith.runs.data import multitask_data, preference_data, print_data_summary
+from tunesmith.runs.preference_eval import evaluate_preference_run
 from tunesmith.runs.errors import RunError, not_trained
 from tunesmith.runs.phase import clear_phase, set_phase
 from tunesmith.runtime.commands import command
@@ -156,9 +158,14 @@ def _finetune(cfg: Config, resume: bool, overwrite: bool, until_step: int | None
         predicted = _predict(cfg, model, train_set, val_set, tokenizer.pad_token_id, console)
     started = time.perf_counter()
     train_cfg = train_settings(cfg)
-    with distributed.main_first():  # EWC's Fisher: estimated and saved by process 0, read by the others
-        objective, mitigations = training.build(cfg, model, tokenizer, run_dir, resume or not w.main,
-                                                tokenizer.pad_token_id)
+    with distributed.main_first():  # EWC's Fisher (and a preference run's reference): made by process 0, read by the others
+        if cfg.task == "preference":
+            with _progress(console) as progress:
+                objective, mitigations = preference.build(cfg, model, train_set, val_set, run_dir, tokenizer.pad_token_id,
+                                                          lambda line: console.print(line, highlight=False), progress), {}
+        else:
+            objective, mitigations = training.build(cfg, model, tokenizer, run_dir, resume or not w.main,
+                                                    tokenizer.pad_token_id)
     mitigations = ({"replay": replay} if replay else {}) | mitigations
     if w.main:
         set_phase(run_dir, "training")
@@ -246,6 +253,10 @@ def _model_and_data(cfg: Config, console: Console, main: bool) -> tuple[torch.nn
     ready_tokenizer(tokenizer, cfg, console)
     if cfg.tasks:  # several tasks: each prepared into data/<name>/, validated apart, trained on one mixed list
         train_set, val_set, report = multitask_data(cfg, tokenizer, console)
+        if main:
+            atomic_write_json(run_dir / "data_report.json", report)
+    elif cfg.task == "preference":  # pairs (or thumbs up/down): read, split and encoded side by side
+        train_set, val_set, splits, report = preference_data(cfg, tokenizer, console)
         if main:
             atomic_write_json(run_dir / "data_report.json", report)
     else:
@@ -464,6 +475,8 @@ def evaluate_run(run_dir: str | Path, console: Console | None = None, base_from:
     run_dir = Path(run_dir)
     overrides = list(overrides or [])
     cfg = run_config(run_dir, overrides)
+    if cfg.task == "preference":  # held-out pairs ranked by the starting and the tuned model
+        return evaluate_preference_run(run_dir, cfg, console, overrides)
     earlier_forgetting = (load_json(run_dir / "eval.json") or {}).get("forgetting") if overrides else None
     dev = runtime.device()
     threads.use_threads(cfg.train.num_threads, lambda line: console.print(line, highlight=False))

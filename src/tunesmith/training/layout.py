@@ -82,6 +82,9 @@ class Layout:
 
     def validation_loss(self, val_data: Any, batch_size: int, pad_id: int, bf16: bool) -> tuple[float, dict[str, Any]]:
         """The validation loss of the model as it is (process 0 measures; every process gets it)."""
+        own = getattr(self.objective, "validation_loss", None)  # a preference objective validates its own loss
+        if own is not None and not self.sharded:
+            return distributed.broadcast(own(self.model, val_data, batch_size, pad_id, bf16) if self.main else None)
         if self.sharded:  # every process takes part in each forward (its shards are needed)
             measured = validation_loss(self.model, val_data, batch_size, pad_id, bf16,
                                        loss_sum=lambda b: self.root(b, evaluate=True))

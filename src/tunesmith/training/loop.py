@@ -137,7 +137,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 if not _is_oom(e):
                     raise
-                longest = max((len(train_data[i].input_ids) for mb in micro for i in mb), default=0)
+                longest = max((tokens_of(train_data[i]) for mb in micro for i in mb), default=0)
                 raise OutOfMemoryError(_out_of_memory(run_dir, state.step + 1, cfg, longest, e)) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; the step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
@@ -199,7 +199,7 @@ class _DataFacts:
 
     @classmethod
     def of(cls, train_data: list[Encoded], model: torch.nn.Module, dev: torch.device, bf16: bool) -> _DataFacts:
-        lengths = [len(e.input_ids) for e in train_data]
+        lengths = [tokens_of(e) for e in train_data]
         groups = [(e.kind, e.task) for e in train_data]  # replay vs task rows, and each task: spread over the steps
         share = sum(e.n_targets for e in train_data) / max(sum(lengths), 1)
         return cls(lengths, groups if len(set(groups)) > 1 else None, any(e.kind == "replay" for e in train_data),
@@ -280,7 +280,7 @@ def _announce(layout: Layout, cfg: TrainConfig, data: _DataFacts, bf16: bool, sa
 def _step_record(step: int, epoch: int, done: _StepDone, train_data: list[Encoded], micro: list[list[int]],
                  seconds: float, speed: _Speed, data: _DataFacts) -> dict[str, Any]:
     """The step's line of metrics.jsonl."""
-    tokens = sum(len(train_data[i].input_ids) for mb in micro for i in mb)
+    tokens = sum(tokens_of(train_data[i]) for mb in micro for i in mb)
     tok_s = speed.add(tokens)
     run = 1 - done.shared / max(tokens, 1)  # share of the tokens' positions the passes really ran
     record = {"type": "train", "step": step, "epoch": epoch, "loss": done.loss, "lr": done.lr,
@@ -310,8 +310,9 @@ def _evaluate(layout: Layout, state: LoopState, measured: tuple[float, dict[str,
     stopped_early = 0 < cfg.early_stopping.patience <= state.bad_evals
     pruned = bool(on_validation is not None and on_validation(step, val_loss)) and more_to_come  # a pruner may answer numpy's bool
     if layout.main:
-        append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss,
-                                         "val_ppl": math.exp(min(val_loss, 50)), "best": best} | task_losses)
+        ppl = {} if "val_reward_margin" in task_losses else {"val_ppl": math.exp(min(val_loss, 50))}  # a preference loss has none
+        append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss, **ppl, "best": best}
+                     | task_losses)
     say(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
     return stopped_early or pruned, pruned
 
@@ -545,6 +546,11 @@ class EpochPlan:
         return state.step + left + (self.cfg.epochs - state.epoch - 1) * per_epoch
 
 
+def tokens_of(e: Encoded) -> int:
+    """The tokens a training pass runs for one row (a preference pair: both its sides)."""
+    return getattr(e, "n_tokens", None) or len(e.input_ids)
+
+
 def data_fingerprint(data: list[Encoded] | dict[str, list[Encoded]]) -> str:
     """A hash of encoded rows (ids and targets; each task's, for several): equal data, equal hash.
     Saved with each checkpoint, so a resume on another validation set is noticed."""
@@ -552,7 +558,8 @@ def data_fingerprint(data: list[Encoded] | dict[str, list[Encoded]]) -> str:
     for name, rows in sorted(data.items()) if isinstance(data, dict) else [("", data)]:
         h.update(name.encode())
         for e in rows:
-            h.update(repr((e.input_ids, e.labels, e.class_label)).encode())
+            other = getattr(e, "rejected", None)  # a preference pair: its rejected side too
+            h.update(repr((e.input_ids, e.labels, e.class_label) + ((other.input_ids, other.labels) if other else ())).encode())
     return h.hexdigest()[:16]
 
 

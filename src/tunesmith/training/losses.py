@@ -38,7 +38,7 @@ def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chun
     base = unwrap(model)
     head = base.get_output_embeddings() if plain_head(base) else None
     if not torch.is_grad_enabled() or head is None or getattr(head, "bias", None) is not None:
-        nll, _ = _target_nll(model, batch, chunk)
+        nll, _ = target_nll(model, batch, chunk)
         return nll.sum(), nll.numel()
     h, y, _ = target_hidden(model, batch)
     dev = h.device.type
@@ -49,14 +49,14 @@ def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chun
 
 def target_logprob_per_row(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of the batch: the summed log-probability of its target tokens, and their count. (B,), (B,)"""
-    nll, rows = _target_nll(model, batch)
+    nll, rows = target_nll(model, batch)
     b = batch["input_ids"].shape[0]
     total = torch.zeros(b, dtype=torch.float32, device=nll.device).index_add_(0, rows, -nll)
     count = torch.zeros(b, dtype=torch.long, device=nll.device).index_add_(0, rows, torch.ones_like(rows))
     return total, count
 
 
-def _target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each target token (N,) and the batch row it belongs to (N,).
 
     Runs the decoder, then the LM head only on hidden states whose next token is a target,
