@@ -25,7 +25,8 @@ def study(args: argparse.Namespace, ctx: Context) -> None:
 
 
 def _create_arguments(q: argparse.ArgumentParser) -> None:
-    q.add_argument("runs", nargs="*", help="finished run folders (their predictions.jsonl are the outputs shown)")
+    q.add_argument("runs", nargs="*", help="finished run folders (their predictions.jsonl are the outputs shown; a "
+                                           "preference run answers the other runs' test prompts when the study is made)")
     q.add_argument("--base", action="store_true", help="include the base model's outputs (from the runs' evaluation)")
     q.add_argument("--api", metavar="MODEL", help="include a prompted API model's answers (asked once, here)")
     q.add_argument("--api-base-url", metavar="URL", help="its OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
@@ -40,6 +41,9 @@ def _create_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--name", help="study name (default: from the runs); the folder is studies/NAME")
     q.add_argument("--out", help="study folder (default studies/NAME)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--exclude", action="append", default=[], metavar="STUDY",
+                   help="an earlier study whose prompts are not drawn again (repeatable): a preference run trained on "
+                        "its ratings is then rated on prompts it never saw")
     q.add_argument("--overwrite", action="store_true", help="replace an existing study folder's study (ratings included)")
 
 
@@ -59,7 +63,7 @@ def _create(args: argparse.Namespace, console: Console) -> None:
     out = studies.create_study(args.runs, args.out or Path("studies") / name, base=args.base, api=api,
                                examples=args.examples, criteria=criteria, ratings_per_pair=args.ratings_per_pair,
                                raters=_names(args.raters), seed=args.seed, overwrite=args.overwrite,
-                               instructions=_text_or_file(args.instructions))
+                               instructions=_text_or_file(args.instructions), exclude=args.exclude)
     made, items = studies.load_study(out)
     k = made["ratings_per_pair"]
     console.print(f"study {out}: {len(items)} prompts, systems {', '.join(made['systems'])}, "
@@ -155,11 +159,14 @@ def _export_arguments(q: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace, console: Console) -> None:
-    from tunesmith.studies.export import default_path, export_preferences
+    from tunesmith.studies.export import default_path, empty_answers, export_preferences
 
     out = Path(args.out) if args.out else default_path(args.study, args.source)
     n = export_preferences(args.study, out, source=args.source, judge=args.judge)
-    console.print(f"{n} preference pairs ({args.source}): {out}", highlight=False)
+    empty = empty_answers(args.study, args.source, judge=args.judge)
+    console.print(f"{n} preference pairs ({args.source}): {out}"
+                  + (f"; {empty} decided pair{'' if empty == 1 else 's'} with an empty answer left out" if empty else ""),
+                  highlight=False)
 
 
 Action = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Console], None]]

@@ -81,14 +81,15 @@ def train(args: argparse.Namespace, ctx: Context) -> int | None:
 def _export_studies(cfg: Config, ctx: Context) -> None:
     """A preference run whose data names a rating study: the study's decided pairs exported now (the people's
     majority; ties and split votes left out) into STUDY/preferences.jsonl, which the run reads."""
-    from tunesmith.studies.export import default_path, export_preferences
+    from tunesmith.studies.export import default_path, empty_answers, export_preferences
 
     for split in ("train", "validation", "test"):
         path = getattr(cfg.data, split)
         if path and Path(path, "study.json").is_file():
-            n = export_preferences(path, default_path(path))
+            n, empty = export_preferences(path, default_path(path)), empty_answers(path)
             ctx.console.print(f"data.{split}: {n} decided pair{'' if n == 1 else 's'} of the study {path} (the people's "
-                              f"majority; ties and split votes left out) -> {default_path(path)}", highlight=False)
+                              "majority; ties, split votes" + (f" and {empty} with an empty answer" if empty else "")
+                              + f" left out) -> {default_path(path)}", highlight=False)
 
 
 def prepare(args: argparse.Namespace, ctx: Context) -> None:

@@ -111,7 +111,8 @@ def _streams(references: References) -> list[list[str | None]]:
     return [[r[j] if j < len(r) else None for r in multi] for j in range(k)]
 
 
-SCALES = {"bleu": "0-100", "chrf": "0-100"}  # sacrebleu's scale; every other score here is 0-1
+SCALES = {"bleu": "0-100", "chrf": "0-100",  # sacrebleu's scale; every other score here is 0-1 but:
+          "logps_chosen": "summed log-prob", "logps_rejected": "summed log-prob", "reward_margin": "beta x log-ratio"}
 
 
 def metric_label(key: str) -> str:

@@ -19,7 +19,10 @@ from tunesmith.evaluation.metrics import metric_label  # noqa: E402
 from tunesmith.report.tables import learning_table, or_dash, p_is, table
 
 HEADLINE = ("accuracy", "f1", "precision", "recall", "invalid_rate", "rouge1", "rouge2", "rougeL", "bleu", "chrf",
-            "exact_match", "loss", "perplexity")
+            "exact_match", "loss", "perplexity",
+            # task: preference (evaluation/preference.py): held-out pairs ranked by base and tuned
+            "pairwise_accuracy", "pairwise_accuracy_per_token", "logps_chosen", "logps_rejected", "reward_accuracy",
+            "reward_margin")
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -38,6 +41,45 @@ def loss_curve_png(history: list[dict[str, Any]]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     return png(fig)
+
+
+def preference_curve_png(history: list[dict[str, Any]]) -> bytes | None:
+    """A preference run's validations: the chosen and rejected answers' mean log-probs (left; both falling is DPO's
+    known failure) and the reward accuracy (right), as a PNG; None without them."""
+    evals = [r for r in history if r.get("type") == "eval" and "val_logps_chosen" in r]
+    if not evals:
+        return None
+    steps = [r["step"] for r in evals]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    left.plot(steps, [r["val_logps_chosen"] for r in evals], label="chosen", color="#55a868", marker="o")
+    left.plot(steps, [r["val_logps_rejected"] for r in evals], label="rejected", color="#c44e52", marker="o")
+    left.set_title("Validation answers' log-probability")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("mean summed log-prob")
+    left.grid(alpha=0.3)
+    left.legend()
+    right.plot(steps, [r.get("val_reward_accuracy") for r in evals], color="#4c72b0", marker="o")
+    right.set_ylim(-0.02, 1.02)
+    right.set_title("Validation reward accuracy")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("share of pairs chosen > rejected")
+    right.grid(alpha=0.3)
+    return png(fig)
+
+
+def preference_section(evaluation: dict[str, Any]) -> str:
+    """A preference run's McNemar count and answer lengths (the table above has the rest)."""
+    mc, length = evaluation.get("mcnemar"), evaluation.get("answer_length")
+    if not mc:
+        return ""
+    out = [f"<p>Pairs the tuned model ranks right and the base did not: {mc['gained']}; the other way: {mc['lost']} "
+           f"(exact McNemar p={mc['p_value']:.3g}). Reward: beta &times; (tuned &minus; base log-prob) of each answer "
+           f"(objective {html.escape(str(evaluation.get('objective')))}, beta {evaluation.get('beta')}).</p>"]
+    if length and length.get("prompts"):
+        lo, hi = length["change_ci"]
+        out.append(f"<p>Answer length on {length['prompts']} test prompts (greedy): {length['base']:.1f} &rarr; "
+                   f"{length['tuned']:.1f} tokens (change 95% interval [{lo:+.1f}, {hi:+.1f}]).</p>")
+    return "".join(out)
 
 
 def token_histogram_png(splits: dict[str, Any]) -> bytes | None:
@@ -163,6 +205,7 @@ def write_report(run_dir: Path) -> Path:
             for m, b, t, d in metrics_table(evaluation)
         )
         parts.append(f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{rows}</table>")
+        parts.append(preference_section(evaluation))
         parts.append(forgetting_section(evaluation.get("forgetting")))
         parts.append(speed_section(evaluation))
         parts.append(per_class_section(evaluation))
@@ -170,6 +213,9 @@ def write_report(run_dir: Path) -> Path:
     if history:
         img = base64.b64encode(loss_curve_png(history)).decode()
         parts.append(f"<h2>Training</h2><img alt='Loss curves' src='data:image/png;base64,{img}'>")
+        if (curve := preference_curve_png(history)) is not None:
+            parts.append("<img alt='Chosen and rejected log-probabilities and reward accuracy on the validation pairs' "
+                         f"src='data:image/png;base64,{base64.b64encode(curve).decode()}'>")
     if training:
         parts.append(_kv_table(training))
     if data:

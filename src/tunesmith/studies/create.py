@@ -130,12 +130,15 @@ def criteria_from(names: str | list[str] | None, rubric: str | Path | None = Non
 def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False, api: ApiConfig | None = None,
                  examples: int = 30, criteria: list[Criterion] | None = None, ratings_per_pair: int = 3,
                  raters: list[str] | None = None, seed: int = 0, overwrite: bool = False,
-                 instructions: str | None = None) -> Path:
+                 instructions: str | None = None, exclude: list[str | Path] | None = None) -> Path:
     """Make the study folder ``out`` comparing the tuned outputs of ``runs`` (and the base model's
     when ``base``, and the answers of the API model ``api``) on ``examples`` test prompts drawn at
     random (``seed``) from the runs' shared test split. ``raters`` get invite tokens now (more can
     be added later with ``invite``). ``instructions``: shown to raters above every pair (default:
-    ``DEFAULT_INSTRUCTIONS``). Returns the folder.
+    ``DEFAULT_INSTRUCTIONS``). A preference run (``task: preference``, trained from one of the other runs) answers the
+    drawn prompts now, greedily, as the other runs did in their evaluation. ``exclude``: earlier studies whose prompts
+    are not drawn again (a study of a preference run trained on an earlier study's ratings is rated on new prompts).
+    Returns the folder.
 
     Raises StudyError: fewer than two systems, a run that is not a finished generation run, runs
     evaluated on different test prompts, an existing folder without ``overwrite``.
@@ -146,7 +149,11 @@ def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False,
     if ratings_per_pair < 1:
         raise StudyError("--ratings-per-pair must be at least 1")
     criteria = criteria or [Criterion(n, QUESTIONS[n]) for n in DEFAULT_CRITERIA]
-    loaded = [_run_outputs(Path(r)) for r in runs]
+    answering = [Path(r) for r in runs if _is_preference_run(Path(r))]
+    loaded = [_run_outputs(Path(r)) for r in runs if Path(r) not in answering]
+    if answering and not loaded:
+        raise StudyError(f"{answering[0]}: a preference run answers the test prompts of a generation run: name the "
+                         "run it started from (or another run on the same data) too")
     if not loaded and not api:
         raise StudyError("name at least one run (the base model's outputs come from a run's evaluation)")
     first = loaded[0] if loaded else None
@@ -172,7 +179,15 @@ def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False,
         raise StudyError("an API model alone has nothing to be compared with: name a run too")
     n_all = len(first["prompts"])
     rng = random.Random(seed)
-    chosen = sorted(rng.sample(range(n_all), min(examples, n_all)))
+    taken = {it.get("test_index") for e in exclude or [] for it in load_study(e)[1]}
+    left = [i for i in range(n_all) if i not in taken]
+    if not left:
+        raise StudyError(f"every one of the {n_all} test prompts is in the excluded studies: none is left to rate")
+    chosen = sorted(rng.sample(left, min(examples, len(left))))
+    for run in answering:
+        if run.name in systems:
+            raise StudyError(f"two systems are called {run.name!r}: give the runs different folder names")
+        systems[run.name] = _answers_now(run, first, chosen)
     if api is not None and api.base_url:
         name = f"api:{api.model}"
         conversations = [first["prompts"][i] for i in chosen]
@@ -183,6 +198,15 @@ def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False,
         systems[name] = {"kind": "api", "model": api.model, "base_url": api.base_url, "outputs": full}
     if len(systems) < 2:
         raise StudyError("a study compares at least two systems: add --base, another run, or --api")
+    _write(out, first, systems, chosen, criteria, ratings_per_pair, raters, instructions, seed)
+    return out
+
+
+def _write(out: Path, first: dict[str, Any], systems: dict[str, dict[str, Any]], chosen: list[int],
+           criteria: list[Criterion], ratings_per_pair: int, raters: list[str] | None, instructions: str | None,
+           seed: int) -> None:
+    """The study folder: items.jsonl (the drawn prompts and every system's answer), study.json, the pairs' database."""
+    n_all = len(first["prompts"])
     items = [{"id": j, "source": first["sources"][i], "test_index": i, "messages": first["prompts"][i],
               "reference": first["references"][i][0], "references": first["references"][i],
               "outputs": {s: v["outputs"][i] for s, v in systems.items()}} for j, i in enumerate(chosen)]
@@ -202,7 +226,33 @@ def create_study(runs: list[str | Path], out: str | Path, *, base: bool = False,
         store.add_pairs(con, [it["id"] for it in items], list(systems))
         for r in raters or []:
             store.add_rater(con, r)
-    return out
+
+
+def _is_preference_run(run_dir: Path) -> bool:
+    from tunesmith.deploy.loading import run_config
+
+    try:
+        return run_config(run_dir).task == "preference"
+    except Exception:  # noqa: BLE001 - not a run: _run_outputs says why
+        return False
+
+
+def _answers_now(run_dir: Path, first: dict[str, Any], chosen: list[int]) -> dict[str, Any]:
+    """A preference run's system: its greedy answers to the drawn prompts of ``first``, made now, as long as
+    ``first``'s own answers may be (its eval.max_new_tokens)."""
+    from tunesmith import runtime
+    from tunesmith.data.formats import Example
+    from tunesmith.deploy.loading import load_run
+    from tunesmith.generation.generate import generate
+
+    loaded = load_run(run_dir, merge=True)
+    asked = [Example(first["prompts"][i] + [{"role": "assistant", "content": ""}]) for i in chosen]
+    answers, _ = generate(loaded.model, loaded.tokenizer, asked, first["max_new_tokens"], 8, runtime.INFERENCE_BF16)
+    full = [""] * len(first["prompts"])
+    for i, a in zip(chosen, answers):
+        full[i] = a
+    return {"kind": "tuned", "method": loaded.config.method, "run": str(run_dir), "outputs": full,
+            "answered": "greedy, when the study was made"}
 
 
 def _run_outputs(run_dir: Path) -> dict[str, Any]:

@@ -20,10 +20,11 @@ SOURCES = ("human", "judge")
 
 
 def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int = 1,
-                    judge: str | None = None) -> list[dict[str, Any]]:
+                    judge: str | None = None, keep_empty: bool = False) -> list[dict[str, Any]]:
     """One row per pair whose ``source`` raters (human: the majority of the people's preferences;
     judge: the verdicts of one judge, both orders: ``judge`` names it when there are several) prefer
-    one answer, with at least ``min_votes`` votes. Raises StudyError for an unknown source, no
+    one answer, with at least ``min_votes`` votes; pairs where a system said nothing are left out (an empty answer
+    is no text to learn from) unless ``keep_empty``. Raises StudyError for an unknown source, no
     ratings from it, or several judges and none named."""
     if source not in SOURCES:
         raise StudyError(f"--source: expected one of {', '.join(SOURCES)}, got {source!r}")
@@ -54,6 +55,8 @@ def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int
         r0 = rs[0]
         loser = r0["b"] if winner == r0["a"] else r0["a"]
         item = by_id[r0["item"]]
+        if not keep_empty and not (item["outputs"][winner].strip() and item["outputs"][loser].strip()):
+            continue  # a system that said nothing: no answer text to learn from (counted by ``empty_answers``)
         rows.append({"prompt": item["messages"],
                      "chosen": [{"role": "assistant", "content": item["outputs"][winner]}],
                      "rejected": [{"role": "assistant", "content": item["outputs"][loser]}],
@@ -62,6 +65,12 @@ def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int
                                "rejected": sum(r["preference"] == loser for r in rs),
                                "tie": sum(r["preference"] == "tie" for r in rs)}})
     return rows
+
+
+def empty_answers(study_dir: str | Path, source: str = "human", min_votes: int = 1, judge: str | None = None) -> int:
+    """Decided pairs ``preference_rows`` leaves out because one of the two answers is empty."""
+    decided = preference_rows(study_dir, source, min_votes, judge, keep_empty=True)
+    return len(decided) - len(preference_rows(study_dir, source, min_votes, judge))
 
 
 def default_path(study_dir: str | Path, source: str = "human") -> Path:
