@@ -38,10 +38,10 @@ DATA = ROOT / "examples" / "data" / "hh_rlhf" / "harmless_base_2000.jsonl"
 SIDES = ("ours_adapter", "ours_precomputed", "trl")
 
 
-def _rows(n: int) -> list[Any]:
+def _rows(path: str, n: int) -> list[Any]:
     from tunesmith.data.preference import read_preferences
 
-    return read_preferences(DATA, skip_bad=True).rows[:n]
+    return read_preferences(path, skip_bad=True).rows[:n]
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)
-    rows = _rows(args.pairs)
+    rows = _rows(args.data, args.pairs)
     t0 = time.perf_counter()
     steps, extra = (_train_trl(model, tok, rows, args) if side == "trl" else _train_ours(model, tok, rows, args, side))
     wall = time.perf_counter() - t0
@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--pairs", type=int, default=1500)
+    ap.add_argument("--data", default=str(DATA), help="a preference file (default: the shipped HH-RLHF pairs)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--sides", default=",".join(SIDES))
     ap.add_argument("--side", help=argparse.SUPPRESS)  # a child process: run this side, print its JSON
@@ -169,7 +170,7 @@ def main() -> None:
         if trl and r is not trl:
             r["speed_vs_trl"] = r["real_tokens_per_s"] / trl["real_tokens_per_s"]
             r["peak_rss_vs_trl"] = r["peak_rss_mib"] / trl["peak_rss_mib"]
-    settings = {k: getattr(args, k) for k in ("model", "steps", "warmup", "batch", "max_len", "pairs", "bf16")}
+    settings = {k: getattr(args, k) for k in ("model", "data", "steps", "warmup", "batch", "max_len", "pairs", "bf16")}
     doc = {"machine": info, "settings": settings, "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,11 @@ ROOT = Path(__file__).parents[1]
 
 
 def test_the_dpo_benchmark_runs_every_side_on_a_tiny_model(tmp_path, tiny_model_dir):
+    pairs = tmp_path / "pairs.jsonl"  # short pairs: the tiny model reads 256 positions
+    pairs.write_text("".join(json.dumps({"prompt": f"what is the capital of france ? {i}", "chosen": "paris .",
+                                         "rejected": "the quick brown fox"}) + "\n" for i in range(8)))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preference.py"), "--model", str(tiny_model_dir),
+                          "--data", str(pairs),
                           "--steps", "3", "--warmup", "1", "--batch", "2", "--pairs", "8", "--max-len", "64",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
