@@ -253,3 +253,16 @@ def test_the_loop_study_ratings_preference_run_and_a_second_study_on_new_prompts
     assert set(made["systems"]) == {sft.name, "sft-dpo"} and made["systems"]["sft-dpo"]["answered"]
     assert len(items) == 3 and not used & {it["test_index"] for it in items}  # 8 test prompts, 5 rated before
     assert all(isinstance(it["outputs"]["sft-dpo"], str) for it in items)
+
+
+def test_prepare_and_estimate_take_a_preference_config(tmp_path, tiny_model_dir):
+    from tunesmith.cli import main
+    from tunesmith.runs.estimate import estimate
+
+    path = _config(tmp_path, tiny_model_dir, "planned")
+    assert not main(["prepare", str(path)])
+    report = json.loads((tmp_path / "runs" / "planned" / "data_report.json").read_text())
+    assert report["layout"] == "preference" and report["splits"]["test"]["pairs"] == 6
+    est = estimate(load_config(path), calibrate_seconds=1)
+    assert est["time"]["source"] == "calibration" and est["time"]["tokens_per_s"] > 0
+    assert est["tokens_per_epoch"] > 28 * 2 * 20 and est["max_micro"][0] == 8  # both sides of every pair count

@@ -100,6 +100,21 @@ def prepare_data(cfg: Config, console: Console | None = None) -> Any:
 
     console = console or Console()
     say = (lambda line: console.print(line, highlight=False)) if not console.is_terminal else None  # a log: each step
+    if cfg.task == "preference":  # pairs: read, checked, counted and split (data.preference)
+        from types import SimpleNamespace
+
+        from tunesmith.data.preference import load_preference_splits
+
+        splits = load_preference_splits(cfg, cfg.run_dir / "data", say)
+        atomic_write_json(cfg.run_dir / "data_report.json", splits.report)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        write_report(cfg.run_dir)
+        out = cfg.run_dir / "data"
+        prepared = SimpleNamespace(layout=splits.report["layout"], report=splits.report,
+                                   files={s: out / f"{s}.jsonl" for s in ("train", "validation", "test")
+                                          if (out / f"{s}.jsonl").is_file()})
+        print_prepared(prepared, console)
+        return prepared
     tokenizer = load_tokenizer(cfg.model)  # the tokenizer only: the model is not loaded
     if cfg.tasks:
         done = {}

@@ -45,6 +45,7 @@ from tunesmith.runtime.commands import command
 from tunesmith.config import Config, to_dict, train_settings
 from tunesmith.io import atomic_write_json
 from tunesmith.training.losses import target_loss_sum
+from tunesmith.training.loop import tokens_of
 
 MIB = 2**20
 FILE = "estimate.json"
@@ -62,7 +63,8 @@ def plan(cfg: Config, train_data: list[Any]) -> dict[str, Any]:
     from tunesmith.training.loop import step_batches
 
     t = cfg.train
-    lengths = [len(e.input_ids) for e in train_data]
+    lengths = [tokens_of(e) for e in train_data]  # a preference pair: both its sides
+    sides = 2 if any(getattr(e, "rejected", None) is not None for e in train_data[:1]) else 1
     groups = [(e.kind, e.task) for e in train_data]
     groups = groups if len(set(groups)) > 1 else None
     steps_per_epoch = math.ceil(math.ceil(len(train_data) / t.batch_size) / t.grad_accum)
@@ -76,7 +78,8 @@ def plan(cfg: Config, train_data: list[Any]) -> dict[str, Any]:
             rows = [lengths[i] for i in mb]
             tokens += sum(rows)
             targets += sum(train_data[i].n_targets for i in mb)
-            shape = (math.ceil(sum(rows) / t.max_seq_len), t.max_seq_len) if t.packing else (len(rows), max(rows))
+            shape = ((math.ceil(sum(rows) / t.max_seq_len), t.max_seq_len) if t.packing else
+                     (len(rows) * sides, math.ceil(max(rows) / sides)))  # pairs: chosen and rejected rows side by side
             padded += shape[0] * shape[1]
             biggest = max(biggest, shape, key=lambda s: (s[0] * s[1], s[1]))
     return {"steps": total, "steps_per_epoch": steps_per_epoch, "epochs": total / steps_per_epoch,
@@ -239,6 +242,20 @@ def advice(mem: dict[str, Any], cfg: Config, limit_mib: float | None) -> list[st
 # ---------------------------------------------------------------- time
 
 
+def _objective(cfg: Config, model: torch.nn.Module, pad_id: int) -> Any:
+    """The loss a calibration run trains with: the task's, or a preference run's objective. Its reference is scored
+    each step with the adapters off (LoRA: the same work as scoring it once before an epoch), or, for full
+    fine-tuning, taken as 0 (the precomputed pass is not timed)."""
+    if cfg.task != "preference":
+        return None
+    from tunesmith.training import preference as P
+
+    pr = cfg.preference
+    settings = P.Settings(pr.objective, pr.beta, pr.label_smoothing, pr.sft_weight, pr.simpo_gamma,
+                          pr.desirable_weight, pr.undesirable_weight)
+    return P.PreferenceLoss(settings, model, pad_id, "adapter" if cfg.method == "lora" else "precomputed")
+
+
 def calibrate(model: torch.nn.Module, cfg: Config, train_data: list[Any], val_data: Any, pad_id: int,
               seconds: float) -> dict[str, float]:
     """Tokens per second of the real training loop on this machine: ``train`` runs this config
@@ -255,7 +272,7 @@ def calibrate(model: torch.nn.Module, cfg: Config, train_data: list[Any], val_da
     start_rss = rss_mib()
     with tempfile.TemporaryDirectory(prefix="tunesmith-calibrate-") as tmp:
         result = train(model, train_data, some, cal, Path(tmp), pad_id, show_progress=False,
-                       until_seconds=seconds, until_step=None, min_steps=3)
+                       until_seconds=seconds, until_step=None, min_steps=3, objective=_objective(cfg, model, pad_id))
     steps = [r for r in result.history if r.get("type") == "train"]
     done = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max(len(steps), 1)))
     later = steps[1:] or steps
@@ -267,7 +284,7 @@ def calibrate(model: torch.nn.Module, cfg: Config, train_data: list[Any], val_da
     before = torch.cuda.memory_allocated(dev) / MIB if dev.type == "cuda" else rss_mib()
     start = time.perf_counter()
     validation_loss(model, some, cfg.train.batch_size, pad_id, bf16)
-    val_tok_s = sum(len(e.input_ids) for e in some) / max(time.perf_counter() - start, 1e-9)
+    val_tok_s = sum(tokens_of(e) for e in some) / max(time.perf_counter() - start, 1e-9)
     val_extra = runtime.peak_memory_mib(dev).get("gpu" if dev.type == "cuda" else "rss", before) - before
     return {"tokens_per_s": tok_s, "warmup_seconds": warmup, "steps_timed": len(steps),
             "validation_tokens_per_s": val_tok_s, "start_rss_mib": start_rss, "validation_extra_mib": val_extra,
@@ -304,7 +321,7 @@ def estimate_for(cfg: Config, model: torch.nn.Module, train_data: list[Any], val
     mean_len = p["tokens_per_epoch"] / max(p["train_examples"], 1)
     per_token = flops.flops_per_token(model, mean_len, share)
     val_rows = val_data if not isinstance(val_data, dict) else [r for v in val_data.values() for r in v]
-    val_tokens = sum(len(e.input_ids) for e in val_rows)
+    val_tokens = sum(tokens_of(e) for e in val_rows)
     n_evals = evaluations(cfg, p["steps"], p["steps_per_epoch"])
     out: dict[str, Any] = {
         "config_key": config_key(cfg), "method": cfg.method, "device": dev.type, "precision": "bf16" if bf16 else "fp32",
@@ -388,7 +405,7 @@ def estimate(cfg: Config, console: Any = None, calibrate_seconds: float | None =
     from tunesmith import methods
     from tunesmith.data.render import encode_examples
     from tunesmith.models import load_base, ready_tokenizer, uses_head
-    from tunesmith.runs.data import multitask_data
+    from tunesmith.runs.data import multitask_data, preference_data
     from tunesmith.data.prepare import load_splits
 
     console = console or Console()
@@ -401,6 +418,11 @@ def estimate(cfg: Config, console: Any = None, calibrate_seconds: float | None =
     head = uses_head(cfg)
     if cfg.tasks:
         train_set, val_set, _ = multitask_data(cfg, tokenizer, console)
+    elif cfg.task == "preference":
+        train_set, val_set, _, _ = preference_data(cfg, tokenizer, console)
+        if cfg.method != "lora":  # the calibration steps take the reference as 0: its pass before training is not timed
+            for p in train_set + val_set:
+                p.reference = [0.0, 0.0, 0.0]
     else:
         splits = load_splits(cfg, cfg.run_dir / "data", tokenizer)
         train_set, _ = encode_examples(cfg, tokenizer, splits.train, head)

@@ -576,9 +576,9 @@ def _revalidate(state: LoopState, measured: tuple[float, dict[str, Any]], finger
     if main or model is not None:
         save_best(run_dir, params, state.step, val_loss, warn, model=model, main=main)
     if main:
-        append_jsonl(run_dir / METRICS, {"type": "eval", "step": state.step, "val_loss": val_loss,
-                                         "val_ppl": math.exp(min(val_loss, 50)), "best": True, "revalidated": True}
-                     | task_losses)
+        ppl = {} if "val_reward_margin" in task_losses else {"val_ppl": math.exp(min(val_loss, 50))}
+        append_jsonl(run_dir / METRICS, {"type": "eval", "step": state.step, "val_loss": val_loss, **ppl, "best": True,
+                                         "revalidated": True} | task_losses)
     warn(f"the validation set changed since this checkpoint: the weights of step {state.step} score {val_loss:.4f} "
          f"on the new one and are the best so far (the earlier best, "
          + (f"{old:.4f} at step {old_step}" if old is not None else "none")
