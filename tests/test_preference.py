@@ -231,8 +231,9 @@ def test_the_loop_study_ratings_preference_run_and_a_second_study_on_new_prompts
     for it in items:  # the tiny base model says nothing; a pair with an empty answer is not exported (tested below)
         it["outputs"]["base"] = f"no idea {it['id']}" if it["id"] else ""
     (first / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
-    good = {c: 4 for c in CRITERIA}
-    rate_all(first, ["ann"], lambda rater, item, left, right: (good, good, "left" if left == sft.name else "right"))
+    good, bad = {c: 5 for c in CRITERIA}, {c: 1 for c in CRITERIA}
+    rate_all(first, ["ann"], lambda rater, item, left, right: (good, bad, "left") if left == sft.name else
+             (bad, good, "right"))
     cfg = {"name": "sft-dpo", "model": str(sft), "task": "preference", "method": "lora",
            "output_dir": str(tmp_path / "runs"),
            "data": {"train": str(first), "validation_size": 1, "prepare": {"test_size": 1}},
@@ -244,6 +245,9 @@ def test_the_loop_study_ratings_preference_run_and_a_second_study_on_new_prompts
     exported = [json.loads(line) for line in (first / "preferences.jsonl").read_text().splitlines()]
     assert len(exported) == 4 and all(r["chosen_system"] == sft.name for r in exported)  # item 0's base said nothing
     run = tmp_path / "runs" / "sft-dpo"
+    assert not main(["study", "export", str(first), "--format", "unpaired"])  # single scores, for KTO
+    scored = [json.loads(line) for line in (first / "unpaired.jsonl").read_text().splitlines()]
+    assert {(r["system"], r["label"]) for r in scored} == {(sft.name, True), ("base", False)} and len(scored) == 9
     assert json.loads((run / "eval.json").read_text())["test_examples"] == 1
 
     second = studies.create_study([sft, run], tmp_path / "second", examples=8, exclude=[first],

@@ -152,16 +152,25 @@ def _report(args: argparse.Namespace, console: Console) -> None:
 
 def _export_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("study")
-    q.add_argument("--format", default="preference", choices=["preference"])
+    q.add_argument("--format", default="preference", choices=["preference", "unpaired"],
+                   help="preference: the decided pairs (prompt/chosen/rejected); unpaired: each scored answer as good or "
+                        "bad by its mean 1-5 score (prompt/completion/label, for preference.objective: kto)")
+    q.add_argument("--good", type=float, default=4.0, help="--format unpaired: a mean score at least this is a good answer")
+    q.add_argument("--bad", type=float, default=2.0, help="--format unpaired: a mean score at most this is a bad answer")
     q.add_argument("--source", default="human", choices=["human", "judge"], help="whose preferences (default: the people's majority)")
     q.add_argument("--judge", help="with --source judge and several judges: which one (e.g. judge:gpt-4o)")
     q.add_argument("--out", help="JSONL file (default STUDY/preferences.jsonl; --source judge: STUDY/preferences-judge.jsonl)")
 
 
 def _export(args: argparse.Namespace, console: Console) -> None:
-    from tunesmith.studies.export import default_path, empty_answers, export_preferences
+    from tunesmith.studies.export import default_path, empty_answers, export_preferences, export_unpaired
 
-    out = Path(args.out) if args.out else default_path(args.study, args.source)
+    out = Path(args.out) if args.out else default_path(args.study, args.source, args.format)
+    if args.format == "unpaired":
+        n = export_unpaired(args.study, out, args.source, args.good, args.bad, args.judge)
+        console.print(f"{n} scored answers ({args.source}; good: mean score >= {args.good:g}, bad: <= {args.bad:g}, the "
+                      f"rest left out): {out}", highlight=False)
+        return
     n = export_preferences(args.study, out, source=args.source, judge=args.judge)
     empty = empty_answers(args.study, args.source, judge=args.judge)
     console.print(f"{n} preference pairs ({args.source}): {out}"

@@ -81,11 +81,15 @@ def train(args: argparse.Namespace, ctx: Context) -> int | None:
 def _export_studies(cfg: Config, ctx: Context) -> None:
     """A preference run whose data names a rating study: the study's decided pairs exported now (the people's
     majority; ties and split votes left out) into STUDY/preferences.jsonl, which the run reads."""
-    from tunesmith.studies.export import default_path, empty_answers, export_preferences
+    from tunesmith.studies.export import default_path, empty_answers, export_preferences, export_unpaired
 
     for split in ("train", "validation", "test"):
         path = getattr(cfg.data, split)
-        if path and Path(path, "study.json").is_file():
+        if path and Path(path, "study.json").is_file() and cfg.preference.objective == "kto":  # single scores
+            n = export_unpaired(path, default_path(path, fmt="unpaired"))
+            ctx.console.print(f"data.{split}: {n} answers of the study {path} scored good (mean >= 4) or bad (<= 2) "
+                              f"-> {default_path(path, fmt='unpaired')}", highlight=False)
+        elif path and Path(path, "study.json").is_file():
             n, empty = export_preferences(path, default_path(path)), empty_answers(path)
             ctx.console.print(f"data.{split}: {n} decided pair{'' if n == 1 else 's'} of the study {path} (the people's "
                               "majority; ties, split votes" + (f" and {empty} with an empty answer" if empty else "")

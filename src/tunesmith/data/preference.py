@@ -86,13 +86,14 @@ def detect(columns: list[str], mapping: dict[str, str] | None = None) -> tuple[s
 
 
 def read_preferences(path: str | Path, mapping: dict[str, str] | None = None, system_prompt: str | None = None,
-                     fmt: str = "auto", skip_bad: bool = False) -> ReadResult:
+                     fmt: str = "auto", skip_bad: bool = False, unpaired: bool = False) -> ReadResult:
     """Every row of a preference file (JSONL/JSON/CSV/TSV/Parquet) as ``PreferenceExample``s.
 
     Raises DataError for the first bad row (file:line, field and what is wrong) unless ``skip_bad``, which skips and
     counts bad rows instead (``bad`` keeps their messages). ``path`` may be a rating study's folder: its export
-    (``preferences.jsonl``, written by ``tunesmith study export`` and by ``tunesmith train`` before it trains) is read."""
-    path = study_export(path)
+    (``preferences.jsonl``, or with ``unpaired`` the scored answers' ``unpaired.jsonl``, written by ``tunesmith study
+    export`` and by ``tunesmith train`` before it trains) is read."""
+    path = study_export(path, unpaired)
     table = read_table(path, fmt, skip_bad=True)
     layout, cols = detect(table.columns, mapping)
     out = ReadResult([], layout, {"rows": len(table.rows) + len(table.skipped), "identical_answers": 0,
@@ -118,16 +119,18 @@ def read_preferences(path: str | Path, mapping: dict[str, str] | None = None, sy
     return out
 
 
-def study_export(path: str | Path) -> str | Path:
+def study_export(path: str | Path, unpaired: bool = False) -> str | Path:
     """The file to read for ``path``: a rating study's folder (it holds study.json) stands for the people's decided
-    pairs it exported, ``STUDY/preferences.jsonl``; any other path is itself. Raises DataError for a study that
-    has not been exported."""
+    pairs it exported, ``STUDY/preferences.jsonl`` (``unpaired``: their scored answers, ``STUDY/unpaired.jsonl``); any
+    other path is itself. Raises DataError for a study that has not been exported."""
     if not Path(path, "study.json").is_file():
         return path
-    export = Path(path, "preferences.jsonl")
+    export = Path(path, "unpaired.jsonl" if unpaired else "preferences.jsonl")
     if not export.is_file():
-        raise DataError(f"{path}: a rating study with no exported preferences yet: run `tunesmith study export {path}` "
-                        "(or train with `tunesmith train`, which exports a study named in data: first)")
+        how = " --format unpaired" if unpaired else ""
+        raise DataError(f"{path}: a rating study with no exported {'scores' if unpaired else 'preferences'} yet: run "
+                        f"`tunesmith study export {path}{how}` (or train with `tunesmith train`, which exports a study "
+                        "named in data: first)")
     return export
 
 
@@ -299,7 +302,8 @@ def load_preference_splits(cfg: Any, out_dir: Path, say: Any = None) -> Preferen
             if not path:
                 continue
             columns = d.columns | (getattr(d, f"{split}_columns", None) or {})
-            read = read_preferences(path, columns, d.system_prompt, d.format, d.skip_bad_rows)
+            read = read_preferences(path, columns, d.system_prompt, d.format, d.skip_bad_rows,
+                                    unpaired=cfg.preference.objective == "kto")
             layouts.add(read.layout)
             kept, dups = dedup(read.rows)
             splits[split] = kept

@@ -84,6 +84,10 @@ def compare_methods(cfg: Config, method_names: list[str], console: Console | Non
         raise RunError("compare measures single-task runs; for a multi-task config (tasks:), train each method with "
                        f"{command('train', 'CONFIG', '--set', 'method=lora', '--set', 'name=...')} and read the runs' macro scores, "
                        "or compare the tasks one at a time")
+    if cfg.task == "preference":
+        raise RunError("compare does not yet measure preference runs; train each objective or method as its own run "
+                       f"({command('train', 'CONFIG', '--set', 'preference.objective=simpo', '--set', 'name=...')}) "
+                       "and read their eval.json (pairwise and reward accuracy with intervals)")
     if any(n < 1 for n in data_sizes or []):
         raise RunError(f"data sizes must be positive numbers of training examples, got {data_sizes}")
     out_dir = Path(cfg.output_dir) / f"{cfg.name}-compare"

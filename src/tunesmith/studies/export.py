@@ -19,18 +19,10 @@ from tunesmith.studies.stats import majority
 SOURCES = ("human", "judge")
 
 
-def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int = 1,
-                    judge: str | None = None, keep_empty: bool = False) -> list[dict[str, Any]]:
-    """One row per pair whose ``source`` raters (human: the majority of the people's preferences;
-    judge: the verdicts of one judge, both orders: ``judge`` names it when there are several) prefer
-    one answer, with at least ``min_votes`` votes; pairs where a system said nothing are left out (an empty answer
-    is no text to learn from) unless ``keep_empty``. Raises StudyError for an unknown source, no
-    ratings from it, or several judges and none named."""
+def _ratings(study_dir: Path, source: str, judge: str | None) -> list[dict[str, Any]]:
+    """The study's ratings from ``source`` (one judge's, named when there are several). Raises StudyError."""
     if source not in SOURCES:
         raise StudyError(f"--source: expected one of {', '.join(SOURCES)}, got {source!r}")
-    study_dir = Path(study_dir)
-    _, items = load_study(study_dir)
-    by_id = {it["id"]: it for it in items}
     with store.connect(study_dir) as con:
         ratings = [r for r in store.all_ratings(con) if r["kind"] == source]
     if source == "judge":
@@ -44,6 +36,43 @@ def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int
     if not ratings:
         raise StudyError(f"{study_dir}: no {'human ratings' if source == 'human' else 'judge verdicts'} yet: "
                          "nothing to export")
+    return ratings
+
+
+def unpaired_rows(study_dir: str | Path, source: str = "human", good: float = 4.0, bad: float = 2.0,
+                  judge: str | None = None) -> list[dict[str, Any]]:
+    """One row per (prompt, system) answer the ``source`` raters scored, in KTO's unpaired layout: ``label`` true when
+    the mean of its 1-5 scores (over raters and criteria) is at least ``good``, false when at most ``bad``; answers in
+    between, and empty answers, are left out. Raises StudyError as ``preference_rows``."""
+    study_dir = Path(study_dir)
+    _, items = load_study(study_dir)
+    by_id = {it["id"]: it for it in items}
+    scores: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for r in _ratings(study_dir, source, judge):
+        for system, by_criterion in r["scores"].items():  # stored by system: {system: {criterion: 1-5}}
+            values = list(by_criterion.values())
+            if values:
+                scores[(r["item"], system)].append(sum(values) / len(values))
+    rows = []
+    for (item_id, system), values in sorted(scores.items()):
+        mean, answer = sum(values) / len(values), by_id[item_id]["outputs"][system]
+        if answer.strip() and (mean >= good or mean <= bad):
+            rows.append({"prompt": by_id[item_id]["messages"], "completion": [{"role": "assistant", "content": answer}],
+                         "label": mean >= good, "system": system, "item": item_id, "score": mean, "ratings": len(values)})
+    return rows
+
+
+def preference_rows(study_dir: str | Path, source: str = "human", min_votes: int = 1,
+                    judge: str | None = None, keep_empty: bool = False) -> list[dict[str, Any]]:
+    """One row per pair whose ``source`` raters (human: the majority of the people's preferences;
+    judge: the verdicts of one judge, both orders: ``judge`` names it when there are several) prefer
+    one answer, with at least ``min_votes`` votes; pairs where a system said nothing are left out (an empty answer
+    is no text to learn from) unless ``keep_empty``. Raises StudyError for an unknown source, no
+    ratings from it, or several judges and none named."""
+    study_dir = Path(study_dir)
+    _, items = load_study(study_dir)
+    by_id = {it["id"]: it for it in items}
+    ratings = _ratings(study_dir, source, judge)
     votes: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in ratings:
         votes[r["pair"]].append(r)
@@ -73,10 +102,11 @@ def empty_answers(study_dir: str | Path, source: str = "human", min_votes: int =
     return len(decided) - len(preference_rows(study_dir, source, min_votes, judge))
 
 
-def default_path(study_dir: str | Path, source: str = "human") -> Path:
+def default_path(study_dir: str | Path, source: str = "human", fmt: str = "preference") -> Path:
     """``STUDY/preferences.jsonl`` for the people's preferences, ``STUDY/preferences-judge.jsonl``
-    for the judge's (one never overwrites the other)."""
-    return Path(study_dir) / ("preferences.jsonl" if source == "human" else f"preferences-{source}.jsonl")
+    for the judge's (one never overwrites the other); ``fmt`` unpaired: ``STUDY/unpaired.jsonl`` (``-judge``)."""
+    stem = "preferences" if fmt == "preference" else "unpaired"
+    return Path(study_dir) / (f"{stem}.jsonl" if source == "human" else f"{stem}-{source}.jsonl")
 
 
 def export_preferences(study_dir: str | Path, out: str | Path, source: str = "human", min_votes: int = 1,
@@ -84,5 +114,13 @@ def export_preferences(study_dir: str | Path, out: str | Path, source: str = "hu
     """Write ``preference_rows`` to the JSONL file ``out`` (atomically); returns the number of rows.
     Raises StudyError when the study has no ratings from ``source`` (nothing is written then)."""
     rows = preference_rows(study_dir, source, min_votes, judge)
+    atomic_write_jsonl(Path(out), rows)
+    return len(rows)
+
+
+def export_unpaired(study_dir: str | Path, out: str | Path, source: str = "human", good: float = 4.0, bad: float = 2.0,
+                    judge: str | None = None) -> int:
+    """Write ``unpaired_rows`` to the JSONL file ``out`` (atomically); returns the number of rows."""
+    rows = unpaired_rows(study_dir, source, good, bad, judge)
     atomic_write_jsonl(Path(out), rows)
     return len(rows)
