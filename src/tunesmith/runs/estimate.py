@@ -250,10 +250,7 @@ def _objective(cfg: Config, model: torch.nn.Module, pad_id: int) -> Any:
         return None
     from tunesmith.training import preference as P
 
-    pr = cfg.preference
-    settings = P.Settings(pr.objective, pr.beta, pr.label_smoothing, pr.sft_weight, pr.simpo_gamma,
-                          pr.desirable_weight, pr.undesirable_weight)
-    return P.PreferenceLoss(settings, model, pad_id, "adapter" if cfg.method == "lora" else "precomputed")
+    return P.PreferenceLoss(cfg.preference, model, pad_id, "adapter" if cfg.method == "lora" else "precomputed")
 
 
 def calibrate(model: torch.nn.Module, cfg: Config, train_data: list[Any], val_data: Any, pad_id: int,

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith import runtime
+from tunesmith.config import PreferenceConfig
 from tunesmith.data.pairs import Pair
 from tunesmith.data.render import Encoded, collate
 from tunesmith.io import atomic_write_json
@@ -51,17 +52,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 REFERENCE_FILE = "reference_logps.json"
 
 
-@dataclass
-class Settings:
-    """What the objective needs of the config's ``preference:`` block."""
-
-    objective: str = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    simpo_gamma: float = 0.5
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+Settings = PreferenceConfig  # what the objective reads: the config's ``preference:`` block
 
 
 @dataclass
@@ -411,9 +402,7 @@ def build(cfg: Any, model: torch.nn.Module, train: list[Pair], validation: list[
     """The objective of a ``task: preference`` run (``cfg.preference``), its rows' reference log-probs filled in
     (``fill_references``) when the objective has a reference and it is precomputed."""
     pr = cfg.preference
-    s = Settings(pr.objective, pr.beta, pr.label_smoothing, pr.sft_weight, pr.simpo_gamma, pr.desirable_weight,
-                 pr.undesirable_weight)
-    objective = PreferenceLoss(s, model, pad_id, pr.reference)
+    objective = PreferenceLoss(pr, model, pad_id, pr.reference)
     if objective.needs_reference() and pr.reference == "precomputed":
         bf16 = runtime.use_bf16(cfg.train.precision, next(model.parameters()).device)
         fill_references(model, {"train": train, "validation": validation}, run_dir, pad_id, cfg.eval.batch_size, bf16,
