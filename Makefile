@@ -87,6 +87,7 @@ bench: setup
 	$(PY) benchmarks/crash_soak.py
 	$(PY) benchmarks/estimate.py
 	$(PY) benchmarks/threads_under_load.py
+	$(PY) benchmarks/preference.py
 
 clean:
 	rm -rf runs .pytest_cache
