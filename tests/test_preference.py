@@ -63,12 +63,12 @@ def test_hh_transcripts_share_their_start_as_the_prompt_and_odd_rows_are_counted
 
 def test_unpaired_thumbs_read_with_boolean_labels_only(tmp_path):
     rows = [{"prompt": "q1", "completion": "good", "label": True}, {"prompt": "q2", "completion": "bad", "label": "false"},
-            {"prompt": "q3", "completion": "ok", "label": 1}]
+            {"prompt": "q3", "completion": "ok", "label": 1}, {"prompt": "q4", "completion": "meh", "label": "No"}]
     read = read_preferences(_jsonl(tmp_path / "kto.jsonl", rows))
     assert read.layout == "unpaired"
-    assert [(r.chosen, r.rejected) for r in read.rows] == [("good", None), (None, "bad"), ("ok", None)]
+    assert [(r.chosen, r.rejected) for r in read.rows] == [("good", None), (None, "bad"), ("ok", None), (None, "meh")]
     bad = _jsonl(tmp_path / "bad.jsonl", rows + [{"prompt": "q4", "completion": "meh", "label": "maybe"}])
-    with pytest.raises(DataError, match=r"bad.jsonl:4: field 'label' \(label\): expected a boolean.*'maybe'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:5: field 'label' \(label\): expected a boolean.*yes.*'maybe'"):
         read_preferences(bad)
 
 
@@ -92,7 +92,7 @@ def test_bad_rows_name_file_line_and_field_and_can_be_skipped_and_counted(tmp_pa
 
 
 def test_no_preference_layout_lists_the_columns_found(tmp_path):
-    with pytest.raises(DataError, match=r"no preference layout fits the columns 'text', 'label'.*data.columns"):
+    with pytest.raises(DataError, match=r"t.jsonl: no preference layout fits the columns 'text', 'label'.*data.columns"):
         read_preferences(_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1}]))
 
 
@@ -174,7 +174,7 @@ def test_a_dpo_run_trains_evaluates_and_resumes_exactly(tmp_path, tiny_model_dir
     assert {"rewards_chosen", "reward_accuracy", "logps_rejected"} <= set(history[0])
     e = straight.eval
     assert e["task"] == "preference" and e["test_examples"] == 6
-    assert e["tuned"]["reward_margin"] > 0 and "reward_margin" in e["tuned"]["ci"]
+    assert e["tuned"]["margin_gain"] > 0 and "margin_gain" in e["tuned"]["ci"] and "mcnemar" in e
     assert {"pairwise_accuracy", "logps_chosen", "ci"} <= set(e["base"]) and e["answer_length"]["prompts"] == 2
     assert (straight.dir / "report.html").read_text().count("reward") >= 2
     assert (straight.dir / "reference_logps.json").is_file()
@@ -198,7 +198,7 @@ def test_adapter_reference_equals_the_precomputed_one_and_full_fine_tuning_runs(
         torch.testing.assert_close(_adapter(on_the_fly.dir)[k], v, rtol=1e-5, atol=1e-6)
     full = finetune(load_config(_config(tmp_path, tiny_model_dir, "full", method="full",
                                         train={"lr": 5e-3}, preference={"objective": "ipo"})))
-    assert full.eval["tuned"]["reward_margin"] > 0
+    assert full.eval["tuned"]["margin_gain"] > 0
 
 
 def test_unpaired_data_needs_kto_and_kto_trains_on_it(tmp_path, tiny_model_dir):
@@ -211,9 +211,17 @@ def test_unpaired_data_needs_kto_and_kto_trains_on_it(tmp_path, tiny_model_dir):
     with pytest.raises(RunError, match="use preference.objective: kto"):
         finetune(load_config(_config(tmp_path, tiny_model_dir, "k1", data=data)))
     run = finetune(load_config(_config(tmp_path, tiny_model_dir, "k2", data=data,
-                                       preference={"objective": "kto"})), evaluate=False)
+                                       preference={"objective": "kto"})))
     metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert "kl" in metrics[0] and metrics[-1]["type"] == "eval"
+    e = run.eval  # a test split of single answers: how tuning's change tells the good from the bad
+    assert e["metric"] == "reward_auc" and e["unpaired"]["desirable"] + e["unpaired"]["undesirable"] == 6
+    assert 0 <= e["tuned"]["reward_auc"] <= 1 and len(e["tuned"]["ci"]["reward_auc"]) == 2
+    assert "reward_auc" in (run.dir / "report.html").read_text()
+    # the reference scored each step with the adapters off, frozen weights in bf16 (KTO's KL pass included)
+    bf16 = finetune(load_config(_config(tmp_path, tiny_model_dir, "k3", data=data, train={"precision": "bf16"},
+                                        preference={"objective": "kto", "reference": "adapter"})), evaluate=False)
+    assert bf16.train["steps"] == 6
 
 
 def test_the_loop_study_ratings_preference_run_and_a_second_study_on_new_prompts(tmp_path, gen_runs):

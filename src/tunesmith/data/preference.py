@@ -95,7 +95,10 @@ def read_preferences(path: str | Path, mapping: dict[str, str] | None = None, sy
     export`` and by ``tunesmith train`` before it trains) is read."""
     path = study_export(path, unpaired)
     table = read_table(path, fmt, skip_bad=True)
-    layout, cols = detect(table.columns, mapping)
+    try:
+        layout, cols = detect(table.columns, mapping)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     out = ReadResult([], layout, {"rows": len(table.rows) + len(table.skipped), "identical_answers": 0,
                                   "sides_differ_before_answer": 0}, list(table.skipped), table)
     for row in table.rows:
@@ -232,16 +235,19 @@ def _messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
     return out
 
 
+GOOD, BAD = ("true", "1", "yes", "good", "up"), ("false", "0", "no", "bad", "down")  # KTO labels, as people write them
+
+
 def _boolean(value: Any, name: str, where: str) -> bool:
-    """KTO's label: true (a good answer) or false. JSON booleans, true/false text (CSV), 1/0."""
+    """KTO's label: true (a good answer) or false. JSON booleans, 1/0, and the words in ``GOOD``/``BAD`` (any case)."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    raise DataError(f"{where}: field {name!r} (label): expected a boolean (true: a good answer, false: a bad one), "
-                    f"got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in GOOD + BAD:
+        return value.strip().lower() in GOOD
+    raise DataError(f"{where}: field {name!r} (label): expected a boolean (true: a good answer, false: a bad one; also "
+                    f"read: {'/'.join(GOOD[1:])} and {'/'.join(BAD[1:])}), got {value!r}")
 
 
 def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
@@ -265,6 +271,11 @@ def dedup(rows: list[PreferenceExample]) -> tuple[list[PreferenceExample], int]:
 def prompt_key(ex: PreferenceExample) -> str:
     """The prompt as text: rows of one prompt stay in one split (no answer to a test prompt is trained on)."""
     return json.dumps(ex.prompt, sort_keys=True)
+
+
+SET_ASIDE = {"identical_answers": "rows whose two answers are the same",
+             "sides_differ_before_answer": "rows whose sides differ before their last answer",
+             "bad_rows_skipped": "bad rows (data.skip_bad_rows)", "exact_duplicates": "exact duplicates"}
 
 
 @dataclass
@@ -311,8 +322,8 @@ def load_preference_splits(cfg: Any, out_dir: Path, say: Any = None) -> Preferen
                           "removed": read.counts["rows"] - len(kept), "exact_duplicates": dups, "skipped": read.bad[:5],
                           **{k: v for k, v in read.counts.items() if k != "rows"}})
             notes.append(f"{split}: {path} ({read.layout}: {len(kept):,} rows"
-                         + "".join(f"; {n:,} {k.replace('_', ' ')} left out" for k, n in
-                                   (read.counts | {"exact_duplicates": dups}).items() if k != "rows" and n) + ")")
+                         + "".join(f"; {n:,} {SET_ASIDE[k]} left out" for k, n in
+                                   (read.counts | {"exact_duplicates": dups}).items() if k in SET_ASIDE and n) + ")")
             if say:
                 say(f"  read {split}: {len(kept):,} of {read.counts['rows']:,} rows kept")
         rows = splits["train"]

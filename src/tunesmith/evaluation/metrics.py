@@ -112,7 +112,8 @@ def _streams(references: References) -> list[list[str | None]]:
 
 
 SCALES = {"bleu": "0-100", "chrf": "0-100",  # sacrebleu's scale; every other score here is 0-1 but:
-          "logps_chosen": "summed log-prob", "logps_rejected": "summed log-prob", "reward_margin": "beta x log-ratio"}
+          "logps_chosen": "summed log-prob", "logps_rejected": "summed log-prob", "margin_gain": "nats",
+          "reward_gap": "nats"}
 
 
 def metric_label(key: str) -> str:

@@ -22,7 +22,7 @@ HEADLINE = ("accuracy", "f1", "precision", "recall", "invalid_rate", "rouge1", "
             "exact_match", "loss", "perplexity",
             # task: preference (evaluation/preference.py): held-out pairs ranked by base and tuned
             "pairwise_accuracy", "pairwise_accuracy_per_token", "logps_chosen", "logps_rejected", "reward_accuracy",
-            "reward_margin")
+            "margin_gain", "reward_auc", "reward_gap")
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -73,8 +73,11 @@ def preference_section(evaluation: dict[str, Any]) -> str:
     if not mc:
         return ""
     out = [f"<p>Pairs the tuned model ranks right and the base did not: {mc['gained']}; the other way: {mc['lost']} "
-           f"(exact McNemar p={mc['p_value']:.3g}). Reward: beta &times; (tuned &minus; base log-prob) of each answer "
-           f"(objective {html.escape(str(evaluation.get('objective')))}, beta {evaluation.get('beta')}).</p>"]
+           f"(exact McNemar p={mc['p_value']:.3g}). Pairwise accuracy: the share of pairs whose chosen answer the model finds likelier "
+           "than the rejected one (per token: by mean log-prob, so length does not decide). Reward accuracy: the share "
+           "of pairs where tuning raised the chosen answer's log-prob more than the rejected one's; margin gain: by how "
+           "much on average (nats; DPO's implicit reward margin without its beta, so objectives compare). "
+           f"Objective {html.escape(str(evaluation.get('objective')))}, beta {evaluation.get('beta')}.</p>"]
     if length and length.get("prompts"):
         lo, hi = length["change_ci"]
         out.append(f"<p>Answer length on {length['prompts']} test prompts (greedy): {length['base']:.1f} &rarr; "

@@ -84,7 +84,7 @@ def plan(cfg: Config, train_data: list[Any]) -> dict[str, Any]:
             biggest = max(biggest, shape, key=lambda s: (s[0] * s[1], s[1]))
     return {"steps": total, "steps_per_epoch": steps_per_epoch, "epochs": total / steps_per_epoch,
             "train_examples": len(train_data), "tokens_per_epoch": per_epoch, "tokens": tokens,
-            "padded_tokens": padded, "target_tokens": targets, "max_micro": list(biggest)}
+            "padded_tokens": padded, "target_tokens": targets, "max_micro": list(biggest), "rows_per_example": sides}
 
 
 def evaluations(cfg: Config, steps: int, steps_per_epoch: int) -> int:
@@ -482,7 +482,9 @@ def describe(est: dict[str, Any]) -> list[str]:
              f"compute: {est['flops_per_token'] / 1e9:.2f} GFLOP per token, {est['flops'] / 1e15:.3f} PFLOP in all",
              f"peak memory: {m['peak']:,.0f} MiB (process {m['baseline'] + m.get('held', 0):,.0f} + weights {m['weights']:,.0f} + gradients "
              f"{m['gradients']:,.0f} + optimizer {m['optimizer']:,.0f} + activations {m['activations']:,.0f} for a "
-             f"{m['max_micro_batch'][0]} x {m['max_micro_batch'][1]} micro-batch); with gradient checkpointing "
+             f"{m['max_micro_batch'][0]} x {m['max_micro_batch'][1]} micro-batch"
+             + (" of rows: each pair's two answers" if est.get("rows_per_example", 1) == 2 else "")
+             + "); with gradient checkpointing "
              f"{m['peak_checkpointed']:,.0f} MiB" + (" (on)" if m["chosen"] == "peak_checkpointed" else "")
              + ("" if m.get("activation_factor") else "; uncalibrated: saved tensors only, the real peak is "
                 f"often higher ({command('estimate')} measures it)")]

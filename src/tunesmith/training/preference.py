@@ -179,6 +179,7 @@ class PreferenceLoss:
         self.s, self.model, self.pad_id, self.reference = settings, model, pad_id, reference
         self.n_rows = 1
         self.kl = torch.zeros(())
+        self._step_rows: list[Encoded] | None = None
         self._sums: dict[str, float] = {}
 
     def nll_weight(self) -> float:
@@ -191,11 +192,12 @@ class PreferenceLoss:
     def begin_step(self, examples: list[Encoded]) -> None:
         self.n_rows = max(len(examples), 1)
         self._sums = {}
-        if self.s.objective == "kto":
-            self.kl = self.kl_estimate(self.model, examples)
+        self._step_rows = examples if self.s.objective == "kto" else None  # KTO's KL: at the step's first pass
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], examples: list[Encoded],
              n_targets: int) -> torch.Tensor:
+        if self._step_rows is not None:  # inside the pass's autocast, as the frozen bf16 weights need
+            self.kl, self._step_rows = self.kl_estimate(model, self._step_rows), None
         pairs = [e for e in examples if isinstance(e, Pair)]
         terms, nll_c = self.terms(model, pairs)
         loss = terms.losses.sum() + self.nll_weight() * nll_c * len(pairs)
@@ -282,7 +284,8 @@ class PreferenceLoss:
         total = 0.0
         try:
             if self.s.objective == "kto":
-                self.kl = self.kl_estimate(model, data)
+                with runtime.autocast(dev, bf16):
+                    self.kl = self.kl_estimate(model, data)
             for i in range(0, len(data), batch_size):
                 pairs = data[i : i + batch_size]
                 with runtime.autocast(dev, bf16):
