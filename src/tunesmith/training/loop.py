@@ -310,7 +310,7 @@ def _evaluate(layout: Layout, state: LoopState, measured: tuple[float, dict[str,
     stopped_early = 0 < cfg.early_stopping.patience <= state.bad_evals
     pruned = bool(on_validation is not None and on_validation(step, val_loss)) and more_to_come  # a pruner may answer numpy's bool
     if layout.main:
-        ppl = {} if "val_reward_margin" in task_losses else {"val_ppl": math.exp(min(val_loss, 50))}  # a preference loss has none
+        ppl = {} if "val_nll_chosen" in task_losses else {"val_ppl": math.exp(min(val_loss, 50))}  # a preference loss has none
         append_jsonl(run_dir / METRICS, {"type": "eval", "step": step, "val_loss": val_loss, **ppl, "best": best}
                      | task_losses)
     say(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if best else ""))
@@ -576,7 +576,7 @@ def _revalidate(state: LoopState, measured: tuple[float, dict[str, Any]], finger
     if main or model is not None:
         save_best(run_dir, params, state.step, val_loss, warn, model=model, main=main)
     if main:
-        ppl = {} if "val_reward_margin" in task_losses else {"val_ppl": math.exp(min(val_loss, 50))}
+        ppl = {} if "val_nll_chosen" in task_losses else {"val_ppl": math.exp(min(val_loss, 50))}
         append_jsonl(run_dir / METRICS, {"type": "eval", "step": state.step, "val_loss": val_loss, **ppl, "best": True,
                                          "revalidated": True} | task_losses)
     warn(f"the validation set changed since this checkpoint: the weights of step {state.step} score {val_loss:.4f} "
