@@ -25,7 +25,12 @@ def test_example_config_prepares_its_data(path, tmp_path, tiny_model_dir, tokeni
         return
     assert Path(cfg.data.train).exists()  # paths resolve from any working folder (a file, or a folder of files)
     cfg.model = str(tiny_model_dir)  # the tiny tokenizer stands in for the real one: this checks the data, fast
-    splits = load_splits(cfg, tmp_path / "data", ready_tokenizer(tokenizer, cfg))
+    if cfg.task == "preference":  # pairs: their own reading and splitting (data.preference), the same fields
+        from tunesmith.data.preference import load_preference_splits
+
+        splits = load_preference_splits(cfg, tmp_path / "data")
+    else:
+        splits = load_splits(cfg, tmp_path / "data", ready_tokenizer(tokenizer, cfg))
     assert splits.train and splits.validation and splits.test
     read = [s for s in splits.report["steps"] if s["step"].startswith("read ")]
     skipped = 4 if path.stem == "hh_rlhf_dpo" else 0  # 4 HH-RLHF rows have an empty reply (skip_bad_rows: true)

@@ -65,10 +65,6 @@ def load_splits(cfg: Config, out_dir: Path, tokenizer: Any | None = None,
     ``data.prepare.split: ordered`` each keeps its split's newest (last) rows. ``say``: told of
     each preparation step as it ends (see ``prepare``).
     """
-    if cfg.task == "preference":  # pairs, not conversations: their own reading and splitting (same fields)
-        from tunesmith.data.preference import load_preference_splits
-
-        return load_preference_splits(cfg, out_dir, say)  # type: ignore[return-value]
     out_dir = Path(out_dir)
     report_path = out_dir / REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}

@@ -352,9 +352,14 @@ def verify_prompts(run: LoadedRun, n: int = 5) -> list[list[int]]:
     try:
         from tunesmith.data.prepare import load_splits
 
-        test = load_splits(run.config, run.dir / "data", run.tokenizer).test[:n]
-        conversations = [ex.messages[: max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")]
-                         for ex in test if any(m["role"] == "assistant" for m in ex.messages)]
+        if run.config.task == "preference":  # the pairs' prompts
+            from tunesmith.data.preference import load_preference_splits
+
+            conversations = [ex.prompt for ex in load_preference_splits(run.config, run.dir / "data").test[:n]]
+        else:
+            test = load_splits(run.config, run.dir / "data", run.tokenizer).test[:n]
+            conversations = [ex.messages[: max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")]
+                             for ex in test if any(m["role"] == "assistant" for m in ex.messages)]
     except Exception:  # the data moved away: any prompt shows whether two models agree
         conversations = []
     if not conversations:
