@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tunesmith import runtime
 from tunesmith.config import PreferenceConfig
 from tunesmith.data.pairs import Pair
-from tunesmith.data.render import Encoded, collate
+from tunesmith.data.render import IGNORE, Encoded, collate
 from tunesmith.io import atomic_write_json
 from tunesmith.models import unwrap
 from tunesmith.training.losses import plain_head, target_hidden, target_nll
@@ -397,7 +397,7 @@ def mismatched(rows: list[Pair]) -> None:
         other = rows[(i + 1) % len(rows)]
         answer_ids, answer_labels = other.input_ids[other.prompt_len:], other.labels[other.prompt_len:]
         p.kl = Encoded(p.input_ids[: p.prompt_len] + answer_ids,
-                       [-100] * p.prompt_len + answer_labels, None, p.source)
+                       [IGNORE] * p.prompt_len + answer_labels, None, p.source)
 
 
 def build(cfg: Any, model: torch.nn.Module, train: list[Pair], validation: list[Pair], run_dir: Path, pad_id: int,
